@@ -1,0 +1,330 @@
+"""The Driver and Image interfaces every format implements, and the path/safety policy.
+
+A :class:`Driver` describes a format (options, capabilities, probing, create,
+open).  An :class:`Image` is one open layer.  An operation a format does not have
+raises :class:`UnsupportedFeature` from the base class, so ``ops/`` can be written
+once against this interface.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
+from .units import parse_bool, parse_size
+
+# extent kinds
+DATA = "data"                # guest data stored in this layer
+ZERO = "zero"                # reads as zeros, decided by this layer (zero flag, hole in a raw file)
+UNALLOCATED = "unallocated"  # not in this layer: falls through to the backing file (or zeros)
+
+# capability names
+CAPABILITIES = ("create", "write", "snapshots", "backing", "compression", "check", "repair", "resize",
+                "shrink", "amend", "preallocation")
+
+
+class Extent(NamedTuple):
+    """A run of guest bytes with one allocation status in one layer."""
+    offset: int
+    length: int
+    kind: str
+    host_offset: Optional[int] = None
+    compressed: bool = False
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One create option: the single source for ``-o help``, validation, docs and the manifest schema."""
+    name: str
+    type: str            # size | bool | str | int | enum
+    default: Any = None
+    help: str = ""
+    choices: Tuple[str, ...] = ()
+    amendable: bool = False
+
+    def parse(self, value: Any) -> Any:
+        """Convert a user value (string from ``-o`` or YAML scalar) into this option's type."""
+        if value is None:
+            return None
+        if self.type == "size":
+            return parse_size(value, self.name)
+        if self.type == "bool":
+            return parse_bool(value, self.name)
+        if self.type == "int":
+            try:
+                return int(str(value), 0)
+            except ValueError:
+                raise InvalidOption("invalid value %r for %s: expected a number" % (value, self.name),
+                                    field=self.name) from None
+        text = str(value)
+        if self.choices and text not in self.choices:
+            raise InvalidOption("invalid value %r for %s: expected one of %s"
+                                % (text, self.name, ", ".join(self.choices)), field=self.name)
+        return text
+
+    def help_line(self) -> str:
+        kind = {"size": "<size>", "bool": "<bool (on/off)>", "int": "<num>"}.get(self.type, "<str>")
+        return "  %-22s - %s" % ("%s=%s" % (self.name, kind), self.help)
+
+
+@dataclass
+class Policy:
+    """What an open may follow and touch.
+
+    Files named by an image (backing files, data files, extents) are opened only
+    inside *allowed_dirs* plus the directory tree of the image the user named.
+    """
+    allowed_dirs: Tuple[str, ...] = ()
+    follow_backing: bool = True
+    probe: bool = True
+    max_chain_depth: int = 16
+    force_share: bool = False   # -U: open without taking image locks (read-only opens only)
+    lock: bool = True
+
+    def with_root(self, image_path: str) -> "Policy":
+        """The policy for a chain opened at *image_path*: its directory tree becomes allowed."""
+        root = os.path.dirname(os.path.realpath(image_path))
+        dirs = tuple(self.allowed_dirs) + (root,)
+        return Policy(dirs, self.follow_backing, self.probe, self.max_chain_depth, self.force_share, self.lock)
+
+    def resolve_reference(self, name: str, image_path: str, what: str = "backing file") -> str:
+        """Turn a file name stored in an image into a host path, or refuse it."""
+        if not name:
+            raise PolicyError("empty %s name" % what, path=image_path, field=what)
+        if name.startswith("json:") or _has_protocol(name):
+            raise PolicyError("%s %r uses a protocol prefix or json: specification; refused"
+                              % (what, name), path=image_path, field=what)
+        base = os.path.dirname(os.path.abspath(image_path))
+        full = os.path.normpath(os.path.join(base, name))
+        real = os.path.realpath(full)
+        if not any(_inside(real, d) for d in self.allowed_dirs):
+            raise PolicyError("%s %r is outside the allowed directories (%s); pass --allow-path to allow it"
+                              % (what, name, ", ".join(self.allowed_dirs) or "none"),
+                              path=image_path, field=what)
+        if os.path.exists(real) and not os.path.isfile(real):
+            raise PolicyError("%s %r is not a regular file" % (what, name), path=image_path, field=what)
+        return full
+
+
+def _has_protocol(name: str) -> bool:
+    head, sep, _ = name.partition(":")
+    return bool(sep) and "/" not in head and len(head) > 1
+
+
+def _inside(path: str, directory: str) -> bool:
+    directory = os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+class CheckResult:
+    """The outcome of ``check``, with qemu-img's counters (JSON keys in :meth:`to_json`)."""
+
+    def __init__(self, filename: str, fmt: str):
+        self.filename = filename
+        self.format = fmt
+        self.check_errors = 0
+        self.corruptions = 0
+        self.leaks = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = 0
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
+        self.messages: List[str] = []   # per-item diagnostics, qemu-img prints them on stderr
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"filename": self.filename, "format": self.format, "check-errors": self.check_errors}
+        for key in ("image-end-offset", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed",
+                    "total-clusters", "allocated-clusters", "fragmented-clusters", "compressed-clusters"):
+            value = getattr(self, key.replace("-", "_"))
+            if value:
+                out[key] = value
+        return out
+
+
+class Image:
+    """One open layer of a disk image.  Formats override what they support."""
+
+    driver: "Driver"
+
+    def __init__(self, path: str, writable: bool):
+        self.path = path
+        self.writable = writable
+        self.virtual_size = 0
+        self.cluster_size: Optional[int] = None
+        self.backing: Optional["Image"] = None          # attached by ops.chain
+        self.backing_filename: Optional[str] = None     # as stored in the image
+        self.backing_format: Optional[str] = None       # as stored in the image
+        self.dirty = False
+        self.encrypted = False
+
+    # -- data path ----------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        raise UnsupportedFeature("reading is not supported", path=self.path)
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise UnsupportedFeature("format %s does not support writing" % self.driver.name, path=self.path)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make a range read as zeros; the default writes zero bytes."""
+        self._check_writable()
+        chunk = 4 * 1024 * 1024
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            self.write(offset, bytes(n))
+            offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop data the guest no longer needs; optional, so the default does nothing."""
+        self._check_writable()
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        """Yield this layer's allocation status; default: everything is data."""
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end > offset:
+            yield Extent(offset, end - offset, DATA, offset)
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """Guest data from the backing chain; zeros where there is none or past its end."""
+        if self.backing is None or offset >= self.backing.virtual_size:
+            return bytes(length)
+        avail = min(length, self.backing.virtual_size - offset)
+        data = self.backing.read(offset, avail)
+        return data if avail == length else data + bytes(length - avail)
+
+    # -- metadata -----------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        """Format-specific part of ``info``: keys ``cluster-size``, ``dirty-flag``, ``format-specific``..."""
+        return {}
+
+    def check(self, repair: Optional[str] = None) -> CheckResult:
+        raise UnsupportedFeature("This image format does not support checks", path=self.path)
+
+    def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+        raise UnsupportedFeature("Image format driver does not support resize", path=self.path)
+
+    def snapshots(self) -> List[Dict[str, Any]]:
+        return []
+
+    def create_snapshot(self, name: str) -> None:
+        raise UnsupportedFeature("format %s does not support internal snapshots" % self.driver.name, path=self.path)
+
+    def apply_snapshot(self, name: str) -> None:
+        raise UnsupportedFeature("format %s does not support internal snapshots" % self.driver.name, path=self.path)
+
+    def delete_snapshot(self, name: str) -> None:
+        raise UnsupportedFeature("format %s does not support internal snapshots" % self.driver.name, path=self.path)
+
+    def set_backing(self, path: Optional[str], fmt: Optional[str]) -> None:
+        raise UnsupportedFeature("format %s does not support backing files" % self.driver.name, path=self.path)
+
+    def amend(self, options: Dict[str, Any]) -> None:
+        raise UnsupportedFeature("Format driver '%s' does not support option amendment" % self.driver.name,
+                                 path=self.path)
+
+    def referenced_files(self) -> List[Tuple[str, str]]:
+        """``(role, name)`` of every other file this image names (backing file, data file, extents)."""
+        if self.backing_filename:
+            return [("backing file", self.backing_filename)]
+        return []
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyImage("image is opened read-only", path=self.path)
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Driver:
+    """A format: its options, capabilities, probing, create and open."""
+
+    name = ""
+    extensions: Tuple[str, ...] = ()
+    create_options: Tuple[OptionSpec, ...] = ()
+    capabilities: frozenset = frozenset()
+    names_other_files = False    # may an image of this format name other files? (probing safety)
+
+    def probe(self, header: bytes, filename: str) -> int:
+        """Score 0..100 for how surely *header* (the first bytes of the file) is this format."""
+        return 0
+
+    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+        raise UnsupportedFeature("Format driver '%s' does not support image creation" % self.name, path=path)
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
+        raise NotImplementedError
+
+    def option(self, name: str) -> OptionSpec:
+        for spec in self.create_options:
+            if spec.name == name:
+                return spec
+        raise InvalidOption("Invalid parameter '%s'" % name, field=name)
+
+    def parse_options(self, raw: Dict[str, Any]) -> Dict[str, Any]:
+        """Validate and type a dict of option values; unknown names are errors."""
+        return {name: self.option(name).parse(value) for name, value in raw.items()}
+
+    def options_help(self) -> str:
+        lines = ["Supported %s options:" % self.name]
+        lines.extend(spec.help_line() for spec in sorted(self.create_options, key=lambda s: s.name))
+        return "\n".join(lines)
+
+
+def split_option_string(text: str) -> Dict[str, str]:
+    """Parse qemu's ``-o`` syntax: ``a=1,b=off``; ``,,`` is a literal comma; repeated ``-o`` are joined."""
+    result: Dict[str, str] = {}
+    items: List[str] = []
+    current = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    items.append("".join(current))
+    for item in items:
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name == "help" or name == "?":
+                result["help"] = "on"
+                continue
+            raise InvalidOption("Invalid parameter '%s': expected name=value" % name, field=name)
+        result[name.strip()] = value
+    return result
+
+
+def merge_option_strings(texts: Sequence[str]) -> Dict[str, str]:
+    result: Dict[str, str] = {}
+    for text in texts:
+        result.update(split_option_string(text))
+    return result
+
+
+def iter_chunks(offset: int, length: int, chunk: int) -> Iterable[Tuple[int, int]]:
+    """Split ``[offset, offset+length)`` at multiples of *chunk*."""
+    end = offset + length
+    while offset < end:
+        n = min(chunk - offset % chunk, end - offset)
+        yield offset, n
+        offset += n

@@ -1,0 +1,114 @@
+"""raw: the guest disk byte for byte in a host file; holes are zeros."""
+import os
+from typing import Any, Dict, Iterator, Optional
+
+from ..driver import DATA, ZERO, Driver, Extent, Image, OptionSpec, Policy
+from ..errors import ImageError, InvalidOption
+from ..io import AtomicOutput, HostFile
+
+PREALLOCATION_MODES = ("off", "falloc", "full")
+
+
+def preallocate(host: HostFile, offset: int, length: int, mode: str) -> None:
+    """Extend *host* to ``offset+length`` reserving space as *mode* says (off leaves a hole)."""
+    if mode == "falloc":
+        host.fallocate(offset, length)
+    elif mode == "full":
+        host.write_zeroes_full(offset, length)
+    elif mode != "off":
+        raise InvalidOption("invalid preallocation mode %r" % mode, path=host.path, field="preallocation")
+    if host.size() < offset + length:
+        host.truncate(offset + length)
+
+
+class RawImage(Image):
+    def __init__(self, driver: "RawDriver", path: str, writable: bool, policy: Policy):
+        super().__init__(path, writable)
+        self.driver = driver
+        lock = policy.lock and not (policy.force_share and not writable)
+        self.host = HostFile(path, writable=writable, lock=lock)
+        self.virtual_size = self.host.size()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset + length > self.virtual_size:
+            raise ImageError("read beyond the end of the image (offset %d, length %d)" % (offset, length),
+                             path=self.path)
+        return self.host.pread(length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        if offset + len(data) > self.virtual_size:
+            raise ImageError("write beyond the end of the image (offset %d, length %d)" % (offset, len(data)),
+                             path=self.path)
+        self.host.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_writable()
+        if unmap and self.host.punch_hole(offset, length):
+            return
+        super().write_zeroes(offset, length, unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self.host.punch_hole(offset, length)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end <= offset:
+            return
+        for start, n, is_data in self.host.data_extents(offset, end - offset):
+            yield Extent(start, n, DATA if is_data else ZERO, start)
+
+    def info(self) -> Dict[str, Any]:
+        return {}
+
+    def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+        self._check_writable()
+        old = self.virtual_size
+        if size < old and not shrink:
+            raise ImageError("Use the --shrink option to perform a shrink operation", path=self.path)
+        if size > old:
+            preallocate(self.host, old, size - old, preallocation)
+        else:
+            self.host.truncate(size)
+        self.virtual_size = size
+
+    def flush(self) -> None:
+        self.host.flush()
+
+    def close(self) -> None:
+        if self.host.fd >= 0:
+            if self.writable:
+                self.host.flush()
+            self.host.close()
+
+
+class RawDriver(Driver):
+    name = "raw"
+    extensions = (".img", ".raw", ".iso")
+    create_options = (
+        OptionSpec("size", "size", None, "Virtual disk size"),
+        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
+                   PREALLOCATION_MODES),
+    )
+    capabilities = frozenset({"create", "write", "resize", "shrink", "preallocation"})
+
+    def probe(self, header: bytes, filename: str) -> int:
+        return 1  # anything is raw; every other format outranks it
+
+    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+        mode = options.get("preallocation") or "off"
+        out = AtomicOutput(path)
+        try:
+            with HostFile(out.tmp_path, writable=True) as host:
+                preallocate(host, 0, size, mode)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
+        return RawImage(self, path, writable, policy or Policy())
+
+
+DRIVER = RawDriver()

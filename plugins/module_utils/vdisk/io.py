@@ -1,0 +1,334 @@
+"""Host-file access: positioned I/O, sparse extents, preallocation, atomic replace, image locks.
+
+Image locks are QEMU's (block/file-posix.c): open-file-description byte-range
+locks on single bytes.  For each permission bit *i* an opener uses it holds a
+shared lock on byte ``100 + i``; for each permission it refuses to share, a
+shared lock on byte ``200 + i``.  A permission it wants conflicts with anyone's
+lock on ``200 + i``; a permission it refuses to share conflicts with anyone's
+lock on ``100 + i``.
+"""
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+import tempfile
+from typing import Iterator, Optional, Tuple
+
+from .errors import HostIOError, ImageError, ImageInUse
+
+# QEMU's BlockPermission bits, in lock-byte order
+PERM_CONSISTENT_READ = 0
+PERM_WRITE = 1
+PERM_WRITE_UNCHANGED = 2
+PERM_RESIZE = 3
+_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
+_LOCK_BASE_PERM = 100
+_LOCK_BASE_SHARED = 200
+_ALL_PERMS = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE)
+
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = None
+
+
+def _fallocate_fn():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc.fallocate if _libc else None
+
+
+def _io_error(path: str, what: str, exc: OSError) -> HostIOError:
+    return HostIOError("%s failed: %s" % (what, exc.strerror or exc), path=path)
+
+
+class HostFile:
+    """One open host file, the bottom of every image.  Reads and writes are positioned."""
+
+    def __init__(self, path: str, writable: bool = False, lock: bool = True, create: bool = False,
+                 allow_nonregular: bool = False):
+        self.path = path
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            self.fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise HostIOError("could not open: %s" % (exc.strerror or exc), path=path) from None
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if not allow_nonregular and not stat.S_ISREG(mode):
+                raise ImageError("not a regular file", path=path)
+            self.is_block_device = stat.S_ISBLK(mode)
+            if lock:
+                self._lock()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    # -- locking ------------------------------------------------------------------------
+    def _lock(self) -> None:
+        if self.writable:
+            wanted = _ALL_PERMS
+            unshared = (PERM_WRITE, PERM_RESIZE)
+        else:
+            # a reader needs consistent data: nobody may write meanwhile (qemu-img info does the same)
+            wanted = (PERM_CONSISTENT_READ,)
+            unshared = (PERM_WRITE,)
+        for perm in wanted:
+            self._check_free(_LOCK_BASE_SHARED + perm, perm, "")
+        for perm in unshared:
+            self._check_free(_LOCK_BASE_PERM + perm, perm, "shared ")
+        try:
+            for perm in wanted:
+                self._setlk(fcntl.F_RDLCK, _LOCK_BASE_PERM + perm)
+            for perm in unshared:
+                self._setlk(fcntl.F_RDLCK, _LOCK_BASE_SHARED + perm)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
+                return  # file system without OFD locks: QEMU degrades the same way
+            raise ImageInUse("image is in use: failed to lock (%s); is another process using the image?"
+                             % exc.strerror, path=self.path) from None
+
+    def _setlk(self, kind: int, offset: int) -> None:
+        fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+
+    def _check_free(self, offset: int, perm: int, shared: str) -> None:
+        try:
+            raw = fcntl.fcntl(self.fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        except OSError:
+            return
+        if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
+            raise ImageInUse('image is in use: failed to get %s"%s" lock; is another process using the image?'
+                             % (shared, _PERM_NAMES[perm]), path=self.path)
+
+    # -- I/O --------------------------------------------------------------------------
+    def size(self) -> int:
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return os.fstat(self.fd).st_size
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file takes on the host (qemu's "disk size")."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read exactly *length* bytes; past the end of the file reads zeros (as QEMU's file driver)."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) < length:
+                parts = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(self.fd, length - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+                if len(data) < length:
+                    data += bytes(length - len(data))
+            return data
+        except OSError as exc:
+            raise _io_error(self.path, "read at offset %d" % offset, exc) from None
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        try:
+            while len(view):
+                done = os.pwrite(self.fd, view, offset)
+                view = view[done:]
+                offset += done
+        except OSError as exc:
+            raise _io_error(self.path, "write at offset %d" % offset, exc) from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _io_error(self.path, "truncate to %d" % size, exc) from None
+
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve host space (preallocation=falloc); extends the file as needed."""
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            raise _io_error(self.path, "preallocation", exc) from None
+
+    def write_zeroes_full(self, offset: int, length: int, chunk: int = 4 * 1024 * 1024) -> None:
+        """Write real zeros (preallocation=full)."""
+        zeros = bytes(min(chunk, length))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.pwrite(zeros[:n] if n < len(zeros) else zeros, offset)
+            offset += n
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range, keeping the file size; returns False where the host cannot."""
+        fn = _fallocate_fn()
+        if fn is None or length <= 0:
+            return False
+        if fn(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            return False
+        return True
+
+    def data_extents(self, offset: int, length: int) -> Iterator[Tuple[int, int, bool]]:
+        """Yield ``(offset, length, is_data)`` runs using SEEK_DATA/SEEK_HOLE (all data if unsupported)."""
+        end = min(offset + length, self.size())
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                    yield pos, end - pos, False
+                    return
+                yield pos, end - pos, True
+                return
+            if data > pos:
+                hole_end = min(data, end)
+                yield pos, hole_end - pos, False
+                pos = hole_end
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            run_end = min(hole, end)
+            yield pos, run_end - pos, True
+            pos = run_end
+        if offset + length > end:
+            yield end, offset + length - end, False
+
+    def flush(self) -> None:
+        if self.writable:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise _io_error(self.path, "flush", exc) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # also drops the OFD locks
+            self.fd = -1
+
+    def __enter__(self) -> "HostFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AtomicOutput:
+    """A new file written beside *path* under a temporary name and renamed into place on commit.
+
+    Refuses to replace something that is not a regular file (a directory, device or symlink).
+    """
+
+    def __init__(self, path: str, overwrite: bool = True):
+        self.path = path
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("exists and is not a regular file; refusing to replace it", path=path)
+            if not overwrite:
+                raise ImageError("file exists", path=path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise HostIOError("directory does not exist: %s" % directory, path=path)
+        fd, self.tmp_path = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".vdisk-tmp",
+                                             dir=directory)
+        os.close(fd)
+        os.chmod(self.tmp_path, 0o644 & ~_umask())
+
+    def commit(self) -> None:
+        """Flush the temporary file and rename it over the destination."""
+        fd = os.open(self.tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(self.tmp_path, self.path)
+        try:
+            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        try:
+            os.unlink(self.tmp_path)
+        except OSError:
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_zero(data) -> bool:
+    """True when *data* holds only zero bytes (fast path through bytes.count)."""
+    if not data:
+        return True
+    view = memoryview(data).cast("B")
+    if view[0] or view[-1]:
+        return False
+    return not any_nonzero(view)
+
+
+def any_nonzero(view) -> bool:
+    """True when the buffer has a non-zero byte; compares against a zero block chunk by chunk."""
+    chunk = 1 << 20
+    zeros = bytes(min(chunk, len(view)))
+    for start in range(0, len(view), chunk):
+        part = view[start:start + chunk]
+        if part != zeros[:len(part)]:
+            return True
+    return False
+
+
+def zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def find_nonzero_runs(data, granularity: int) -> Iterator[Tuple[int, int, bool]]:
+    """Split *data* into ``(offset, length, is_zero)`` runs at *granularity* boundaries."""
+    view = memoryview(data)
+    total = len(view)
+    zero_block = bytes(granularity)
+    pos = 0
+    run_start = 0
+    run_zero: Optional[bool] = None
+    while pos < total:
+        piece = view[pos:pos + granularity]
+        zero = piece == zero_block[:len(piece)]
+        if run_zero is None:
+            run_zero = zero
+        elif zero != run_zero:
+            yield run_start, pos - run_start, run_zero
+            run_start, run_zero = pos, zero
+        pos += len(piece)
+    if run_zero is not None:
+        yield run_start, total - run_start, run_zero

@@ -1,0 +1,89 @@
+"""Opening an image with its backing chain, under the safety policy.
+
+The format is probed only when the caller gave none; a probed raw file is never
+allowed to become a format that names other files, and backing files are opened
+read-only, inside the allowed directories, with loop detection and a depth cap.
+"""
+import os
+from typing import List, Optional
+
+from ..driver import Image, Policy
+from ..errors import FormatError, ImageError, PolicyError
+from ..registry import get_driver, probe_file
+
+
+def open_image(path: str, fmt: Optional[str] = None, writable: bool = False,
+               policy: Optional[Policy] = None, backing: bool = True) -> Image:
+    """Open *path* (format *fmt*, probed when None) and, if *backing*, its whole backing chain."""
+    policy = (policy or Policy()).with_root(path)
+    if not os.path.exists(path):
+        raise ImageError("Could not open '%s': No such file or directory" % path, path=path)
+    image = _open_one(path, fmt, writable, policy)
+    if backing and policy.follow_backing:
+        try:
+            attach_backing_chain(image, policy)
+        except BaseException:
+            image.close()
+            raise
+    return image
+
+
+def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy) -> Image:
+    if fmt is None:
+        if not policy.probe:
+            raise FormatError("the image format must be given (probing is disabled)", path=path, field="format")
+        fmt = probe_file(path)
+    return get_driver(fmt).open(path, writable=writable, policy=policy)
+
+
+def attach_backing_chain(image: Image, policy: Policy) -> None:
+    """Open the backing files of *image* read-only, recursively, and attach them."""
+    seen = {_identity(image.path)}
+    current = image
+    depth = 0
+    while current.backing_filename:
+        depth += 1
+        if depth > policy.max_chain_depth:
+            raise PolicyError("backing chain is longer than %d images" % policy.max_chain_depth,
+                              path=image.path, field="backing file")
+        full = policy.resolve_reference(current.backing_filename, current.path)
+        if not os.path.exists(full):
+            raise ImageError("Could not open backing file '%s': No such file or directory" % full,
+                             path=current.path, field="backing file")
+        ident = _identity(full)
+        if ident in seen:
+            raise PolicyError("backing chain loop: '%s' is already in the chain" % current.backing_filename,
+                              path=current.path, field="backing file")
+        seen.add(ident)
+        fmt = current.backing_format
+        if fmt is None:
+            # an image without a recorded backing format: probe, but never into a format naming files
+            fmt = probe_file(full)
+            if get_driver(fmt).names_other_files:
+                raise PolicyError("backing file '%s' has no recorded format and probes as %s, which can name "
+                                  "other files; record the format (rebase -u -F)" % (current.backing_filename, fmt),
+                                  path=current.path, field="backing format")
+        current.backing = _open_one(full, fmt, False, policy)
+        current = current.backing
+
+
+def chain_of(image: Image) -> List[Image]:
+    """The images of a chain, top first."""
+    out = []
+    while image is not None:
+        out.append(image)
+        image = image.backing
+    return out
+
+
+def close_chain(image: Optional[Image]) -> None:
+    """Close an image and every backing image attached to it."""
+    while image is not None:
+        nxt = image.backing
+        image.close()
+        image = nxt
+
+
+def _identity(path: str):
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
