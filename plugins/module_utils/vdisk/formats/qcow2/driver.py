@@ -1,8 +1,217 @@
-from ...driver import Driver
+"""The qcow2 driver: create options, probing, create and open."""
+import os
+from typing import Any, Dict, Optional
+
+from ...driver import Driver, OptionSpec, Policy
+from ...errors import InvalidOption, UnsupportedFeature
+from ...io import AtomicOutput, HostFile
+from . import header as hdr
+from .compress import zstd_available
+from .image import Qcow2Image
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+COMPAT_VALUES = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+DEFAULT_CLUSTER_SIZE = 65536
 
 
 class Qcow2Driver(Driver):
     name = "qcow2"
+    extensions = (".qcow2", ".qcow", ".img")
+    names_other_files = True
+    capabilities = frozenset({"create", "write", "backing", "compression", "preallocation"})
+    create_options = (
+        OptionSpec("size", "size", None, "Virtual disk size"),
+        OptionSpec("compat", "enum", "1.1", "Compatibility level (v2 [0.10] or v3 [1.1])",
+                   tuple(COMPAT_VALUES), amendable=True),
+        OptionSpec("backing_file", "str", None, "File name of a base image", amendable=True),
+        OptionSpec("backing_fmt", "str", None, "Image format of the base image", amendable=True),
+        OptionSpec("cluster_size", "size", DEFAULT_CLUSTER_SIZE, "qcow2 cluster size"),
+        OptionSpec("preallocation", "enum", "off",
+                   "Preallocation mode (allowed values: off, metadata, falloc, full)", PREALLOCATION_MODES),
+        OptionSpec("lazy_refcounts", "bool", False, "Postpone refcount updates", amendable=True),
+        OptionSpec("refcount_bits", "int", 16, "Width of a reference count entry in bits", amendable=True),
+        OptionSpec("extended_l2", "bool", False, "Extended L2 tables"),
+        OptionSpec("compression_type", "enum", "zlib",
+                   "Compression method used for image cluster compression", ("zlib", "zstd")),
+        OptionSpec("data_file", "str", None, "File name of an external data file (not supported yet)"),
+        OptionSpec("data_file_raw", "bool", False, "The external data file must stay valid as a raw image"),
+        OptionSpec("encryption", "bool", False, "Encrypt the image (not supported)"),
+        OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks' "
+                                                    "(not supported)"),
+    )
+
+    def probe(self, header: bytes, filename: str) -> int:
+        if len(header) >= 8 and header[:4] == hdr.MAGIC and int.from_bytes(header[4:8], "big") in (2, 3):
+            return 100
+        return 0
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Qcow2Image:
+        return Qcow2Image(self, path, writable, policy or Policy())
+
+    # -- create -----------------------------------------------------------------------
+    def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
+        """Validate create options the way qemu-img does and return the new image's header."""
+        opts = {spec.name: spec.default for spec in self.create_options}
+        opts.update({k: v for k, v in options.items() if v is not None})
+        for unsupported in ("data_file", "encrypt.format"):
+            if opts.get(unsupported):
+                raise UnsupportedFeature("option %s is not supported yet" % unsupported, field=unsupported)
+        if opts.get("encryption"):
+            raise UnsupportedFeature("encrypted qcow2 images are not supported", field="encryption")
+        if opts.get("data_file_raw"):
+            raise InvalidOption("data_file_raw requires data_file", field="data_file_raw")
+        version = COMPAT_VALUES[str(opts["compat"])]
+        cluster_size = int(opts["cluster_size"])
+        if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+            raise InvalidOption("Cluster size must be a power of two between 512 and 2048k", field="cluster_size")
+        h = hdr.Header(version=version, cluster_bits=cluster_size.bit_length() - 1, size=size)
+        refcount_bits = int(opts["refcount_bits"])
+        if refcount_bits < 1 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
+            raise InvalidOption("Refcount width must be a power of two and may not exceed 64 bits",
+                                field="refcount_bits")
+        if version < 3 and refcount_bits != 16:
+            raise InvalidOption("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+                                "(use compat=1.1 or greater)", field="refcount_bits")
+        h.refcount_order = refcount_bits.bit_length() - 1
+        if opts["lazy_refcounts"]:
+            if version < 3:
+                raise InvalidOption("Lazy refcounts only supported with compatibility level 1.1 and above (use "
+                                    "compat=1.1 or greater)", field="lazy_refcounts")
+            h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+        if opts["extended_l2"]:
+            if version < 3:
+                raise InvalidOption("Extended L2 entries are only supported with compatibility level 1.1 and "
+                                    "above (use compat=1.1 or greater)", field="extended_l2")
+            if cluster_size < 16384:
+                raise InvalidOption("Extended L2 entries are only supported with cluster sizes of at least 16384 "
+                                    "bytes", field="extended_l2")
+            h.incompatible_features |= hdr.INCOMPAT_EXTL2
+        if opts["compression_type"] == "zstd":
+            if version < 3:
+                raise InvalidOption("Non-zlib compression type is only supported with compatibility level 1.1 "
+                                    "and above (use compat=1.1 or greater)", field="compression_type")
+            if not zstd_available():
+                raise UnsupportedFeature("compression_type=zstd needs a Python with the compression.zstd module "
+                                         "(3.14+)", field="compression_type")
+            h.compression_type = hdr.COMPRESSION_ZSTD
+            h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
+        if version < 3:
+            h.header_length = hdr.HEADER_V2_LENGTH
+        if opts.get("backing_file"):
+            h.backing_file = str(opts["backing_file"])
+            h.backing_format = opts.get("backing_fmt") or None
+            if opts["preallocation"] != "off" and not opts["extended_l2"]:
+                raise InvalidOption("Backing file and preallocation can only be used at the same time if "
+                                    "extended_l2 is on", field="preallocation")
+        elif opts.get("backing_fmt"):
+            raise InvalidOption("Backing format cannot be used without backing file", field="backing_fmt")
+        cs = cluster_size
+        clusters = -(-size // cs)
+        h.l1_size = -(-clusters // h.l2_entries)
+        if h.l1_size * 8 > hdr.MAX_L1_SIZE or size > (1 << 63) - 1:
+            raise InvalidOption("The image size is too large for file format 'qcow2' (try using a larger cluster "
+                                "size)", field="size")
+        return h
+
+    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+        """Write a new image beside *path* and rename it into place."""
+        size = -(-size // 512) * 512
+        h = self.build_header(size, options)
+        prealloc = options.get("preallocation") or "off"
+        out = AtomicOutput(path)
+        try:
+            with HostFile(out.tmp_path, writable=True) as host:
+                write_empty_image(host, h)
+            if prealloc != "off":
+                image = Qcow2Image(self, out.tmp_path, True, Policy(lock=False))
+                try:
+                    preallocate(image, 0, size, prealloc)
+                finally:
+                    image.close()
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+
+
+def write_empty_image(host: HostFile, h: hdr.Header) -> None:
+    """Lay out header, refcount table, refcount blocks and an empty L1 table (in that order, as QEMU)."""
+    cs = h.cluster_size
+    epb = cs * 8 // h.refcount_bits
+    l1_clusters = -(-h.l1_size * 8 // cs)
+    rt_clusters, blocks = 1, 1
+    while True:
+        total = 1 + rt_clusters + blocks + l1_clusters
+        need_blocks = -(-total // epb)
+        need_rt = -(-need_blocks * 8 // cs)
+        if need_blocks <= blocks and need_rt <= rt_clusters:
+            break
+        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
+    rt_start = 1
+    blocks_start = rt_start + rt_clusters
+    l1_start = blocks_start + blocks
+    total = l1_start + l1_clusters
+    h.refcount_table_offset = rt_start * cs
+    h.refcount_table_clusters = rt_clusters
+    h.l1_table_offset = l1_start * cs if h.l1_size else 0
+    cluster0 = hdr.pack_header(h)
+    # refcount blocks: every metadata cluster has refcount 1
+    for b in range(blocks):
+        block = bytearray(cs)
+        for c in range(b * epb, min(total, (b + 1) * epb)):
+            _set_refcount(block, c - b * epb, h.refcount_bits)
+        host.pwrite(bytes(block), (blocks_start + b) * cs)
+    table = bytearray(rt_clusters * cs)
+    for b in range(blocks):
+        table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
+    host.pwrite(bytes(table), rt_start * cs)
+    if h.l1_size:
+        host.pwrite(bytes(h.l1_size * 8), h.l1_table_offset)
+    host.pwrite(cluster0, 0)
+    if host.size() < l1_start * cs:
+        host.truncate(l1_start * cs)
+
+
+def _set_refcount(block: bytearray, index: int, bits: int) -> None:
+    if bits >= 8:
+        n = bits // 8
+        block[index * n:(index + 1) * n] = (1).to_bytes(n, "big")
+    else:
+        per_byte = 8 // bits
+        block[index // per_byte] |= 1 << ((index % per_byte) * bits)
+
+
+def preallocate(image: Qcow2Image, offset: int, length: int, mode: str) -> None:
+    """Map every cluster of the range to host clusters (metadata); reserve (falloc) or zero (full) them."""
+    cs = image.cs
+    span = image.l2e * cs
+    first = offset // cs
+    last = (offset + length - 1) // cs
+    if length <= 0:
+        return
+    # L2 tables first, then the data clusters in one contiguous run: the layout QEMU produces
+    for l1i in range(first * cs // span, last * cs // span + 1):
+        image._writable_l2(l1i)
+    count = last - first + 1
+    # with a backing file, reserved clusters must not hide it: allocated but every subcluster unallocated
+    bitmap = (0 if image.backing_filename else 0xFFFFFFFF) if image.ext else 0
+    host = image.refcounts.alloc(count)
+    if mode == "falloc":
+        image.host.fallocate(host, count * cs)
+    elif mode == "full":
+        image.host.write_zeroes_full(host, count * cs)
+    if image.host.size() < host + count * cs:
+        image.host.truncate(host + count * cs)
+    ci = first
+    while ci <= last:
+        l1i = ci // image.l2e
+        l2_off, table = image._writable_l2(l1i)
+        stop = min(last + 1, (l1i + 1) * image.l2e)
+        for c in range(ci, stop):
+            entry = (host + (c - first) * cs) | 1 << 63
+            image._set_entry(table, c % image.l2e, entry, bitmap)
+        image._write_l2_span(l2_off, table, ci % image.l2e, (stop - 1) % image.l2e)
+        ci = stop
 
 
 DRIVER = Qcow2Driver()

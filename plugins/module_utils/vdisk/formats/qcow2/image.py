@@ -1,0 +1,628 @@
+"""An open qcow2 image: cluster mapping, reads, copy-on-write writes, zero writes and discards.
+
+References: docs/interop/qcow2.txt "Cluster mapping", "Extended L2 Entries".
+Write ordering follows QEMU's: new clusters are refcounted before data is written
+into them, data is written before the L2 entry that points to it, a new L2 table
+is complete before the L1 entry that points to it, and references are dropped
+last, so an interruption leaves at most leaked clusters.
+"""
+import struct
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy
+from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
+from ...io import HostFile
+from . import header as hdr
+from .compress import decompress_cluster
+from .refcount import Refcounts
+from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
+
+U64 = struct.Struct(">Q")
+U128 = struct.Struct(">QQ")
+
+# kinds of a run inside the mapping
+K_DATA = "data"
+K_ZERO = "zero"
+K_UNALLOC = "unalloc"
+K_COMPRESSED = "compressed"
+
+ALL_ALLOC = 0xFFFFFFFF
+ALL_ZERO = 0xFFFFFFFF << 32
+L2_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class Qcow2Image(Image):
+    """One qcow2 layer.  Reads fall through to ``self.backing`` where clusters are unallocated."""
+
+    def __init__(self, driver, path: str, writable: bool, policy: Policy):
+        super().__init__(path, writable)
+        self.driver = driver
+        lock = policy.lock and not (policy.force_share and not writable)
+        self.host = HostFile(path, writable=writable, lock=lock)
+        try:
+            self._open()
+        except BaseException:
+            self.host.close()
+            raise
+
+    # -- open -------------------------------------------------------------------------
+    def _open(self) -> None:
+        file_size = self.host.size()
+        first = self.host.pread(min(max(file_size, hdr.HEADER_V2_LENGTH), 1 << hdr.MAX_CLUSTER_BITS), 0)
+        if file_size < hdr.HEADER_V2_LENGTH:
+            raise FormatError("file too short for a qcow2 header (%d bytes)" % file_size, path=self.path,
+                              field="header")
+        h = hdr.parse_header(first, self.path, file_size)
+        self.header = h
+        self.cs = h.cluster_size
+        self.cb = h.cluster_bits
+        self.l2e = h.l2_entries
+        self.ext = h.extended_l2
+        self.sc = self.cs // hdr.SUBCLUSTERS if self.ext else self.cs
+        self.virtual_size = h.size
+        self.cluster_size = self.cs
+        self.backing_filename = h.backing_file
+        self.backing_format = h.backing_format
+        self.dirty = bool(h.incompatible_features & hdr.INCOMPAT_DIRTY)
+        self.corrupt = bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT)
+        if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+            raise UnsupportedFeature("images with an external data file are not supported yet", path=self.path,
+                                     field="data_file")
+        if self.writable:
+            if self.corrupt:
+                raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
+                                   field="corrupt bit")
+            if self.dirty:
+                raise UnsupportedFeature("image is dirty (lazy refcounts were in use and it was not closed "
+                                         "cleanly); repair it with 'check -r all' first", path=self.path,
+                                         field="dirty bit")
+        raw = self.host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+        self.l1: List[int] = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
+        self._l2_cache: "OrderedDict[int, bytearray]" = OrderedDict()
+        self._compressed_cache: Tuple[int, bytes] = (-1, b"")
+        self.refcounts: Optional[Refcounts] = Refcounts(self) if self.writable else None
+        self._set_dirty_on_write = self.writable and bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+        self._snapshots: Optional[List[Snapshot]] = None
+        if self.writable and h.version == 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
+            # unknown autoclear bits must be cleared before the image is modified
+            h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
+            self.host.pwrite(U64.pack(h.autoclear_features), 88)
+
+    # -- header updates ---------------------------------------------------------------
+    def write_reftable_pointer(self) -> None:
+        """Switch the header to the current refcount table (offset and cluster count in one write)."""
+        h = self.header
+        self.host.flush()
+        self.host.pwrite(struct.pack(">QI", h.refcount_table_offset, h.refcount_table_clusters), 48)
+
+    def _write_incompat(self) -> None:
+        self.host.pwrite(U64.pack(self.header.incompatible_features), 72)
+
+    def write_header(self) -> None:
+        """Rewrite cluster 0 (header, extensions, backing file name) from ``self.header``."""
+        self.host.pwrite(hdr.pack_header(self.header), 0)
+
+    # -- tables -----------------------------------------------------------------------
+    def _l2_offset(self, l1i: int) -> int:
+        entry = self.l1[l1i] if l1i < len(self.l1) else 0
+        off = entry & hdr.OFFSET_MASK
+        if off and off % self.cs:
+            raise CorruptImage("L2 table offset 0x%x unaligned (L1 index: 0x%x)" % (off, l1i), path=self.path,
+                               field="L1 table")
+        return off
+
+    def _l2_table(self, l1i: int) -> Optional[bytearray]:
+        off = self._l2_offset(l1i)
+        if not off:
+            return None
+        table = self._l2_cache.get(off)
+        if table is None:
+            if off + self.cs > self.host.size():
+                raise CorruptImage("L2 table at offset 0x%x is beyond the end of the file (L1 index: 0x%x)"
+                                   % (off, l1i), path=self.path, field="L1 table")
+            table = bytearray(self.host.pread(self.cs, off))
+            self._l2_cache[off] = table
+            self._trim_cache()
+        else:
+            self._l2_cache.move_to_end(off)
+        return table
+
+    def _trim_cache(self) -> None:
+        while len(self._l2_cache) * self.cs > L2_CACHE_BYTES and len(self._l2_cache) > 1:
+            self._l2_cache.popitem(last=False)
+
+    def _entry(self, table: bytearray, idx: int) -> Tuple[int, int]:
+        if self.ext:
+            return U128.unpack_from(table, idx * 16)
+        return U64.unpack_from(table, idx * 8)[0], 0
+
+    def _set_entry(self, table: bytearray, idx: int, entry: int, bitmap: int = 0) -> None:
+        if self.ext:
+            U128.pack_into(table, idx * 16, entry, bitmap)
+        else:
+            U64.pack_into(table, idx * 8, entry)
+
+    def _compressed_location(self, entry: int) -> Tuple[int, int]:
+        """Host byte offset and length of a compressed cluster's data."""
+        x = 62 - (self.cb - 8)
+        offset = entry & ((1 << x) - 1)
+        sectors = ((entry >> x) & ((1 << (62 - x)) - 1)) + 1
+        return offset, sectors * 512 - (offset & 511)
+
+    def _cluster_runs(self, table: bytearray, idx: int, cstart: int, l2_off: int):
+        """The runs of one guest cluster: ``(start, length, kind, host_offset or None, entry)``."""
+        entry, bitmap = self._entry(table, idx)
+        cs = self.cs
+        if entry & hdr.OFLAG_COMPRESSED:
+            return [(cstart, cs, K_COMPRESSED, None, entry)]
+        off = entry & hdr.OFFSET_MASK
+        if off and off % cs:
+            raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
+                               % (off, l2_off, idx), path=self.path, field="L2 table")
+        if not self.ext:
+            if entry & hdr.OFLAG_ZERO:
+                return [(cstart, cs, K_ZERO, off or None, entry)]
+            if off:
+                return [(cstart, cs, K_DATA, off, entry)]
+            return [(cstart, cs, K_UNALLOC, None, entry)]
+        alloc = bitmap & ALL_ALLOC
+        zero = bitmap >> 32
+        if alloc & zero or (alloc and not off):
+            raise CorruptImage("Invalid cluster entry found (L2 offset: 0x%x, L2 index: 0x%x)" % (l2_off, idx),
+                               path=self.path, field="L2 table")
+        if alloc == ALL_ALLOC:
+            return [(cstart, cs, K_DATA, off, entry)]
+        if zero == ALL_ALLOC:
+            return [(cstart, cs, K_ZERO, off or None, entry)]
+        if not alloc and not zero:
+            return [(cstart, cs, K_UNALLOC, None, entry)]
+        runs = []
+        sc = self.sc
+        for i in range(hdr.SUBCLUSTERS):
+            bit = 1 << i
+            kind = K_DATA if alloc & bit else K_ZERO if zero & bit else K_UNALLOC
+            host = off + i * sc if kind == K_DATA else None
+            if runs and runs[-1][2] == kind:
+                s, n, k, h0, e = runs[-1]
+                runs[-1] = (s, n + sc, k, h0, e)
+            else:
+                runs.append((cstart + i * sc, sc, kind, host, entry))
+        return runs
+
+    def _segments(self, offset: int, length: int) -> Iterator[Tuple[int, int, str, Optional[int], int]]:
+        """Merged runs ``(guest_offset, length, kind, host_offset, entry)`` covering the range."""
+        end = offset + length
+        pos = offset
+        cs, cb, l2e = self.cs, self.cb, self.l2e
+        pending = None
+        while pos < end:
+            l1i = (pos >> cb) // l2e
+            stop = min(end, (l1i + 1) * l2e * cs)
+            table = self._l2_table(l1i)
+            if table is None:
+                runs_iter = [(pos, stop - pos, K_UNALLOC, None, 0)]
+            else:
+                l2_off = self._l2_offset(l1i)
+                runs_iter = []
+                ci = pos >> cb
+                while (ci << cb) < stop:
+                    runs_iter.extend(self._cluster_runs(table, ci % l2e, ci << cb, l2_off))
+                    ci += 1
+            for rs, rn, kind, host, entry in runs_iter:
+                a = max(rs, pos)
+                b = min(rs + rn, stop)
+                if a >= b:
+                    continue
+                if host is not None and kind != K_COMPRESSED:
+                    host += a - rs
+                if pending is not None:
+                    ps, pn, pk, ph, pe = pending
+                    if pk == kind and kind != K_COMPRESSED and ps + pn == a and (
+                            (kind == K_DATA and ph + pn == host) or
+                            (kind != K_DATA and (ph is None) == (host is None) and
+                             (ph is None or ph + pn == host))):
+                        pending = (ps, pn + b - a, pk, ph, pe)
+                        continue
+                    yield pending
+                pending = (a, b - a, kind, host, entry)
+            pos = stop
+        if pending is not None:
+            yield pending
+
+    # -- reading ----------------------------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ImageError("request beyond the end of the image (offset %d, length %d, size %d)"
+                             % (offset, length, self.virtual_size), path=self.path)
+
+    def _compressed_cluster(self, entry: int) -> bytes:
+        if self._compressed_cache[0] == entry:
+            return self._compressed_cache[1]
+        coff, clen = self._compressed_location(entry)
+        if coff >= hdr.MAX_HOST_OFFSET or coff + clen > self.host.size() + 512:
+            raise CorruptImage("compressed cluster at host offset 0x%x is beyond the end of the file" % coff,
+                               path=self.path, field="L2 table")
+        raw = self.host.pread(clen, coff)
+        data = decompress_cluster(raw, self.cs, self.header.compression_type, self.path, "0x%x" % coff)
+        self._compressed_cache = (entry, data)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        out = bytearray(length)
+        for g, n, kind, host, entry in self._segments(offset, length):
+            o = g - offset
+            if kind == K_DATA:
+                out[o:o + n] = self.host.pread(n, host)
+            elif kind == K_UNALLOC:
+                if self.backing is not None:
+                    out[o:o + n] = self.read_backing(g, n)
+            elif kind == K_COMPRESSED:
+                c = self._compressed_cluster(entry)
+                co = g & (self.cs - 1)
+                out[o:o + n] = c[co:co + n]
+        return bytes(out)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end <= offset:
+            return
+        for g, n, kind, host, _entry in self._segments(offset, end - offset):
+            if kind == K_DATA:
+                # a data cluster over a hole of the host file reads as zeros (QEMU reports zero:true)
+                for hs, hn, is_data in self.host.data_extents(host, n):
+                    yield Extent(g + hs - host, hn, DATA if is_data else ZERO, hs)
+            elif kind == K_ZERO:
+                yield Extent(g, n, ZERO, host)
+            elif kind == K_UNALLOC:
+                yield Extent(g, n, UNALLOCATED, None)
+            else:
+                yield Extent(g, n, DATA, None, True)
+
+    # -- writing ----------------------------------------------------------------------
+    def _prepare_write(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        if self._set_dirty_on_write and not self.dirty:
+            self.header.incompatible_features |= hdr.INCOMPAT_DIRTY
+            self._write_incompat()
+            self.host.flush()
+            self.dirty = True
+
+    def _writable_l2(self, l1i: int) -> Tuple[int, bytearray]:
+        """The L2 table for *l1i*, allocated or copied (if shared with a snapshot) so it can be changed."""
+        entry = self.l1[l1i]
+        old = self._l2_offset(l1i)
+        if old and entry & hdr.OFLAG_COPIED:
+            return old, self._l2_table(l1i)
+        content = bytearray(self._l2_table(l1i)) if old else bytearray(self.cs)
+        new = self.refcounts.alloc(1)
+        self.host.pwrite(bytes(content), new)
+        self.l1[l1i] = new | hdr.OFLAG_COPIED
+        self.host.pwrite(U64.pack(self.l1[l1i]), self.header.l1_table_offset + l1i * 8)
+        self._l2_cache[new] = content
+        self._trim_cache()
+        if old:
+            self._l2_cache.pop(old, None)
+            self.refcounts.free(old, self.cs)
+        return new, content
+
+    def _old_cluster_content(self, cstart: int) -> bytearray:
+        n = min(self.cs, self.virtual_size - cstart)
+        data = bytearray(self.read(cstart, n))
+        if n < self.cs:
+            data.extend(bytes(self.cs - n))
+        return data
+
+    def _release(self, kind: str, host: Optional[int], entry: int) -> None:
+        """Drop this layer's reference to the host cluster behind an entry being replaced."""
+        if kind == K_COMPRESSED:
+            coff, clen = self._compressed_location(entry)
+            self.refcounts.free(coff, clen)
+        elif host:
+            self.refcounts.free(host, self.cs)
+
+    def write(self, offset: int, data) -> None:
+        length = len(data)
+        if not length:
+            return
+        self._prepare_write(offset, length)
+        view = memoryview(data).cast("B")
+        pos = offset
+        end = offset + length
+        span = self.l2e * self.cs
+        while pos < end:
+            l1i = pos // span
+            stop = min(end, (l1i + 1) * span)
+            self._write_in_table(l1i, pos, view[pos - offset:stop - offset])
+            pos = stop
+
+    def _write_in_table(self, l1i: int, offset: int, data: memoryview) -> None:
+        cs, cb, l2e = self.cs, self.cb, self.l2e
+        end = offset + len(data)
+        first_ci = offset >> cb
+        last_ci = (end - 1) >> cb
+        l2_off, table = self._writable_l2(l1i)
+        # classify every cluster: written in place, or given a new host cluster
+        plan = []   # (ci, in_place_host or None, entry, bitmap)
+        for ci in range(first_ci, last_ci + 1):
+            entry, bitmap = self._entry(table, ci % l2e)
+            off = entry & hdr.OFFSET_MASK
+            in_place = None
+            if off and entry & hdr.OFLAG_COPIED and not entry & hdr.OFLAG_COMPRESSED:
+                if off % cs:
+                    raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
+                                       % (off, l2_off, ci % l2e), path=self.path, field="L2 table")
+                in_place = off
+            plan.append((ci, in_place, entry, bitmap))
+        releases = []
+        i = 0
+        while i < len(plan):
+            ci, in_place, entry, bitmap = plan[i]
+            if in_place is not None:
+                self._write_cluster_in_place(table, ci, in_place, entry, bitmap, offset, end, data)
+                i += 1
+                continue
+            # a run of clusters needing new host clusters: allocate them together, write them in one go
+            j = i
+            while j < len(plan) and plan[j][1] is None:
+                j += 1
+            count = j - i
+            host = self.refcounts.alloc(count)
+            buf = bytearray()
+            for k in range(i, j):
+                ci_k, _, entry_k, bitmap_k = plan[k]
+                cstart = ci_k << cb
+                a = max(offset, cstart)
+                b = min(end, cstart + cs)
+                if a == cstart and b - a == cs:
+                    content = bytearray(data[a - offset:b - offset])
+                else:
+                    content = self._old_cluster_content(cstart)
+                    content[a - cstart:b - cstart] = data[a - offset:b - offset]
+                buf += content
+                new_host = host + (k - i) * cs
+                new_bitmap = 0
+                if self.ext:
+                    new_bitmap = self._bitmap_after_cow(entry_k, bitmap_k, a - cstart, b - cstart)
+                old_runs = self._cluster_runs(table, ci_k % l2e, cstart, l2_off)
+                releases.append(old_runs[0] if old_runs[0][2] == K_COMPRESSED else
+                                (cstart, cs, K_DATA, entry_k & hdr.OFFSET_MASK or None, entry_k))
+                plan[k] = (ci_k, new_host, (new_host | hdr.OFLAG_COPIED), new_bitmap)
+            self.host.pwrite(buf, host)
+            for k in range(i, j):
+                ci_k, new_host, new_entry, new_bitmap = plan[k]
+                self._set_entry(table, ci_k % l2e, new_entry, new_bitmap)
+            i = j
+        self._write_l2_span(l2_off, table, first_ci % l2e, last_ci % l2e)
+        for _s, _n, kind, host, entry in releases:
+            if kind == K_COMPRESSED or host:
+                self._release(kind, host, entry)
+
+    def _bitmap_after_cow(self, entry: int, bitmap: int, a: int, b: int) -> int:
+        """Subcluster bitmap of a newly allocated cluster: the written and previously-data subclusters
+        are allocated (their content was copied), the others keep their zero/unallocated state."""
+        if entry & hdr.OFLAG_COMPRESSED:
+            return ALL_ALLOC
+        sc = self.sc
+        touched = 0
+        for s in range(a // sc, (b - 1) // sc + 1):
+            touched |= 1 << s
+        alloc = bitmap & ALL_ALLOC if entry & hdr.OFFSET_MASK else 0
+        zero = (bitmap >> 32) & ~touched
+        return ((alloc | touched) & ALL_ALLOC) | (zero << 32)
+
+    def _write_cluster_in_place(self, table, ci, host, entry, bitmap, offset, end, data) -> None:
+        cs, cb, l2e = self.cs, self.cb, self.l2e
+        cstart = ci << cb
+        a = max(offset, cstart)
+        b = min(end, cstart + cs)
+        if not self.ext:
+            if entry & hdr.OFLAG_ZERO:
+                # a preallocated zero cluster: the rest of it must become real zeros
+                content = bytearray(cs)
+                content[a - cstart:b - cstart] = data[a - offset:b - offset]
+                self.host.pwrite(content, host)
+                self._set_entry(table, ci % l2e, host | hdr.OFLAG_COPIED)
+            else:
+                self.host.pwrite(data[a - offset:b - offset], host + a - cstart)
+            return
+        sc = self.sc
+        alloc = bitmap & ALL_ALLOC
+        zero = bitmap >> 32
+        for s in range((a - cstart) // sc, (b - 1 - cstart) // sc + 1):
+            bit = 1 << s
+            s0 = cstart + s * sc
+            sa, sb = max(a, s0), min(b, s0 + sc)
+            if alloc & bit:
+                self.host.pwrite(data[sa - offset:sb - offset], host + sa - cstart)
+                continue
+            if sa == s0 and sb == s0 + sc:
+                content = bytearray(data[sa - offset:sb - offset])
+            else:
+                content = bytearray(sc) if zero & bit else bytearray(self._read_sub_old(s0, sc))
+                content[sa - s0:sb - s0] = data[sa - offset:sb - offset]
+            self.host.pwrite(content, host + s * sc)
+            alloc |= bit
+            zero &= ~bit
+        self._set_entry(table, ci % l2e, entry, (alloc & ALL_ALLOC) | (zero << 32))
+
+    def _read_sub_old(self, start: int, length: int) -> bytes:
+        """Current content of an unallocated subcluster: the backing file's, or zeros."""
+        n = max(0, min(length, self.virtual_size - start))
+        data = self.read_backing(start, n) if n else b""
+        return data + bytes(length - n)
+
+    def _write_l2_span(self, l2_off: int, table: bytearray, first: int, last: int) -> None:
+        es = 16 if self.ext else 8
+        self.host.pwrite(bytes(table[first * es:(last + 1) * es]), l2_off + first * es)
+
+    # -- zeroing and discarding -------------------------------------------------------
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        if not length:
+            return
+        self._prepare_write(offset, length)
+        end = offset + length
+        gran = self.sc if self.ext else self.cs
+        a = -(-offset // gran) * gran
+        b = self.virtual_size if end == self.virtual_size else end // gran * gran
+        if a >= b:
+            self.write(offset, bytes(length))
+            return
+        if offset < a:
+            self.write(offset, bytes(a - offset))
+        if self.header.version < 3:
+            self._zero_v2(a, b - a, unmap)
+        else:
+            self._change_entries(a, b - a, "zero", unmap)
+        if b < end:
+            self.write(b, bytes(end - b))
+
+    def _zero_v2(self, offset: int, length: int, unmap: bool) -> None:
+        """Version 2 has no zero flag: unallocated clusters without a backing file already read as zeros."""
+        if self.backing is None and unmap:
+            self._change_entries(offset, length, "discard-v2", True)
+            return
+        chunk = 4 * 1024 * 1024
+        pos = offset
+        for g, n, kind, _host, _e in list(self._segments(offset, length)):
+            if kind == K_UNALLOC and self.backing is None:
+                continue
+            for p in range(g, g + n, chunk):
+                self.write(p, bytes(min(chunk, g + n - p)))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard whole clusters (partial clusters are left alone, as QEMU does)."""
+        self._prepare_write(offset, length) if length else None
+        start = -(-offset // self.cs) * self.cs
+        end = offset + length
+        if end != self.virtual_size:
+            end = end // self.cs * self.cs
+        if start < end:
+            self._change_entries(start, end - start, "discard", True)
+
+    def _change_entries(self, offset: int, length: int, op: str, unmap: bool) -> None:
+        """Rewrite the L2 entries of whole clusters (or whole subclusters) for zero/discard operations."""
+        cs, cb, l2e = self.cs, self.cb, self.l2e
+        end = offset + length
+        pos = offset
+        span = l2e * cs
+        while pos < end:
+            l1i = pos // span
+            stop = min(end, (l1i + 1) * span)
+            if self._l2_offset(l1i) == 0 and self.backing is None and op != "zero":
+                pos = stop
+                continue
+            if self._l2_offset(l1i) == 0 and self.backing is None and op == "zero" and \
+                    self.header.version >= 3 and not self.ext:
+                pos = stop   # unallocated without a backing file already reads as zeros
+                continue
+            l2_off, table = self._writable_l2(l1i)
+            releases = []
+            first = pos >> cb
+            last = (stop - 1) >> cb
+            for ci in range(first, last + 1):
+                cstart = ci << cb
+                a, b = max(pos, cstart), min(stop, cstart + cs)
+                idx = ci % l2e
+                entry, bitmap = self._entry(table, idx)
+                off = entry & hdr.OFFSET_MASK
+                compressed = bool(entry & hdr.OFLAG_COMPRESSED)
+                copied = bool(entry & hdr.OFLAG_COPIED)
+                whole = a == cstart and (b - a == cs or b == self.virtual_size)
+                if self.ext and not whole and not compressed:
+                    # whole subclusters inside the cluster
+                    mask = 0
+                    for s in range((a - cstart) // self.sc, (b - cstart + self.sc - 1) // self.sc):
+                        mask |= 1 << s
+                    alloc = bitmap & ALL_ALLOC & ~mask
+                    zero = (bitmap >> 32) | mask
+                    if op == "discard" and self.backing is None and not off:
+                        zero = bitmap >> 32   # nothing there to discard
+                    self._set_entry(table, idx, entry, alloc | ((zero & ALL_ALLOC) << 32))
+                    continue
+                new_entry, new_bitmap, release = self._new_entry(op, unmap, entry, bitmap, off, compressed, copied)
+                self._set_entry(table, idx, new_entry, new_bitmap)
+                if release:
+                    releases.append(release)
+            self._write_l2_span(l2_off, table, first % l2e, last % l2e)
+            for kind, host, entry in releases:
+                self._release(kind, host, entry)
+            pos = stop
+
+    def _new_entry(self, op, unmap, entry, bitmap, off, compressed, copied):
+        """New (entry, bitmap, release) of a whole cluster for zero/discard."""
+        allocated = compressed or bool(off)
+        release = None
+        if compressed:
+            release = (K_COMPRESSED, None, entry)
+        elif off and (unmap or not copied or op != "zero"):
+            release = (K_DATA, off, entry)
+        if op == "zero":
+            keep = off and copied and not unmap and not compressed
+            if self.ext:
+                return (off | hdr.OFLAG_COPIED if keep else 0), ALL_ZERO, release
+            return ((off | hdr.OFLAG_COPIED | hdr.OFLAG_ZERO) if keep else hdr.OFLAG_ZERO), 0, release
+        if op == "discard-v2":
+            return 0, 0, release
+        # discard: v3 reads zeros afterwards where something was there or a backing file shows through
+        if self.backing is not None or allocated:
+            if self.ext:
+                return 0, ALL_ZERO, release
+            if self.header.version >= 3:
+                return hdr.OFLAG_ZERO, 0, release
+            return 0, 0, release
+        return entry, bitmap, None
+
+    # -- metadata ---------------------------------------------------------------------
+    def snapshots_table(self) -> List[Snapshot]:
+        """The internal snapshots (parsed once, bounded by QEMU's table size limit)."""
+        if self._snapshots is None:
+            h = self.header
+            if not h.nb_snapshots:
+                self._snapshots = []
+            else:
+                size = min(MAX_TABLE_SIZE, max(0, self.host.size() - h.snapshots_offset))
+                data = self.host.pread(size, h.snapshots_offset)
+                self._snapshots = parse_snapshot_table(data, h.nb_snapshots, self.path, self.virtual_size)
+        return self._snapshots
+
+    def snapshots(self) -> List[Dict[str, Any]]:
+        return [s.to_info() for s in self.snapshots_table()]
+
+    def info(self) -> Dict[str, Any]:
+        h = self.header
+        data: Dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10",
+                                "compression-type": hdr.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = self.corrupt
+            data["extended-l2"] = self.ext
+        out: Dict[str, Any] = {"cluster-size": self.cs, "dirty-flag": self.dirty,
+                               "format-specific": {"type": "qcow2", "data": data}}
+        snaps = self.snapshots()
+        if snaps:
+            out["snapshots"] = snaps
+        return out
+
+    def flush(self) -> None:
+        if self.writable:
+            self.host.flush()
+
+    def close(self) -> None:
+        if self.host.fd < 0:
+            return
+        try:
+            if self.writable:
+                self.host.flush()
+                if self.dirty and self._set_dirty_on_write:
+                    # refcounts are always kept up to date here, so a clean close may clear the bit
+                    self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+                    self._write_incompat()
+                    self.host.flush()
+                    self.dirty = False
+        finally:
+            self.host.close()
