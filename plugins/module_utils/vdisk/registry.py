@@ -22,7 +22,7 @@ def get_driver(name: str) -> Driver:
 def probe_scores(header: bytes, filename: str) -> List[Tuple[int, str]]:
     """Every driver's score for *header*, best first."""
     scores = [(d.probe(header, filename), d.name) for d in DRIVERS.values()]
-    return sorted((s for s in scores if s > 0), reverse=True)
+    return sorted((s for s in scores if s[0] > 0), reverse=True)
 
 
 def probe_file(path: str) -> str:
