@@ -264,8 +264,20 @@ def _parse_extensions(data: bytes, h: Header, path: str) -> None:
 def pack_header(h: Header) -> bytes:
     """Serialize the header, its extensions and the backing file name into cluster-0 bytes.
 
-    Sets backing_file_offset/size on *h*.  Raises FormatError when it does not fit in one cluster.
+    Sets backing_file_offset/size on *h*.  The feature-name table is optional and, as
+    QEMU does, left out when it would not leave room in the cluster.  Raises
+    FormatError when the rest does not fit in one cluster.
     """
+    out = _pack_header(h, feature_table=h.version == 3)
+    if len(out) >= h.cluster_size and h.version == 3:
+        out = _pack_header(h, feature_table=False)
+    if len(out) > h.cluster_size:
+        raise FormatError("header, extensions and backing file name do not fit in one cluster",
+                          field="header")
+    return out
+
+
+def _pack_header(h: Header, feature_table: bool) -> bytes:
     body = bytearray(HEADER_V2.size if h.version == 2 else h.header_length)
     exts = bytearray()
 
@@ -282,7 +294,7 @@ def pack_header(h: Header) -> bytes:
         ext(EXT_CRYPTO_HEADER, h.crypto_extension)
     if h.bitmaps_extension is not None:
         ext(EXT_BITMAPS, h.bitmaps_extension)
-    if h.version == 3:
+    if feature_table:
         ext(EXT_FEATURE_TABLE, b"".join(FEATURE_ENTRY.pack(t, b, n.encode()) for t, b, n in FEATURE_NAMES))
     for etype, payload in h.unknown_extensions:
         ext(etype, payload)
@@ -302,8 +314,4 @@ def pack_header(h: Header) -> bytes:
                             h.autoclear_features, h.refcount_order, h.header_length)
         if h.header_length > HEADER_V3_LENGTH:
             body[HEADER_V3_LENGTH] = h.compression_type
-    out = bytes(body) + bytes(exts) + backing
-    if len(out) > h.cluster_size:
-        raise FormatError("header, extensions and backing file name do not fit in one cluster",
-                          field="header")
-    return out
+    return bytes(body) + bytes(exts) + backing
