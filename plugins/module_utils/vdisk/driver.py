@@ -5,6 +5,7 @@ open).  An :class:`Image` is one open layer.  An operation a format does not hav
 raises :class:`UnsupportedFeature` from the base class, so ``ops/`` can be written
 once against this interface.
 """
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -79,12 +80,13 @@ class Policy:
     max_chain_depth: int = 16
     force_share: bool = False   # -U: open without taking image locks (read-only opens only)
     lock: bool = True
+    repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
 
     def with_root(self, image_path: str) -> "Policy":
         """The policy for a chain opened at *image_path*: its directory tree becomes allowed."""
         root = os.path.dirname(os.path.realpath(image_path))
         dirs = tuple(self.allowed_dirs) + (root,)
-        return Policy(dirs, self.follow_backing, self.probe, self.max_chain_depth, self.force_share, self.lock)
+        return dataclasses.replace(self, allowed_dirs=dirs)
 
     def resolve_reference(self, name: str, image_path: str, what: str = "backing file") -> str:
         """Turn a file name stored in an image into a host path, or refuse it."""

@@ -14,6 +14,7 @@ from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
+from .check import check as check_image
 from .compress import decompress_cluster
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
@@ -41,13 +42,13 @@ class Qcow2Image(Image):
         lock = policy.lock and not (policy.force_share and not writable)
         self.host = HostFile(path, writable=writable, lock=lock)
         try:
-            self._open()
+            self._open(policy)
         except BaseException:
             self.host.close()
             raise
 
     # -- open -------------------------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, policy: Policy) -> None:
         file_size = self.host.size()
         first = self.host.pread(min(max(file_size, hdr.HEADER_V2_LENGTH), 1 << hdr.MAX_CLUSTER_BITS), 0)
         if file_size < hdr.HEADER_V2_LENGTH:
@@ -69,7 +70,7 @@ class Qcow2Image(Image):
         if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
             raise UnsupportedFeature("images with an external data file are not supported yet", path=self.path,
                                      field="data_file")
-        if self.writable:
+        if self.writable and not policy.repair:
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
                                    field="corrupt bit")
@@ -607,6 +608,24 @@ class Qcow2Image(Image):
         if snaps:
             out["snapshots"] = snaps
         return out
+
+    def check(self, repair: Optional[str] = None):
+        if repair:
+            self._check_writable()
+        result = check_image(self, repair)
+        if repair:
+            self.refcounts = Refcounts(self)   # the refcount structure may have been rebuilt
+        return result
+
+    def mark_clean(self) -> None:
+        """Clear the dirty and corrupt bits after a successful repair."""
+        h = self.header
+        if h.incompatible_features & (hdr.INCOMPAT_DIRTY | hdr.INCOMPAT_CORRUPT):
+            h.incompatible_features &= ~(hdr.INCOMPAT_DIRTY | hdr.INCOMPAT_CORRUPT)
+            self.host.flush()
+            self._write_incompat()
+            self.host.flush()
+            self.dirty = self.corrupt = False
 
     def flush(self) -> None:
         if self.writable:

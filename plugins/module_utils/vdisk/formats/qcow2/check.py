@@ -1,0 +1,462 @@
+"""qcow2 consistency check and repair, with qemu-img's classes, counters and messages.
+
+The check counts every reference to every host cluster (header, L1/L2 tables of the
+active layer and of each snapshot, data and compressed clusters, the snapshot table,
+the refcount table and blocks) and compares the counts with the stored refcounts.
+Repair (``-r leaks``) lowers leaked refcounts in place; ``-r all`` also drops
+references that cannot be valid (unaligned, past the end of the file, into the
+header), fixes the COPIED flags and rebuilds the refcount structure in a new area
+at the end of the file, switching the header to it only once it is complete.
+"""
+import struct
+import sys
+from array import array
+from typing import Dict, List, Optional, Tuple
+
+from ...driver import CheckResult
+from ...errors import ImageError, UnsupportedFeature
+from . import header as hdr
+from .snapshot_table import MAX_TABLE_SIZE
+
+U64 = struct.Struct(">Q")
+
+
+def decode_refblock(raw: bytes, bits: int):
+    """All refcounts of one block as a sequence of ints."""
+    if bits == 8:
+        return raw
+    if bits >= 16:
+        code = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}[bits]
+        values = array(code, raw)
+        if sys.byteorder == "little":
+            values.byteswap()
+        return values
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    return [(byte >> (k * bits)) & mask for byte in raw for k in range(per_byte)]
+
+
+def encode_refblock(values, bits: int, cs: int) -> bytes:
+    """Inverse of :func:`decode_refblock` for a whole block."""
+    if bits == 8:
+        return bytes(values)
+    if bits >= 16:
+        code = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}[bits]
+        arr = array(code, values)
+        if sys.byteorder == "little":
+            arr.byteswap()
+        return arr.tobytes()
+    per_byte = 8 // bits
+    out = bytearray(cs)
+    for i, v in enumerate(values):
+        if v:
+            out[i // per_byte] |= v << ((i % per_byte) * bits)
+    return bytes(out)
+
+
+class _Checker:
+    def __init__(self, img, result: CheckResult, fix_refs: bool):
+        self.img = img
+        self.res = result
+        self.fix_refs = fix_refs          # -r all: drop invalid references while walking the tables
+        h = img.header
+        self.h = h
+        self.cs = h.cluster_size
+        self.file_size = img.host.size()
+        self.nb_clusters = -(-self.file_size // self.cs)
+        self.refs = array("Q", bytes(8 * self.nb_clusters)) if self.nb_clusters else array("Q")
+        self.lost: List[Tuple[int, int]] = []       # guest ranges whose references were dropped
+        self.l2_fixes: Dict[int, Dict[int, Tuple[int, int]]] = {}   # l2 offset -> {index: (entry, bitmap)}
+        self.l1_fixes: Dict[int, int] = {}
+
+    def msg(self, text: str) -> None:
+        self.res.messages.append(text)
+
+    def corruption(self, text: str) -> None:
+        self.msg(text)
+        self.res.corruptions += 1
+
+    # -- reference counting ------------------------------------------------------------
+    def count(self, offset: int, size: int) -> bool:
+        """Add one reference to each cluster of the host range; False if it lies past the file end."""
+        if size <= 0:
+            return True
+        cs = self.cs
+        first = offset // cs
+        last = (offset + size - 1) // cs
+        if last >= self.nb_clusters:
+            self.corruption("ERROR: counting reference for region exceeding the end of the file by one cluster "
+                            "or more: offset 0x%x size 0x%x" % (offset, size))
+            last = self.nb_clusters - 1
+        refs = self.refs
+        for c in range(first, last + 1):
+            refs[c] += 1
+        return True
+
+    def in_file(self, offset: int, size: int) -> bool:
+        return offset + size <= self.nb_clusters * self.cs
+
+    # -- tables -----------------------------------------------------------------------
+    def walk_l1(self, l1_offset: int, l1_size: int, active: bool, label: str) -> None:
+        cs = self.cs
+        if l1_size == 0:
+            return
+        raw = self.img.host.pread(l1_size * 8, l1_offset)
+        l1 = struct.unpack(">%dQ" % l1_size, raw)
+        self.count(l1_offset, l1_size * 8)
+        span = self.img.l2e * cs
+        for l1i, entry in enumerate(l1):
+            off = entry & hdr.OFFSET_MASK
+            if not off:
+                continue
+            bad = None
+            if off % cs:
+                bad = "ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted" % off
+            elif off + cs > self.nb_clusters * cs:
+                bad = ("ERROR l2_offset=%x: L2 table is beyond the end of the file; L1 entry corrupted" % off)
+            elif off < cs:
+                bad = "ERROR l2_offset=%x: L2 table overlaps the image header; L1 entry corrupted" % off
+            if bad:
+                self.corruption(bad)
+                if active and self.fix_refs:
+                    self.l1_fixes[l1i] = 0
+                    self.lost.append((l1i * span, span))
+                continue
+            self.count(off, cs)
+            self.walk_l2(off, l1i, active)
+
+    def walk_l2(self, l2_off: int, l1i: int, active: bool) -> None:
+        img, cs = self.img, self.cs
+        raw = img.host.pread(cs, l2_off)
+        ext = img.ext
+        n = img.l2e
+        words = struct.unpack(">%dQ" % (n * (2 if ext else 1)), raw)
+        res = self.res
+        x = 62 - (img.cb - 8)
+        nb_guest = -(-img.virtual_size // cs)
+        next_contig = None
+        for idx in range(n):
+            entry = words[idx * 2] if ext else words[idx]
+            bitmap = words[idx * 2 + 1] if ext else 0
+            if not entry and not bitmap:
+                continue
+            guest = (l1i * n + idx) * cs
+            if entry & hdr.OFLAG_COMPRESSED:
+                coff = entry & ((1 << x) - 1)
+                sectors = ((entry >> x) & ((1 << (62 - x)) - 1)) + 1
+                clen = sectors * 512 - (coff & 511)
+                if entry & hdr.OFLAG_COPIED:
+                    self.corruption("ERROR: coffset=0x%x: Compressed cluster has COPIED flag set" % coff)
+                    if active and self.fix_refs:
+                        self.l2_fixes.setdefault(l2_off, {})[idx] = (entry & ~hdr.OFLAG_COPIED, bitmap)
+                if not self.in_file(coff, clen) and coff // cs >= self.nb_clusters:
+                    self.corruption("ERROR compressed cluster %d: offset 0x%x is beyond the end of the file"
+                                    % (l1i * n + idx, coff))
+                    if active and self.fix_refs:
+                        self._drop(l2_off, idx, guest)
+                    continue
+                self.count(coff, clen)
+                if active:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    next_contig = None
+                continue
+            off = entry & hdr.OFFSET_MASK
+            if ext:
+                alloc = bitmap & 0xFFFFFFFF
+                zero = bitmap >> 32
+                if alloc & zero or (alloc and not off):
+                    self.corruption("ERROR invalid cluster entry found (L2 offset: 0x%x, L2 index: 0x%x)"
+                                    % (l2_off, idx))
+                    if active and self.fix_refs:
+                        self._drop(l2_off, idx, guest)
+                    continue
+            if not off:
+                continue
+            if off % cs:
+                self.corruption("ERROR offset=%x: Data cluster is not properly aligned; L2 entry corrupted." % off)
+                if self.fix_refs:
+                    if active:
+                        self._drop(l2_off, idx, guest)
+                    continue
+                off -= off % cs   # counted where QEMU counts it, so the classes match qemu-img's
+            if off + cs > self.nb_clusters * cs or off < cs:
+                if off < cs:
+                    self.corruption("ERROR offset=%x: Data cluster overlaps the image header; L2 entry corrupted."
+                                    % off)
+                else:
+                    self.corruption("ERROR: counting reference for region exceeding the end of the file by one "
+                                    "cluster or more: offset 0x%x size 0x%x" % (off, cs))
+                if active and self.fix_refs:
+                    self._drop(l2_off, idx, guest)
+                continue
+            self.count(off, cs)
+            if active and (l1i * n + idx) < nb_guest:
+                res.allocated_clusters += 1
+                if next_contig is not None and off != next_contig:
+                    res.fragmented_clusters += 1
+                next_contig = off + cs
+
+    def _drop(self, l2_off: int, idx: int, guest: int) -> None:
+        self.l2_fixes.setdefault(l2_off, {})[idx] = (0, 0)
+        self.lost.append((guest, self.cs))
+
+    def walk_snapshots(self) -> None:
+        h = self.h
+        if not h.nb_snapshots:
+            return
+        try:
+            snaps = self.img.snapshots_table()
+        except ImageError as exc:
+            self.corruption("ERROR snapshot table: %s" % exc)
+            return
+        # the table's size is what its entries take
+        size = 0
+        for s in snaps:
+            size += 40 + len(s.extra) + len(s.id.encode()) + len(s.name.encode())
+            size = (size + 7) & ~7
+        self.count(h.snapshots_offset, min(size, MAX_TABLE_SIZE))
+        for number, s in enumerate(snaps, 1):
+            if s.l1_table_offset % self.cs:
+                self.corruption("ERROR snapshot %s (%s) l1_offset=%#x: L1 table is not cluster aligned; snapshot "
+                                "table entry corrupted" % (s.id, s.name, s.l1_table_offset))
+                continue
+            if s.l1_size * 8 > hdr.MAX_L1_SIZE or not self.in_file(s.l1_table_offset, s.l1_size * 8):
+                self.corruption("ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; snapshot table entry "
+                                "corrupted" % (s.id, s.name, s.l1_size))
+                continue
+            self.walk_l1(s.l1_table_offset, s.l1_size, False, "snapshot %s" % s.id)
+
+    def walk_refcount_structure(self) -> List[int]:
+        """Count the refcount table and its blocks; returns the valid block offsets by index."""
+        h = self.h
+        cs = self.cs
+        self.count(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        raw = self.img.host.pread(h.refcount_table_clusters * cs, h.refcount_table_offset)
+        table = list(struct.unpack(">%dQ" % (len(raw) // 8), raw))
+        blocks = []
+        for i, entry in enumerate(table):
+            off = entry & hdr.REFT_OFFSET_MASK
+            if not off:
+                blocks.append(0)
+                continue
+            if off % cs or entry & hdr.REFT_RESERVED:
+                self.corruption("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted" % i)
+                blocks.append(0)
+                continue
+            if off // cs >= self.nb_clusters:
+                self.corruption("ERROR refcount block %d is outside image" % i)
+                blocks.append(0)
+                continue
+            self.count(off, cs)
+            blocks.append(off)
+        return blocks
+
+    def stored_refcounts(self, blocks: List[int]) -> array:
+        """The refcounts the image claims, for every cluster of the file."""
+        cs, bits = self.cs, self.h.refcount_bits
+        epb = cs * 8 // bits
+        stored = array("Q", bytes(8 * self.nb_clusters)) if self.nb_clusters else array("Q")
+        for bi, off in enumerate(blocks):
+            if not off or bi * epb >= self.nb_clusters:
+                continue
+            values = decode_refblock(self.img.host.pread(cs, off), bits)
+            n = min(epb, self.nb_clusters - bi * epb)
+            stored[bi * epb:bi * epb + n] = array("Q", values[:n])
+        return stored
+
+
+def check(img, repair: Optional[str] = None) -> CheckResult:
+    """Check *img*; with *repair* 'leaks' or 'all' (image opened writable) fix what can be fixed."""
+    if repair and img.header.bitmaps_extension is not None:
+        raise UnsupportedFeature("repairing images with persistent bitmaps is not supported yet", path=img.path,
+                                 field="bitmaps")
+    res = CheckResult(img.path, "qcow2")
+    _run(img, res, repair)
+    if repair and (res.leaks_fixed or res.corruptions_fixed):
+        first = res
+        res = CheckResult(img.path, "qcow2")
+        img._l2_cache.clear()
+        img._snapshots = None
+        _run(img, res, None)
+        res.leaks_fixed = first.leaks_fixed
+        res.corruptions_fixed = first.corruptions_fixed
+        res.messages = first.messages + ["Double checking the fixed image now..."] + res.messages
+    if repair and not res.corruptions:
+        img.mark_clean()
+    return res
+
+
+def _run(img, res: CheckResult, repair: Optional[str]) -> None:
+    ck = _Checker(img, res, fix_refs=(repair == "all"))
+    h = img.header
+    cs = ck.cs
+    res.total_clusters = -(-img.virtual_size // cs)
+    ck.count(0, cs)                                  # header
+    if h.crypto_extension and len(h.crypto_extension) >= 16:
+        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+        ck.count(coff, clen)
+    ck.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
+    ck.walk_snapshots()
+    if h.bitmaps_extension is not None:
+        res.check_errors += 1
+        ck.msg("ERROR: persistent bitmaps are not checked by this version of vdisk")
+    blocks = ck.walk_refcount_structure()
+    stored = ck.stored_refcounts(blocks)
+    refs = ck.refs
+    leaked: List[int] = []
+    too_low = 0
+    for c in range(ck.nb_clusters):
+        s, r = stored[c], refs[c]
+        if s == r:
+            continue
+        if s > r:
+            ck.msg("Leaked cluster %d refcount=%d reference=%d" % (c, s, r))
+            res.leaks += 1
+            leaked.append(c)
+        else:
+            ck.msg("ERROR cluster %d refcount=%d reference=%d" % (c, s, r))
+            res.corruptions += 1
+            too_low += 1
+    # COPIED flags of the active tables must say "refcount is exactly one"
+    copied_fixes = _check_copied(ck, img, refs if repair == "all" else stored)
+    end = ck.nb_clusters
+    while end > 0 and refs[end - 1] == 0 and stored[end - 1] == 0:
+        end -= 1
+    res.image_end_offset = end * cs
+    if not repair:
+        return
+    if repair == "all" and (res.corruptions or ck.l1_fixes or ck.l2_fixes or copied_fixes):
+        _apply_table_fixes(ck, img, copied_fixes)
+        # recount after dropping references, then write a fresh refcount structure
+        res2 = CheckResult(img.path, "qcow2")
+        ck2 = _Checker(img, res2, fix_refs=False)
+        ck2.count(0, cs)
+        if h.crypto_extension and len(h.crypto_extension) >= 16:
+            coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+            ck2.count(coff, clen)
+        ck2.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
+        ck2.walk_snapshots()
+        ck.msg("Rebuilding refcount structure")
+        _rebuild_refcounts(img, ck2.refs)
+        for start, length in ck.lost:
+            ck.msg("Repair dropped an invalid reference: guest bytes 0x%x..0x%x now read from the backing file "
+                   "or as zeros" % (start, start + length - 1))
+        res.corruptions_fixed = res.corruptions
+        res.leaks_fixed = res.leaks
+        return
+    if leaked:
+        _fix_leaks(img, ck, leaked, refs, blocks)
+        res.leaks_fixed = len(leaked)
+
+
+def _check_copied(ck: _Checker, img, refcounts) -> Dict[Tuple[str, int, int], int]:
+    """Compare COPIED flags in the active L1/L2 tables with the refcounts; returns the fixes."""
+    fixes: Dict[Tuple[str, int, int], int] = {}
+    h = img.header
+    cs = ck.cs
+    if not h.l1_size:
+        return fixes
+    raw = img.host.pread(h.l1_size * 8, h.l1_table_offset)
+    l1 = struct.unpack(">%dQ" % h.l1_size, raw)
+    x_ext = img.ext
+    for l1i, entry in enumerate(l1):
+        off = entry & hdr.OFFSET_MASK
+        if not off or l1i in ck.l1_fixes:
+            continue
+        rc = refcounts[off // cs] if off // cs < ck.nb_clusters else 0
+        want = rc == 1
+        if bool(entry & hdr.OFLAG_COPIED) != want:
+            ck.corruption("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d" % (l1i, entry, rc))
+            fixes[("l1", l1i, 0)] = (entry | hdr.OFLAG_COPIED) if want else (entry & ~hdr.OFLAG_COPIED)
+        if off % cs or off // cs >= ck.nb_clusters or off < cs:
+            continue
+        l2raw = img.host.pread(cs, off)
+        n = img.l2e
+        words = struct.unpack(">%dQ" % (n * (2 if x_ext else 1)), l2raw)
+        for idx in range(n):
+            e = words[idx * 2] if x_ext else words[idx]
+            if e & hdr.OFLAG_COMPRESSED:
+                continue
+            doff = e & hdr.OFFSET_MASK
+            if not doff or idx in ck.l2_fixes.get(off, {}):
+                continue
+            rc = refcounts[doff // cs] if doff // cs < ck.nb_clusters else 0
+            want = rc == 1
+            if bool(e & hdr.OFLAG_COPIED) != want:
+                ck.corruption("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d" % (e, rc))
+                fixes[("l2", off, idx)] = (e | hdr.OFLAG_COPIED) if want else (e & ~hdr.OFLAG_COPIED)
+    return fixes
+
+
+def _apply_table_fixes(ck: _Checker, img, copied_fixes) -> None:
+    h = img.header
+    es = 16 if img.ext else 8
+    for l2_off, entries in ck.l2_fixes.items():
+        for idx, (entry, bitmap) in entries.items():
+            data = struct.pack(">QQ", entry, bitmap) if img.ext else U64.pack(entry)
+            img.host.pwrite(data, l2_off + idx * es)
+    for (kind, where, idx), entry in copied_fixes.items():
+        if kind == "l1":
+            img.host.pwrite(U64.pack(entry), h.l1_table_offset + where * 8)
+        else:
+            img.host.pwrite(U64.pack(entry), where + idx * es)
+    for l1i, entry in ck.l1_fixes.items():
+        img.host.pwrite(U64.pack(entry), h.l1_table_offset + l1i * 8)
+    img.host.flush()
+    raw = img.host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+    img.l1 = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
+    img._l2_cache.clear()
+
+
+def _fix_leaks(img, ck: _Checker, leaked: List[int], refs, blocks: List[int]) -> None:
+    """Lower leaked refcounts in place, one block write each."""
+    cs, bits = ck.cs, ck.h.refcount_bits
+    epb = cs * 8 // bits
+    by_block: Dict[int, List[int]] = {}
+    for c in leaked:
+        by_block.setdefault(c // epb, []).append(c)
+    for bi, clusters in by_block.items():
+        off = blocks[bi]
+        values = list(decode_refblock(img.host.pread(cs, off), bits))
+        for c in clusters:
+            values[c - bi * epb] = refs[c]
+        img.host.pwrite(encode_refblock(values, bits, cs), off)
+    img.host.flush()
+
+
+def _rebuild_refcounts(img, refs) -> None:
+    """Write a complete new refcount table and blocks after the last used cluster, then switch to it."""
+    h = img.header
+    cs, bits = h.cluster_size, h.refcount_bits
+    epb = cs * 8 // bits
+    end = len(refs)
+    while end > 0 and refs[end - 1] == 0:
+        end -= 1
+    start = end
+    blocks, rt_clusters = 1, 1
+    while True:
+        area_end = start + rt_clusters + blocks
+        need_blocks = -(-area_end // epb)
+        need_rt = -(-need_blocks * 8 // cs)
+        if need_blocks <= blocks and need_rt <= rt_clusters:
+            break
+        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
+    if rt_clusters * cs > hdr.MAX_REFTABLE_SIZE:
+        raise ImageError("cannot rebuild refcounts: refcount table would be too large", path=img.path)
+    total = start + rt_clusters + blocks
+    values = array("Q", refs[:start]) + array("Q", bytes(8 * (blocks * epb - start)))
+    for c in range(start, total):
+        values[c] = 1
+    rt_start = start
+    blocks_start = start + rt_clusters
+    table = bytearray(rt_clusters * cs)
+    for b in range(blocks):
+        chunk = values[b * epb:(b + 1) * epb]
+        img.host.pwrite(encode_refblock(chunk, bits, cs), (blocks_start + b) * cs)
+        table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
+    img.host.pwrite(bytes(table), rt_start * cs)
+    h.refcount_table_offset = rt_start * cs
+    h.refcount_table_clusters = rt_clusters
+    img.write_reftable_pointer()
+    img.host.flush()
