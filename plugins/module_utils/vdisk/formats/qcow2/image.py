@@ -16,6 +16,7 @@ from ...io import HostFile
 from . import header as hdr
 from .check import check as check_image
 from .compress import decompress_cluster
+from . import snapshots
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
 
@@ -512,7 +513,7 @@ class Qcow2Image(Image):
         while pos < end:
             l1i = pos // span
             stop = min(end, (l1i + 1) * span)
-            if self._l2_offset(l1i) == 0 and self.backing is None and op != "zero":
+            if self._l2_offset(l1i) == 0 and (op == "full-discard" or self.backing is None and op != "zero"):
                 pos = stop
                 continue
             if self._l2_offset(l1i) == 0 and self.backing is None and op == "zero" and \
@@ -565,7 +566,7 @@ class Qcow2Image(Image):
             if self.ext:
                 return (off | hdr.OFLAG_COPIED if keep else 0), ALL_ZERO, release
             return ((off | hdr.OFLAG_COPIED | hdr.OFLAG_ZERO) if keep else hdr.OFLAG_ZERO), 0, release
-        if op == "discard-v2":
+        if op in ("discard-v2", "full-discard"):
             return 0, 0, release
         # discard: v3 reads zeros afterwards where something was there or a backing file shows through
         if self.backing is not None or allocated:
@@ -608,6 +609,101 @@ class Qcow2Image(Image):
         if snaps:
             out["snapshots"] = snaps
         return out
+
+    # -- snapshots --------------------------------------------------------------------
+    def create_snapshot(self, name: str) -> None:
+        self._check_writable()
+        snapshots.create_snapshot(self, name)
+
+    def apply_snapshot(self, name: str) -> None:
+        self._check_writable()
+        snapshots.apply_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        self._check_writable()
+        snapshots.delete_snapshot(self, name)
+
+    # -- size -------------------------------------------------------------------------
+    def set_size_field(self, size: int) -> None:
+        """Write the virtual size into the header (after the L1 table covers it)."""
+        self.header.size = size
+        self.virtual_size = size
+        self.host.pwrite(U64.pack(size), 24)
+
+    def grow_l1(self, entries: int) -> None:
+        """Move the active L1 table to a larger area; the header switches in one write."""
+        h = self.header
+        if entries <= len(self.l1):
+            return
+        if entries * 8 > hdr.MAX_L1_SIZE:
+            raise ImageError("Active L1 table too large", path=self.path, field="l1_size")
+        old_offset, old_size = h.l1_table_offset, len(self.l1)
+        new_l1 = self.l1 + [0] * (entries - len(self.l1))
+        clusters = -(-entries * 8 // self.cs)
+        new_offset = self.refcounts.alloc(clusters)
+        self.host.pwrite(b"".join(U64.pack(e) for e in new_l1), new_offset)
+        self.host.flush()
+        h.l1_size, h.l1_table_offset = entries, new_offset
+        self.host.pwrite(struct.pack(">IQ", entries, new_offset), 36)
+        self.host.flush()
+        self.l1 = new_l1
+        if old_offset and old_size:
+            self.refcounts.free(old_offset, old_size * 8)
+
+    def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
+        self._check_writable()
+        old = self.virtual_size
+        size = -(-size // 512) * 512
+        if size == old:
+            return
+        if size < old and not shrink:
+            raise ImageError("Use the --shrink option to perform a shrink operation", path=self.path,
+                             field="size")
+        clusters = -(-size // self.cs)
+        entries = -(-clusters // self.l2e)
+        if entries * 8 > hdr.MAX_L1_SIZE:
+            raise ImageError("The image size is too large for file format 'qcow2'", path=self.path, field="size")
+        if size > old:
+            self.grow_l1(entries)
+            self.set_size_field(size)
+            # what lies between the old end and the end of its cluster, or what a longer backing file
+            # holds past the old end, must read as zeros now
+            tail = min(size, -(-old // self.cs) * self.cs)
+            backing_end = min(size, self.backing.virtual_size) if self.backing is not None else 0
+            zero_end = max(tail, backing_end)
+            if zero_end > old:
+                self.write_zeroes(old, zero_end - old)
+            if preallocation != "off":
+                from .driver import preallocate
+                preallocate(self, old, size - old, preallocation)
+        else:
+            if preallocation != "off":
+                raise ImageError("Preallocation can only be used for growing images", path=self.path,
+                                 field="preallocation")
+            # drop every whole cluster past the new end (the snapshots keep their own references)
+            first = -(-size // self.cs) * self.cs
+            if first < old:
+                self._change_entries(first, old - first, "full-discard", True)
+            self.set_size_field(size)
+        self.host.flush()
+
+    # -- backing file and options -----------------------------------------------------
+    def set_backing(self, path: Optional[str], fmt: Optional[str]) -> None:
+        """Rewrite the header with a new backing file name and format (nothing else changes)."""
+        self._check_writable()
+        h = self.header
+        h.backing_file = path or None
+        h.backing_format = (fmt or None) if path else None
+        self.write_header()
+        self.host.flush()
+        self.backing_filename, self.backing_format = h.backing_file, h.backing_format
+
+    def make_empty(self) -> None:
+        """Unmap every cluster of the active layer so it reads from its backing file (commit)."""
+        self._check_writable()
+        if self.virtual_size:
+            self._change_entries(0, self.virtual_size, "full-discard", True)
+        self.host.flush()
 
     def check(self, repair: Optional[str] = None):
         if repair:
