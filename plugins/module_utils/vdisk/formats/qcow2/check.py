@@ -329,16 +329,8 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     if repair == "all" and (res.corruptions or ck.l1_fixes or ck.l2_fixes or copied_fixes):
         _apply_table_fixes(ck, img, copied_fixes)
         # recount after dropping references, then write a fresh refcount structure
-        res2 = CheckResult(img.path, "qcow2")
-        ck2 = _Checker(img, res2, fix_refs=False)
-        ck2.count(0, cs)
-        if h.crypto_extension and len(h.crypto_extension) >= 16:
-            coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
-            ck2.count(coff, clen)
-        ck2.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
-        ck2.walk_snapshots()
         ck.msg("Rebuilding refcount structure")
-        _rebuild_refcounts(img, ck2.refs)
+        rebuild_refcounts(img, count_references(img, strict=False))
         for start, length in ck.lost:
             ck.msg("Repair dropped an invalid reference: guest bytes 0x%x..0x%x now read from the backing file "
                    "or as zeros" % (start, start + length - 1))
@@ -425,10 +417,34 @@ def _fix_leaks(img, ck: _Checker, leaked: List[int], refs, blocks: List[int]) ->
     img.host.flush()
 
 
-def _rebuild_refcounts(img, refs) -> None:
-    """Write a complete new refcount table and blocks after the last used cluster, then switch to it."""
+def count_references(img, strict: bool = True):
+    """References to every host cluster from everything but the refcount structure itself."""
     h = img.header
-    cs, bits = h.cluster_size, h.refcount_bits
+    ck = _Checker(img, CheckResult(img.path, "qcow2"), fix_refs=False)
+    ck.count(0, h.cluster_size)
+    if h.crypto_extension and len(h.crypto_extension) >= 16:
+        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+        ck.count(coff, clen)
+    ck.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
+    ck.walk_snapshots()
+    if strict and ck.res.corruptions:
+        raise ImageError("image has corruptions (%s); run check -r all first" % ck.res.messages[0], path=img.path)
+    return ck.refs
+
+
+def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
+    """Write a complete new refcount table and blocks after the last used cluster, then switch to it.
+
+    With *refcount_order* the new structure has that entry width, and the header
+    (order and table pointer) switches in one write.
+    """
+    h = img.header
+    cs = h.cluster_size
+    bits = 1 << (h.refcount_order if refcount_order is None else refcount_order)
+    max_refcount = (1 << bits) - 1
+    if any(r > max_refcount for r in refs):
+        raise ImageError("a refcount would exceed %d, the maximum of refcount_bits=%d" % (max_refcount, bits),
+                         path=img.path, field="refcount_bits")
     epb = cs * 8 // bits
     end = len(refs)
     while end > 0 and refs[end - 1] == 0:
@@ -456,7 +472,12 @@ def _rebuild_refcounts(img, refs) -> None:
         img.host.pwrite(encode_refblock(chunk, bits, cs), (blocks_start + b) * cs)
         table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
     img.host.pwrite(bytes(table), rt_start * cs)
+    img.host.flush()
     h.refcount_table_offset = rt_start * cs
     h.refcount_table_clusters = rt_clusters
-    img.write_reftable_pointer()
+    if refcount_order is None:
+        img.write_reftable_pointer()
+    else:
+        h.refcount_order = refcount_order
+        img.write_header()
     img.host.flush()

@@ -18,7 +18,8 @@ class Qcow2Driver(Driver):
     name = "qcow2"
     extensions = (".qcow2", ".qcow", ".img")
     names_other_files = True
-    capabilities = frozenset({"create", "write", "backing", "compression", "preallocation", "check", "repair"})
+    capabilities = frozenset({"create", "write", "backing", "compression", "preallocation", "check", "repair",
+                              "snapshots", "resize", "shrink", "amend"})
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
         OptionSpec("compat", "enum", "1.1", "Compatibility level (v2 [0.10] or v3 [1.1])",

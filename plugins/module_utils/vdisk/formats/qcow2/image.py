@@ -17,6 +17,7 @@ from . import header as hdr
 from .check import check as check_image
 from .compress import decompress_cluster
 from . import snapshots
+from .amend import amend as amend_options
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
 
@@ -697,6 +698,10 @@ class Qcow2Image(Image):
         self.write_header()
         self.host.flush()
         self.backing_filename, self.backing_format = h.backing_file, h.backing_format
+
+    def amend(self, options: Dict[str, Any]) -> None:
+        self._check_writable()
+        amend_options(self, options)
 
     def make_empty(self) -> None:
         """Unmap every cluster of the active layer so it reads from its backing file (commit)."""

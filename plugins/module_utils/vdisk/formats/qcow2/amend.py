@@ -1,0 +1,140 @@
+"""qcow2 option amendment (qemu-img amend): compat up/downgrade, lazy_refcounts, refcount_bits,
+backing file, size.  Options only meaningful at creation are refused, as QEMU does."""
+import struct
+from typing import Any, Dict
+
+from ...errors import ImageError, InvalidOption, UnsupportedFeature
+from . import header as hdr
+from .check import count_references, rebuild_refcounts
+from .refcount import Refcounts
+
+AMENDABLE = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt", "size")
+CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type", "data_file_raw",
+               "encryption", "encrypt.format")
+U64 = struct.Struct(">Q")
+
+
+def amend(img, options: Dict[str, Any]) -> None:
+    """Apply amendable options to an image opened read-write."""
+    for name in options:
+        if name in CREATE_ONLY:
+            raise InvalidOption("Invalid parameter '%s': this option is only supported for image creation" % name,
+                                path=img.path, field=name)
+        if name not in AMENDABLE and name != "data_file":
+            raise InvalidOption("Invalid parameter '%s'" % name, path=img.path, field=name)
+    if "data_file" in options:
+        raise UnsupportedFeature("external data files are not supported yet", path=img.path, field="data_file")
+    h = img.header
+    new_version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}[str(options["compat"])] if "compat" in options \
+        else h.version
+    lazy = options.get("lazy_refcounts")
+    bits = options.get("refcount_bits")
+    if new_version < 3 and lazy:
+        raise InvalidOption("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 "
+                            "or greater)", path=img.path, field="lazy_refcounts")
+    if bits is not None:
+        bits = int(bits)
+        if bits < 1 or bits > 64 or bits & (bits - 1):
+            raise InvalidOption("Refcount width must be a power of two and may not exceed 64 bits", path=img.path,
+                                field="refcount_bits")
+        if new_version < 3 and bits != 16:
+            raise InvalidOption("Refcount widths other than 16 bits require compatibility level 1.1 or above (use "
+                                "compat=1.1 or greater)", path=img.path, field="refcount_bits")
+    # the order QEMU uses: upgrade, refcount width, backing file, lazy refcounts, size, downgrade
+    if new_version > h.version:
+        h.version = 3
+        h.header_length = hdr.HEADER_V3_WRITTEN_LENGTH
+        h.compression_type = hdr.COMPRESSION_ZLIB
+        img.write_header()
+        img.host.flush()
+    if bits is not None and bits != h.refcount_bits:
+        rebuild_refcounts(img, count_references(img), bits.bit_length() - 1)
+        img.refcounts = Refcounts(img)
+    if "backing_file" in options or "backing_fmt" in options:
+        path = options.get("backing_file", h.backing_file)
+        fmt = options.get("backing_fmt", h.backing_format if path == h.backing_file else None)
+        if fmt and not path:
+            raise InvalidOption("backing_fmt requires backing_file", path=img.path, field="backing_fmt")
+        img.set_backing(path, fmt)
+    if lazy is not None and h.version >= 3:
+        if lazy:
+            h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+        else:
+            h.compatible_features &= ~hdr.COMPAT_LAZY_REFCOUNTS
+        img.host.pwrite(U64.pack(h.compatible_features), 80)
+        img._set_dirty_on_write = bool(lazy)
+        img.host.flush()
+    if "size" in options and options["size"] is not None:
+        img.resize(int(options["size"]), shrink=True)
+    if new_version < h.version:
+        downgrade(img)
+
+
+def downgrade(img) -> None:
+    """compat=1.1 -> 0.10: expand zero clusters, then write a version 2 header."""
+    h = img.header
+    if h.refcount_bits != 16:
+        raise ImageError("Cannot downgrade an image with refcount_bits other than 16", path=img.path,
+                         field="compat")
+    if h.extended_l2:
+        raise ImageError("Cannot downgrade an image with extended L2 entries", path=img.path, field="compat")
+    if h.compression_type != hdr.COMPRESSION_ZLIB:
+        raise ImageError("Cannot downgrade an image with a compression type other than zlib", path=img.path,
+                         field="compat")
+    if h.bitmaps_extension is not None:
+        raise ImageError("Cannot downgrade an image with persistent bitmaps", path=img.path, field="compat")
+    expand_zero_clusters(img)
+    h.version = 2
+    h.header_length = hdr.HEADER_V2_LENGTH
+    h.incompatible_features = 0
+    h.compatible_features = 0
+    h.autoclear_features = 0
+    img._set_dirty_on_write = False
+    img.write_header()
+    img.host.flush()
+
+
+def expand_zero_clusters(img) -> None:
+    """Replace zero-flag entries (which version 2 cannot express) in every L2 table, active and snapshot."""
+    cs = img.cs
+    tables = []
+    for entry in img.l1:
+        if entry & hdr.OFFSET_MASK:
+            tables.append(entry & hdr.OFFSET_MASK)
+    for snap in img.snapshots_table():
+        raw = img.host.pread(snap.l1_size * 8, snap.l1_table_offset)
+        for i in range(0, len(raw), 8):
+            off = U64.unpack_from(raw, i)[0] & hdr.OFFSET_MASK
+            if off:
+                tables.append(off)
+    has_backing = bool(img.header.backing_file)
+    zeros = bytes(cs)
+    for l2_off in sorted(set(tables)):
+        raw = bytearray(img.host.pread(cs, l2_off))
+        l2_refcount = img.refcounts.get(l2_off // cs)
+        changed = False
+        for idx in range(cs // 8):
+            entry = U64.unpack_from(raw, idx * 8)[0]
+            if entry & hdr.OFLAG_COMPRESSED or not entry & hdr.OFLAG_ZERO:
+                continue
+            off = entry & hdr.OFFSET_MASK
+            if off:
+                img.host.pwrite(zeros, off)       # preallocated zero cluster: make the zeros real
+                new = off | (entry & hdr.OFLAG_COPIED)
+            elif has_backing:
+                # must not fall through to the backing file: a real cluster of zeros, referenced as often
+                # as the L2 table that points to it
+                new_off = img.refcounts.alloc(1)
+                if l2_refcount > 1:
+                    img.refcounts.change(new_off // cs, 1, l2_refcount - 1)
+                img.host.pwrite(zeros, new_off)
+                new = new_off | (hdr.OFLAG_COPIED if l2_refcount == 1 else 0)
+            else:
+                new = 0                           # unallocated reads as zeros without a backing file
+            U64.pack_into(raw, idx * 8, new)
+            changed = True
+        if changed:
+            img.host.flush()
+            img.host.pwrite(bytes(raw), l2_off)
+    img._l2_cache.clear()
+    img.host.flush()
