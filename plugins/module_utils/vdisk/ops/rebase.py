@@ -24,6 +24,9 @@ def rebase(path: str, backing: str, backing_fmt: Optional[str] = None, fmt: Opti
     try:
         new_fmt = backing_fmt
         new_image = None
+        if backing and unsafe and new_fmt is None:
+            raise ImageError("backing format must be specified with -F for an unsafe rebase", path=path,
+                             field="backing format")
         if backing:
             full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)),
                                                                        backing)
@@ -33,9 +36,6 @@ def rebase(path: str, backing: str, backing_fmt: Optional[str] = None, fmt: Opti
                                      path=path, field="backing file")
             elif new_fmt is None:
                 new_fmt = probe_file(full)   # the user named it; recorded below so it is never probed again
-            if unsafe and new_fmt is None:
-                raise ImageError("backing format must be specified with -F for an unsafe rebase", path=path,
-                                 field="backing format")
             if not unsafe:
                 # the user named this file: allow its directory, then open it with its own chain
                 allowed = dataclasses.replace(policy, allowed_dirs=tuple(policy.allowed_dirs) +
