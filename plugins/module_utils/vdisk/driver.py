@@ -135,6 +135,16 @@ class CheckResult:
         self.compressed_clusters = 0
         self.messages: List[str] = []   # per-item diagnostics, qemu-img prints them on stderr
 
+    def exit_code(self) -> int:
+        """qemu-img check's exit status: 1 check not completed, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"filename": self.filename, "format": self.format, "check-errors": self.check_errors}
         for key in ("image-end-offset", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed",

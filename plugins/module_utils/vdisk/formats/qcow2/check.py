@@ -17,6 +17,7 @@ from ...driver import CheckResult
 from ...errors import ImageError, UnsupportedFeature
 from . import header as hdr
 from .snapshot_table import MAX_TABLE_SIZE
+from .snapshots import pack_snapshot_table
 
 U64 = struct.Struct(">Q")
 
@@ -68,6 +69,7 @@ class _Checker:
         self.lost: List[Tuple[int, int]] = []       # guest ranges whose references were dropped
         self.l2_fixes: Dict[int, Dict[int, Tuple[int, int]]] = {}   # l2 offset -> {index: (entry, bitmap)}
         self.l1_fixes: Dict[int, int] = {}
+        self.bad_snapshots: List[int] = []                           # indexes of unusable snapshot entries
 
     def msg(self, text: str) -> None:
         self.res.messages.append(text)
@@ -157,9 +159,10 @@ class _Checker:
                     continue
                 self.count(coff, clen)
                 if active:
+                    # compressed clusters count as fragmented: adjacent ones still share sectors (as QEMU)
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
-                    next_contig = None
+                    res.fragmented_clusters += 1
                 continue
             off = entry & hdr.OFFSET_MASK
             if ext:
@@ -216,14 +219,16 @@ class _Checker:
             size += 40 + len(s.extra) + len(s.id.encode()) + len(s.name.encode())
             size = (size + 7) & ~7
         self.count(h.snapshots_offset, min(size, MAX_TABLE_SIZE))
-        for number, s in enumerate(snaps, 1):
+        for number, s in enumerate(snaps):
             if s.l1_table_offset % self.cs:
                 self.corruption("ERROR snapshot %s (%s) l1_offset=%#x: L1 table is not cluster aligned; snapshot "
                                 "table entry corrupted" % (s.id, s.name, s.l1_table_offset))
+                self.bad_snapshots.append(number)
                 continue
             if s.l1_size * 8 > hdr.MAX_L1_SIZE or not self.in_file(s.l1_table_offset, s.l1_size * 8):
                 self.corruption("ERROR snapshot %s (%s) l1_size=%#x: L1 table is too large; snapshot table entry "
                                 "corrupted" % (s.id, s.name, s.l1_size))
+                self.bad_snapshots.append(number)
                 continue
             self.walk_l1(s.l1_table_offset, s.l1_size, False, "snapshot %s" % s.id)
 
@@ -305,7 +310,6 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     stored = ck.stored_refcounts(blocks)
     refs = ck.refs
     leaked: List[int] = []
-    too_low = 0
     for c in range(ck.nb_clusters):
         s, r = stored[c], refs[c]
         if s == r:
@@ -317,9 +321,8 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
         else:
             ck.msg("ERROR cluster %d refcount=%d reference=%d" % (c, s, r))
             res.corruptions += 1
-            too_low += 1
     # COPIED flags of the active tables must say "refcount is exactly one"
-    copied_fixes = _check_copied(ck, img, refs if repair == "all" else stored)
+    copied_fixes = _check_copied(ck, img, stored)
     end = ck.nb_clusters
     while end > 0 and refs[end - 1] == 0 and stored[end - 1] == 0:
         end -= 1
@@ -327,10 +330,17 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     if not repair:
         return
     if repair == "all" and (res.corruptions or ck.l1_fixes or ck.l2_fixes or copied_fixes):
-        _apply_table_fixes(ck, img, copied_fixes)
-        # recount after dropping references, then write a fresh refcount structure
+        # drop what cannot be valid, recount, write a fresh refcount structure, then fix COPIED against it
+        _apply_table_fixes(ck, img, {})
+        if ck.bad_snapshots:
+            _drop_snapshots(img, ck.bad_snapshots)
+            for index in ck.bad_snapshots:
+                ck.msg("Repair dropped snapshot table entry %d: its L1 table is invalid" % (index + 1))
         ck.msg("Rebuilding refcount structure")
-        rebuild_refcounts(img, count_references(img, strict=False))
+        new_refs = count_references(img, strict=False)
+        rebuild_refcounts(img, new_refs)
+        after = _Checker(img, CheckResult(img.path, "qcow2"), fix_refs=False)
+        _apply_table_fixes(after, img, _check_copied(after, img, new_refs))
         for start, length in ck.lost:
             ck.msg("Repair dropped an invalid reference: guest bytes 0x%x..0x%x now read from the backing file "
                    "or as zeros" % (start, start + length - 1))
@@ -340,6 +350,22 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     if leaked:
         _fix_leaks(img, ck, leaked, refs, blocks)
         res.leaks_fixed = len(leaked)
+
+
+def _drop_snapshots(img, indexes: List[int]) -> None:
+    """Rewrite the snapshot table in place without the given entries, then the header's count."""
+    h = img.header
+    keep = [s for i, s in enumerate(img.snapshots_table()) if i not in set(indexes)]
+    data = pack_snapshot_table(keep)
+    if data:
+        img.host.pwrite(data, h.snapshots_offset)
+    img.host.flush()
+    h.nb_snapshots = len(keep)
+    if not keep:
+        h.snapshots_offset = 0
+    img.host.pwrite(struct.pack(">IQ", h.nb_snapshots, h.snapshots_offset), 60)
+    img.host.flush()
+    img._snapshots = keep
 
 
 def _check_copied(ck: _Checker, img, refcounts) -> Dict[Tuple[str, int, int], int]:
