@@ -6,6 +6,7 @@ into them, data is written before the L2 entry that points to it, a new L2 table
 is complete before the L1 entry that points to it, and references are dropped
 last, so an interruption leaves at most leaked clusters.
 """
+import contextlib
 import struct
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -613,16 +614,35 @@ class Qcow2Image(Image):
 
     # -- snapshots --------------------------------------------------------------------
     def create_snapshot(self, name: str) -> None:
-        self._check_writable()
-        snapshots.create_snapshot(self, name)
+        with self._metadata_update():
+            snapshots.create_snapshot(self, name)
 
     def apply_snapshot(self, name: str) -> None:
-        self._check_writable()
-        snapshots.apply_snapshot(self, name)
+        with self._metadata_update():
+            snapshots.apply_snapshot(self, name)
 
     def delete_snapshot(self, name: str) -> None:
+        with self._metadata_update():
+            snapshots.delete_snapshot(self, name)
+
+    @contextlib.contextmanager
+    def _metadata_update(self):
+        """Hold the dirty bit (v3) around a multi-step metadata change, so that if it is interrupted
+        QEMU repairs the image on its next read-write open and vdisk asks for ``check -r all``."""
         self._check_writable()
-        snapshots.delete_snapshot(self, name)
+        was_dirty = self.dirty
+        if self.header.version >= 3 and not was_dirty:
+            self.header.incompatible_features |= hdr.INCOMPAT_DIRTY
+            self._write_incompat()
+            self.host.flush()
+            self.dirty = True
+        yield
+        if self.header.version >= 3 and not was_dirty:
+            self.host.flush()
+            self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+            self._write_incompat()
+            self.host.flush()
+            self.dirty = False
 
     # -- size -------------------------------------------------------------------------
     def set_size_field(self, size: int) -> None:

@@ -121,6 +121,38 @@ def update_copied_flags(img) -> None:
             img.host.pwrite(U64.pack(new_entry), h.l1_table_offset + l1i * 8)
 
 
+def clear_copied_flags(img, l1_entries: List[int]) -> None:
+    """Clear COPIED in the L2 tables reached from *l1_entries* (and, for the active table, in its L1).
+
+    A clear COPIED flag only forces copy-on-write, so clearing it before refcounts
+    rise is the order in which an interruption can never let a write land in a
+    cluster a snapshot still uses.
+    """
+    cs = img.cs
+    es = 16 if img.ext else 8
+    for entry in l1_entries:
+        l2_off = entry & hdr.OFFSET_MASK
+        if not l2_off:
+            continue
+        raw = bytearray(img.host.pread(cs, l2_off))
+        changed = False
+        for idx in range(img.l2e):
+            e = U64.unpack_from(raw, idx * es)[0]
+            if e & hdr.OFLAG_COPIED:
+                U64.pack_into(raw, idx * es, e & ~hdr.OFLAG_COPIED)
+                changed = True
+        if changed:
+            img.host.pwrite(bytes(raw), l2_off)
+            img._l2_cache.pop(l2_off, None)
+
+
+def _clear_active_l1_copied(img) -> None:
+    h = img.header
+    if any(e & hdr.OFLAG_COPIED for e in img.l1):
+        img.l1 = [e & ~hdr.OFLAG_COPIED for e in img.l1]
+        img.host.pwrite(b"".join(U64.pack(e) for e in img.l1), h.l1_table_offset)
+
+
 def write_snapshot_table(img, snaps: List[Snapshot]) -> None:
     """Write a new snapshot table, switch the header to it in one write, then free the old one."""
     h = img.header
@@ -158,22 +190,26 @@ def create_snapshot(img, name: str) -> Snapshot:
         raise ImageError("too many snapshots", path=img.path, field="snapshot")
     ids = [int(s.id) for s in snaps if s.id.isdigit()]
     new_id = str(max(ids) + 1 if ids else 1)
-    h = img.header
-    # 1. a copy of the active L1 table
+    # 1. the active tables stop claiming sole ownership (harmless if interrupted: it only forces COW)
+    clear_copied_flags(img, img.l1)
+    _clear_active_l1_copied(img)
+    img.host.flush()
+    # 2. a copy of the active L1 table
     l1_bytes = b"".join(U64.pack(e) for e in img.l1)
     l1_offset = img.refcounts.alloc(max(1, -(-len(l1_bytes) // img.cs))) if img.l1 else 0
     if l1_bytes:
         img.host.pwrite(l1_bytes, l1_offset)
-    # 2. every table and cluster it reaches gains a reference; COPIED flags follow
+    # 3. every table and cluster it reaches gains a reference
     refs, _ = _tree_refs(img, img.l1)
     _apply_refs(img, refs, +1)
-    update_copied_flags(img)
     img.host.flush()
     now = time.time()
     snap = Snapshot(l1_offset, len(img.l1), new_id, name, int(now), int((now % 1) * 1e9), 0, 0, img.virtual_size,
                     0, b"")
-    # 3. the table that makes it visible
+    # 4. the table that makes it visible; then COPIED wherever a refcount is still one
     write_snapshot_table(img, snaps + [snap])
+    update_copied_flags(img)
+    img.host.flush()
     return snap
 
 
@@ -194,10 +230,12 @@ def apply_snapshot(img, name: str) -> None:
         img.grow_l1(len(snap_l1))
     old_l1 = list(img.l1)
     new_l1 = snap_l1 + [0] * (len(old_l1) - len(snap_l1))
+    # the snapshot's tables become active: none of them may claim sole ownership yet
+    clear_copied_flags(img, snap_l1)
     refs, _ = _tree_refs(img, snap_l1)
     _apply_refs(img, refs, +1)
     img.host.flush()
-    img.l1 = list(new_l1)
+    img.l1 = [e & ~hdr.OFLAG_COPIED for e in new_l1]
     img.host.pwrite(b"".join(U64.pack(e) for e in img.l1), img.header.l1_table_offset)
     img.host.flush()
     img._l2_cache.clear()
