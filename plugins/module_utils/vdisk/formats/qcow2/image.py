@@ -77,10 +77,6 @@ class Qcow2Image(Image):
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
                                    field="corrupt bit")
-            if self.dirty:
-                raise UnsupportedFeature("image is dirty (lazy refcounts were in use and it was not closed "
-                                         "cleanly); repair it with 'check -r all' first", path=self.path,
-                                         field="dirty bit")
         raw = self.host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         self.l1: List[int] = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
         self._l2_cache: "OrderedDict[int, bytearray]" = OrderedDict()
@@ -88,6 +84,14 @@ class Qcow2Image(Image):
         self.refcounts: Optional[Refcounts] = Refcounts(self) if self.writable else None
         self._set_dirty_on_write = self.writable and bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
         self._snapshots: Optional[List[Snapshot]] = None
+        if self.writable and self.dirty and not policy.repair:
+            # not closed cleanly (lazy refcounts, or an interrupted metadata update): repair first, as QEMU
+            # does on a read-write open
+            result = check_image(self, "all")
+            if result.corruptions:
+                raise CorruptImage("image was not closed cleanly and could not be repaired (%d corruptions "
+                                   "left)" % result.corruptions, path=self.path, field="dirty bit")
+            self.refcounts = Refcounts(self)
         if self.writable and h.version == 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
             # unknown autoclear bits must be cleared before the image is modified
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
