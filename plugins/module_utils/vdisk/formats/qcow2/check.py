@@ -9,50 +9,17 @@ header), fixes the COPIED flags and rebuilds the refcount structure in a new are
 at the end of the file, switching the header to it only once it is complete.
 """
 import struct
-import sys
 from array import array
 from typing import Dict, List, Optional, Tuple
 
 from ...driver import CheckResult
 from ...errors import ImageError, UnsupportedFeature
 from . import header as hdr
+from .refcount import decode_refblock, encode_refblock
 from .snapshot_table import MAX_TABLE_SIZE
 from .snapshots import pack_snapshot_table
 
 U64 = struct.Struct(">Q")
-
-
-def decode_refblock(raw: bytes, bits: int):
-    """All refcounts of one block as a sequence of ints."""
-    if bits == 8:
-        return raw
-    if bits >= 16:
-        code = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}[bits]
-        values = array(code, raw)
-        if sys.byteorder == "little":
-            values.byteswap()
-        return values
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    return [(byte >> (k * bits)) & mask for byte in raw for k in range(per_byte)]
-
-
-def encode_refblock(values, bits: int, cs: int) -> bytes:
-    """Inverse of :func:`decode_refblock` for a whole block."""
-    if bits == 8:
-        return bytes(values)
-    if bits >= 16:
-        code = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}[bits]
-        arr = array(code, values)
-        if sys.byteorder == "little":
-            arr.byteswap()
-        return arr.tobytes()
-    per_byte = 8 // bits
-    out = bytearray(cs)
-    for i, v in enumerate(values):
-        if v:
-            out[i // per_byte] |= v << ((i % per_byte) * bits)
-    return bytes(out)
 
 
 class _Checker:

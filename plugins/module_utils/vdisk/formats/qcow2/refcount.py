@@ -5,10 +5,46 @@ so that an interruption leaves at most leaked clusters: a new refcount block is
 written before the table entry that points to it, a grown refcount table is
 complete on disk before the header switches to it, and the old table is freed last.
 """
+import sys
+from array import array
 from typing import Dict, List, Optional, Set
 
 from ...errors import CorruptImage, FormatError, ImageError
 from .header import MAX_HOST_OFFSET, MAX_REFTABLE_SIZE, REFT_OFFSET_MASK, REFT_RESERVED, U64
+
+
+_ARRAY_CODES = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
+
+
+def decode_refblock(raw: bytes, bits: int):
+    """The refcounts in *raw* (a whole block or a byte slice of one) as a sequence of ints."""
+    if bits == 8:
+        return raw
+    if bits >= 16:
+        values = array(_ARRAY_CODES[bits], raw)
+        if sys.byteorder == "little":
+            values.byteswap()
+        return values
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    return [(byte >> (k * bits)) & mask for byte in raw for k in range(per_byte)]
+
+
+def encode_refblock(values, bits: int, size: int) -> bytes:
+    """Inverse of :func:`decode_refblock`; *size* is the byte length to produce."""
+    if bits == 8:
+        return bytes(values)
+    if bits >= 16:
+        arr = array(_ARRAY_CODES[bits], values)
+        if sys.byteorder == "little":
+            arr.byteswap()
+        return arr.tobytes()
+    per_byte = 8 // bits
+    out = bytearray(size)
+    for i, v in enumerate(values):
+        if v:
+            out[i // per_byte] |= v << ((i % per_byte) * bits)
+    return bytes(out)
 
 
 class Refcounts:
@@ -109,43 +145,78 @@ class Refcounts:
                                    path=self.owner.path, field="refcount block")
             lo = cluster - bi * self.epb
             hi = stop - 1 - bi * self.epb
-            for i in range(lo, hi + 1):
-                value = self._get_entry(block, i) + delta
-                if value < 0:
-                    raise CorruptImage("refcount of cluster %d would drop below zero" % (bi * self.epb + i),
-                                       path=self.owner.path, field="refcount block")
-                if value > self.max_refcount:
-                    raise ImageError("refcount overflow at cluster %d (refcount_bits=%d); use amend to "
-                                     "increase the refcount entry size" % (bi * self.epb + i, self.bits),
-                                     path=self.owner.path, field="refcount_bits")
-                self._set_entry(block, i, value)
             a, b = self._byte_span(lo, hi)
+            if self.bits >= 8:
+                values = decode_refblock(bytes(block[a:b]), self.bits)
+                new = [v + delta for v in values]
+                low, high = min(new), max(new)
+                if low < 0 or high > self.max_refcount:
+                    bad = next(i for i, v in enumerate(new) if v < 0 or v > self.max_refcount)
+                    self._range_error(bi * self.epb + lo + bad, new[bad])
+                block[a:b] = encode_refblock(new, self.bits, b - a)
+            else:
+                for i in range(lo, hi + 1):
+                    value = self._get_entry(block, i) + delta
+                    if value < 0 or value > self.max_refcount:
+                        self._range_error(bi * self.epb + i, value)
+                    self._set_entry(block, i, value)
             self.host.pwrite(bytes(block[a:b]), self.block_offset(bi) + a)
             if delta < 0:
                 self.free_hint = min(self.free_hint, cluster)
             cluster = stop
 
+    def _range_error(self, cluster: int, value: int) -> None:
+        if value < 0:
+            raise CorruptImage("refcount of cluster %d would drop below zero" % cluster, path=self.owner.path,
+                               field="refcount block")
+        raise ImageError("refcount overflow at cluster %d (refcount_bits=%d); use amend to increase the "
+                         "refcount entry size" % (cluster, self.bits), path=self.owner.path, field="refcount_bits")
+
     # -- allocation -------------------------------------------------------------------
     def find_free(self, count: int) -> int:
         """First cluster index of *count* contiguous free, unreserved clusters."""
-        start = self.free_hint
-        run = 0
-        cluster = start
-        covered = len(self.table) * self.epb
+        epb = self.epb
+        covered = len(self.table) * epb
+        reserved = self.reserved
+        cluster = self.free_hint
+        start, run = cluster, 0
         while True:
-            if cluster >= covered and run == 0 and not any(c >= cluster for c in self.reserved):
-                return cluster   # all free from here on
-            if self.get(cluster) == 0 and cluster not in self.reserved:
-                if run == 0:
-                    start = cluster
-                run += 1
-                if run == count:
-                    return start
+            if cluster >= covered and not any(c >= cluster for c in reserved):
+                return start if run else cluster   # nothing is used from here on
+            bi = cluster // epb
+            block = self._block(bi)
+            block_end = (bi + 1) * epb
+            if block is None:
+                values = None
+            elif self.bits >= 8:
+                values = decode_refblock(bytes(block), self.bits)
             else:
-                run = 0
-                if cluster == self.free_hint:
-                    self.free_hint = cluster + 1
-            cluster += 1
+                values = [self._get_entry(block, i) for i in range(epb)]
+            base = bi * epb
+            # fast path: the rest of this block is free (no refcounts, nothing reserved there)
+            if not any(cluster <= c < block_end for c in reserved):
+                a, _ = self._byte_span(cluster - base, cluster - base)
+                if block is None or not any(block[a:]) and (cluster - base) % max(1, 8 // self.bits) == 0:
+                    if run == 0:
+                        start = cluster
+                    run += block_end - cluster
+                    if run >= count:
+                        return start
+                    cluster = block_end
+                    continue
+            while cluster < block_end:
+                used = (values is not None and values[cluster - base]) or (reserved and cluster in reserved)
+                if used:
+                    run = 0
+                    if cluster == self.free_hint:
+                        self.free_hint = cluster + 1
+                else:
+                    if run == 0:
+                        start = cluster
+                    run += 1
+                    if run == count:
+                        return start
+                cluster += 1
 
     def alloc(self, count: int) -> int:
         """Allocate *count* contiguous clusters (refcount 1); return the host offset of the first."""
