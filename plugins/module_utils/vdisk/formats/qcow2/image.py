@@ -501,8 +501,15 @@ class Qcow2Image(Image):
                 self.write(p, bytes(min(chunk, g + n - p)))
 
     def discard(self, offset: int, length: int) -> None:
-        """Discard whole clusters (partial clusters are left alone, as QEMU does)."""
-        self._prepare_write(offset, length) if length else None
+        """Discard whole clusters (partial clusters are left alone, as QEMU does).
+
+        Version 2 cannot say "zero" over a backing file, so there, as in QEMU, discard does nothing.
+        """
+        if not length:
+            return
+        self._prepare_write(offset, length)
+        if self.header.version < 3 and self.backing_filename:
+            return
         start = -(-offset // self.cs) * self.cs
         end = offset + length
         if end != self.virtual_size:
