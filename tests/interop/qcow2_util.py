@@ -225,15 +225,18 @@ def _merge(runs):
 def normalize_qemu_map(entries):
     """qemu-img map JSON -> merged [(start, end, class, depth)]; class data|zero|unallocated.
 
+    zero:true wins over data:true: vdisk reports a preallocated cluster whose host range is a
+    hole as a ZERO extent with a host offset, where qemu-img map says data:true, zero:true.
+
     The depth is kept for data and zero runs (which layer decides) and dropped (None) for
     unallocated ones, whose depth qemu reports as the deepest layer covering the offset.
     """
     runs = []
     for e in entries:
-        if e["data"]:
+        if e.get("present", True) and e["zero"]:
+            cls = "zero"      # also data:true+zero:true (an allocated cluster over a host hole): reads as zeros
+        elif e["data"]:
             cls = "data"
-        elif e.get("present", True) and e["zero"]:
-            cls = "zero"
         else:
             cls = "unallocated"
         runs.append((e["start"], e["start"] + e["length"], cls, None if cls == "unallocated" else e["depth"]))
