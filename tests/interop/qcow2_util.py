@@ -268,3 +268,31 @@ def _walk(img, offset, length, depth, out):
                 out.append((s, e - s, "unallocated", depth))
         else:
             out.append((s, e - s, ext.kind, depth))
+
+
+# -- info comparison ------------------------------------------------------------------------
+def assert_info_agrees(path, fmt="qcow2"):
+    """vdisk's Image.info() agrees with ``qemu-img info --output=json`` on every key both print."""
+    theirs = json.loads(qemu_img("info", "--output=json", "-f", fmt, path).stdout)
+    img = open_image(str(path), fmt, writable=False)
+    try:
+        mine = dict(img.info())
+        mine.setdefault("virtual-size", img.virtual_size)
+    finally:
+        close_chain(img)
+    diffs = []
+    _compare_common(mine, theirs, "", diffs)
+    assert not diffs, "vdisk info differs from qemu-img info for %s: %s" % (path, "; ".join(diffs))
+
+
+def _compare_common(a, b, where, diffs):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) & set(b):
+            _compare_common(a[key], b[key], "%s.%s" % (where, key) if where else key, diffs)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            diffs.append("%s: %d items != %d" % (where, len(a), len(b)))
+        for i, (x, y) in enumerate(zip(a, b)):
+            _compare_common(x, y, "%s[%d]" % (where, i), diffs)
+    elif a != b:
+        diffs.append("%s: vdisk %r != qemu %r" % (where, a, b))

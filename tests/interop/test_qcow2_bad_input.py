@@ -174,6 +174,21 @@ def test_qemu_message_for_unknown_incompatible_bit(tmp_path):
     assert b"Unsupported" in proc.stderr and b"feature" in proc.stderr, proc.stderr
 
 
+def test_corrupt_bit_refuses_read_write_but_reads(tmp_path):
+    """Incompatible bit 1 (corrupt): QEMU opens read-only only; so does vdisk."""
+    path = good_image(tmp_path)
+    poke(path, 72, ">Q", 2)
+    proc = u.run(u.QEMU_IO, "-f", "qcow2", "-c", "write 0 512", path, check=False)
+    assert proc.returncode != 0 and b"corrupt" in proc.stderr.lower(), proc.stderr
+    before = sha(path)
+    with pytest.raises(errors.ImageError) as excinfo:
+        open_and_read(path, writable=True)
+    assert_one_error(excinfo, (errors.CorruptImage,), "corrupt")
+    assert sha(path) == before
+    expected = u.qemu_to_raw(path)
+    assert u.vdisk_read_all(path) == expected
+
+
 # -- backing files the policy refuses --------------------------------------------------------
 def backing_outside(tmp_path):
     other = tmp_path / "other"

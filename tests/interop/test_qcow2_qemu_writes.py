@@ -37,7 +37,8 @@ def qemu_script(cs, size, l2span, compressed_writes=True):
         "write -z %d %d" % (q + 16 * cs, 2 * cs),       # whole clusters, allocation kept where there was one
     ]
     if compressed_writes:
-        c0 = q + 20 * cs if q + 26 * cs <= size else q + 10 * cs
+        qa = q // cs * cs                              # compressed writes must be cluster aligned
+        c0 = qa + 20 * cs if qa + 26 * cs <= size else qa + 10 * cs
         cmds += [
             "write -c -P 0x77 %d %d" % (c0, 2 * cs),
             "write -c -P 0x78 %d %d" % (c0 + 3 * cs, cs),
@@ -102,11 +103,17 @@ CONFIGS = [
     ("extended-l2-64k", 16 * MiB, {"extended_l2": "on"}),
     ("extended-l2-prealloc", 16 * MiB, {"extended_l2": "on", "cluster_size": "16k", "preallocation": "metadata"}),
     ("compression-zlib", 16 * MiB, {"compression_type": "zlib"}),
+    ("extended-l2-2M", 64 * MiB, {"extended_l2": "on", "cluster_size": "2M"}),
+    ("size-unaligned", 5 * MiB + 1536, {"cluster_size": "4k"}),
+    ("fill-refcount-64-512", 4 * MiB, {"refcount_bits": "64", "cluster_size": "512", "fill": True}),
+    ("fill-512-v2", 2 * MiB, {"cluster_size": "512", "compat": "0.10", "fill": True}),
 ]
 
 
 @pytest.mark.parametrize("name,size,options", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_qemu_written_image_reads_identically(tmp_path, name, size, options):
+    options = dict(options)
+    fill = options.pop("fill", False)
     path = tmp_path / "img.qcow2"
     u.qemu_create(path, size, options=options)
     cs = int(u.get_driver("qcow2").parse_options({"cluster_size": options.get("cluster_size", "64k")})
@@ -115,8 +122,12 @@ def test_qemu_written_image_reads_identically(tmp_path, name, size, options):
     l2span = (cs // (16 if ext else 8)) * cs
     prealloc = options.get("preallocation", "off") != "off"
     assert_vdisk_matches_qemu(path)          # empty (or preallocated) image
-    u.qemu_io(path, *qemu_script(cs, size, l2span, compressed_writes=not prealloc))
+    if fill:
+        u.qemu_io(path, "write -P 0x42 0 %d" % size)
+    # qemu cannot write compressed clusters over allocated ones ("write failed: Input/output error")
+    u.qemu_io(path, *qemu_script(cs, size, l2span, compressed_writes=not (prealloc or fill)))
     assert_vdisk_matches_qemu(path)
+    u.assert_info_agrees(path)
 
 
 @pytest.mark.parametrize("backing_fmt", ["qcow2", "raw"])
@@ -262,6 +273,7 @@ def test_three_level_chain(tmp_path, name, base_spec, mid_spec, top_spec):
               "discard %d 131072" % (tsize // 8))
     assert_vdisk_matches_qemu(top)
     assert_vdisk_matches_qemu(mid)
+    u.assert_info_agrees(top)
 
     # vdisk writes to the top of the chain: COW pulls from two levels down, qemu agrees
     model = bytearray(u.qemu_to_raw(top))
@@ -277,3 +289,36 @@ def test_three_level_chain(tmp_path, name, base_spec, mid_spec, top_spec):
     u.assert_check_clean(top)
     u.assert_check_clean(mid)
     assert u.qemu_to_raw(top) == bytes(model)
+
+
+def test_dirty_image_from_killed_qemu_io(tmp_path):
+    """lazy_refcounts image left dirty by a killed qemu-io: vdisk reads it read-only without
+    touching it, and a read-write open repairs it (as QEMU does) so qemu-img check is clean."""
+    path = tmp_path / "d.qcow2"
+    u.qemu_create(path, 4 * MiB, options={"lazy_refcounts": "on", "cluster_size": "4k"})
+    u.qemu_io(path, "write -P 0x10 0 1M")
+    proc = u.run(u.QEMU_IO, "-f", "qcow2", "-c", "write -P 0x11 1000k 300k", "-c", "write -z -u 512k 64k",
+                 "-c", "sigraise 9", path, check=False)
+    assert proc.returncode != 0
+    assert u.qemu_check(path)["rc"] != 0, "the fixture is not damaged"
+    import hashlib
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = u.qemu_to_raw(path)
+    img = u.open_image(str(path), "qcow2", writable=False)
+    try:
+        assert img.info().get("dirty-flag") is True
+        assert u.read_image(img) == expected
+    finally:
+        u.close_chain(img)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "a read-only open changed the image"
+    model = bytearray(expected)
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        img.write(3 * MiB + 5, b"\x22" * 9000)
+        model[3 * MiB + 5:3 * MiB + 9005] = b"\x22" * 9000
+    finally:
+        u.close_chain(img)
+    u.assert_check_clean(path)
+    assert u.qemu_to_raw(path) == bytes(model)
+    info = u.qemu_img("info", "--output=json", path).stdout.decode()
+    assert '"dirty-flag": false' in info, info

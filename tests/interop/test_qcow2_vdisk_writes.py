@@ -117,6 +117,16 @@ CONFIGS = [
      {"extended_l2": "on", "cluster_size": "16k", "preallocation": "metadata"}, "qcow2"),
     ("extended-l2-prealloc-full", 16 * MiB, {"extended_l2": "on", "preallocation": "full"}, None),
     ("compression-zlib", 16 * MiB, {"compression_type": "zlib"}, None),
+    ("extended-l2-2M", 64 * MiB, {"extended_l2": "on", "cluster_size": "2M"}, None),
+    ("size-unaligned-4k", 16 * MiB + 1536, {"cluster_size": "4k"}, None),
+    ("size-unaligned-64k", 5 * MiB + 512, {}, None),
+    ("size-unaligned-backing", 8 * MiB + 3584, {"cluster_size": "4k"}, "qcow2"),
+    ("size-unaligned-extl2", 8 * MiB + 2048, {"extended_l2": "on", "cluster_size": "32k"}, "qcow2"),
+    # the whole disk written first: many L2 tables, more refcount blocks, a refcount table that grows
+    ("fill-refcount-64-512", 4 * MiB, {"refcount_bits": "64", "cluster_size": "512", "fill": True}, None),
+    ("fill-refcount-1-512", 2 * MiB, {"refcount_bits": "1", "cluster_size": "512", "fill": True}, None),
+    ("fill-512-backing", 2 * MiB, {"cluster_size": "512", "fill": True}, "qcow2"),
+    ("fill-4k-v2", 8 * MiB, {"cluster_size": "4k", "compat": "0.10", "fill": True}, None),
 ]
 if u.HAVE_ZSTD:
     CONFIGS.append(("compression-zstd", 16 * MiB, {"compression_type": "zstd"}, None))
@@ -137,6 +147,8 @@ def expected_info(options):
 
 @pytest.mark.parametrize("name,size,options,backing_fmt", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, backing_fmt):
+    options = dict(options)
+    fill = options.pop("fill", False)
     cs, want = expected_info(options)
     v3 = want["compat"] == "1.1"
     opts = dict(options)
@@ -164,6 +176,8 @@ def test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, ba
     ext = options.get("extended_l2") == "on"
     l2span = (cs // (16 if ext else 8)) * cs
     ops = script(cs, size, l2span)
+    if fill:
+        ops.insert(0, ("write", 0, size))
     img = u.open_image(str(path), "qcow2", writable=True)
     try:
         assert img.virtual_size == size
@@ -179,6 +193,7 @@ def test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, ba
     info = json.loads(u.qemu_img("info", "--output=json", path).stdout)
     assert not info.get("dirty-flag"), "image left dirty after close: %s" % info
     assert not info["format-specific"]["data"].get("corrupt"), info
+    u.assert_info_agrees(path)
     # vdisk again after qemu looked at it
     data = u.vdisk_read_all(path)
     assert data == bytes(model), u.first_diff(data, bytes(model))
