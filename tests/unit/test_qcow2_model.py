@@ -25,6 +25,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (u.QEMU_IMG and u.QEMU_IO), reason="needs qemu-img and qemu-io")
 
+EXAMPLES = int(os.environ.get("VDISK_MODEL_EXAMPLES", "25"))   # raise it for a longer hunt
+
 # id, cluster size, virtual size, create options, with a backing file
 CONFIGS = [
     ("c512", 512, 128 * KiB, {"cluster_size": "512"}, False),
@@ -122,7 +124,7 @@ class Case:
 def test_random_sequences_match_model(name, cs, size, options, backing):
     case = Case(cs, size, options, backing)
 
-    @settings(max_examples=25, deadline=None, derandomize=False, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(ops=ops_strategy(cs, size))
     def check(ops):
