@@ -470,3 +470,48 @@ def test_cli_info_refuses_locked_image(qemu_io_holding):
 def test_cli_create_zstd_without_module(tmp_path):
     args = ["create", "-f", "qcow2", "-o", "compression_type=zstd", tmp_path / "z.qcow2", "16M"]
     assert_cli_error(cli(*args), args)
+
+
+# -- bad requests on a good image -----------------------------------------------------------
+def test_requests_beyond_the_end_are_refused(tmp_path):
+    path = good_image(tmp_path)
+    before = sha(path)
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        size = img.virtual_size
+        for call in (lambda: img.write(size - 1, b"ab"), lambda: img.read(size - 10, 11),
+                     lambda: img.write_zeroes(size, 512), lambda: img.write(-512, b"x" * 512),
+                     lambda: img.discard(size - 512, 1024)):
+            with pytest.raises(errors.ImageError) as excinfo:
+                call()
+            assert "\n" not in str(excinfo.value)
+    finally:
+        u.close_chain(img)
+    assert sha(path) == before, "refused requests changed the image"
+    u.assert_check_clean(path)
+
+
+def test_read_only_image_refuses_writes(tmp_path):
+    path = good_image(tmp_path)
+    before = sha(path)
+    img = u.open_image(str(path), "qcow2", writable=False)
+    try:
+        for call in (lambda: img.write(0, b"x"), lambda: img.write_zeroes(0, 512), lambda: img.discard(0, 65536)):
+            with pytest.raises(errors.ImageError) as excinfo:
+                call()
+            assert isinstance(excinfo.value, errors.ReadOnlyImage), type(excinfo.value)
+    finally:
+        u.close_chain(img)
+    assert sha(path) == before
+
+
+def test_second_vdisk_writer_is_refused(tmp_path):
+    path = good_image(tmp_path)
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        with pytest.raises(errors.ImageError) as excinfo:
+            open_and_read(path, writable=True)
+        assert_one_error(excinfo, (errors.ImageInUse,))
+    finally:
+        u.close_chain(img)
+    open_and_read(path, writable=True)      # free again once closed
