@@ -247,3 +247,32 @@ def test_zstd_without_module_is_a_clear_error(tmp_path):
     assert "\n" not in text and "zstd" in text, text
     assert not path.exists(), "a failed create left a file behind"
     assert not [p for p in os.listdir(tmp_path)], "a failed create left a temporary file: %s" % os.listdir(tmp_path)
+
+
+def _cross_product():
+    out = []
+    for cs in ("512", "4k", "64k", "2M"):
+        for compat in ("0.10", "1.1"):
+            for refcount in (("16",) if compat == "0.10" else ("1", "16", "64")):
+                for ext in (("off",) if compat == "0.10" or cs in ("512", "4k") else ("off", "on")):
+                    for backing in (None, "qcow2"):
+                        size = 64 * MiB if cs == "2M" else (4 * MiB if cs == "512" else 16 * MiB)
+                        opts = {"cluster_size": cs, "compat": compat, "refcount_bits": refcount, "extended_l2": ext}
+                        if compat == "0.10":
+                            del opts["extended_l2"]
+                        name = "-".join([cs, compat, "rc" + refcount, "extl2" if ext == "on" else "std",
+                                         backing or "nobacking"])
+                        out.append((name, size, opts, backing))
+    return out
+
+
+CROSS = _cross_product()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size,options,backing_fmt", CROSS, ids=[c[0] for c in CROSS])
+def test_option_cross_product(request, tmp_path, name, size, options, backing_fmt):
+    """cluster size x compat x refcount width x extended L2 x backing file (run with -m slow)."""
+    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("VDISK_SLOW"):
+        pytest.skip("slow matrix: run with -m slow (or VDISK_SLOW=1)")
+    test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, backing_fmt)
