@@ -1,8 +1,10 @@
 """Model-based test of the qcow2 driver: random write / write_zeroes / discard sequences.
 
 Each hypothesis example creates a qcow2 image with vdisk (cluster sizes 512, 4k, 64k,
-extended L2, compat 0.10; with and without a backing file made by qemu-img), applies a
-random sequence of operations to it and to a bytearray model, and then checks: the content
+extended L2, compat 0.10, preallocation, lazy refcounts, refcount widths; with and without a
+backing file made by qemu-img) or with ``qemu-img convert -c`` (compressed clusters), applies a
+random sequence of operations (vdisk writes, zero writes, discards, reopens, and qemu-io
+writes between vdisk sessions) to it and to a bytearray model, and then checks: the content
 equals the model, equals it again after reopening, ``qemu-img compare`` agrees, and
 ``qemu-img check`` finds no errors, leaks or corruptions.
 
@@ -40,7 +42,21 @@ CONFIGS = [
     ("v2-4k", 4096, 2048 * KiB, {"cluster_size": "4k", "compat": "0.10"}, False),
     ("v2-4k-backing", 4096, 2048 * KiB, {"cluster_size": "4k", "compat": "0.10"}, True),
     ("v2-512-backing", 512, 128 * KiB, {"cluster_size": "512", "compat": "0.10"}, True),
+    ("prealloc-4k", 4096, 1024 * KiB, {"cluster_size": "4k", "preallocation": "metadata"}, False),
+    ("prealloc-extl2-32k-backing", 32768, 1024 * KiB,
+     {"cluster_size": "32k", "extended_l2": "on", "preallocation": "metadata"}, True),
+    ("lazy-4k-backing", 4096, 1024 * KiB, {"cluster_size": "4k", "lazy_refcounts": "on"}, True),
+    ("refcount1-512", 512, 128 * KiB, {"cluster_size": "512", "refcount_bits": "1"}, False),
+    ("refcount64-512", 512, 256 * KiB, {"cluster_size": "512", "refcount_bits": "64"}, False),
+    # the image starts as qemu-img convert -c output: COW from and freeing of shared compressed clusters
+    ("compressed-4k", 4096, 1024 * KiB, {"cluster_size": "4k", "start": "compressed"}, False),
+    ("compressed-64k-v2", 65536, 1024 * KiB, {"compat": "0.10", "start": "compressed"}, False),
+    ("compressed-16k-extl2", 16384, 1024 * KiB,
+     {"cluster_size": "16k", "extended_l2": "on", "start": "compressed"}, False),
 ]
+
+OPS = ["write", "write", "zero", "zero-unmap", "discard", "reopen", "qemu-write", "qemu-zero", "qemu-zero-unmap",
+       "qemu-discard"]
 
 
 def ops_strategy(cs, size):
@@ -50,7 +66,7 @@ def ops_strategy(cs, size):
     offset = st.one_of(near, st.integers(0, size - 1))
     length = st.one_of(st.integers(1, 600), st.sampled_from([cs, 2 * cs, cs - 1, cs + 1, 3 * cs + 512]),
                        st.integers(1, 4 * cs))
-    op = st.tuples(st.sampled_from(["write", "write", "zero", "zero-unmap", "discard", "reopen"]),
+    op = st.tuples(st.sampled_from(OPS),
                    offset, length, st.integers(0, 255))
     return st.lists(op, min_size=1, max_size=12)
 
@@ -60,6 +76,7 @@ class Case:
 
     def __init__(self, cs, size, options, backing):
         self.cs, self.size, self.options, self.backing = cs, size, dict(options), backing
+        self.start = self.options.pop("start", None)
         self.v3 = options.get("compat", "1.1") in ("1.1", "v3")
         self.dir = tempfile.mkdtemp(prefix="qcow2-model-")
         self.base_content = b""
@@ -86,9 +103,21 @@ class Case:
 
     def _run(self, path, raw, ops):
         size, cs = self.size, self.cs
-        u.vdisk_create(path, size, **self.options)
         model = bytearray(size)
-        model[:len(self.base_content)] = self.base_content
+        if self.start == "compressed":
+            src = path + ".src"
+            content = bytearray(size)
+            for i in range(0, size, 3 * cs):
+                content[i:i + cs + 700] = u.pattern(i // cs, cs + 700)[:len(content[i:i + cs + 700])]
+            with open(src, "wb") as f:
+                f.write(content)
+            opts = ",".join("%s=%s" % kv for kv in self.options.items())
+            u.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", *(["-o", opts] if opts else []), src, path)
+            os.unlink(src)
+            model[:] = content
+        else:
+            u.vdisk_create(path, size, **self.options)
+            model[:len(self.base_content)] = self.base_content
         img = u.open_image(path, "qcow2", writable=True)
         try:
             for kind, off, n, seed in ops:
@@ -103,9 +132,23 @@ class Case:
                 elif kind == "discard":
                     img.discard(off, n)
                     u.discard_like_qemu(model, off, n, cs, size, self.v3, self.backing)
-                else:
+                elif kind == "reopen":
                     u.close_chain(img)
                     img = None
+                    img = u.open_image(path, "qcow2", writable=True)
+                else:
+                    # qemu-io changes the image between two vdisk sessions
+                    u.close_chain(img)
+                    img = None
+                    if kind == "qemu-write":
+                        u.qemu_io(path, "write -P 0x%02x %d %d" % (seed or 1, off, n))
+                        model[off:off + n] = bytes([seed or 1]) * n
+                    elif kind in ("qemu-zero", "qemu-zero-unmap"):
+                        u.qemu_io(path, "write -z %s%d %d" % ("-u " if kind == "qemu-zero-unmap" else "", off, n))
+                        model[off:off + n] = bytes(n)
+                    else:
+                        u.qemu_io(path, "discard %d %d" % (off, n))
+                        u.discard_like_qemu(model, off, n, cs, size, self.v3, self.backing)
                     img = u.open_image(path, "qcow2", writable=True)
             got = u.read_image(img)
             assert got == bytes(model), "content differs from the model: %s" % u.first_diff(got, bytes(model))
