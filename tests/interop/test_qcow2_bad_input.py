@@ -10,6 +10,7 @@ format error); and the ``vdisk`` CLI exits 1 with one stderr line starting ``vdi
 """
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -357,21 +358,32 @@ def _inode_locked(path, byte):
     return False
 
 
-@pytest.fixture
-def qemu_io_holding(tmp_path):
-    """A running interactive qemu-io that has the image open read-write (like a running VM)."""
+QEMU_NBD = shutil.which("qemu-nbd")
+
+
+@pytest.fixture(params=["qemu-io", "qemu-nbd"])
+def qemu_io_holding(request, tmp_path):
+    """A running interactive qemu-io (or a qemu-nbd server) that has the image open read-write,
+    like a running VM."""
     path = good_image(tmp_path)
-    proc = subprocess.Popen([u.QEMU_IO, "-f", "qcow2", str(path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if request.param == "qemu-io":
+        cmd = [u.QEMU_IO, "-f", "qcow2", str(path)]
+    else:
+        if not QEMU_NBD:
+            pytest.skip("qemu-nbd is not installed")
+        cmd = [QEMU_NBD, "-k", str(tmp_path / "nbd.sock"), "-f", "qcow2", str(path)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 10
         while not _inode_locked(path, 201):         # "refuses to share write" byte
-            assert proc.poll() is None, "qemu-io exited: %s" % proc.stderr.read()
-            assert time.time() < deadline, "qemu-io did not lock the image within 10 s"
+            assert proc.poll() is None, "%s exited: %s" % (request.param, proc.stderr.read())
+            assert time.time() < deadline, "%s did not lock the image within 10 s" % request.param
             time.sleep(0.05)
         yield path
     finally:
         proc.stdin.close()
+        if request.param == "qemu-nbd":
+            proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
