@@ -527,3 +527,94 @@ def test_second_vdisk_writer_is_refused(tmp_path):
     finally:
         u.close_chain(img)
     open_and_read(path, writable=True)      # free again once closed
+
+
+def test_backing_name_with_nul_bytes(tmp_path):
+    """backing_file_size covering NUL bytes after the name (found by the mutation test): QEMU reads
+    the name as a C string ("base.qcow2"); vdisk must do the same or raise an ImageError."""
+    u.qemu_create(tmp_path / "base.qcow2", 1 * MiB)
+    u.qemu_io(tmp_path / "base.qcow2", "write -P 0x3 0 4k")
+    path = tmp_path / "t.qcow2"
+    u.qemu_create(path, None, backing="base.qcow2", backing_fmt="qcow2")
+    poke(path, 16, ">I", 0xFF)              # name length 255: the name plus NUL padding
+    info = u.qemu_img("info", "--output=json", path).stdout.decode()
+    assert '"backing-filename": "base.qcow2"' in info, info
+    try:
+        img = u.open_image(str(path), "qcow2", writable=False)
+    except errors.ImageError as exc:
+        assert "\n" not in str(exc)
+        return
+    try:
+        assert img.backing_filename == "base.qcow2"
+        assert img.read(0, 4096) == b"\x03" * 4096
+    finally:
+        u.close_chain(img)
+
+
+# -- mutations: only ImageError escapes, in bounded time ------------------------------------
+def _fuzz_source(tmp_dir):
+    """A small image using most header features: v3, extended L2, backing file + format, data, zeros,
+    compressed clusters (made once, mutated per example)."""
+    base = os.path.join(tmp_dir, "base.qcow2")
+    u.qemu_create(base, 1 * MiB)
+    u.qemu_io(base, "write -P 0x3 0 512k")
+    src = os.path.join(tmp_dir, "src.qcow2")
+    u.qemu_create(src, 2 * MiB, options={"cluster_size": "16k", "extended_l2": "on"},
+                  backing="base.qcow2", backing_fmt="qcow2")
+    u.qemu_io(src, "write -P 0x5 1000 40000", "write -z 100k 32k", "write -c -P 0x6 1M 32k", "discard 64k 16k")
+    with open(src, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz")
+    return str(d), _fuzz_source(str(d))
+
+
+def _exercise(path):
+    try:
+        img = u.open_image(path, "qcow2", writable=False)
+    except errors.ImageError as exc:
+        assert "\n" not in str(exc)
+        return
+    try:
+        size = min(img.virtual_size, 4 * MiB)
+        for off in range(0, size, 256 * 1024):
+            try:
+                img.read(off, min(256 * 1024, size - off))
+            except errors.ImageError:
+                pass
+        try:
+            list(img.extents(0, size))
+        except errors.ImageError:
+            pass
+    finally:
+        u.close_chain(img)
+
+
+def test_header_mutations_raise_only_image_errors(fuzz_dir):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    directory, source = fuzz_dir
+    # the header, extensions and backing name live in the first 512 bytes; L1/L2/refcounts further on
+    header_pos = st.integers(0, 511)
+    meta_pos = st.integers(512, len(source) - 1)
+    mutation = st.tuples(st.one_of(header_pos, header_pos, meta_pos),
+                         st.sampled_from([b"\xff", b"\x00", b"\x7f\xff\xff\xff", b"\xff" * 8, b"\x01", b"\x80"]))
+
+    @settings(max_examples=int(os.environ.get("VDISK_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.lists(mutation, min_size=1, max_size=4))
+    def run(mutations):
+        data = bytearray(source)
+        for pos, value in mutations:
+            data[pos:pos + len(value)] = value
+        path = os.path.join(directory, "m.qcow2")
+        with open(path, "wb") as f:
+            f.write(data[:len(source)])
+        start = time.time()
+        _exercise(path)
+        assert time.time() - start < 10, "took %.1f s" % (time.time() - start)
+
+    run()
