@@ -551,6 +551,29 @@ def test_backing_name_with_nul_bytes(tmp_path):
         u.close_chain(img)
 
 
+def test_unknown_compatible_and_autoclear_bits(tmp_path):
+    """As qemu-io: an unknown compatible bit is kept, an unknown autoclear bit is cleared by a writer."""
+    path = good_image(tmp_path)
+    poke(path, 80, ">Q", 1 << 63)
+    poke(path, 88, ">Q", 1 << 63)
+    assert u.vdisk_read_all(path) == u.qemu_to_raw(path)
+    with open(path, "rb") as f:
+        f.seek(80)
+        assert struct.unpack(">QQ", f.read(16)) == (1 << 63, 1 << 63), "a read-only open changed feature bits"
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        img.write(5000, b"\x09" * 5000)
+    finally:
+        u.close_chain(img)
+    with open(path, "rb") as f:
+        f.seek(80)
+        compatible, autoclear = struct.unpack(">QQ", f.read(16))
+    assert compatible == 1 << 63, "unknown compatible bit dropped: 0x%x" % compatible
+    assert autoclear == 0, "unknown autoclear bit not cleared: 0x%x" % autoclear
+    u.assert_check_clean(path)
+    u.qemu_io(path, "read -P 9 5000 5000")
+
+
 # -- mutations: only ImageError escapes, in bounded time ------------------------------------
 def _fuzz_source(tmp_dir):
     """A small image using most header features: v3, extended L2, backing file + format, data, zeros,
