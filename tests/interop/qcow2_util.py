@@ -296,3 +296,23 @@ def _compare_common(a, b, where, diffs):
             _compare_common(x, y, "%s[%d]" % (where, i), diffs)
     elif a != b:
         diffs.append("%s: vdisk %r != qemu %r" % (where, a, b))
+
+
+def assert_map_agrees(path, fmt="qcow2"):
+    """vdisk's extents (down the chain) agree with ``qemu-img map --output=json`` on every range."""
+    img = open_image(str(path), fmt, writable=False)
+    try:
+        mine = normalize_vdisk_map(img)
+    finally:
+        close_chain(img)
+    theirs = normalize_qemu_map(qemu_map(path, fmt))
+    if mine != theirs:
+        lines = []
+        for i in range(max(len(mine), len(theirs))):
+            a = mine[i] if i < len(mine) else None
+            b = theirs[i] if i < len(theirs) else None
+            if a != b:
+                lines.append("  #%d vdisk=%s qemu=%s" % (i, a, b))
+                if len(lines) > 6:
+                    break
+        raise AssertionError("extents of %s differ from qemu-img map:\n%s" % (path, "\n".join(lines)))

@@ -194,6 +194,7 @@ def test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, ba
     assert not info.get("dirty-flag"), "image left dirty after close: %s" % info
     assert not info["format-specific"]["data"].get("corrupt"), info
     u.assert_info_agrees(path)
+    u.assert_map_agrees(path)
     # vdisk again after qemu looked at it
     data = u.vdisk_read_all(path)
     assert data == bytes(model), u.first_diff(data, bytes(model))
