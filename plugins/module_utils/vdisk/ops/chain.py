@@ -46,7 +46,10 @@ def attach_backing_chain(image: Image, policy: Policy) -> None:
         if depth > policy.max_chain_depth:
             raise PolicyError("backing chain is longer than %d images" % policy.max_chain_depth,
                               path=image.path, field="backing file")
-        full = policy.resolve_reference(current.backing_filename, current.path)
+        policy.resolve_reference(current.backing_filename, current.path)   # refuses what is not allowed
+        # the path as qemu-img shows it: relative to the directory of the overlay's path as given
+        name = current.backing_filename
+        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(current.path), name)
         if not os.path.exists(full):
             raise ImageError("Could not open backing file '%s': No such file or directory" % full,
                              path=current.path, field="backing file")

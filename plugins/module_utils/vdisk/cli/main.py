@@ -1,0 +1,470 @@
+"""The ``vdisk`` command line: qemu-img's commands and flags.
+
+Every failure is one line ``vdisk: <command>: <what is wrong>`` on stderr and a
+non-zero exit (1, or the command's own codes: check 2/3/63, compare 1/2).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List, Optional
+
+from .. import __version__
+from ..driver import Policy, merge_option_strings
+from ..errors import ImageError
+from ..ops.chain import close_chain, open_image
+from ..registry import DRIVERS, get_driver
+from ..units import parse_relative_size, parse_size
+
+COMMANDS: Dict[str, Callable] = {}
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 1, like qemu-img)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def _policy(args, **extra) -> Policy:
+    dirs = tuple(os.path.realpath(d) for d in (getattr(args, "allow_path", None) or ()))
+    return Policy(allowed_dirs=dirs, force_share=getattr(args, "force_share", False), **extra)
+
+
+def _add_allow_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-path", action="append", metavar="DIR",
+                   help="also allow files named by the image (backing files...) under DIR")
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    tty = sys.stderr.isatty()
+    state = {"last": -1}
+
+    def report(done: int, total: int) -> None:
+        pct = int(done * 100 / total) if total else 100
+        if pct == state["last"]:
+            return
+        state["last"] = pct
+        if tty:
+            sys.stderr.write("\r    (%.2f/100%%)" % pct)
+            if pct >= 100:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write("    (%d.00/100%%)\n" % pct)
+        sys.stderr.flush()
+    return report
+
+
+def _out(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        sys.stdout.write(text + "\n")
+
+
+# -- create --------------------------------------------------------------------------------
+@command("create")
+def cmd_create(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk create")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-f", dest="fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("filename", nargs="?")
+    p.add_argument("size", nargs="?")
+    args = p.parse_args(argv)
+    from ..ops.create import create, describe
+    options = merge_option_strings(args.options)
+    driver = get_driver(args.fmt)
+    if "help" in options:
+        _out(driver.options_help())
+        return 0
+    if not args.filename:
+        raise UsageError("Expecting image file name")
+    size = parse_size(args.size, "size") if args.size is not None else None
+    notes: List[str] = []
+    used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
+                  notes=notes)
+    for note in notes:
+        sys.stderr.write("vdisk: create: %s\n" % note)
+    _out(describe(args.filename, args.fmt, used), args.quiet)
+    return 0
+
+
+# -- info ----------------------------------------------------------------------------------
+@command("info")
+def cmd_info(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk info")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.info import chain_info, image_info, render_human, render_json
+    image = open_image(args.filename, args.fmt, policy=_policy(args), backing=True)
+    try:
+        infos = chain_info(image) if args.backing_chain else [image_info(image)]
+    finally:
+        close_chain(image)
+    if args.output == "json":
+        _out(render_json(infos if args.backing_chain else infos[0]))
+    else:
+        _out("\n\n".join(render_human(i) for i in infos))
+    return 0
+
+
+# -- map -----------------------------------------------------------------------------------
+@command("map")
+def cmd_map(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk map")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-U", "--force-share", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.map import map_entries, render_human, render_json
+    image = open_image(args.filename, args.fmt, policy=_policy(args))
+    try:
+        entries = map_entries(image)
+    finally:
+        close_chain(image)
+    _out(render_json(entries) if args.output == "json" else render_human(entries))
+    return 0
+
+
+# -- convert -------------------------------------------------------------------------------
+@command("convert")
+def cmd_convert(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk convert")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-p", action="store_true", dest="progress")
+    p.add_argument("-c", action="store_true", dest="compress")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-B", dest="backing")
+    p.add_argument("-S", dest="sparse", default="4k")
+    p.add_argument("-n", action="store_true", dest="existing")
+    p.add_argument("-m", dest="coroutines", type=int)
+    p.add_argument("-W", action="store_true", dest="out_of_order")
+    p.add_argument("-l", dest="snapshot")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("--target-is-zero", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("files", nargs="+")
+    args = p.parse_args(argv)
+    if len(args.files) < 2:
+        raise UsageError("Expecting one image file name")
+    from ..ops.convert import convert
+    options = merge_option_strings(args.options)
+    if "help" in options:
+        _out(get_driver(args.out_fmt).options_help())
+        return 0
+    if args.backing:
+        options["backing_file"] = args.backing
+        raise ImageError("-B (output with a backing file) is not implemented yet", field="-B")
+    snapshot = None
+    if args.snapshot:
+        snapshot = args.snapshot.split("snapshot.name=", 1)[-1] if "=" in args.snapshot else args.snapshot
+    if args.target_is_zero and not args.existing:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    convert(args.files[:-1], args.files[-1], args.fmt, args.out_fmt, options, compress=args.compress,
+            sparse_size=parse_size(args.sparse, "-S"), existing=args.existing,
+            target_is_zero=args.target_is_zero, snapshot=snapshot, policy=_policy(args),
+            progress=_progress(args.progress and not args.quiet))
+    return 0
+
+
+# -- check ---------------------------------------------------------------------------------
+@command("check")
+def cmd_check(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk check")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"))
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-U", "--force-share", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..errors import UnsupportedFeature
+    policy = _policy(args, repair=bool(args.repair), follow_backing=False)
+    image = open_image(args.filename, args.fmt, writable=bool(args.repair), policy=policy, backing=False)
+    try:
+        try:
+            result = image.check(args.repair)
+        except UnsupportedFeature as exc:
+            if "does not support checks" in str(exc):
+                sys.stderr.write("vdisk: check: This image format does not support checks\n")
+                return 63
+            raise
+    finally:
+        close_chain(image)
+    if not args.quiet:
+        for message in result.messages:
+            sys.stderr.write(message + "\n")
+    if args.output == "json":
+        _out(json.dumps(result.to_json(), indent=4))
+        return result.exit_code()
+    lines = []
+    if result.corruptions_fixed or result.leaks_fixed:
+        lines.append("The following inconsistencies were found and repaired:\n\n    %d leaked clusters\n"
+                     "    %d corruptions\n\nDouble checking the fixed image now..."
+                     % (result.leaks_fixed, result.corruptions_fixed))
+    if not (result.corruptions or result.leaks or result.check_errors):
+        lines.append("No errors were found on the image.")
+    else:
+        if result.corruptions:
+            lines.append("\n%d errors were found on the image.\nData may be corrupted, or further writes to the "
+                         "image may corrupt it." % result.corruptions)
+        if result.leaks:
+            lines.append("\n%d leaked clusters were found on the image.\nThis means waste of disk space, but no "
+                         "harm to data." % result.leaks)
+        if result.check_errors:
+            lines.append("\n%d internal errors have occurred during the check." % result.check_errors)
+    if result.total_clusters and result.allocated_clusters:
+        lines.append("%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters" % (
+            result.allocated_clusters, result.total_clusters,
+            result.allocated_clusters * 100.0 / result.total_clusters,
+            result.fragmented_clusters * 100.0 / result.allocated_clusters,
+            result.compressed_clusters * 100.0 / result.allocated_clusters))
+    if result.image_end_offset:
+        lines.append("Image end offset: %d" % result.image_end_offset)
+    _out("\n".join(lines), args.quiet)
+    return result.exit_code()
+
+
+# -- snapshot ------------------------------------------------------------------------------
+@command("snapshot")
+def cmd_snapshot(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk snapshot")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-U", "--force-share", action="store_true")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("-l", action="store_true", dest="list")
+    group.add_argument("-c", dest="create", metavar="NAME")
+    group.add_argument("-a", dest="apply", metavar="NAME")
+    group.add_argument("-d", dest="delete", metavar="NAME")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.info import render_snapshot_table
+    writable = not args.list
+    image = open_image(args.filename, args.fmt, writable=writable, policy=_policy(args), backing=False)
+    try:
+        if args.list:
+            snaps = image.snapshots()
+            if snaps:
+                _out("Snapshot list:\n" + "\n".join(render_snapshot_table(snaps)))
+        elif args.create is not None:
+            image.create_snapshot(args.create)
+        elif args.apply is not None:
+            try:
+                image.apply_snapshot(args.apply)
+            except ImageError as exc:
+                raise ImageError("Could not apply snapshot '%s': %s" % (args.apply, exc.message),
+                                 path=exc.path) from None
+        else:
+            try:
+                image.delete_snapshot(args.delete)
+            except ImageError as exc:
+                raise ImageError("Could not delete snapshot '%s': %s" % (args.delete, exc.message),
+                                 path=exc.path) from None
+    finally:
+        close_chain(image)
+    return 0
+
+
+# -- resize --------------------------------------------------------------------------------
+@command("resize")
+def cmd_resize(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk resize")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--shrink", action="store_true")
+    p.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"))
+    _add_allow_path(p)
+    p.add_argument("filename")
+    p.add_argument("size")
+    # a negative size ("-5G") is the last argument, not an option
+    if argv and re.match(r"^-[0-9.]", argv[-1]):
+        argv = argv[:-1] + ["--", argv[-1]]
+    args = p.parse_args(argv)
+    image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
+    try:
+        sign, amount = parse_relative_size(args.size)
+        new = image.virtual_size + amount if sign == "+" else image.virtual_size - amount if sign == "-" \
+            else amount
+        if new < 0:
+            raise ImageError("New image size must be positive", path=args.filename, field="size")
+        image.resize(new, shrink=args.shrink, preallocation=args.preallocation)
+    finally:
+        close_chain(image)
+    _out("Image resized.", args.quiet)
+    return 0
+
+
+# -- commit --------------------------------------------------------------------------------
+@command("commit")
+def cmd_commit(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk commit")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-p", action="store_true", dest="progress")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-b", dest="base")
+    p.add_argument("-d", action="store_true", dest="drop")
+    p.add_argument("-t", dest="cache")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.commit import commit
+    commit(args.filename, args.fmt, args.base, args.drop, _policy(args), _progress(args.progress and not args.quiet))
+    _out("Image committed.", args.quiet)
+    return 0
+
+
+# -- rebase --------------------------------------------------------------------------------
+@command("rebase")
+def cmd_rebase(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk rebase")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-p", action="store_true", dest="progress")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-u", action="store_true", dest="unsafe")
+    p.add_argument("-b", dest="backing", required=True)
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-t", dest="cache")
+    p.add_argument("-T", dest="src_cache")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.rebase import rebase
+    rebase(args.filename, args.backing, args.backing_fmt, args.fmt, args.unsafe, _policy(args),
+           _progress(args.progress and not args.quiet))
+    return 0
+
+
+# -- amend ---------------------------------------------------------------------------------
+@command("amend")
+def cmd_amend(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk amend")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-p", action="store_true", dest="progress")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-o", dest="options", action="append", required=True)
+    p.add_argument("--force", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    options = merge_option_strings(args.options)
+    image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
+    try:
+        if "help" in options:
+            _out(image.driver.options_help())
+            return 0
+        typed = {}
+        for name, value in options.items():
+            try:
+                typed[name] = image.driver.option(name).parse(value)
+            except ImageError:
+                typed[name] = value   # the driver's amend names what it refuses
+        image.amend(typed)
+    finally:
+        close_chain(image)
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------
+@command("compare")
+def cmd_compare(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk compare")
+    p.add_argument("-q", action="store_true", dest="quiet")
+    p.add_argument("-p", action="store_true", dest="progress")
+    p.add_argument("-f", dest="fmt_a")
+    p.add_argument("-F", dest="fmt_b")
+    p.add_argument("-s", action="store_true", dest="strict")
+    p.add_argument("-U", "--force-share", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("a")
+    p.add_argument("b")
+    args = p.parse_args(argv)
+    from ..ops.compare import compare
+    return compare(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
+                   lambda line: _out(line, args.quiet))
+
+
+# -- entry point ---------------------------------------------------------------------------
+USAGE = """usage: vdisk [-h] [-V] COMMAND [options]
+
+Commands (qemu-img's syntax):
+  create  [-q] [-f FMT] [-o OPTS] [-b BACKING [-F BACKING_FMT]] [-u] FILE [SIZE]
+  convert [-q] [-p] [-c] [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [--target-is-zero] SRC [SRC...] DST
+  info    [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
+  check   [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILE
+  resize  [-q] [-f FMT] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE
+  snapshot [-q] (-l | -c NAME | -a NAME | -d NAME) FILE
+  commit  [-q] [-p] [-f FMT] [-b BASE] [-d] FILE
+  rebase  [-q] [-p] [-f FMT] [-u] -b BACKING [-F FMT] FILE
+  compare [-q] [-f FMT] [-F FMT] [-s] A B
+  map     [-f FMT] [--output=human|json] FILE
+  amend   [-f FMT] -o OPTS FILE
+
+Every command that opens images takes --allow-path DIR (repeatable) to allow files the
+image names (backing files) outside the image's own directory tree.
+Supported formats: %s
+""" % " ".join(sorted(DRIVERS))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one vdisk command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 1
+    if argv[0] in ("-V", "--version"):
+        _out("vdisk version %s" % __version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    fn = COMMANDS.get(name)
+    if fn is None:
+        sys.stderr.write("vdisk: Command not found: %s\n" % name)
+        return 1
+    try:
+        return fn(rest)
+    except UsageError as exc:
+        sys.stderr.write("vdisk: %s: %s\n" % (name, " ".join(str(exc).split())))
+        return 1
+    except ImageError as exc:
+        sys.stderr.write("vdisk: %s: %s\n" % (name, exc))
+        return 1
+    except OSError as exc:
+        where = " '%s'" % exc.filename if getattr(exc, "filename", None) else ""
+        sys.stderr.write("vdisk: %s:%s %s\n" % (name, where, exc.strerror or exc))
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("vdisk: %s: interrupted\n" % name)
+        return 130
+    except RecursionError:
+        sys.stderr.write("vdisk: %s: image structure too deep\n" % name)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""qemu-img map: where each guest range comes from, across the backing chain."""
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional
+
+from ..driver import DATA, UNALLOCATED, ZERO, Image
+
+
+def map_entries(image: Image) -> List[Dict[str, Any]]:
+    """MapEntry dicts (start, length, depth, present, zero, data, offset) with adjacent equal ranges merged."""
+    out: List[Dict[str, Any]] = []
+    for entry in _walk(image, 0, image.virtual_size, 0):
+        if out and _mergeable(out[-1], entry):
+            out[-1]["length"] += entry["length"]
+        else:
+            out.append(entry)
+    return out
+
+
+def _walk(image: Image, offset: int, length: int, depth: int) -> Iterator[Dict[str, Any]]:
+    for ext in image.extents(offset, length):
+        if ext.kind == UNALLOCATED and image.backing is not None:
+            inside = max(0, min(ext.offset + ext.length, image.backing.virtual_size) - ext.offset)
+            if inside:
+                yield from _walk(image.backing, ext.offset, inside, depth + 1)
+            if inside < ext.length:   # past the end of the backing file: zeros, from the backing layer
+                yield _entry(ext.offset + inside, ext.length - inside, depth + 1, False, True, False, None, image)
+            continue
+        if ext.kind == UNALLOCATED:
+            yield _entry(ext.offset, ext.length, depth, False, True, False, None, image)
+        elif ext.kind == ZERO:
+            yield _entry(ext.offset, ext.length, depth, True, True, False, ext.host_offset, image)
+        else:
+            yield _entry(ext.offset, ext.length, depth, True, False, True,
+                         None if ext.compressed else ext.host_offset, image)
+
+
+def _entry(start, length, depth, present, zero, data, offset, image) -> Dict[str, Any]:
+    entry = {"start": start, "length": length, "depth": depth, "present": present, "zero": zero, "data": data}
+    if offset is not None:
+        entry["offset"] = offset
+    entry["_file"] = image.path
+    return entry
+
+
+def _mergeable(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    if any(a[k] != b[k] for k in ("depth", "present", "zero", "data", "_file")):
+        return False
+    if ("offset" in a) != ("offset" in b):
+        return False
+    return "offset" not in a or a["offset"] + a["length"] == b["offset"]
+
+
+def render_json(entries: List[Dict[str, Any]]) -> str:
+    """qemu-img's map JSON: one object per line, keys in its order."""
+    lines = []
+    for e in entries:
+        fields = ['"start": %d' % e["start"], '"length": %d' % e["length"], '"depth": %d' % e["depth"],
+                  '"present": %s' % json.dumps(e["present"]), '"zero": %s' % json.dumps(e["zero"]),
+                  '"data": %s' % json.dumps(e["data"])]
+        if "offset" in e:
+            fields.append('"offset": %d' % e["offset"])
+        lines.append("{ %s}" % ", ".join(fields))
+    return "[" + ",\n".join(lines) + "]"
+
+
+def render_human(entries: List[Dict[str, Any]]) -> str:
+    """Only ranges with data at a known host offset, as qemu-img prints them."""
+    lines = ["%-16s%-16s%-16s%s" % ("Offset", "Length", "Mapped to", "File")]
+    for e in entries:
+        if e["data"] and "offset" in e:
+            lines.append("%-16s%-16s%-16s%s" % ("%#x" % e["start"] if e["start"] else "0", "%#x" % e["length"],
+                                                "%#x" % e["offset"] if e["offset"] else "0", e["_file"]))
+    return "\n".join(lines)
+
+
+def public(entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Entries without internal keys (for JSON consumers)."""
+    return [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries]

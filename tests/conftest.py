@@ -1,0 +1,41 @@
+"""Test set-up shared by every suite.
+
+Makes the engine importable as ``ansible_collections.vdisk.images`` straight from the
+source tree (a symlink tree in a temporary directory on ``sys.path`` and in
+``PYTHONPATH`` for the CLI subprocesses), and insists that the qemu-img oracle is
+installed: a missing qemu-img is an error, never a silent skip.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _source_tree_on_path() -> str:
+    root = os.path.join(tempfile.gettempdir(), "vdisk-src-%d" % os.getuid())
+    link = os.path.join(root, "ansible_collections", "vdisk", "images")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if not (os.path.islink(link) and os.readlink(link) == REPO):
+        tmp = "%s.%d" % (link, os.getpid())
+        os.symlink(REPO, tmp)
+        os.replace(tmp, link)
+    return root
+
+
+_ROOT = _source_tree_on_path()
+sys.path.insert(0, _ROOT)
+for _name in [m for m in sys.modules if m == "ansible_collections" or m.startswith("ansible_collections.")]:
+    del sys.modules[_name]
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(
+    os.pathsep) if p])
+
+
+def pytest_sessionstart(session):
+    missing = [tool for tool in ("qemu-img", "qemu-io") if shutil.which(tool) is None]
+    if missing:
+        raise pytest.UsageError("the qemu-img oracle is missing (%s): install Debian's qemu-utils "
+                                "(make test does)" % ", ".join(missing))
