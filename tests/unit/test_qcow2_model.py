@@ -65,7 +65,7 @@ def ops_strategy(cs, size):
                      st.integers(0, size // cs - 1), st.sampled_from([0, 0, 1, -1, 511, 512, cs // 2, cs // 32]))
     offset = st.one_of(near, st.integers(0, size - 1))
     length = st.one_of(st.integers(1, 600), st.sampled_from([cs, 2 * cs, cs - 1, cs + 1, 3 * cs + 512]),
-                       st.integers(1, 4 * cs))
+                       st.integers(1, 4 * cs), st.integers(1, size // 3))
     op = st.tuples(st.sampled_from(OPS),
                    offset, length, st.integers(0, 255))
     return st.lists(op, min_size=1, max_size=12)
@@ -158,6 +158,7 @@ class Case:
         got = u.vdisk_read_all(path)
         assert got == bytes(model), "after reopen: %s" % u.first_diff(got, bytes(model))
         u.assert_check_clean(path)
+        u.assert_map_agrees(path)
         with open(raw, "wb") as f:
             f.write(model)
         u.qemu_compare(path, raw)
