@@ -277,3 +277,39 @@ def test_option_cross_product(request, tmp_path, name, size, options, backing_fm
     if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("VDISK_SLOW"):
         pytest.skip("slow matrix: run with -m slow (or VDISK_SLOW=1)")
     test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, backing_fmt)
+
+
+# -- the CLI on the same images: info and map as qemu-img prints them -----------------------
+CLI_CONFIGS = [c for c in CONFIGS if c[0] in (
+    "compat-0.10", "compat-1.1", "cluster-512", "prealloc-metadata", "prealloc-full", "backing-qcow2",
+    "backing-raw", "lazy-refcounts", "refcount-1", "extended-l2-16k-backing", "size-unaligned-backing")]
+
+
+def vdisk_cli(*args):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", u.PKG] + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=120)
+    if "No module named" in proc.stderr or "cannot be directly executed" in proc.stderr:
+        pytest.fail("the vdisk CLI is not available: %s" % proc.stderr.strip())
+    assert proc.returncode == 0, "vdisk %s: rc=%d %s" % (" ".join(map(str, args)), proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name,size,options,backing_fmt", CLI_CONFIGS, ids=[c[0] for c in CLI_CONFIGS])
+def test_cli_info_and_map_agree_with_qemu_img(tmp_path, name, size, options, backing_fmt):
+    test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, backing_fmt)
+    path = tmp_path / "img.qcow2"
+    for extra in ([], ["--backing-chain"]):
+        theirs = json.loads(u.qemu_img("info", "--output=json", *extra, path).stdout)
+        mine = json.loads(vdisk_cli("info", "--output=json", *extra, path))
+        diffs = []
+        u._compare_common(mine, theirs, "", diffs)
+        assert not diffs, "vdisk info %s differs from qemu-img: %s" % (" ".join(extra), "; ".join(diffs))
+        if not extra:
+            missing = sorted(set(theirs) - set(mine))
+            assert not missing, "vdisk info --output=json lacks keys qemu-img prints: %s" % missing
+    theirs = json.loads(u.qemu_img("map", "--output=json", path).stdout)
+    mine = json.loads(vdisk_cli("map", "--output=json", path))
+    assert mine == theirs, "vdisk map --output=json differs from qemu-img map:\n%s" % "\n".join(
+        "  vdisk=%s\n  qemu =%s" % (a, b) for a, b in zip(mine, theirs) if a != b)
