@@ -92,6 +92,8 @@ class Policy:
         """Turn a file name stored in an image into a host path, or refuse it."""
         if not name:
             raise PolicyError("empty %s name" % what, path=image_path, field=what)
+        if "\0" in name:
+            raise PolicyError("%s name contains a NUL byte; refused" % what, path=image_path, field=what)
         if name.startswith("json:") or _has_protocol(name):
             raise PolicyError("%s %r uses a protocol prefix or json: specification; refused"
                               % (what, name), path=image_path, field=what)

@@ -160,7 +160,7 @@ def parse_header(data: bytes, path: str, file_size: int) -> Header:
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
         names = _feature_names(data, h, unknown)
-        raise UnsupportedFeature("Unsupported IMGFMT feature(s): %s" % names, path=path,
+        raise UnsupportedFeature("Unsupported qcow2 feature(s): %s" % names, path=path,
                                  field="incompatible_features")
     if h.incompatible_features & INCOMPAT_COMPRESSION:
         if h.header_length <= HEADER_V3_LENGTH:
@@ -195,9 +195,11 @@ def parse_header(data: bytes, path: str, file_size: int) -> Header:
         raise FormatError("Snapshot table offset invalid", path=path, field="snapshots_offset")
     _parse_extensions(data, h, path)
     if bfo:
+        if bfo > cs:
+            raise FormatError("Invalid backing file offset", path=path, field="backing_file_offset")
         if bfs > MAX_BACKING_NAME or bfs == 0:
             raise FormatError("Backing file name too long", path=path, field="backing_file_size")
-        if bfo > cs or bfo + bfs > cs or bfo + bfs > len(data):
+        if bfo + bfs > cs or bfo + bfs > len(data):
             raise FormatError("Invalid backing file offset", path=path, field="backing_file_offset")
         try:
             h.backing_file = data[bfo:bfo + bfs].decode("utf-8")

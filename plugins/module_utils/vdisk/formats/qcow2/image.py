@@ -535,6 +535,7 @@ class Qcow2Image(Image):
                 continue
             l2_off, table = self._writable_l2(l1i)
             releases = []
+            partial_compressed = []   # compressed clusters have no subclusters: zeroed by writing zeros
             first = pos >> cb
             last = (stop - 1) >> cb
             for ci in range(first, last + 1):
@@ -546,7 +547,11 @@ class Qcow2Image(Image):
                 compressed = bool(entry & hdr.OFLAG_COMPRESSED)
                 copied = bool(entry & hdr.OFLAG_COPIED)
                 whole = a == cstart and (b - a == cs or b == self.virtual_size)
-                if self.ext and not whole and not compressed:
+                if self.ext and not whole and compressed:
+                    if op == "zero":
+                        partial_compressed.append((a, b))
+                    continue
+                if self.ext and not whole:
                     # whole subclusters inside the cluster
                     mask = 0
                     for s in range((a - cstart) // self.sc, (b - cstart + self.sc - 1) // self.sc):
@@ -564,6 +569,8 @@ class Qcow2Image(Image):
             self._write_l2_span(l2_off, table, first % l2e, last % l2e)
             for kind, host, entry in releases:
                 self._release(kind, host, entry)
+            for a, b in partial_compressed:
+                self.write(a, bytes(b - a))
             pos = stop
 
     def _new_entry(self, op, unmap, entry, bitmap, off, compressed, copied):
