@@ -27,7 +27,7 @@ qemu:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq qemu-utils; }
 
 demo: venv
-	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" bash scripts/demo.sh
+	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" PYTHON="$(CURDIR)/$(PY)" bash scripts/demo.sh
 
 test: venv qemu
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -2,12 +2,13 @@
 # The main job on embedded defaults, in ./demo: a base image, an overlay, data, snapshots, convert, info, check.
 set -euo pipefail
 VDISK=${VDISK:-vdisk}
+PYTHON=${PYTHON:-python3}
 DIR=${DEMO_DIR:-demo}
 rm -rf "$DIR" && mkdir -p "$DIR" && cd "$DIR"
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
 # a "guest disk" with recognisable data: 4 MiB of text in the first MiB, a second region further on
-python3 - <<'PY'
+"$PYTHON" - <<'PY'
 with open("guest.raw", "wb") as f:
     f.truncate(64 << 20)
     f.write(b"vdisk demo: the first megabyte of the guest disk\n" * 20000)
@@ -17,7 +18,7 @@ PY
 say "$VDISK" convert -f raw -O qcow2 guest.raw base.qcow2
 say "$VDISK" create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
 say "$VDISK" snapshot -c before-update overlay.qcow2
-python3 - <<'PY'
+"$PYTHON" - <<'PY'
 # the guest writes into the overlay (what a VM would do), through the vdisk engine
 import os, sys
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import open_image, close_chain
