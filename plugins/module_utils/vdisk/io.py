@@ -61,7 +61,8 @@ class HostFile:
                  allow_nonregular: bool = False):
         self.path = path
         self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: opening a FIFO must not hang; it is refused below and cleared for regular files
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
         if create:
             flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
@@ -73,6 +74,7 @@ class HostFile:
             if not allow_nonregular and not stat.S_ISREG(mode):
                 raise ImageError("not a regular file", path=path)
             self.is_block_device = stat.S_ISBLK(mode)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if lock:
                 self._lock()
         except BaseException:
