@@ -168,12 +168,15 @@ def test_compressed_zlib_image(tmp_path, cluster_size, compat):
     assert_vdisk_matches_qemu(dst)
 
 
-def test_compressed_image_written_by_vdisk(tmp_path):
-    """vdisk overwrites parts of compressed clusters (COW from a compressed cluster), qemu checks."""
+@pytest.mark.parametrize("options", ["cluster_size=4k", "cluster_size=16k,extended_l2=on",
+                                     "cluster_size=64k,compat=0.10", "cluster_size=64k,extended_l2=on"])
+def test_compressed_image_written_by_vdisk(tmp_path, options):
+    """vdisk overwrites and zeroes parts of compressed clusters (COW from a compressed cluster)."""
     size = 8 * MiB
     src = _source(tmp_path, size)
     dst = tmp_path / "c.qcow2"
-    u.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", src, dst)
+    u.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, src, dst)
+    assert u.qemu_check(dst).get("compressed-clusters")
     with open(src, "rb") as f:
         model = bytearray(f.read())
     img = u.open_image(str(dst), "qcow2", writable=True)
@@ -186,12 +189,17 @@ def test_compressed_image_written_by_vdisk(tmp_path):
         model[2 * MiB:2 * MiB + 8192] = bytes(8192)
         img.write_zeroes(3 * MiB + 100, 4096, unmap=False)
         model[3 * MiB + 100:3 * MiB + 4196] = bytes(4096)
-        img.discard(4 * MiB, 64 * KiB)
-        u.discard_like_qemu(model, 4 * MiB, 64 * KiB, 4096, size, True, False)
+        # zero writes covering only part of a compressed cluster (with extended L2: whole subclusters)
+        for off, n, unmap in ((512, 16384, False), (3 * MiB // 2 + 1024, 3072, True), (7 * MiB + 512, 70000, False)):
+            img.write_zeroes(off, n, unmap=unmap)
+            model[off:off + n] = bytes(n)
+        img.discard(4 * MiB, 128 * KiB)
+        u.discard_like_qemu(model, 4 * MiB, 128 * KiB, img.cluster_size, size, "compat=0.10" not in options, False)
     finally:
         u.close_chain(img)
     u.assert_check_clean(dst)
-    assert u.qemu_to_raw(dst) == bytes(model)
+    got = u.qemu_to_raw(dst)
+    assert got == bytes(model), "qemu reads something else than was written: %s" % u.first_diff(got, bytes(model))
 
 
 def test_compressed_zstd_image(tmp_path):

@@ -10,6 +10,9 @@ equals the model, equals it again after reopening, ``qemu-img compare`` agrees, 
 
 Discard follows QEMU 7.2 (checked with qemu-io): whole clusters only, they read as zeros
 afterwards; on a v2 image with a backing file discard does nothing.
+
+VDISK_MODEL_EXAMPLES=N raises the number of examples per configuration; VDISK_MODEL_RANDOM=1
+draws new examples on every run instead of the same derandomized ones.
 """
 import os
 import sys
@@ -28,6 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 pytestmark = pytest.mark.skipif(not (u.QEMU_IMG and u.QEMU_IO), reason="needs qemu-img and qemu-io")
 
 EXAMPLES = int(os.environ.get("VDISK_MODEL_EXAMPLES", "25"))   # raise it for a longer hunt
+DERANDOMIZE = not os.environ.get("VDISK_MODEL_RANDOM")          # CI runs the same examples every time
 
 # id, cluster size, virtual size, create options, with a backing file
 CONFIGS = [
@@ -168,7 +172,7 @@ class Case:
 def test_random_sequences_match_model(name, cs, size, options, backing):
     case = Case(cs, size, options, backing)
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(ops=ops_strategy(cs, size))
     def check(ops):
