@@ -89,8 +89,8 @@ class Case:
             base = os.path.join(self.dir, "base.qcow2")
             bsize = size * 3 // 4            # smaller than the overlay: reads past its end are zeros
             u.qemu_create(base, bsize, options={"cluster_size": "4k"})
-            u.qemu_io(base, "write -P 0x5a 0 %d" % (bsize // 2), "write -P 0x6b %d %d" % (bsize // 2 + 1000, bsize // 8),
-                      "write -z 4096 8192")
+            u.qemu_io(base, "write -P 0x5a 0 %d" % (bsize // 2),
+                      "write -P 0x6b %d %d" % (bsize // 2 + 1000, bsize // 8), "write -z 4096 8192")
             self.base_content = u.qemu_to_raw(base)
             self.options.update(backing_file="base.qcow2", backing_fmt="qcow2")
 
