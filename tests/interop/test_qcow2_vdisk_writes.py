@@ -313,3 +313,38 @@ def test_cli_info_and_map_agree_with_qemu_img(tmp_path, name, size, options, bac
     mine = json.loads(vdisk_cli("map", "--output=json", path))
     assert mine == theirs, "vdisk map --output=json differs from qemu-img map:\n%s" % "\n".join(
         "  vdisk=%s\n  qemu =%s" % (a, b) for a, b in zip(mine, theirs) if a != b)
+
+
+# -- option combinations qemu-img refuses -----------------------------------------------------
+BAD_OPTIONS = [
+    ("v2-lazy", {"compat": "0.10", "lazy_refcounts": "on"}),
+    ("v2-refcount-8", {"compat": "0.10", "refcount_bits": "8"}),
+    ("v2-extl2", {"compat": "0.10", "extended_l2": "on"}),
+    ("v2-zstd", {"compat": "0.10", "compression_type": "zstd"}),
+    ("extl2-4k", {"extended_l2": "on", "cluster_size": "4k"}),
+    ("cluster-3000", {"cluster_size": "3000"}),
+    ("cluster-256", {"cluster_size": "256"}),
+    ("cluster-4M", {"cluster_size": "4M"}),
+    ("refcount-3", {"refcount_bits": "3"}),
+    ("refcount-128", {"refcount_bits": "128"}),
+    ("refcount-0", {"refcount_bits": "0"}),
+    ("prealloc-bogus", {"preallocation": "sparse"}),
+    ("compat-bogus", {"compat": "2.0"}),
+    ("backing-prealloc", {"backing_file": "base.qcow2", "backing_fmt": "qcow2", "preallocation": "metadata"}),
+    ("backing-fmt-alone", {"backing_fmt": "qcow2"}),
+    ("unknown-option", {"no_such_option": "1"}),
+]
+
+
+@pytest.mark.parametrize("name,options", BAD_OPTIONS, ids=[c[0] for c in BAD_OPTIONS])
+def test_option_combinations_qemu_refuses(tmp_path, name, options):
+    u.qemu_create(tmp_path / "base.qcow2", 4 * MiB)
+    opts = ",".join("%s=%s" % kv for kv in options.items())
+    proc = u.qemu_img("create", "-f", "qcow2", "-o", opts, tmp_path / "q.qcow2", "4M", check=False)
+    assert proc.returncode == 1, "qemu-img accepts %s: fixture is wrong" % opts
+    path = tmp_path / "t.qcow2"
+    with pytest.raises(errors.ImageError) as excinfo:
+        u.vdisk_create(path, 4 * MiB, **options)
+    assert isinstance(excinfo.value, errors.InvalidOption), "%s: %s" % (type(excinfo.value).__name__, excinfo.value)
+    assert "\n" not in str(excinfo.value)
+    assert sorted(os.listdir(tmp_path)) == ["base.qcow2"], "a refused create left files: %s" % os.listdir(tmp_path)
