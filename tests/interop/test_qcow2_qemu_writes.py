@@ -316,3 +316,38 @@ def test_dirty_image_from_killed_qemu_io(tmp_path):
     assert u.qemu_to_raw(path) == bytes(model)
     info = u.qemu_img("info", "--output=json", path).stdout.decode()
     assert '"dirty-flag": false' in info, info
+
+
+@pytest.mark.parametrize("options", [{"cluster_size": "4k"}, {"compat": "0.10"},
+                                     {"cluster_size": "16k", "extended_l2": "on"}, {"refcount_bits": "2"}],
+                         ids=["4k", "v2", "extl2", "refcount-2"])
+def test_vdisk_writes_over_clusters_shared_with_a_qemu_snapshot(tmp_path, options):
+    """Clusters shared with an internal snapshot (refcount 2, no COPIED flag) must be copied, never
+    overwritten: the snapshot keeps its content and qemu-img check stays clean."""
+    size = 4 * MiB
+    path = tmp_path / "s.qcow2"
+    u.qemu_create(path, size, options=options)
+    u.qemu_io(path, "write -P 0x31 0 1M", "write -z 1M 64k", "write -P 0x32 2M 100k")
+    u.qemu_img("snapshot", "-c", "s1", path)
+    before = u.qemu_to_raw(path)
+    model = bytearray(before)
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        for off, n in ((100, 10), (4095, 3), (300 * 1024 + 7, 70000), (2 * MiB + 50, 5)):
+            data = u.pattern(off % 251, n)
+            img.write(off, data)
+            model[off:off + n] = data
+        img.write_zeroes(512 * 1024, 128 * 1024, unmap=True)
+        model[512 * 1024:640 * 1024] = bytes(128 * 1024)
+        img.write_zeroes(2 * MiB + 64 * 1024, 8192, unmap=False)
+        model[2 * MiB + 64 * 1024:2 * MiB + 72 * 1024] = bytes(8192)
+        img.discard(768 * 1024, 128 * 1024)
+        u.discard_like_qemu(model, 768 * 1024, 128 * 1024, img.cluster_size, size, "compat" not in options, False)
+    finally:
+        u.close_chain(img)
+    u.assert_check_clean(path)
+    got = u.qemu_to_raw(path)
+    assert got == bytes(model), "active layer: %s" % u.first_diff(got, bytes(model))
+    snap = tmp_path / "snap.raw"
+    u.qemu_img("convert", "-l", "snapshot.name=s1", "-f", "qcow2", "-O", "raw", path, snap)
+    assert snap.read_bytes() == before, "the snapshot changed: %s" % u.first_diff(snap.read_bytes(), before)
