@@ -272,10 +272,9 @@ CROSS = _cross_product()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size,options,backing_fmt", CROSS, ids=[c[0] for c in CROSS])
-def test_option_cross_product(request, tmp_path, name, size, options, backing_fmt):
-    """cluster size x compat x refcount width x extended L2 x backing file (run with -m slow)."""
-    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("VDISK_SLOW"):
-        pytest.skip("slow matrix: run with -m slow (or VDISK_SLOW=1)")
+def test_option_cross_product(tmp_path, name, size, options, backing_fmt):
+    """cluster size x compat x refcount width x extended L2 x backing file (make test-slow; -m "not slow"
+    leaves it out)."""
     test_vdisk_written_image_is_valid_for_qemu(tmp_path, name, size, options, backing_fmt)
 
 
