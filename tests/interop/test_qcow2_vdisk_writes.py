@@ -347,3 +347,43 @@ def test_option_combinations_qemu_refuses(tmp_path, name, options):
     assert isinstance(excinfo.value, errors.InvalidOption), "%s: %s" % (type(excinfo.value).__name__, excinfo.value)
     assert "\n" not in str(excinfo.value)
     assert sorted(os.listdir(tmp_path)) == ["base.qcow2"], "a refused create left files: %s" % os.listdir(tmp_path)
+
+
+def test_lazy_refcounts_dirty_bit_while_open_and_after_a_crash(tmp_path):
+    """lazy_refcounts: the dirty bit is set on disk while vdisk writes and cleared on close; a
+    writer killed mid-session leaves a dirty image that qemu-img check -r all and vdisk both repair."""
+    import subprocess
+    import sys
+    path = tmp_path / "l.qcow2"
+    u.vdisk_create(path, 8 * MiB, lazy_refcounts="on", cluster_size="4k")
+    img = u.open_image(str(path), "qcow2", writable=True)
+    try:
+        img.write(1000, b"\x05" * 20000)
+        info = json.loads(u.qemu_img("info", "-U", "--output=json", path).stdout)
+        assert info.get("dirty-flag") is True, "dirty bit not set on disk while writing with lazy refcounts"
+    finally:
+        u.close_chain(img)
+    info = json.loads(u.qemu_img("info", "--output=json", path).stdout)
+    assert info.get("dirty-flag") is False
+    u.assert_check_clean(path)
+    # a writer that dies without closing
+    code = ("import sys, os; sys.path[:0] = %r; import qcow2_util as u\n"
+            "img = u.open_image(%r, 'qcow2', writable=True)\n"
+            "img.write(3 * 1024 * 1024 + 5, b'\\x06' * 300000)\n"
+            "os._exit(9)\n" % (sys.path[:3] + [os.path.dirname(os.path.abspath(__file__))], str(path)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    info = json.loads(u.qemu_img("info", "--output=json", path).stdout)
+    assert info.get("dirty-flag") is True
+    model = bytearray(8 * MiB)
+    model[1000:21000] = b"\x05" * 20000
+    model[3 * MiB + 5:3 * MiB + 300005] = b"\x06" * 300000
+    assert u.vdisk_read_all(path) == bytes(model), "data written before the crash is not readable"
+    img = u.open_image(str(path), "qcow2", writable=True)     # repairs, as QEMU does on a rw open
+    try:
+        img.write(0, b"\x07")
+        model[0] = 7
+    finally:
+        u.close_chain(img)
+    u.assert_check_clean(path)
+    assert u.qemu_to_raw(path) == bytes(model)
