@@ -1,0 +1,116 @@
+"""Helpers shared by every suite: the qemu-img/qemu-io oracle, the vdisk CLI, the fill pattern.
+
+Import as ``import helpers`` (``tests/`` is on ``sys.path`` through ``tests/conftest.py``).
+qemu-img and qemu-io must be installed (``make test`` installs Debian's qemu-utils): a missing
+tool fails the run, it never skips.
+
+The fill pattern: the byte at guest offset ``o`` is ``(o // MiB + 7 * (o // 512)) mod 256``.
+MiB *i* therefore starts with byte *i* (mod 256), and every 512-byte sector differs from its
+neighbours, so a sector read from or written to the wrong place is detected without stored
+checksums: ``data == pattern(offset, len(data))`` verifies any range.
+"""
+import json
+import os
+import subprocess
+import sys
+
+MiB = 1 << 20
+CLI_MODULE = "ansible_collections.vdisk.images.plugins.module_utils.vdisk"
+
+
+def _txt(b):
+    return b.decode("utf-8", "replace") if isinstance(b, bytes) else (b or "")
+
+
+def run(*args, check=True, input=None, env=None):
+    """Run a command (arguments str()-ed); on failure with *check* the assertion shows its output."""
+    args = [str(a) for a in args]
+    proc = subprocess.run(args, capture_output=True, input=input, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError("command failed (rc=%d): %s\nstdout: %s\nstderr: %s"
+                             % (proc.returncode, " ".join(args), _txt(proc.stdout), _txt(proc.stderr)))
+    return proc
+
+
+def qemu_img(*args, check=False):
+    """``qemu-img ARGS`` as a CompletedProcess (bytes); *check* asserts exit 0."""
+    return run("qemu-img", *args, check=check)
+
+
+def qemu_io(fmt, path, *cmds, check=True):
+    """Run qemu-io commands (each a string, e.g. ``"write -P 1 0 64k"``) on *path*.
+
+    With *check*, fails when qemu-io exits non-zero or prints an error (qemu-io often exits 0
+    after a failed command). Returns the combined output as text.
+    """
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    proc = run(*args, path, check=check)
+    out = _txt(proc.stdout) + _txt(proc.stderr)
+    if check:
+        for line in out.splitlines():
+            low = line.lower()
+            if "failed" in low or "error" in low or "cannot" in low or "pattern verification" in low:
+                raise AssertionError("qemu-io %s %s: %s" % (path, " ".join(repr(c) for c in cmds), out))
+    return out
+
+
+def qemu_check(path, fmt="qcow2"):
+    """``qemu-img check --output=json`` parsed, plus ``rc`` (its exit status) and ``stderr``."""
+    proc = qemu_img("check", "--output=json", "-f", fmt, path)
+    try:
+        result = json.loads(_txt(proc.stdout))
+    except ValueError:
+        raise AssertionError("qemu-img check %s gave no JSON (rc=%d): %s %s"
+                             % (path, proc.returncode, _txt(proc.stdout), _txt(proc.stderr)))
+    result["rc"] = proc.returncode
+    result["stderr"] = _txt(proc.stderr)
+    return result
+
+
+def qemu_compare(a, b, fa="qcow2", fb="raw", strict=False):
+    """``qemu-img compare``: True when identical (exit 0), False when different (exit 1); raises on errors."""
+    args = ["compare", "-f", fa, "-F", fb] + (["-s"] if strict else []) + [a, b]
+    proc = qemu_img(*args)
+    if proc.returncode not in (0, 1):
+        raise AssertionError("qemu-img compare %s %s failed (rc=%d): %s"
+                             % (a, b, proc.returncode, _txt(proc.stderr)))
+    return proc.returncode == 0
+
+
+def qemu_info(path, fmt=None, *extra):
+    """``qemu-img info --output=json`` parsed (asserts exit 0)."""
+    args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + list(extra) + [path]
+    return json.loads(_txt(qemu_img(*args, check=True).stdout))
+
+
+def vdisk_cli(*args, check=False, input=None):
+    """The vdisk CLI as a subprocess (``python -m``, the source tree via PYTHONPATH), as text."""
+    proc = subprocess.run([sys.executable, "-m", CLI_MODULE] + [str(a) for a in args],
+                          capture_output=True, input=input, text=True, env=dict(os.environ))
+    if check and proc.returncode != 0:
+        raise AssertionError("vdisk %s failed (rc=%d):\n%s%s"
+                             % (" ".join(map(str, args)), proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def pattern(offset, length):
+    """The fill pattern for guest bytes ``[offset, offset + length)`` (see the module docstring)."""
+    out = bytearray()
+    pos, end = offset, offset + length
+    while pos < end:
+        sector_end = min((pos // 512 + 1) * 512, end)
+        out += bytes([(pos // MiB + 7 * (pos // 512)) & 0xFF]) * (sector_end - pos)
+        pos = sector_end
+    return bytes(out)
+
+
+def make_raw(path, size, extents=()):
+    """A sparse raw file of *size* bytes holding the fill pattern at each ``(offset, length)`` of *extents*."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in extents:
+            f.seek(offset)
+            f.write(pattern(offset, length))
+    return str(path)
