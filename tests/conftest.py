@@ -5,6 +5,7 @@ source tree (a symlink tree in a temporary directory on ``sys.path`` and in
 ``PYTHONPATH`` for the CLI subprocesses), and insists that the qemu-img oracle is
 installed: a missing qemu-img is an error, never a silent skip.
 """
+import hashlib
 import os
 import shutil
 import sys
@@ -16,7 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _source_tree_on_path() -> str:
-    root = os.path.join(tempfile.gettempdir(), "vdisk-src-%d" % os.getuid())
+    # one tree per checkout: two clones tested at once (a fresh clone beside the working tree)
+    # must not re-point each other's link
+    tag = hashlib.sha1(REPO.encode()).hexdigest()[:12]
+    root = os.path.join(tempfile.gettempdir(), "vdisk-src-%d-%s" % (os.getuid(), tag))
     link = os.path.join(root, "ansible_collections", "vdisk", "images")
     os.makedirs(os.path.dirname(link), exist_ok=True)
     if not (os.path.islink(link) and os.readlink(link) == REPO):
