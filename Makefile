@@ -9,8 +9,13 @@ PYTEST_ARGS ?=
 
 all: test
 
+# Debian's python3 lacks ensurepip until python3-venv is installed: install it with apt-get then
 $(STAMP): pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "$(PYTHON) -m venv failed: installing python3-venv"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv && \
+	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet setuptools wheel "PyYAML>=5.1" "jsonschema>=3.2" "pytest>=7" "hypothesis>=6"
 	touch $(STAMP)

@@ -5,7 +5,11 @@ VDISK=${VDISK:-vdisk}
 PYTHON=${PYTHON:-python3}
 DIR=${DEMO_DIR:-demo}
 rm -rf "$DIR" && mkdir -p "$DIR" && cd "$DIR"
-say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+say() {
+    printf '\n\033[1m$ %s\033[0m\n' "$*"
+    "$@" || { rc=$?; printf '\ndemo: step "%s" failed (exit %d); if that command is not implemented yet, ' \
+                 "$*" "$rc" >&2; printf 'the demo stops here.\n' >&2; exit "$rc"; }
+}
 
 # a "guest disk" with recognisable data: 4 MiB of text in the first MiB, a second region further on
 "$PYTHON" - <<'PY'
