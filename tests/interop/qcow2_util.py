@@ -225,8 +225,8 @@ def _merge(runs):
 def normalize_qemu_map(entries):
     """qemu-img map JSON -> merged [(start, end, class, depth)]; class data|zero|unallocated.
 
-    zero:true wins over data:true: vdisk reports a preallocated cluster whose host range is a
-    hole as a ZERO extent with a host offset, where qemu-img map says data:true, zero:true.
+    zero:true wins over data:true: a preallocated cluster whose host range is a hole is DATA
+    with ``reads_zero`` in vdisk's extents, and data:true, zero:true in qemu-img map.
 
     The depth is kept for data and zero runs (which layer decides) and dropped (None) for
     unallocated ones, whose depth qemu reports as the deepest layer covering the offset.
@@ -267,7 +267,7 @@ def _walk(img, offset, length, depth, out):
             else:
                 out.append((s, e - s, "unallocated", depth))
         else:
-            out.append((s, e - s, ext.kind, depth))
+            out.append((s, e - s, "zero" if ext.reads_zero else ext.kind, depth))
 
 
 # -- info comparison ------------------------------------------------------------------------

@@ -24,12 +24,17 @@ CAPABILITIES = ("create", "write", "snapshots", "backing", "compression", "check
 
 
 class Extent(NamedTuple):
-    """A run of guest bytes with one allocation status in one layer."""
+    """A run of guest bytes with one allocation status in one layer.
+
+    ``reads_zero`` marks DATA that is known to read as zeros (mapped to a hole of the
+    host file): still data for ``map``, but nothing to copy for ``convert``.
+    """
     offset: int
     length: int
     kind: str
     host_offset: Optional[int] = None
     compressed: bool = False
+    reads_zero: bool = False
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def _data_runs(img: Image, offset: int, length: int):
                 yield from _data_runs(img.backing, ext.offset, inside)
             if inside < ext.length:
                 yield ext.offset + inside, ext.length - inside, ZERO
-        elif ext.kind == DATA:
+        elif ext.kind == DATA and not ext.reads_zero:
             yield ext.offset, ext.length, DATA
         else:
             yield ext.offset, ext.length, ZERO

@@ -23,15 +23,16 @@ def _walk(image: Image, offset: int, length: int, depth: int) -> Iterator[Dict[s
             inside = max(0, min(ext.offset + ext.length, image.backing.virtual_size) - ext.offset)
             if inside:
                 yield from _walk(image.backing, ext.offset, inside, depth + 1)
-            if inside < ext.length:   # past the end of the backing file: zeros, from the backing layer
-                yield _entry(ext.offset + inside, ext.length - inside, depth + 1, False, True, False, None, image)
+            if inside < ext.length:   # past the end of the backing file: zeros, at this layer's depth
+                host = None if ext.host_offset is None else ext.host_offset + inside
+                yield _entry(ext.offset + inside, ext.length - inside, depth, False, True, False, host, image)
             continue
         if ext.kind == UNALLOCATED:
-            yield _entry(ext.offset, ext.length, depth, False, True, False, None, image)
+            yield _entry(ext.offset, ext.length, depth, False, True, False, ext.host_offset, image)
         elif ext.kind == ZERO:
             yield _entry(ext.offset, ext.length, depth, True, True, False, ext.host_offset, image)
         else:
-            yield _entry(ext.offset, ext.length, depth, True, False, True,
+            yield _entry(ext.offset, ext.length, depth, True, ext.reads_zero, True,
                          None if ext.compressed else ext.host_offset, image)
 
 
