@@ -43,3 +43,8 @@ def pytest_sessionstart(session):
     if missing:
         raise pytest.UsageError("the qemu-img oracle is missing (%s): install Debian's qemu-utils "
                                 "(make test does)" % ", ".join(missing))
+
+
+def pytest_report_header(config):
+    return "vdisk crash-test seed: %s (VDISK_CRASH_SEED), model examples: %s (VDISK_MODEL_EXAMPLES)" % (
+        os.environ.get("VDISK_CRASH_SEED", "20261125"), os.environ.get("VDISK_MODEL_EXAMPLES", "default"))

@@ -425,24 +425,17 @@ def count_references(img, strict: bool = True):
     return ck.refs
 
 
-def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
-    """Write a complete new refcount table and blocks after the last used cluster, then switch to it.
+def build_refcount_structure(refs, start: int, bits: int, cs: int, path: str):
+    """Lay out a complete refcount table and blocks for *refs* at cluster *start* (they count themselves).
 
-    With *refcount_order* the new structure has that entry width, and the header
-    (order and table pointer) switches in one write.
+    Returns ``(table_offset, table_clusters, writes)`` with *writes* a list of ``(offset, bytes)``.
     """
-    h = img.header
-    cs = h.cluster_size
-    bits = 1 << (h.refcount_order if refcount_order is None else refcount_order)
     max_refcount = (1 << bits) - 1
     if any(r > max_refcount for r in refs):
         raise ImageError("a refcount would exceed %d, the maximum of refcount_bits=%d" % (max_refcount, bits),
-                         path=img.path, field="refcount_bits")
+                         path=path, field="refcount_bits")
     epb = cs * 8 // bits
-    end = len(refs)
-    while end > 0 and refs[end - 1] == 0:
-        end -= 1
-    start = end
+    start = max(start, len(refs))
     blocks, rt_clusters = 1, 1
     while True:
         area_end = start + rt_clusters + blocks
@@ -452,22 +445,45 @@ def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
             break
         blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
     if rt_clusters * cs > hdr.MAX_REFTABLE_SIZE:
-        raise ImageError("cannot rebuild refcounts: refcount table would be too large", path=img.path)
+        raise ImageError("refcount table would be too large", path=path, field="refcount table")
     total = start + rt_clusters + blocks
-    values = array("Q", refs[:start]) + array("Q", bytes(8 * (blocks * epb - start)))
+    values = array("Q", refs) + array("Q", bytes(8 * (blocks * epb - len(refs))))
     for c in range(start, total):
         values[c] = 1
-    rt_start = start
     blocks_start = start + rt_clusters
     table = bytearray(rt_clusters * cs)
+    writes = []
     for b in range(blocks):
         chunk = values[b * epb:(b + 1) * epb]
-        img.host.pwrite(encode_refblock(chunk, bits, cs), (blocks_start + b) * cs)
+        writes.append(((blocks_start + b) * cs, encode_refblock(chunk, bits, cs)))
         table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
-    img.host.pwrite(bytes(table), rt_start * cs)
+    writes.append((start * cs, bytes(table)))
+    return start * cs, rt_clusters, writes
+
+
+def file_end_cluster(img) -> int:
+    """First cluster past the end of the file: nothing live lies there, so new structures can go there."""
+    return -(-img.host.size() // img.header.cluster_size)
+
+
+def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
+    """Write a complete new refcount table and blocks past the end of the file, then switch to it.
+
+    With *refcount_order* the new structure has that entry width, and the header
+    (order and table pointer) switches in one write.
+    """
+    h = img.header
+    order = h.refcount_order if refcount_order is None else refcount_order
+    end = len(refs)
+    while end > 0 and refs[end - 1] == 0:
+        end -= 1
+    offset, clusters, writes = build_refcount_structure(refs[:end], file_end_cluster(img), 1 << order,
+                                                        h.cluster_size, img.path)
+    for where, data in writes:
+        img.host.pwrite(data, where)
     img.host.flush()
-    h.refcount_table_offset = rt_start * cs
-    h.refcount_table_clusters = rt_clusters
+    h.refcount_table_offset = offset
+    h.refcount_table_clusters = clusters
     if refcount_order is None:
         img.write_reftable_pointer()
     else:

@@ -6,7 +6,6 @@ into them, data is written before the L2 entry that points to it, a new L2 table
 is complete before the L1 entry that points to it, and references are dropped
 last, so an interruption leaves at most leaked clusters.
 """
-import contextlib
 import struct
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -190,7 +189,7 @@ class Qcow2Image(Image):
         for i in range(hdr.SUBCLUSTERS):
             bit = 1 << i
             kind = K_DATA if alloc & bit else K_ZERO if zero & bit else K_UNALLOC
-            host = off + i * sc if kind == K_DATA else None
+            host = off + i * sc if off else None   # QEMU reports the offset of allocated clusters' subclusters
             if runs and runs[-1][2] == kind:
                 s, n, k, h0, e = runs[-1]
                 runs[-1] = (s, n + sc, k, h0, e)
@@ -280,11 +279,11 @@ class Qcow2Image(Image):
             if kind == K_DATA:
                 # a data cluster over a hole of the host file reads as zeros (QEMU reports zero:true)
                 for hs, hn, is_data in self.host.data_extents(host, n):
-                    yield Extent(g + hs - host, hn, DATA if is_data else ZERO, hs)
+                    yield Extent(g + hs - host, hn, DATA, hs, False, not is_data)
             elif kind == K_ZERO:
                 yield Extent(g, n, ZERO, host)
             elif kind == K_UNALLOC:
-                yield Extent(g, n, UNALLOCATED, None)
+                yield Extent(g, n, UNALLOCATED, host)
             else:
                 yield Extent(g, n, DATA, None, True)
 
@@ -632,35 +631,25 @@ class Qcow2Image(Image):
 
     # -- snapshots --------------------------------------------------------------------
     def create_snapshot(self, name: str) -> None:
-        with self._metadata_update():
-            snapshots.create_snapshot(self, name)
+        self._check_writable()
+        snapshots.create_snapshot(self, name)
 
     def apply_snapshot(self, name: str) -> None:
-        with self._metadata_update():
-            snapshots.apply_snapshot(self, name)
+        self._check_writable()
+        snapshots.apply_snapshot(self, name)
 
     def delete_snapshot(self, name: str) -> None:
-        with self._metadata_update():
-            snapshots.delete_snapshot(self, name)
-
-    @contextlib.contextmanager
-    def _metadata_update(self):
-        """Hold the dirty bit (v3) around a multi-step metadata change, so that if it is interrupted
-        QEMU repairs the image on its next read-write open and vdisk asks for ``check -r all``."""
         self._check_writable()
-        was_dirty = self.dirty
-        if self.header.version >= 3 and not was_dirty:
-            self.header.incompatible_features |= hdr.INCOMPAT_DIRTY
-            self._write_incompat()
-            self.host.flush()
-            self.dirty = True
-        yield
-        if self.header.version >= 3 and not was_dirty:
-            self.host.flush()
-            self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
-            self._write_incompat()
-            self.host.flush()
-            self.dirty = False
+        snapshots.delete_snapshot(self, name)
+
+    def reload_state(self, l1: List[int], snaps) -> None:
+        """Forget cached metadata after the header switched to a new state."""
+        self.l1 = list(l1)
+        self.virtual_size = self.header.size
+        self._l2_cache.clear()
+        self._compressed_cache = (-1, b"")
+        self._snapshots = list(snaps)
+        self.refcounts = Refcounts(self)
 
     # -- size -------------------------------------------------------------------------
     def set_size_field(self, size: int) -> None:

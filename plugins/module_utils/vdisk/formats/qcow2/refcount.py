@@ -33,7 +33,7 @@ def decode_refblock(raw: bytes, bits: int):
 def encode_refblock(values, bits: int, size: int) -> bytes:
     """Inverse of :func:`decode_refblock`; *size* is the byte length to produce."""
     if bits == 8:
-        return bytes(values)
+        return array("B", values).tobytes()   # not bytes(values): an array would give its raw buffer
     if bits >= 16:
         arr = array(_ARRAY_CODES[bits], values)
         if sys.byteorder == "little":

@@ -1,16 +1,23 @@
-"""qcow2 internal snapshots: create, apply (goto), delete, and the table write.
+"""qcow2 internal snapshots: create, apply (goto) and delete, each one atomic.
 
-Reference: docs/interop/qcow2.txt "Snapshots".  Order of writes, as QEMU's
-block/qcow2-snapshot.c: references are added before anything points to them and
-dropped only after nothing does, so an interruption leaves at most leaked clusters.
+Reference: docs/interop/qcow2.txt "Snapshots".  A snapshot moves data clusters from
+"COPIED, refcount 1" to "not COPIED, refcount 2" (and back): the flag lives in an L2
+table and the count in a refcount block, so no order of in-place writes avoids a
+moment where one disagrees with the other.  vdisk therefore writes the whole new
+state beside the old one -- fresh copies of the active L2 tables with the right
+COPIED flags, a new active L1 table, the new snapshot table and a complete new
+refcount structure -- past the end of the file, and switches to it with a single
+write of the header fields that point to them.  Interrupted before that write, the
+image is the old one (the new clusters are not even counted); after it, the new one.
 """
 import struct
 import time
+from array import array
 from typing import Dict, List, Optional, Tuple
 
-from ...errors import ImageError
+from ...errors import CorruptImage, ImageError
 from . import header as hdr
-from .snapshot_table import MAX_EXTRA_DATA, MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot
+from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot
 
 U64 = struct.Struct(">Q")
 EXTRA_V3 = struct.Struct(">QQq")   # vm_state_size_large, disk_size, icount
@@ -50,7 +57,6 @@ def _tree_refs(img, l1_entries: List[int]) -> Tuple[Dict[int, int], List[int]]:
     cs = img.cs
     refs: Dict[int, int] = {}
     l2s = []
-    x = 62 - (img.cb - 8)
     for entry in l1_entries:
         l2_off = entry & hdr.OFFSET_MASK
         if not l2_off:
@@ -76,143 +82,6 @@ def _tree_refs(img, l1_entries: List[int]) -> Tuple[Dict[int, int], List[int]]:
     return refs, l2s
 
 
-def _apply_refs(img, refs: Dict[int, int], sign: int) -> None:
-    """Change refcounts by ``sign * count``; runs of neighbours with equal counts go in one call."""
-    rc = img.refcounts
-    run_start, run_len, run_count = -1, 0, 0
-    for cluster in sorted(refs):
-        count = refs[cluster]
-        if run_len and cluster == run_start + run_len and count == run_count:
-            run_len += 1
-            continue
-        if run_len:
-            rc.change(run_start, run_len, sign * run_count)
-        run_start, run_len, run_count = cluster, 1, count
-    if run_len:
-        rc.change(run_start, run_len, sign * run_count)
-
-
-def update_copied_flags(img) -> None:
-    """Make COPIED in the active L1/L2 tables say exactly "refcount is one"."""
-    rc = img.refcounts
-    cs = img.cs
-    h = img.header
-    for l1i, entry in enumerate(img.l1):
-        l2_off = entry & hdr.OFFSET_MASK
-        if not l2_off:
-            continue
-        want = rc.get(l2_off // cs) == 1
-        new_entry = (entry | hdr.OFLAG_COPIED) if want else (entry & ~hdr.OFLAG_COPIED)
-        table = img._l2_table(l1i)
-        changed = []
-        for idx in range(img.l2e):
-            e, bitmap = img._entry(table, idx)
-            off = e & hdr.OFFSET_MASK
-            if not off or e & hdr.OFLAG_COMPRESSED:
-                continue
-            ne = (e | hdr.OFLAG_COPIED) if rc.get(off // cs) == 1 else (e & ~hdr.OFLAG_COPIED)
-            if ne != e:
-                img._set_entry(table, idx, ne, bitmap)
-                changed.append(idx)
-        if changed:
-            img._write_l2_span(l2_off, table, min(changed), max(changed))
-        if new_entry != entry:
-            img.l1[l1i] = new_entry
-            img.host.pwrite(U64.pack(new_entry), h.l1_table_offset + l1i * 8)
-
-
-def clear_copied_flags(img, l1_entries: List[int]) -> None:
-    """Clear COPIED in the L2 tables reached from *l1_entries* (and, for the active table, in its L1).
-
-    A clear COPIED flag only forces copy-on-write, so clearing it before refcounts
-    rise is the order in which an interruption can never let a write land in a
-    cluster a snapshot still uses.
-    """
-    cs = img.cs
-    es = 16 if img.ext else 8
-    for entry in l1_entries:
-        l2_off = entry & hdr.OFFSET_MASK
-        if not l2_off:
-            continue
-        raw = bytearray(img.host.pread(cs, l2_off))
-        changed = False
-        for idx in range(img.l2e):
-            e = U64.unpack_from(raw, idx * es)[0]
-            if e & hdr.OFLAG_COPIED:
-                U64.pack_into(raw, idx * es, e & ~hdr.OFLAG_COPIED)
-                changed = True
-        if changed:
-            img.host.pwrite(bytes(raw), l2_off)
-            img._l2_cache.pop(l2_off, None)
-
-
-def _clear_active_l1_copied(img) -> None:
-    h = img.header
-    if any(e & hdr.OFLAG_COPIED for e in img.l1):
-        img.l1 = [e & ~hdr.OFLAG_COPIED for e in img.l1]
-        img.host.pwrite(b"".join(U64.pack(e) for e in img.l1), h.l1_table_offset)
-
-
-def write_snapshot_table(img, snaps: List[Snapshot]) -> None:
-    """Write a new snapshot table, switch the header to it in one write, then free the old one."""
-    h = img.header
-    data = pack_snapshot_table(snaps)
-    if len(data) > MAX_TABLE_SIZE:
-        raise ImageError("snapshot table would exceed %d bytes" % MAX_TABLE_SIZE, path=img.path)
-    old_offset, old_size = h.snapshots_offset, _table_size(img)
-    new_offset = 0
-    if snaps:
-        clusters = -(-len(data) // img.cs)
-        new_offset = img.refcounts.alloc(clusters)
-        img.host.pwrite(data, new_offset)
-    img.host.flush()
-    h.nb_snapshots = len(snaps)
-    h.snapshots_offset = new_offset
-    img.host.pwrite(struct.pack(">IQ", h.nb_snapshots, h.snapshots_offset), 60)
-    img.host.flush()
-    if old_offset and old_size:
-        img.refcounts.free(old_offset, old_size)
-    img._snapshots = list(snaps)
-
-
-def _table_size(img) -> int:
-    if not img.header.nb_snapshots:
-        return 0
-    return len(pack_snapshot_table(img.snapshots_table()))
-
-
-def create_snapshot(img, name: str) -> Snapshot:
-    """Take an internal snapshot of the active layer."""
-    if not name:
-        raise ImageError("snapshot name must not be empty", path=img.path, field="snapshot")
-    snaps = list(img.snapshots_table())
-    if len(snaps) >= hdr.MAX_SNAPSHOTS:
-        raise ImageError("too many snapshots", path=img.path, field="snapshot")
-    ids = [int(s.id) for s in snaps if s.id.isdigit()]
-    new_id = str(max(ids) + 1 if ids else 1)
-    # 1. the active tables stop claiming sole ownership (harmless if interrupted: it only forces COW)
-    clear_copied_flags(img, img.l1)
-    _clear_active_l1_copied(img)
-    img.host.flush()
-    # 2. a copy of the active L1 table
-    l1_bytes = b"".join(U64.pack(e) for e in img.l1)
-    l1_offset = img.refcounts.alloc(max(1, -(-len(l1_bytes) // img.cs))) if img.l1 else 0
-    if l1_bytes:
-        img.host.pwrite(l1_bytes, l1_offset)
-    # 3. every table and cluster it reaches gains a reference
-    refs, _ = _tree_refs(img, img.l1)
-    _apply_refs(img, refs, +1)
-    img.host.flush()
-    now = time.time()
-    snap = Snapshot(l1_offset, len(img.l1), new_id, name, int(now), int((now % 1) * 1e9), 0, 0, img.virtual_size,
-                    0, b"")
-    # 4. the table that makes it visible; then COPIED wherever a refcount is still one
-    write_snapshot_table(img, snaps + [snap])
-    update_copied_flags(img)
-    img.host.flush()
-    return snap
-
-
 def _read_l1(img, offset: int, size: int) -> List[int]:
     if size * 8 > hdr.MAX_L1_SIZE:
         raise ImageError("Snapshot L1 table too large", path=img.path, field="snapshot")
@@ -222,42 +91,125 @@ def _read_l1(img, offset: int, size: int) -> List[int]:
     return [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
 
 
+def _add(refs: Dict[int, int], first: int, last: int) -> None:
+    for c in range(first, last + 1):
+        refs[c] = refs.get(c, 0) + 1
+
+
+def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) -> None:
+    """Make the image's state: these snapshots, an active layer whose tables are copies of the L2 tables
+    *active_l1* points to, and *size* -- written beside the old state, then switched to in one write."""
+    from .check import build_refcount_structure, file_end_cluster
+    h = img.header
+    cs = img.cs
+    es = 16 if img.ext else 8
+    table_data = pack_snapshot_table(snaps)
+    if len(table_data) > MAX_TABLE_SIZE:
+        raise ImageError("snapshot table would exceed %d bytes" % MAX_TABLE_SIZE, path=img.path)
+    l1_size = max(len(active_l1), -(-(-(-size // cs)) // img.l2e))
+    if l1_size * 8 > hdr.MAX_L1_SIZE:
+        raise ImageError("Active L1 table too large", path=img.path, field="l1_size")
+    # references of the new state (everything but the pieces placed below)
+    refs: Dict[int, int] = {0: 1}
+    if h.crypto_extension and len(h.crypto_extension) >= 16:
+        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+        _add(refs, coff // cs, (coff + clen - 1) // cs)
+    for snap in snaps:
+        l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
+        if snap.l1_size:
+            _add(refs, snap.l1_table_offset // cs, (snap.l1_table_offset + snap.l1_size * 8 - 1) // cs)
+        tree, _ = _tree_refs(img, l1)
+        for c, n in tree.items():
+            refs[c] = refs.get(c, 0) + n
+    sources = [(i, e & hdr.OFFSET_MASK) for i, e in enumerate(active_l1) if e & hdr.OFFSET_MASK]
+    tables = {}
+    for i, off in sources:
+        tree, _ = _tree_refs(img, [off])      # the table itself and its data ...
+        tree[off // cs] -= 1                  # ... but the active layer gets a copy of the table
+        for c, n in tree.items():
+            if n:
+                refs[c] = refs.get(c, 0) + n
+        tables[i] = bytearray(img.host.pread(cs, off))
+    # placement past the end of the file: copies of the tables, the L1 table, the snapshot table
+    nxt = file_end_cluster(img)
+    if max(refs) >= nxt:
+        raise CorruptImage("metadata points past the end of the file (cluster %d); run 'check -r all' first"
+                           % max(refs), path=img.path, field="L2 table")
+    new_tables = {}
+    for i, _off in sources:
+        new_tables[i] = nxt * cs
+        refs[nxt] = 1
+        nxt += 1
+    l1_clusters = -(-l1_size * 8 // cs)
+    l1_offset = nxt * cs if l1_size else 0
+    _add(refs, nxt, nxt + l1_clusters - 1)
+    nxt += l1_clusters
+    snap_clusters = -(-len(table_data) // cs)
+    snap_offset = nxt * cs if snaps else 0
+    _add(refs, nxt, nxt + snap_clusters - 1)
+    nxt += snap_clusters
+    counts = array("Q", bytes(8 * max(nxt, max(refs) + 1)))
+    for c, n in refs.items():
+        counts[c] = n
+    rt_offset, rt_clusters, writes = build_refcount_structure(counts, nxt, h.refcount_bits, cs, img.path)
+    # the copies carry COPIED exactly where the new refcount is one
+    for i, raw in tables.items():
+        for idx in range(img.l2e):
+            e = U64.unpack_from(raw, idx * es)[0]
+            if e & hdr.OFLAG_COMPRESSED:
+                e &= ~hdr.OFLAG_COPIED
+            else:
+                off = e & hdr.OFFSET_MASK
+                if not off:
+                    continue
+                e = (e | hdr.OFLAG_COPIED) if counts[off // cs] == 1 else (e & ~hdr.OFLAG_COPIED)
+            U64.pack_into(raw, idx * es, e)
+        img.host.pwrite(bytes(raw), new_tables[i])
+    new_l1 = [(new_tables[i] | hdr.OFLAG_COPIED) if i in new_tables else 0 for i in range(l1_size)]
+    if l1_size:
+        img.host.pwrite(b"".join(U64.pack(e) for e in new_l1), l1_offset)
+    if snaps:
+        img.host.pwrite(table_data, snap_offset)
+    for where, data in writes:
+        img.host.pwrite(data, where)
+    img.host.flush()
+    # the switch: size, L1 table, refcount table and snapshot table in one write of header bytes 24..71
+    img.host.pwrite(struct.pack(">QIIQQIIQ", size, h.crypt_method, l1_size, l1_offset, rt_offset, rt_clusters,
+                                len(snaps), snap_offset), 24)
+    img.host.flush()
+    h.size, h.l1_size, h.l1_table_offset = size, l1_size, l1_offset
+    h.refcount_table_offset, h.refcount_table_clusters = rt_offset, rt_clusters
+    h.nb_snapshots, h.snapshots_offset = len(snaps), snap_offset
+    img.reload_state(new_l1, snaps)
+
+
+def create_snapshot(img, name: str) -> Snapshot:
+    """Take an internal snapshot of the active layer (it keeps the current L1 table)."""
+    if not name:
+        raise ImageError("snapshot name must not be empty", path=img.path, field="snapshot")
+    snaps = list(img.snapshots_table())
+    if len(snaps) >= hdr.MAX_SNAPSHOTS:
+        raise ImageError("too many snapshots", path=img.path, field="snapshot")
+    ids = [int(s.id) for s in snaps if s.id.isdigit()]
+    new_id = str(max(ids) + 1 if ids else 1)
+    h = img.header
+    now = time.time()
+    snap = Snapshot(h.l1_table_offset, h.l1_size, new_id, name, int(now), int((now % 1) * 1e9), 0, 0,
+                    img.virtual_size, 0, b"")
+    switch_state(img, snaps + [snap], list(img.l1), img.virtual_size)
+    return snap
+
+
 def apply_snapshot(img, name: str) -> None:
     """Make the active layer equal to the snapshot (QEMU's snapshot goto)."""
     _, snap = find_snapshot(img, name)
     snap_l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
-    if len(snap_l1) > len(img.l1):
-        img.grow_l1(len(snap_l1))
-    old_l1 = list(img.l1)
-    new_l1 = snap_l1 + [0] * (len(old_l1) - len(snap_l1))
-    # the snapshot's tables become active: none of them may claim sole ownership yet
-    clear_copied_flags(img, snap_l1)
-    refs, _ = _tree_refs(img, snap_l1)
-    _apply_refs(img, refs, +1)
-    img.host.flush()
-    img.l1 = [e & ~hdr.OFLAG_COPIED for e in new_l1]
-    img.host.pwrite(b"".join(U64.pack(e) for e in img.l1), img.header.l1_table_offset)
-    img.host.flush()
-    img._l2_cache.clear()
-    old_refs, _ = _tree_refs(img, old_l1)
-    _apply_refs(img, old_refs, -1)
-    update_copied_flags(img)
-    if snap.disk_size != img.virtual_size:
-        img.set_size_field(snap.disk_size)
-    img.host.flush()
+    switch_state(img, list(img.snapshots_table()), snap_l1, snap.disk_size)
 
 
 def delete_snapshot(img, name: str) -> None:
-    """Remove a snapshot and free what only it used."""
-    index, snap = find_snapshot(img, name)
+    """Remove a snapshot; what only it used is freed by the new refcount structure."""
+    index, _ = find_snapshot(img, name)
     snaps = list(img.snapshots_table())
     del snaps[index]
-    write_snapshot_table(img, snaps)
-    snap_l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
-    refs, _ = _tree_refs(img, snap_l1)
-    _apply_refs(img, refs, -1)
-    if snap.l1_size:
-        img.refcounts.free(snap.l1_table_offset, snap.l1_size * 8)
-    img._l2_cache.clear()
-    update_copied_flags(img)
-    img.host.flush()
+    switch_state(img, snaps, list(img.l1), img.virtual_size)
