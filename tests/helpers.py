@@ -9,10 +9,13 @@ MiB *i* therefore starts with byte *i* (mod 256), and every 512-byte sector diff
 neighbours, so a sector read from or written to the wrong place is detected without stored
 checksums: ``data == pattern(offset, len(data))`` verifies any range.
 """
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
 
 MiB = 1 << 20
 CLI_MODULE = "ansible_collections.vdisk.images.plugins.module_utils.vdisk"
@@ -114,3 +117,28 @@ def make_raw(path, size, extents=()):
             f.seek(offset)
             f.write(pattern(offset, length))
     return str(path)
+
+
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+FLOCK = struct.Struct("hhqqi4x")        # struct flock on 64-bit Linux
+QEMU_WRITE_PERM_BYTE = 101              # QEMU's lock byte for the "write" permission
+
+
+def byte_locked(path, byte):
+    """Whether any process holds a lock on *byte* of *path* (F_OFD_GETLK: takes no lock itself)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        raw = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+    finally:
+        os.close(fd)
+    return FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
+
+
+def wait_until_qemu_writes(proc, path, timeout=15):
+    """Wait until the QEMU process *proc* holds *path*'s write lock. Polling with qemu-img instead would
+    take locks itself and could make a qemu-io that is still starting fail to get its own."""
+    deadline = time.time() + timeout
+    while not byte_locked(path, QEMU_WRITE_PERM_BYTE):
+        assert proc.poll() is None, "qemu-io exited: %s" % proc.stderr.read()
+        assert time.time() < deadline, "qemu-io did not lock %s within %d s" % (path, timeout)
+        time.sleep(0.05)

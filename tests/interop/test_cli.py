@@ -3,9 +3,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+
+import helpers
 
 VDISK = [sys.executable, "-m", "ansible_collections.vdisk.images.plugins.module_utils.vdisk"]
 MiB = 1 << 20
@@ -192,16 +193,10 @@ def test_resize_commit_rebase_compare(chain):
 
 
 def test_image_locked_by_qemu_io_is_refused_for_writing(chain):
-    holder = subprocess.Popen(["qemu-io", "ov.qcow2"], cwd=chain, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "ov.qcow2"], cwd=chain, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        for _ in range(400):   # until qemu-io holds its locks
-            if subprocess.run(["qemu-img", "info", "ov.qcow2"], cwd=chain, capture_output=True).returncode:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("qemu-io did not take its image locks within 20 s")
-        assert holder.poll() is None, holder.communicate()
+        helpers.wait_until_qemu_writes(holder, chain / "ov.qcow2")
         result = vdisk("resize", "ov.qcow2", "+1M", cwd=chain)
         assert result.returncode == 1 and "in use" in result.stderr and result.stderr.count("\n") == 1, result
         shared = vdisk("info", "-U", "ov.qcow2", cwd=chain)

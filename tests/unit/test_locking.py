@@ -4,21 +4,14 @@ A running interactive ``qemu-io -f raw IMG`` holds its image read-write, like a 
 refuse to write it and (like ``qemu-img info``) to read it without ``-U``; while vdisk writes an
 image, qemu-io and qemu-img must be refused. qemu-io/qemu-img missing is a failure, not a skip.
 """
-import fcntl
 import os
-import struct
 import subprocess
-import time
 
 import pytest
 
 import helpers
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk import io as vio
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageInUse
-
-F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-FLOCK = struct.Struct("hhqqi4x")        # struct flock on 64-bit Linux
-
 
 @pytest.fixture
 def image(tmp_path):
@@ -31,13 +24,7 @@ def qemu_holding(image):
     proc = subprocess.Popen(["qemu-io", "-f", "raw", image], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 15
-        # wait until qemu-io holds its "write" byte; polling with qemu-img would itself take locks and
-        # could make a qemu-io that is still starting fail with 'Failed to get "write" lock'
-        while not _byte_locked(image, 101):
-            assert proc.poll() is None, "qemu-io exited: %s" % proc.stderr.read()
-            assert time.time() < deadline, "qemu-io did not lock %s within 15 s" % image
-            time.sleep(0.1)
+        helpers.wait_until_qemu_writes(proc, image)
         yield image
     finally:
         proc.stdin.close()          # EOF: qemu-io quits
@@ -47,15 +34,6 @@ def qemu_holding(image):
             proc.kill()
             proc.wait()
 
-
-def _byte_locked(path, byte):
-    """Whether any process holds a lock on *byte* of *path* (F_OFD_GETLK: takes no lock itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        raw = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-    finally:
-        os.close(fd)
-    return FLOCK.unpack(raw)[0] != fcntl.F_UNLCK
 
 
 def _qemu_consistent_read(image):
