@@ -199,6 +199,18 @@ class Image:
         """Drop data the guest no longer needs; optional, so the default does nothing."""
         self._check_writable()
 
+    # compressed output (convert -c): compress_block runs in worker threads, write_compressed in order
+    compression_unit = 0     # bytes per compressed block (qcow2: the cluster size); 0: not supported
+
+    def compress_block(self, data: bytes) -> Optional[bytes]:
+        """The stored form of one compression unit, or None when compressing saves nothing.
+        Thread-safe and free of I/O, so callers may run it in parallel."""
+        raise UnsupportedFeature("Compression not supported for this file format", path=self.path, field="-c")
+
+    def write_compressed(self, offset: int, blocks: Sequence[Tuple[bytes, Optional[bytes]]]) -> None:
+        """Store consecutive units from unit-aligned *offset*: each ``(data, compress_block(data))``."""
+        raise UnsupportedFeature("Compression not supported for this file format", path=self.path, field="-c")
+
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         """Yield this layer's allocation status; default: everything is data."""
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
@@ -235,6 +247,12 @@ class Image:
 
     def delete_snapshot(self, name: str) -> None:
         raise UnsupportedFeature("format %s does not support internal snapshots" % self.driver.name, path=self.path)
+
+    def select_snapshot(self, ident: Optional[str] = None, name: Optional[str] = None) -> None:
+        """Show an internal snapshot's content instead of the active layer (read-only images only).
+        With *ident* alone it may match a snapshot's id or, failing that, its name (qemu-img -l ID_OR_NAME)."""
+        raise UnsupportedFeature("Failed to load snapshot: format %s does not support internal snapshots"
+                                 % self.driver.name, path=self.path, field="snapshot")
 
     def set_backing(self, path: Optional[str], fmt: Optional[str]) -> None:
         raise UnsupportedFeature("format %s does not support backing files" % self.driver.name, path=self.path)

@@ -4,18 +4,25 @@ The source is opened read-only.  Its allocation map is walked so that holes and 
 extents are never read; data is read in large batches and zero-detected at the
 ``-S`` granularity; only non-zero runs are written.  A new destination is created
 beside its final path and renamed into place when complete (unless ``-n``).
+
+Two paths share that walk: a plain copy of runs, and a unit path (``-c`` and ``-B``)
+that looks at every target cluster: ``-c`` compresses units in worker threads and
+writes them in order; ``-B`` writes only the units that differ from the new backing file.
 """
 import os
-from typing import Any, Callable, Dict, List, Optional
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..driver import DATA, UNALLOCATED, ZERO, Image, Policy
 from ..errors import ImageError, InvalidOption, UnsupportedFeature
 from ..io import AtomicOutput, find_nonzero_runs
-from ..registry import get_driver
+from ..registry import get_driver, probe_file
 from .chain import close_chain, open_image
 
 CHUNK = 8 * 1024 * 1024
 DEFAULT_SPARSE = 4096
+SAME = "same"            # a run the new backing file (-B) already holds: the source's own backing file
 
 
 class _Concat:
@@ -36,28 +43,62 @@ class _Concat:
             base = end
 
 
+def parse_snapshot_param(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """``-l`` as qemu-img takes it: ``snapshot.id=ID,snapshot.name=NAME`` (either) or ``ID_OR_NAME``.
+    Returns ``(id, name)``; a bare value is ``(value, None)`` and matches an id first, then a name."""
+    if not text.startswith("snapshot."):
+        return text, None
+    ident = name = None
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if key == "snapshot.id" and sep:
+            ident = value
+        elif key == "snapshot.name" and sep:
+            name = value
+        else:
+            raise InvalidOption("Invalid parameter '%s'; failed in parsing snapshot param '%s'" % (key, text),
+                                field="-l")
+    return ident, name
+
+
 def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fmt: str = "raw",
             options: Optional[Dict[str, Any]] = None, compress: bool = False, sparse_size: int = DEFAULT_SPARSE,
             existing: bool = False, target_is_zero: bool = False, snapshot: Optional[str] = None,
-            policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None) -> None:
-    """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*."""
+            policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None,
+            backing: Optional[str] = None, backing_fmt: Optional[str] = None,
+            workers: Optional[int] = None) -> None:
+    """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*.
+
+    *snapshot* is qemu-img's ``-l`` parameter; *backing*/*backing_fmt* are ``-B``/``-F``: the
+    output gets that backing file and holds only what differs from it.  *workers* threads
+    compress for ``-c`` (default: one per CPU).
+    """
     options = dict(options or {})
     driver = get_driver(out_fmt)
     if compress and "compression" not in driver.capabilities:
         raise UnsupportedFeature("Compression not supported for this file format", path=dest, field="-c")
-    if compress:
-        raise UnsupportedFeature("compressed output (-c) is not implemented yet", path=dest, field="-c")
-    if snapshot is not None:
-        raise UnsupportedFeature("converting from an internal snapshot (-l) is not implemented yet",
-                                 path=sources[0], field="-l")
-    if sparse_size % 512:
+    if sparse_size < 0 or sparse_size % 512:
         raise InvalidOption("Invalid buffer size for sparse output specified", field="-S")
+    if snapshot is not None and len(sources) > 1:
+        raise InvalidOption("No support for concatenating multiple snapshot", field="-l")
+    if backing is None and options.get("backing_file"):
+        backing, backing_fmt = options.pop("backing_file"), options.pop("backing_fmt", backing_fmt)
+    if backing is not None and "backing" not in driver.capabilities:
+        raise UnsupportedFeature("Backing file not supported for file format '%s'" % out_fmt, path=dest,
+                                 field="-B")
+    if backing is not None and existing:
+        raise InvalidOption("-B and -n cannot be used together: the existing target keeps its own backing file",
+                            path=dest, field="-B")
     images: List[Image] = []
+    new_backing: Optional[Image] = None
     try:
         for src in sources:
             if os.path.exists(dest) and os.path.samefile(src, dest):
                 raise ImageError("source and destination are the same file", path=dest)
-            images.append(open_image(src, src_fmt, writable=False, policy=policy))
+            img = open_image(src, src_fmt, writable=False, policy=policy)
+            images.append(img)
+            if snapshot is not None:
+                img.select_snapshot(*parse_snapshot_param(snapshot))
         source = _Concat(images)
         size = source.virtual_size
         if existing:
@@ -65,21 +106,27 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             try:
                 if out.virtual_size < size:
                     raise ImageError("output file is smaller than input file", path=dest)
-                _copy(source, out, sparse_size, progress, zero_unwritten=not target_is_zero)
+                _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers)
                 out.flush()
             finally:
                 close_chain(out)
             return
+        if backing is not None:
+            new_backing, backing_fmt = _open_new_backing(dest, backing, backing_fmt, policy)
+            options["backing_file"] = backing
+            options["backing_fmt"] = backing_fmt
         typed = driver.parse_options(options)
         tmp = AtomicOutput(dest)
         try:
             os.unlink(tmp.tmp_path)
             driver.create(tmp.tmp_path, size, typed)
             out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False))
+            out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
-                _copy(source, out, sparse_size, progress, zero_unwritten=False)
+                _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers)
                 out.flush()
             finally:
+                out.backing = None
                 out.close()
             tmp.commit()
         except BaseException:
@@ -88,43 +135,100 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
     finally:
         for img in images:
             close_chain(img)
+        if new_backing is not None:
+            close_chain(new_backing)
 
 
+def _open_new_backing(dest: str, backing: str, fmt: Optional[str], policy: Optional[Policy]):
+    """Open the ``-B`` file (relative names are relative to the output, as in the image) to compare with."""
+    full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(dest)), backing)
+    if not os.path.exists(full):
+        raise ImageError("Could not open backing file '%s': No such file or directory" % full, path=dest,
+                         field="-B")
+    if not fmt:
+        fmt = probe_file(full)      # recorded in the output, so it is never probed again
+    base = policy or Policy()
+    allowed = tuple(base.allowed_dirs) + (os.path.dirname(os.path.realpath(full)),)
+    image = open_image(full, fmt, writable=False,
+                       policy=Policy(allowed_dirs=allowed, force_share=base.force_share, lock=base.lock))
+    return image, fmt
+
+
+def _run_copy(source: _Concat, out: Image, new_backing: Optional[Image], compress: bool, sparse_size: int,
+              progress, zero_unwritten: bool, workers: Optional[int]) -> None:
+    if compress or new_backing is not None:
+        unit = out.compression_unit if compress else (out.cluster_size or max(sparse_size, 4096))
+        _copy_units(source, out, unit, compress, new_backing, sparse_size, progress, zero_unwritten, workers)
+    else:
+        _copy(source, out, sparse_size, progress, zero_unwritten)
+
+
+# -- walking the source --------------------------------------------------------------------
+def _same_file(a: Image, b: Image) -> bool:
+    try:
+        return os.path.samefile(a.path, b.path)
+    except OSError:
+        return False
+
+
+def _data_runs(img: Image, offset: int, length: int, known: Optional[Image] = None):
+    """``(offset, length, DATA|ZERO|SAME)`` of the guest view of a chain: unallocated ranges resolve
+    downwards, except into *known* (the new backing file), whose ranges are SAME."""
+    for ext in img.extents(offset, length):
+        if ext.kind == UNALLOCATED and img.backing is not None:
+            inside = max(0, min(ext.offset + ext.length, img.backing.virtual_size) - ext.offset)
+            if inside:
+                if known is not None and _same_file(img.backing, known):
+                    yield ext.offset, inside, SAME
+                else:
+                    yield from _data_runs(img.backing, ext.offset, inside, known)
+            if inside < ext.length:
+                yield ext.offset + inside, ext.length - inside, ZERO
+        elif ext.kind == DATA and not ext.reads_zero:
+            yield ext.offset, ext.length, DATA
+        else:
+            yield ext.offset, ext.length, ZERO
+
+
+def _source_runs(source: _Concat, offset: int, length: int, known: Optional[Image] = None
+                 ) -> Iterator[Tuple[int, int, str, Image, int]]:
+    """``(guest_offset, length, kind, image, image_offset)`` over the concatenated sources."""
+    for img, off, n, dpos in source.parts(offset, length):
+        for roff, rn, kind in _data_runs(img, off, n, known):
+            yield dpos + roff - off, rn, kind, img, roff
+
+
+# -- plain copy ----------------------------------------------------------------------------
 def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritten: bool) -> None:
     size = source.virtual_size
     done = 0
     gran = sparse_size or None
-    for img, offset, length, dest_offset in source.parts(0, size):
-        for run_offset, run_length, kind in _data_runs(img, offset, length):
-            dpos = dest_offset + run_offset - offset
-            if kind != DATA:
-                if zero_unwritten or sparse_size == 0:
-                    if sparse_size == 0:
-                        _write_real_zeros(out, dpos, run_length)
-                    else:
-                        out.write_zeroes(dpos, run_length)
-                done += run_length
-                if progress:
-                    progress(done, size)
-                continue
-            pos = run_offset
-            end = run_offset + run_length
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                data = img.read(pos, n)
-                target = dest_offset + pos - offset
-                if gran is None:
-                    out.write(target, data)
-                else:
-                    for off, rn, is_zero in find_nonzero_runs(data, gran):
-                        if not is_zero:
-                            out.write(target + off, data[off:off + rn])
-                        elif zero_unwritten:
-                            out.write_zeroes(target + off, rn)
-                pos += n
-                done += n
-                if progress:
-                    progress(done, size)
+    for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
+        if kind != DATA:
+            if sparse_size == 0:
+                _write_real_zeros(out, target, run_length)
+            elif zero_unwritten:
+                out.write_zeroes(target, run_length)
+            done += run_length
+            if progress:
+                progress(done, size)
+            continue
+        pos = 0
+        while pos < run_length:
+            n = min(CHUNK, run_length - pos)
+            data = img.read(run_offset + pos, n)
+            if gran is None:
+                out.write(target + pos, data)
+            else:
+                for off, rn, is_zero in find_nonzero_runs(data, gran):
+                    if not is_zero:
+                        out.write(target + pos + off, data[off:off + rn])
+                    elif zero_unwritten:
+                        out.write_zeroes(target + pos + off, rn)
+            pos += n
+            done += n
+            if progress:
+                progress(done, size)
 
 
 def _write_real_zeros(out: Image, offset: int, length: int) -> None:
@@ -136,16 +240,97 @@ def _write_real_zeros(out: Image, offset: int, length: int) -> None:
         offset += n
 
 
-def _data_runs(img: Image, offset: int, length: int):
-    """``(offset, length, DATA|ZERO)`` of the guest view of a chain: unallocated ranges resolve downwards."""
-    for ext in img.extents(offset, length):
-        if ext.kind == UNALLOCATED and img.backing is not None:
-            inside = max(0, min(ext.offset + ext.length, img.backing.virtual_size) - ext.offset)
-            if inside:
-                yield from _data_runs(img.backing, ext.offset, inside)
-            if inside < ext.length:
-                yield ext.offset + inside, ext.length - inside, ZERO
-        elif ext.kind == DATA and not ext.reads_zero:
-            yield ext.offset, ext.length, DATA
-        else:
-            yield ext.offset, ext.length, ZERO
+# -- unit copy (-c, -B) --------------------------------------------------------------------
+def _read_batch(source: _Concat, offset: int, length: int, known: Optional[Image]):
+    """The batch's guest bytes (zeros where the source has none) and which bytes are SAME."""
+    data = bytearray(length)
+    same: List[Tuple[int, int]] = []
+    any_data = False
+    for target, n, kind, img, src_off in _source_runs(source, offset, length, known):
+        if kind == DATA:
+            data[target - offset:target - offset + n] = img.read(src_off, n)
+            any_data = True
+        elif kind == SAME:
+            same.append((target - offset, n))
+    return data, same, any_data
+
+
+def _covered(spans: List[Tuple[int, int]], a: int, b: int) -> bool:
+    """Whether [a, b) lies inside the union of the sorted, merged-or-adjacent *spans*."""
+    pos = a
+    for s, n in spans:
+        if s <= pos < s + n:
+            pos = s + n
+            if pos >= b:
+                return True
+    return pos >= b
+
+
+def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_backing: Optional[Image],
+                sparse_size: int, progress, zero_unwritten: bool, workers: Optional[int]) -> None:
+    size = source.virtual_size
+    batch = max(unit, CHUNK // unit * unit)
+    zero_unit = bytes(unit)
+    skip_zeros = sparse_size != 0
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) if compress else None
+    pending: "deque" = deque()     # batches being compressed, written in order
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            for start, items in pending.popleft():
+                out.write_compressed(start, [(d, f.result()) for d, f in items])
+
+    try:
+        done = 0
+        for bstart in range(0, size, batch):
+            n = min(batch, size - bstart)
+            data, same, any_data = _read_batch(source, bstart, n, new_backing)
+            base = None
+            if new_backing is not None and not _covered(same, 0, n):
+                base = _read_padded(new_backing, bstart, n)
+            groups: List[Tuple[int, list]] = []     # runs of consecutive units to write
+            group_end = -1
+            for u in range(0, n, unit):
+                v = min(n, u + unit)
+                if same and _covered(same, u, v):
+                    continue
+                piece = data[u:v]
+                is_zero = not any_data or piece == zero_unit[:v - u]
+                if base is not None:
+                    if piece == base[u:v]:
+                        continue
+                    if is_zero and skip_zeros:
+                        out.write_zeroes(bstart + u, v - u)     # zeros over backing data
+                        continue
+                elif is_zero and skip_zeros:
+                    if zero_unwritten:
+                        out.write_zeroes(bstart + u, v - u)
+                    continue
+                if group_end == bstart + u:
+                    groups[-1][1].append(piece)
+                else:
+                    groups.append((bstart + u, [piece]))
+                group_end = bstart + v
+            if pool is not None:
+                pending.append([(start, [(d, pool.submit(out.compress_block, d)) for d in items])
+                                for start, items in groups])
+                drain(2)
+            else:
+                for start, items in groups:
+                    out.write(start, b"".join(items))
+            done += n
+            if progress:
+                progress(done, size)
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_padded(img: Image, offset: int, length: int) -> bytearray:
+    """Guest bytes of *img*'s chain; zeros past its end."""
+    avail = max(0, min(length, img.virtual_size - offset))
+    data = bytearray(img.read(offset, avail)) if avail else bytearray()
+    if avail < length:
+        data.extend(bytes(length - avail))
+    return data

@@ -16,7 +16,7 @@ from ...io import HostFile
 from . import header as hdr
 from .check import check as check_image
 from .compress import decompress_cluster
-from . import snapshots
+from . import compressed_write, snapshots
 from .amend import amend as amend_options
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
@@ -65,6 +65,7 @@ class Qcow2Image(Image):
         self.sc = self.cs // hdr.SUBCLUSTERS if self.ext else self.cs
         self.virtual_size = h.size
         self.cluster_size = self.cs
+        self.compression_unit = self.cs
         self.backing_filename = h.backing_file
         self.backing_format = h.backing_format
         self.dirty = bool(h.incompatible_features & hdr.INCOMPAT_DIRTY)
@@ -465,6 +466,13 @@ class Qcow2Image(Image):
         es = 16 if self.ext else 8
         self.host.pwrite(bytes(table[first * es:(last + 1) * es]), l2_off + first * es)
 
+    # -- compressed clusters ------------------------------------------------------------
+    def compress_block(self, data: bytes) -> Optional[bytes]:
+        return compressed_write.compress_for_cluster(data, self.cs, self.header.compression_type)
+
+    def write_compressed(self, offset: int, blocks) -> None:
+        compressed_write.write_compressed(self, offset, blocks)
+
     # -- zeroing and discarding -------------------------------------------------------
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         if not length:
@@ -486,15 +494,20 @@ class Qcow2Image(Image):
         if b < end:
             self.write(b, bytes(end - b))
 
+    @property
+    def _has_backing(self) -> bool:
+        """Whether unallocated clusters show a backing file (opened or not): zeroing must then be explicit."""
+        return self.backing is not None or bool(self.backing_filename)
+
     def _zero_v2(self, offset: int, length: int, unmap: bool) -> None:
         """Version 2 has no zero flag: unallocated clusters without a backing file already read as zeros."""
-        if self.backing is None and unmap:
+        if not self._has_backing and unmap:
             self._change_entries(offset, length, "discard-v2", True)
             return
         chunk = 4 * 1024 * 1024
         pos = offset
         for g, n, kind, _host, _e in list(self._segments(offset, length)):
-            if kind == K_UNALLOC and self.backing is None:
+            if kind == K_UNALLOC and not self._has_backing:
                 continue
             for p in range(g, g + n, chunk):
                 self.write(p, bytes(min(chunk, g + n - p)))
@@ -525,10 +538,10 @@ class Qcow2Image(Image):
         while pos < end:
             l1i = pos // span
             stop = min(end, (l1i + 1) * span)
-            if self._l2_offset(l1i) == 0 and (op == "full-discard" or self.backing is None and op != "zero"):
+            if self._l2_offset(l1i) == 0 and (op == "full-discard" or not self._has_backing and op != "zero"):
                 pos = stop
                 continue
-            if self._l2_offset(l1i) == 0 and self.backing is None and op == "zero" and \
+            if self._l2_offset(l1i) == 0 and not self._has_backing and op == "zero" and \
                     self.header.version >= 3 and not self.ext:
                 pos = stop   # unallocated without a backing file already reads as zeros
                 continue
@@ -557,7 +570,7 @@ class Qcow2Image(Image):
                         mask |= 1 << s
                     alloc = bitmap & ALL_ALLOC & ~mask
                     zero = (bitmap >> 32) | mask
-                    if op == "discard" and self.backing is None and not off:
+                    if op == "discard" and not self._has_backing and not off:
                         zero = bitmap >> 32   # nothing there to discard
                     self._set_entry(table, idx, entry, alloc | ((zero & ALL_ALLOC) << 32))
                     continue
@@ -588,7 +601,7 @@ class Qcow2Image(Image):
         if op in ("discard-v2", "full-discard"):
             return 0, 0, release
         # discard: v3 reads zeros afterwards where something was there or a backing file shows through
-        if self.backing is not None or allocated:
+        if self._has_backing or allocated:
             if self.ext:
                 return 0, ALL_ZERO, release
             if self.header.version >= 3:
@@ -641,6 +654,23 @@ class Qcow2Image(Image):
     def delete_snapshot(self, name: str) -> None:
         self._check_writable()
         snapshots.delete_snapshot(self, name)
+
+    def select_snapshot(self, ident: Optional[str] = None, name: Optional[str] = None) -> None:
+        if self.writable:
+            raise ImageError("a snapshot is shown only on a read-only image", path=self.path, field="snapshot")
+        if name is None and ident is not None:
+            try:
+                snap = snapshots.find_snapshot(self, ident)[1]
+            except ImageError:
+                raise ImageError("Failed to load snapshot: Can't find snapshot", path=self.path,
+                                 field="snapshot") from None
+        else:
+            snap = snapshots.find_snapshot_exact(self, ident, name)
+        # the disk keeps its current size, as in qemu-img convert -l: a smaller snapshot reads as
+        # unallocated past its own L1 table
+        self.l1 = snapshots.read_l1(self, snap.l1_table_offset, snap.l1_size)
+        self._l2_cache.clear()
+        self._compressed_cache = (-1, b"")
 
     def reload_state(self, l1: List[int], snaps) -> None:
         """Forget cached metadata after the header switched to a new state."""

@@ -63,6 +63,9 @@ class Refcounts:
         self.blocks: Dict[int, bytearray] = {}
         self.reserved: Set[int] = set()
         self.free_hint = 0
+        # end of the last compressed payload when it stops inside a host cluster (0: none); the next
+        # compressed write continues there, as QEMU packs compressed clusters
+        self.compressed_tail = 0
         self._load_table()
 
     # -- table ------------------------------------------------------------------------
@@ -134,6 +137,8 @@ class Refcounts:
         """Add *delta* to the refcounts of clusters ``first .. first+count-1``, writing each block once."""
         cluster = first
         end = first + count
+        if delta < 0 and self.compressed_tail and first <= self.compressed_tail // self.cs < end:
+            self.compressed_tail = 0      # that cluster may be freed and reused: never append to it again
         while cluster < end:
             bi = cluster // self.epb
             if delta > 0:

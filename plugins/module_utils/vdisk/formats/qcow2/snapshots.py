@@ -52,9 +52,18 @@ def find_snapshot(img, name: str) -> Tuple[int, Snapshot]:
     raise ImageError("snapshot '%s' not found" % name, path=img.path, field="snapshot")
 
 
+def find_snapshot_exact(img, ident: Optional[str], name: Optional[str]) -> Snapshot:
+    """The snapshot matching every given key (``snapshot.id=`` and/or ``snapshot.name=``)."""
+    for s in img.snapshots_table():
+        if (ident is None or s.id == ident) and (name is None or s.name == name):
+            return s
+    raise ImageError("Failed to load snapshot: Can't find snapshot", path=img.path, field="snapshot")
+
+
 def _tree_refs(img, l1_entries: List[int]) -> Tuple[Dict[int, int], List[int]]:
     """Host clusters referenced from an L1 table: ``{cluster index: count}`` and the L2 table offsets."""
     cs = img.cs
+    x = 62 - (img.cb - 8)       # compressed descriptors: offset bits, then the sector count
     refs: Dict[int, int] = {}
     l2s = []
     for entry in l1_entries:
@@ -82,7 +91,7 @@ def _tree_refs(img, l1_entries: List[int]) -> Tuple[Dict[int, int], List[int]]:
     return refs, l2s
 
 
-def _read_l1(img, offset: int, size: int) -> List[int]:
+def read_l1(img, offset: int, size: int) -> List[int]:
     if size * 8 > hdr.MAX_L1_SIZE:
         raise ImageError("Snapshot L1 table too large", path=img.path, field="snapshot")
     if offset % img.cs:
@@ -115,7 +124,7 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
         coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
         _add(refs, coff // cs, (coff + clen - 1) // cs)
     for snap in snaps:
-        l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
+        l1 = read_l1(img, snap.l1_table_offset, snap.l1_size)
         if snap.l1_size:
             _add(refs, snap.l1_table_offset // cs, (snap.l1_table_offset + snap.l1_size * 8 - 1) // cs)
         tree, _ = _tree_refs(img, l1)
@@ -203,7 +212,7 @@ def create_snapshot(img, name: str) -> Snapshot:
 def apply_snapshot(img, name: str) -> None:
     """Make the active layer equal to the snapshot (QEMU's snapshot goto)."""
     _, snap = find_snapshot(img, name)
-    snap_l1 = _read_l1(img, snap.l1_table_offset, snap.l1_size)
+    snap_l1 = read_l1(img, snap.l1_table_offset, snap.l1_size)
     switch_state(img, list(img.snapshots_table()), snap_l1, snap.disk_size)
 
 
