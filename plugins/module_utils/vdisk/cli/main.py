@@ -159,6 +159,7 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-O", dest="out_fmt", default="raw")
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-B", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
     p.add_argument("-S", dest="sparse", default="4k")
     p.add_argument("-n", action="store_true", dest="existing")
     p.add_argument("-m", dest="coroutines", type=int)
@@ -176,18 +177,17 @@ def cmd_convert(argv: List[str]) -> int:
     if "help" in options:
         _out(get_driver(args.out_fmt).options_help())
         return 0
-    if args.backing:
-        options["backing_file"] = args.backing
-        raise ImageError("-B (output with a backing file) is not implemented yet", field="-B")
-    snapshot = None
-    if args.snapshot:
-        snapshot = args.snapshot.split("snapshot.name=", 1)[-1] if "=" in args.snapshot else args.snapshot
+    if args.backing_fmt and not args.backing:
+        raise UsageError("-F (backing format) needs -B")
     if args.target_is_zero and not args.existing:
         raise UsageError("--target-is-zero requires use of -n flag")
+    if args.coroutines is not None and not 1 <= args.coroutines <= 16:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     convert(args.files[:-1], args.files[-1], args.fmt, args.out_fmt, options, compress=args.compress,
             sparse_size=parse_size(args.sparse, "-S"), existing=args.existing,
-            target_is_zero=args.target_is_zero, snapshot=snapshot, policy=_policy(args),
-            progress=_progress(args.progress and not args.quiet))
+            target_is_zero=args.target_is_zero, snapshot=args.snapshot, policy=_policy(args),
+            progress=_progress(args.progress and not args.quiet), backing=args.backing,
+            backing_fmt=args.backing_fmt)
     return 0
 
 
@@ -415,7 +415,8 @@ USAGE = """usage: vdisk [-h] [-V] COMMAND [options]
 
 Commands (qemu-img's syntax):
   create  [-q] [-f FMT] [-o OPTS] [-b BACKING [-F BACKING_FMT]] [-u] FILE [SIZE]
-  convert [-q] [-p] [-c] [-f FMT] [-O FMT] [-o OPTS] [-S SIZE] [-n] [--target-is-zero] SRC [SRC...] DST
+  convert [-q] [-p] [-c] [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT] [-S SIZE] [-n]
+          [--target-is-zero] [-m N] [-W] SRC [SRC...] DST
   info    [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
   check   [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILE
   resize  [-q] [-f FMT] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE
