@@ -46,24 +46,29 @@ def _add_allow_path(p: argparse.ArgumentParser) -> None:
                    help="also allow files named by the image (backing files...) under DIR")
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, stream=None):
+    """qemu-img's -p on stdout: a bar redrawn in place on a terminal, one line per percent otherwise."""
     if not enabled:
         return None
-    tty = sys.stderr.isatty()
-    state = {"last": -1}
+    out = stream or sys.stdout
+    tty = out.isatty()
+    state = {"last": -1.0}
 
     def report(done: int, total: int) -> None:
-        pct = int(done * 100 / total) if total else 100
-        if pct == state["last"]:
+        pct = done * 100.0 / total if total else 100.0
+        step = round(pct, 1) if tty else float(int(pct))
+        if step == state["last"]:
             return
-        state["last"] = pct
+        state["last"] = step
         if tty:
-            sys.stderr.write("\r    (%.2f/100%%)" % pct)
-            if pct >= 100:
-                sys.stderr.write("\n")
+            width = 30
+            filled = int(width * pct / 100)
+            out.write("\r    (%6.2f/100%%) [%s%s]" % (pct, "#" * filled, "-" * (width - filled)))
+            if done >= total:
+                out.write("\n")
         else:
-            sys.stderr.write("    (%d.00/100%%)\n" % pct)
-        sys.stderr.flush()
+            out.write("    (%.2f/100%%)\n" % step)
+        out.flush()
     return report
 
 
