@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-slow qemu clean
+.PHONY: all venv demo test test-slow qemu clean bench
 
 all: test
 
@@ -39,6 +39,10 @@ test: venv qemu
 
 test-slow: venv qemu
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# vdisk against qemu-img on real guest disks (built once, cached outside the tree): docs/performance.md
+bench: venv qemu
+	$(PY) tests/bench/bench.py --vdisk "$(CURDIR)/$(VENV)/bin/vdisk" $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo .pytest_cache .hypothesis

@@ -1,5 +1,6 @@
 """Engine core: sizes as qemu-img parses and prints them, host-file I/O, atomic output, options, policy."""
 import os
+import random
 import subprocess
 
 import pytest
@@ -104,6 +105,37 @@ def test_zero_detection():
     assert vio.is_zero(bytes(1 << 20)) and not vio.is_zero(bytes(1000) + b"\x01")
     runs = list(vio.find_nonzero_runs(bytes(4096) + b"\x01" * 4096 + bytes(8192), 4096))
     assert runs == [(0, 4096, True), (4096, 4096, False), (8192, 8192, True)]
+
+
+def _runs_block_by_block(data, gran):
+    out = []
+    for p in range(0, len(data), gran):
+        piece = data[p:p + gran]
+        zero = piece == bytes(len(piece))
+        if out and out[-1][2] == zero:
+            out[-1] = (out[-1][0], out[-1][1] + len(piece), zero)
+        else:
+            out.append((p, len(piece), zero))
+    return out
+
+
+def test_zero_detection_agrees_with_a_block_by_block_scan():
+    """find_nonzero_runs skips through data with bytes.find: unaligned zero runs, short last blocks,
+    runs of zeros shorter or longer than a block must give exactly the block-by-block answer."""
+    rnd = random.Random(20261125)
+    for case in range(800):
+        gran = rnd.choice([512, 1024, 4096])
+        n = rnd.randrange(0, 12 * gran)
+        data = bytearray(rnd.randrange(1, 256) for _ in range(n)) if rnd.random() < 0.3 else bytearray(n)
+        for _ in range(rnd.randrange(0, 6)):
+            a = rnd.randrange(0, n + 1)
+            b = min(n, a + rnd.randrange(0, 3 * gran))
+            zeros = rnd.random() < 0.4
+            for i in range(a, b):
+                data[i] = 0 if zeros or rnd.random() < 0.3 else rnd.randrange(1, 256)
+        got = list(vio.find_nonzero_runs(bytes(data) if case % 2 else data, gran))
+        assert got == _runs_block_by_block(bytes(data), gran), (case, gran, n)
+        assert list(vio.find_nonzero_runs(data + b"\x01" * 7, gran, n)) == got    # only the first n bytes
 
 
 def test_non_regular_input_refused(tmp_path):

@@ -86,6 +86,7 @@ class Policy:
     force_share: bool = False   # -U: open without taking image locks (read-only opens only)
     lock: bool = True
     repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
+    sync: bool = True           # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
 
     def with_root(self, image_path: str) -> "Policy":
         """The policy for a chain opened at *image_path*: its directory tree becomes allowed."""
@@ -181,6 +182,10 @@ class Image:
     # -- data path ----------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         raise UnsupportedFeature("reading is not supported", path=self.path)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill *view* with guest bytes from *offset*: a reused buffer spares large allocations."""
+        view[:] = self.read(offset, len(view))
 
     def write(self, offset: int, data: bytes) -> None:
         raise UnsupportedFeature("format %s does not support writing" % self.driver.name, path=self.path)
@@ -297,7 +302,8 @@ class Driver:
         """Score 0..100 for how surely *header* (the first bytes of the file) is this format."""
         return 0
 
-    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
+        """Create a new image at *path* atomically; *sync* False skips waiting for the disk."""
         raise UnsupportedFeature("Format driver '%s' does not support image creation" % self.name, path=path)
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
@@ -58,9 +59,10 @@ class HostFile:
     """One open host file, the bottom of every image.  Reads and writes are positioned."""
 
     def __init__(self, path: str, writable: bool = False, lock: bool = True, create: bool = False,
-                 allow_nonregular: bool = False):
+                 allow_nonregular: bool = False, sync: bool = True):
         self.path = path
         self.writable = writable
+        self.sync = sync        # False: flush() leaves writeback to the kernel (qemu's cache=unsafe)
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below and cleared for regular files
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
         if create:
@@ -148,6 +150,20 @@ class HostFile:
         except OSError as exc:
             raise _io_error(self.path, "read at offset %d" % offset, exc) from None
 
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        """Fill the writable buffer *view* from *offset* (no new allocation); zeros past the end."""
+        view = view.cast("B") if view.format != "B" else view
+        try:
+            while len(view):
+                got = os.preadv(self.fd, [view], offset)
+                if not got:
+                    view[:] = bytes(len(view))
+                    return
+                view = view[got:]
+                offset += got
+        except OSError as exc:
+            raise _io_error(self.path, "read at offset %d" % offset, exc) from None
+
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)
         try:
@@ -220,7 +236,7 @@ class HostFile:
             yield end, offset + length - end, False
 
     def flush(self) -> None:
-        if self.writable:
+        if self.writable and self.sync:
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
@@ -260,14 +276,21 @@ class AtomicOutput:
         os.close(fd)
         os.chmod(self.tmp_path, 0o644 & ~_umask())
 
-    def commit(self) -> None:
-        """Flush the temporary file and rename it over the destination."""
-        fd = os.open(self.tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def commit(self, sync: bool = True) -> None:
+        """Flush the temporary file and rename it over the destination.
+
+        Without *sync* (qemu-img convert's default cache=unsafe) a new file is renamed into place
+        without waiting for the disk; replacing an existing file always waits, so a crash can
+        never leave the old content lost and the new one incomplete."""
+        if sync or os.path.lexists(self.path):
+            fd = os.open(self.tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.rename(self.tmp_path, self.path)
+        if not sync:
+            return
         try:
             dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
@@ -315,22 +338,32 @@ def zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def find_nonzero_runs(data, granularity: int) -> Iterator[Tuple[int, int, bool]]:
-    """Split *data* into ``(offset, length, is_zero)`` runs at *granularity* boundaries."""
-    view = memoryview(data)
-    total = len(view)
-    zero_block = bytes(granularity)
-    pos = 0
-    run_start = 0
-    run_zero: Optional[bool] = None
-    while pos < total:
-        piece = view[pos:pos + granularity]
-        zero = piece == zero_block[:len(piece)]
-        if run_zero is None:
-            run_zero = zero
-        elif zero != run_zero:
-            yield run_start, pos - run_start, run_zero
-            run_start, run_zero = pos, zero
-        pos += len(piece)
-    if run_zero is not None:
-        yield run_start, total - run_start, run_zero
+def find_nonzero_runs(data, granularity: int, length: Optional[int] = None) -> Iterator[Tuple[int, int, bool]]:
+    """Split *data* into ``(offset, length, is_zero)`` runs at *granularity* boundaries.
+
+    A zero run is made of whole zero blocks at multiples of *granularity* (a short last block
+    counts); everything else is data.  Three probe bytes settle most data blocks; only blocks
+    that pass them are compared whole.  With *length*, only the first *length* bytes are looked at.
+    """
+    buf = data if isinstance(data, (bytes, bytearray, mmap.mmap)) else bytes(data)
+    total = len(buf) if length is None else length
+    gran = granularity
+    zero_block = bytes(gran)
+    mid, last = gran // 2, gran - 1
+    start = 0
+    current: Optional[bool] = None
+    i = 0
+    while i < total:
+        j = i + gran
+        if j <= total:
+            zero = not (buf[i] or buf[i + last] or buf[i + mid]) and buf[i:j] == zero_block
+        else:
+            j = total
+            zero = buf[i:j] == zero_block[:j - i]
+        if zero is not current:
+            if current is not None:
+                yield start, i - start, current
+            start, current = i, zero
+        i = j
+    if current is not None:
+        yield start, total - start, current

@@ -165,6 +165,8 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-B", dest="backing")
     p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-t", dest="cache", default="unsafe")
+    p.add_argument("-T", dest="src_cache")
     p.add_argument("-S", dest="sparse", default="4k")
     p.add_argument("-n", action="store_true", dest="existing")
     p.add_argument("-m", dest="coroutines", type=int)
@@ -192,7 +194,7 @@ def cmd_convert(argv: List[str]) -> int:
             sparse_size=parse_size(args.sparse, "-S"), existing=args.existing,
             target_is_zero=args.target_is_zero, snapshot=args.snapshot, policy=_policy(args),
             progress=_progress(args.progress and not args.quiet), backing=args.backing,
-            backing_fmt=args.backing_fmt)
+            backing_fmt=args.backing_fmt, cache=args.cache)
     return 0
 
 

@@ -26,7 +26,7 @@ class RawImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
         self.virtual_size = self.host.size()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -34,6 +34,12 @@ class RawImage(Image):
             raise ImageError("read beyond the end of the image (offset %d, length %d)" % (offset, length),
                              path=self.path)
         return self.host.pread(length, offset)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if offset + len(view) > self.virtual_size:
+            raise ImageError("read beyond the end of the image (offset %d, length %d)" % (offset, len(view)),
+                             path=self.path)
+        self.host.pread_into(view, offset)
 
     def write(self, offset: int, data: bytes) -> None:
         self._check_writable()
@@ -96,13 +102,13 @@ class RawDriver(Driver):
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw; every other format outranks it
 
-    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         mode = options.get("preallocation") or "off"
         out = AtomicOutput(path)
         try:
             with HostFile(out.tmp_path, writable=True) as host:
                 preallocate(host, 0, size, mode)
-            out.commit()
+            out.commit(sync)
         except BaseException:
             out.abort()
             raise

@@ -11,6 +11,7 @@ writes them in order; ``-B`` writes only the units that differ from the new back
 """
 import os
 from collections import deque
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -19,9 +20,11 @@ from ..errors import ImageError, InvalidOption, UnsupportedFeature
 from ..io import AtomicOutput, find_nonzero_runs
 from ..registry import get_driver, probe_file
 from .chain import close_chain, open_image
+from .readahead import ReadAhead
 
 CHUNK = 8 * 1024 * 1024
 DEFAULT_SPARSE = 4096
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 SAME = "same"            # a run the new backing file (-B) already holds: the source's own backing file
 
 
@@ -66,14 +69,18 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             existing: bool = False, target_is_zero: bool = False, snapshot: Optional[str] = None,
             policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None,
             backing: Optional[str] = None, backing_fmt: Optional[str] = None,
-            workers: Optional[int] = None) -> None:
+            workers: Optional[int] = None, cache: str = "unsafe") -> None:
     """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*.
 
     *snapshot* is qemu-img's ``-l`` parameter; *backing*/*backing_fmt* are ``-B``/``-F``: the
     output gets that backing file and holds only what differs from it.  *workers* threads
-    compress for ``-c`` (default: one per CPU).
+    compress for ``-c`` (default: one per CPU).  *cache* is ``-t``: with qemu-img's default
+    ``unsafe`` a new output is not flushed to disk (an output replacing a file always is).
     """
     options = dict(options or {})
+    if cache not in CACHE_MODES:
+        raise InvalidOption("Invalid cache option: %s" % cache, field="-t")
+    sync = cache != "unsafe"
     driver = get_driver(out_fmt)
     if compress and "compression" not in driver.capabilities:
         raise UnsupportedFeature("Compression not supported for this file format", path=dest, field="-c")
@@ -102,7 +109,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
         source = _Concat(images)
         size = source.virtual_size
         if existing:
-            out = open_image(dest, out_fmt, writable=True, policy=policy, backing=False)
+            out = open_image(dest, out_fmt, writable=True, policy=replace(policy or Policy(), sync=sync),
+                             backing=False)
             try:
                 if out.virtual_size < size:
                     raise ImageError("output file is smaller than input file", path=dest)
@@ -119,8 +127,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
         tmp = AtomicOutput(dest)
         try:
             os.unlink(tmp.tmp_path)
-            driver.create(tmp.tmp_path, size, typed)
-            out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False))
+            driver.create(tmp.tmp_path, size, typed, sync=sync)
+            out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False, sync=sync))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers)
@@ -128,7 +136,7 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             finally:
                 out.backing = None
                 out.close()
-            tmp.commit()
+            tmp.commit(sync)
         except BaseException:
             tmp.abort()
             raise
@@ -203,32 +211,33 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
     size = source.virtual_size
     done = 0
     gran = sparse_size or None
-    for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
-        if kind != DATA:
+
+    def jobs():
+        for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
+            if kind != DATA:
+                yield (target, run_length, False), 0, 0, None
+                continue
+            for pos in range(0, run_length, CHUNK):
+                n = min(CHUNK, run_length - pos)
+                yield (target + pos, n, True), run_offset + pos, n, img.read_into
+
+    for (target, length, is_data), view in ReadAhead(jobs(), CHUNK):
+        if not is_data:
             if sparse_size == 0:
-                _write_real_zeros(out, target, run_length)
+                _write_real_zeros(out, target, length)
             elif zero_unwritten:
-                out.write_zeroes(target, run_length)
-            done += run_length
-            if progress:
-                progress(done, size)
-            continue
-        pos = 0
-        while pos < run_length:
-            n = min(CHUNK, run_length - pos)
-            data = img.read(run_offset + pos, n)
-            if gran is None:
-                out.write(target + pos, data)
-            else:
-                for off, rn, is_zero in find_nonzero_runs(data, gran):
-                    if not is_zero:
-                        out.write(target + pos + off, data[off:off + rn])
-                    elif zero_unwritten:
-                        out.write_zeroes(target + pos + off, rn)
-            pos += n
-            done += n
-            if progress:
-                progress(done, size)
+                out.write_zeroes(target, length)
+        elif gran is None:
+            out.write(target, view)
+        else:
+            for off, rn, is_zero in find_nonzero_runs(view.obj, gran, length):
+                if not is_zero:
+                    out.write(target + off, view[off:off + rn])
+                elif zero_unwritten:
+                    out.write_zeroes(target + off, rn)
+        done += length
+        if progress:
+            progress(done, size)
 
 
 def _write_real_zeros(out: Image, offset: int, length: int) -> None:

@@ -114,7 +114,7 @@ class Qcow2Driver(Driver):
                                 "size)", field="size")
         return h
 
-    def create(self, path: str, size: int, options: Dict[str, Any]) -> None:
+    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         """Write a new image beside *path* and rename it into place."""
         size = -(-size // 512) * 512
         h = self.build_header(size, options)
@@ -129,7 +129,7 @@ class Qcow2Driver(Driver):
                     preallocate(image, 0, size, prealloc)
                 finally:
                     image.close()
-            out.commit()
+            out.commit(sync)
         except BaseException:
             out.abort()
             raise

@@ -42,7 +42,7 @@ class Qcow2Image(Image):
         super().__init__(path, writable)
         self.driver = driver
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
         try:
             self._open(policy)
         except BaseException:
@@ -272,6 +272,22 @@ class Qcow2Image(Image):
                 out[o:o + n] = c[co:co + n]
         return bytes(out)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        length = len(view)
+        self._check_range(offset, length)
+        for g, n, kind, host, entry in self._segments(offset, length):
+            o = g - offset
+            if kind == K_DATA:
+                self.host.pread_into(view[o:o + n], host)
+            elif kind == K_UNALLOC and self.backing is not None:
+                view[o:o + n] = self.read_backing(g, n)
+            elif kind == K_COMPRESSED:
+                c = self._compressed_cluster(entry)
+                co = g & (self.cs - 1)
+                view[o:o + n] = c[co:co + n]
+            else:
+                view[o:o + n] = bytes(n)
+
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end <= offset:
@@ -378,27 +394,35 @@ class Qcow2Image(Image):
                 j += 1
             count = j - i
             host = self.refcounts.alloc(count)
-            buf = bytearray()
+            segments = []          # (host offset, buffer): whole clusters are written from *data* itself
+            run = None             # (host offset, data start, data end) of consecutive whole clusters
             for k in range(i, j):
                 ci_k, _, entry_k, bitmap_k = plan[k]
                 cstart = ci_k << cb
                 a = max(offset, cstart)
                 b = min(end, cstart + cs)
+                new_host = host + (k - i) * cs
                 if a == cstart and b - a == cs:
-                    content = bytearray(data[a - offset:b - offset])
+                    run = (run[0], run[1], b - offset) if run else (new_host, a - offset, b - offset)
                 else:
+                    if run:
+                        segments.append((run[0], data[run[1]:run[2]]))
+                        run = None
                     content = self._old_cluster_content(cstart)
                     content[a - cstart:b - cstart] = data[a - offset:b - offset]
-                buf += content
-                new_host = host + (k - i) * cs
+                    segments.append((new_host, content))
                 new_bitmap = 0
                 if self.ext:
                     new_bitmap = self._bitmap_after_cow(entry_k, bitmap_k, a - cstart, b - cstart)
-                old_runs = self._cluster_runs(table, ci_k % l2e, cstart, l2_off)
-                releases.append(old_runs[0] if old_runs[0][2] == K_COMPRESSED else
-                                (cstart, cs, K_DATA, entry_k & hdr.OFFSET_MASK or None, entry_k))
+                if entry_k & (hdr.OFFSET_MASK | hdr.OFLAG_COMPRESSED):
+                    old_runs = self._cluster_runs(table, ci_k % l2e, cstart, l2_off)
+                    releases.append(old_runs[0] if old_runs[0][2] == K_COMPRESSED else
+                                    (cstart, cs, K_DATA, entry_k & hdr.OFFSET_MASK or None, entry_k))
                 plan[k] = (ci_k, new_host, (new_host | hdr.OFLAG_COPIED), new_bitmap)
-            self.host.pwrite(buf, host)
+            if run:
+                segments.append((run[0], data[run[1]:run[2]]))
+            for seg_host, seg in segments:
+                self.host.pwrite(seg, seg_host)
             for k in range(i, j):
                 ci_k, new_host, new_entry, new_bitmap = plan[k]
                 self._set_entry(table, ci_k % l2e, new_entry, new_bitmap)

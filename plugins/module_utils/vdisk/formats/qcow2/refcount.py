@@ -201,7 +201,7 @@ class Refcounts:
             # fast path: the rest of this block is free (no refcounts, nothing reserved there)
             if not any(cluster <= c < block_end for c in reserved):
                 a, _ = self._byte_span(cluster - base, cluster - base)
-                if block is None or not any(block[a:]) and (cluster - base) % max(1, 8 // self.bits) == 0:
+                if block is None or block.count(0, a) == len(block) - a and (cluster - base) % max(1, 8 // self.bits) == 0:
                     if run == 0:
                         start = cluster
                     run += block_end - cluster
