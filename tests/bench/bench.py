@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+"""vdisk against qemu-img on real guest disks, side by side.  Python stdlib only.
+
+    make bench                                   # all cells, 3 rounds
+    python3 tests/bench/bench.py --rounds 5 --only check,compare --json out.json
+
+The disks (a Debian root file system from debootstrap, a bigger one with real files of this
+machine) are built once by build_disks.py and kept in its cache directory.  For each cell both
+tools run once untimed (warm-up: afterwards both read their input from the page cache; vdisk's
+output of that run is verified with qemu-img), then alternately vdisk, qemu-img, vdisk, ...
+for --rounds rounds.  Reported: the median wall time of each, the median of the per-round
+ratios vdisk/qemu-img, the target for that ratio, and the peak RSS of each (ru_maxrss of the
+child, from os.wait4).  Outputs are written to a scratch directory in the cache directory that
+is removed when the run ends.  Exit status: 0, or 1 when a cell failed or vdisk's result was
+wrong (a slow cell, MISS, is not a failure).
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+class Cell:
+    """One benchmarked command: the same arguments for vdisk and qemu-img."""
+
+    def __init__(self, name, title, args, inputs, threshold=None, output=None, verify=None, links=()):
+        self.name = name
+        self.title = title
+        self.args = args            # argv after the program, {in:NAME} / {out} placeholders
+        self.inputs = inputs        # fixtures of build_disks.py this cell reads
+        self.threshold = threshold  # target for vdisk/qemu-img, None: no target
+        self.output = output        # file name of the output in the scratch directory
+        self.verify = verify        # qemu-img argv checking vdisk's output
+        self.links = links          # (fixture, name): fixtures hard-linked into the scratch dir
+
+
+CELLS = [
+    Cell("raw-qcow2", "convert raw -> qcow2 (big disk)",
+         ["convert", "-f", "raw", "-O", "qcow2", "{in:big.raw}", "{out}"], ["big.raw"], 1.2,
+         output="out.qcow2",
+         verify=[["compare", "-f", "raw", "-F", "qcow2", "{in:big.raw}", "{out}"],
+                 ["check", "-f", "qcow2", "{out}"]]),
+    Cell("compressed", "convert -c raw -> qcow2 (small disk)",
+         ["convert", "-c", "-f", "raw", "-O", "qcow2", "{in:small.raw}", "{out}"], ["small.raw"], 0.6,
+         output="out.qcow2",
+         verify=[["compare", "-f", "raw", "-F", "qcow2", "{in:small.raw}", "{out}"],
+                 ["check", "-f", "qcow2", "{out}"]]),
+    Cell("qcow2-raw", "convert qcow2 -> raw (big disk)",
+         ["convert", "-f", "qcow2", "-O", "raw", "{in:big.qcow2}", "{out}"], ["big.qcow2"], 1.2,
+         output="out.raw",
+         verify=[["compare", "-f", "qcow2", "-F", "raw", "{in:big.qcow2}", "{out}"]]),
+    Cell("backing", "convert qcow2 -> qcow2 -B base (modified small disk)",
+         ["convert", "-f", "qcow2", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2",
+          "{in:modified.qcow2}", "{out}"], ["modified.qcow2", "small.qcow2"], None,
+         output="out.qcow2", links=[("small.qcow2", "base.qcow2")],
+         verify=[["compare", "-f", "qcow2", "-F", "qcow2", "{in:modified.qcow2}", "{out}"],
+                 ["check", "-f", "qcow2", "{out}"]]),
+    Cell("compare", "compare raw vs qcow2, equal (big disk)",
+         ["compare", "-f", "raw", "-F", "qcow2", "{in:big.raw}", "{in:big.qcow2}"],
+         ["big.raw", "big.qcow2"], 1.2),
+    Cell("check", "check qcow2, 4 KiB clusters (big disk)",
+         ["check", "-f", "qcow2", "{in:big-4k.qcow2}"], ["big-4k.qcow2"], 1.5),
+]
+CELL_NAMES = [c.name for c in CELLS]
+
+
+# -- pure helpers (tests/unit/test_bench_script.py) ---------------------------------------
+def median(values):
+    vals = sorted(values)
+    if not vals:
+        raise ValueError("median of nothing")
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2.0
+
+
+def ratios(a_times, b_times):
+    """Per-round a/b ratios (a round whose b time is 0 is left out)."""
+    return [a / b for a, b in zip(a_times, b_times) if b > 0]
+
+
+def verdict(ratio, threshold):
+    if ratio is None or threshold is None:
+        return "-"
+    return "PASS" if ratio <= threshold else "MISS"
+
+
+def fmt_seconds(s):
+    if s is None:
+        return "-"
+    return "%.2f" % s if s < 100 else "%.0f" % s
+
+
+def fmt_ratio(r):
+    return "-" if r is None else "%.2fx" % r
+
+
+def fmt_threshold(t):
+    return "-" if t is None else "<= %gx" % t
+
+
+def fmt_rss(kib):
+    return "-" if kib is None else "%d MiB" % round(kib / 1024.0)
+
+
+def parse_only(values, known=CELL_NAMES):
+    """--only a,b --only c -> [a, b, c] in the order of *known*; unknown names raise ValueError."""
+    if not values:
+        return list(known)
+    wanted = set()
+    for v in values:
+        wanted.update(x.strip() for x in v.split(",") if x.strip())
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError("unknown cell(s) %s; cells: %s" % (", ".join(unknown), ", ".join(known)))
+    return [k for k in known if k in wanted]
+
+
+def first_line(text, limit=160):
+    for line in (text or "").splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return ""
+
+
+def expand(args, inputs, out):
+    """Fill the {in:NAME} and {out} placeholders of an argv."""
+    result = []
+    for a in args:
+        if a == "{out}":
+            result.append(out)
+        elif a.startswith("{in:") and a.endswith("}"):
+            result.append(inputs[a[4:-1]])
+        else:
+            result.append(a)
+    return result
+
+
+def summarize(result):
+    """Add medians, ratio and verdict to a cell result {vdisk: {times, rss}, qemu: {...}}."""
+    for side in ("vdisk", "qemu"):
+        r = result.get(side) or {}
+        r["median"] = median(r["times"]) if r.get("times") else None
+        r["peak_rss_kib"] = max(r["rss_kib"]) if r.get("rss_kib") else None
+    v, q = result.get("vdisk") or {}, result.get("qemu") or {}
+    rs = ratios(v.get("times") or [], q.get("times") or [])
+    result["ratios"] = rs
+    result["ratio"] = median(rs) if rs else None
+    result["verdict"] = verdict(result["ratio"], result.get("threshold"))
+    return result
+
+
+HEADER = ("cell", "vdisk s", "qemu-img s", "vdisk/qemu", "target", "result", "vdisk RSS", "qemu RSS")
+
+
+def format_table(results, markdown=False):
+    """The results table, plain text (aligned columns) or markdown."""
+    rows = []
+    for r in results:
+        if r.get("error"):
+            rows.append((r["name"], "error: " + r["error"]))
+            continue
+        v, q = r.get("vdisk") or {}, r.get("qemu") or {}
+        result = r.get("verdict", "-")
+        if r.get("mismatch"):
+            result = "WRONG"
+        rows.append((r["name"], fmt_seconds(v.get("median")), fmt_seconds(q.get("median")),
+                     fmt_ratio(r.get("ratio")), fmt_threshold(r.get("threshold")), result,
+                     fmt_rss(v.get("peak_rss_kib")), fmt_rss(q.get("peak_rss_kib"))))
+    if markdown:
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        for row in rows:
+            if len(row) == 2:
+                row = row + ("",) * (len(HEADER) - 2)
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+    widths = [len(h) for h in HEADER]
+    for row in rows:
+        if len(row) == len(HEADER):
+            widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    right = {1, 2, 3, 6, 7}
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            out.append(c.rjust(widths[i]) if i in right else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+    lines = [line(HEADER)]
+    for row in rows:
+        lines.append(line(row) if len(row) == len(HEADER) else row[0].ljust(widths[0]) + "  " + row[1])
+    return "\n".join(lines)
+
+
+# -- running --------------------------------------------------------------------------------
+class Run:
+    __slots__ = ("rc", "wall", "cpu", "rss_kib", "stdout", "stderr", "timed_out")
+
+
+def run_once(argv, cwd, timeout):
+    """Run *argv*; wall time, CPU time and peak RSS of that child alone (os.wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        expired = []
+
+        def kill():
+            expired.append(True)
+            proc.kill()
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)   # keeps Popen from waiting again
+        r = Run()
+        r.rc, r.wall, r.timed_out = proc.returncode, wall, bool(expired)
+        r.cpu = ru.ru_utime + ru.ru_stime
+        r.rss_kib = ru.ru_maxrss          # KiB on Linux
+        out.seek(0)
+        err.seek(0)
+        r.stdout = out.read().decode("utf-8", "replace")
+        r.stderr = err.read().decode("utf-8", "replace")
+        return r
+
+
+def remove(path):
+    if os.path.lexists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def allocated(path):
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+def failure(tool, r, timeout):
+    if r.timed_out:
+        return "%s: timed out after %d s" % (tool, timeout)
+    return "%s: %s" % (tool, first_line(r.stderr) or first_line(r.stdout) or "exit status %d" % r.rc)
+
+
+class Bench:
+    def __init__(self, vdisk, qemu_img, fixtures, scratch, rounds, timeout, log=None):
+        self.vdisk = vdisk                # argv prefix
+        self.qemu_img = qemu_img          # argv prefix
+        self.fixtures = fixtures
+        self.scratch = scratch
+        self.rounds = rounds
+        self.timeout = timeout
+        self.log = log or (lambda msg: sys.stderr.write(msg + "\n"))
+
+    def inputs(self):
+        return {name: self.fixtures.path(name) for name in (
+            "big.raw", "small.raw", "big.qcow2", "modified.qcow2", "small.qcow2", "big-4k.qcow2")}
+
+    def run_cell(self, cell):
+        result = {"name": cell.name, "title": cell.title, "threshold": cell.threshold,
+                  "command": " ".join(cell.args), "error": None, "mismatch": None}
+        work = os.path.join(self.scratch, cell.name)
+        os.makedirs(work)
+        try:
+            for fixture, name in cell.links:
+                try:
+                    os.link(self.fixtures.path(fixture), os.path.join(work, name))
+                except OSError:
+                    shutil.copy2(self.fixtures.path(fixture), os.path.join(work, name))
+            self._run_cell(cell, work, result)
+        finally:
+            remove(work)
+        return summarize(result)
+
+    def _argv(self, tool, cell, out):
+        return tool + expand(cell.args, self.inputs(), out)
+
+    def _one(self, tool_name, tool, cell, work):
+        out = os.path.join(work, cell.output) if cell.output else None
+        if out:
+            remove(out)
+        subprocess.run(["sync"])          # no write-back of the previous output during this run
+        return self._argv(tool, cell, out), out, run_once(self._argv(tool, cell, out), work, self.timeout)
+
+    def _run_cell(self, cell, work, result):
+        v_stats = {"times": [], "cpu": [], "rss_kib": []}
+        q_stats = {"times": [], "cpu": [], "rss_kib": []}
+        result["vdisk"], result["qemu"] = v_stats, q_stats
+        # warm-up, untimed: qemu-img first (its result is the reference), then vdisk
+        self.log("[%s] warm-up qemu-img" % cell.name)
+        _, q_out, q = self._one("qemu-img", self.qemu_img, cell, work)
+        if q.rc != 0 and not (cell.args[0] == "compare" and q.rc == 1):
+            result["error"] = failure("qemu-img", q, self.timeout)
+            return
+        result["qemu_output_bytes"] = allocated(q_out) if q_out else None
+        self.log("[%s] warm-up vdisk" % cell.name)
+        _, v_out, v = self._one("vdisk", self.vdisk, cell, work)
+        if v.rc != 0 and not (cell.args[0] == "compare" and v.rc == 1):
+            result["error"] = failure("vdisk", v, self.timeout)
+            return
+        result["vdisk_output_bytes"] = allocated(v_out) if v_out else None
+        result["mismatch"] = self.verify(cell, work, v_out, v, q)
+        if result["mismatch"]:
+            self.log("!!! %s: vdisk's result is WRONG: %s" % (cell.name, result["mismatch"]))
+        for i in range(self.rounds):
+            for name, tool, stats in (("vdisk", self.vdisk, v_stats), ("qemu-img", self.qemu_img, q_stats)):
+                _, _, r = self._one(name, tool, cell, work)
+                if r.rc != (v.rc if name == "vdisk" else q.rc):
+                    result["error"] = failure(name, r, self.timeout) + " (round %d)" % (i + 1)
+                    return
+                stats["times"].append(r.wall)
+                stats["cpu"].append(r.cpu)
+                stats["rss_kib"].append(r.rss_kib)
+                self.log("[%s] round %d %-8s %7.2f s  cpu %7.2f s  rss %s"
+                         % (cell.name, i + 1, name, r.wall, r.cpu, fmt_rss(r.rss_kib)))
+
+    def verify(self, cell, work, v_out, v, q):
+        """None when vdisk did what qemu-img does, else what is wrong."""
+        if cell.args[0] in ("compare", "check"):
+            if v.rc != q.rc:
+                return "exit status %d, qemu-img's %d" % (v.rc, q.rc)
+            if v.stdout.strip() != q.stdout.strip():
+                return "output %r, qemu-img's %r" % (first_line(v.stdout), first_line(q.stdout))
+            if cell.args[0] == "compare" and v.rc != 0:
+                return "equal images reported different"
+            return None
+        # convert: vdisk's output of the warm-up run, checked by qemu-img
+        problems = []
+        for argv in cell.verify or ():
+            c = run_once(self.qemu_img + expand(argv, self.inputs(), v_out), work, self.timeout)
+            if c.rc != 0:
+                problems.append("qemu-img %s: %s" % (argv[0], first_line(c.stdout) or first_line(c.stderr)
+                                                     or "exit status %d" % c.rc))
+        if cell.name == "backing":
+            info = run_once(self.qemu_img + ["info", "--output=json", v_out], work, self.timeout)
+            try:
+                backing = json.loads(info.stdout).get("backing-filename")
+            except ValueError:
+                backing = None
+            if backing != "base.qcow2":
+                problems.append("backing file %r, not 'base.qcow2'" % (backing,))
+        remove(v_out)
+        return "; ".join(problems) or None
+
+
+def tool_argv(value, default):
+    return shlex.split(value) if value else default
+
+
+def default_vdisk():
+    if os.environ.get("VDISK"):
+        return shlex.split(os.environ["VDISK"])
+    venv = os.path.join(REPO, ".venv", "bin", "vdisk")
+    if os.access(venv, os.X_OK):
+        return [venv]
+    if shutil.which("vdisk"):
+        return ["vdisk"]
+    return [sys.executable, "-m", "ansible_collections.vdisk.images.plugins.module_utils.vdisk"]
+
+
+def host_info(qemu_img):
+    try:
+        qv = subprocess.run(qemu_img + ["--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        qv = "?"
+    return {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "kernel": platform.release(), "python": platform.python_version(), "qemu_img": qv}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="vdisk against qemu-img on real guest disks",
+                                epilog="cells: " + ", ".join(CELL_NAMES))
+    p.add_argument("--rounds", type=int, default=3, help="timed runs of each tool per cell (default 3)")
+    p.add_argument("--only", action="append", metavar="CELL[,CELL]", help="run these cells only")
+    p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--cache", help="fixture cache directory (default: build_disks.py's)")
+    p.add_argument("--vdisk", help="vdisk command (default: $VDISK, .venv/bin/vdisk, vdisk)")
+    p.add_argument("--qemu-img", help="qemu-img command (default: qemu-img)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one command may take (default 3600)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    try:
+        names = parse_only(args.only)
+    except ValueError as exc:
+        p.error(str(exc))
+    cells = [c for c in CELLS if c.name in names]
+
+    sys.path.insert(0, HERE)
+    import build_disks
+
+    qemu_img = tool_argv(args.qemu_img, ["qemu-img"])
+    vdisk = tool_argv(args.vdisk, None) or default_vdisk()
+    fixtures = build_disks.Fixtures(args.cache, qemu_img[0])
+    t_start = time.monotonic()
+    fixtures.ensure(sorted({i for c in cells for i in c.inputs}))
+    t_fixtures = time.monotonic() - t_start
+
+    scratch = tempfile.mkdtemp(prefix="scratch-", dir=fixtures.root)
+    bench = Bench(vdisk, qemu_img, fixtures, scratch, args.rounds, args.timeout)
+    results = []
+    try:
+        for cell in cells:
+            try:
+                results.append(bench.run_cell(cell))
+            except OSError as exc:               # e.g. a tool that cannot be started
+                results.append(summarize({"name": cell.name, "title": cell.title, "threshold": cell.threshold,
+                                          "error": "%s" % exc, "mismatch": None}))
+    finally:
+        remove(scratch)
+    total = time.monotonic() - t_start
+
+    info = host_info(qemu_img)
+    print("vdisk bench %s: %d cpus, %s, python %s, %d round(s); vdisk = %s"
+          % (info["date"], info["cpus"], info["qemu_img"], info["python"], args.rounds, " ".join(vdisk)))
+    print()
+    print(format_table(results, markdown=args.markdown))
+    print()
+    for r in results:
+        print("%-11s %s" % (r["name"], r["title"]))
+        if r.get("mismatch"):
+            print("%-11s !!! WRONG RESULT: %s" % ("", r["mismatch"]))
+        if r.get("vdisk_output_bytes") is not None and r.get("qemu_output_bytes") is not None:
+            print("%-11s output: vdisk %.1f MB, qemu-img %.1f MB allocated"
+                  % ("", r["vdisk_output_bytes"] / 1e6, r["qemu_output_bytes"] / 1e6))
+        v, q = r.get("vdisk") or {}, r.get("qemu") or {}
+        if v.get("cpu") and q.get("cpu"):
+            print("%-11s cpu (user+sys, median): vdisk %.2f s, qemu-img %.2f s"
+                  % ("", median(v["cpu"]), median(q["cpu"])))
+    print()
+    print("fixtures %s (%s); bench took %.0f s, of which %.0f s building fixtures"
+          % (fixtures.root, "built: " + ", ".join(fixtures.built) if fixtures.built else "all reused",
+             total, t_fixtures))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"host": info, "rounds": args.rounds, "vdisk": vdisk, "fixtures": fixtures.manifest,
+                       "seconds": round(total, 1), "fixture_seconds": round(t_fixtures, 1),
+                       "cells": results}, f, indent=2)
+    failed = [r["name"] for r in results if r.get("error") or r.get("mismatch")]
+    if failed:
+        sys.stderr.write("bench: failed or wrong: %s\n" % ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
