@@ -184,7 +184,7 @@ def format_table(results, markdown=False):
                 row = row + ("",) * (len(HEADER) - 2)
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
-    widths = [len(h) for h in HEADER]
+    widths = [max([len(HEADER[0])] + [len(row[0]) for row in rows])] + [len(h) for h in HEADER[1:]]
     for row in rows:
         if len(row) == len(HEADER):
             widths = [max(w, len(c)) for w, c in zip(widths, row)]
@@ -253,7 +253,11 @@ def allocated(path):
 def failure(tool, r, timeout):
     if r.timed_out:
         return "%s: timed out after %d s" % (tool, timeout)
-    return "%s: %s" % (tool, first_line(r.stderr) or first_line(r.stdout) or "exit status %d" % r.rc)
+    # the tool's own first line of stderr (it names the tool: "vdisk: convert: ...", "qemu-img: ...")
+    line = first_line(r.stderr) or first_line(r.stdout)
+    if line and not line.startswith(tool):
+        line = "%s: %s" % (tool, line)
+    return line or "%s: exit status %d" % (tool, r.rc)
 
 
 class Bench:
@@ -378,7 +382,8 @@ def host_info(qemu_img):
     except (OSError, IndexError):
         qv = "?"
     return {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "kernel": platform.release(), "python": platform.python_version(), "qemu_img": qv}
+            "kernel": platform.release(), "python": platform.python_version(), "qemu_img": qv,
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv=None):
@@ -406,6 +411,7 @@ def main(argv=None):
 
     qemu_img = tool_argv(args.qemu_img, ["qemu-img"])
     vdisk = tool_argv(args.vdisk, None) or default_vdisk()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     fixtures = build_disks.Fixtures(args.cache, qemu_img[0])
     t_start = time.monotonic()
     fixtures.ensure(sorted({i for c in cells for i in c.inputs}))
@@ -420,14 +426,17 @@ def main(argv=None):
                 results.append(bench.run_cell(cell))
             except OSError as exc:               # e.g. a tool that cannot be started
                 results.append(summarize({"name": cell.name, "title": cell.title, "threshold": cell.threshold,
-                                          "error": "%s" % exc, "mismatch": None}))
+                                          "error": "cannot run: %s" % exc, "mismatch": None}))
     finally:
         remove(scratch)
     total = time.monotonic() - t_start
 
     info = host_info(qemu_img)
+    info["loadavg_before"] = load_before
     print("vdisk bench %s: %d cpus, %s, python %s, %d round(s); vdisk = %s"
           % (info["date"], info["cpus"], info["qemu_img"], info["python"], args.rounds, " ".join(vdisk)))
+    print("load average (1 min) before %.2f, after %.2f: other work on the machine makes wall times noisy,"
+          " see the CPU times below" % (load_before[0], info["loadavg"][0]))
     print()
     print(format_table(results, markdown=args.markdown))
     print()

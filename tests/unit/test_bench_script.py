@@ -110,7 +110,8 @@ def test_format_table():
     assert "1.10" in lines[1] and "1.10x" in lines[1] and "<= 1.2x" in lines[1] and "PASS" in lines[1]
     assert "4 MiB" in lines[1] and "1 MiB" in lines[1]
     assert "WRONG" in lines[2] and "3.00x" in lines[2]
-    assert lines[3].startswith("compressed") and "error: vdisk: convert: -c is not implemented" in lines[3]
+    assert lines[3].startswith("compressed  error: vdisk: convert: -c is not implemented")
+    assert lines[1].startswith("raw-qcow2   ")     # the name column is as wide as the longest name
     # columns line up: every full row as long as the header's right-aligned last column
     assert len(lines[1]) == len(lines[0]) == len(lines[2])
     md = bench.format_table(results, markdown=True).splitlines()
@@ -132,3 +133,9 @@ def test_run_once_reports_child_rss_and_status(tmp_path):
     assert r.rc == 3 and not r.timed_out
     assert r.rss_kib >= 64 * 1024
     assert bench.failure("vdisk", r, 60) == "vdisk: oops"
+    r.stderr = "vdisk: convert: -c is not supported\n"
+    assert bench.failure("vdisk", r, 60) == "vdisk: convert: -c is not supported"
+    r.stderr = ""
+    assert bench.failure("qemu-img", r, 60) == "qemu-img: exit status 3"
+    r.timed_out = True
+    assert bench.failure("qemu-img", r, 60) == "qemu-img: timed out after 60 s"
