@@ -313,3 +313,32 @@ def test_engine_convert_api_in_process(tmp_path, sources):
     assert helpers.qemu_compare(src, dest, "qcow2", "qcow2")
     assert seen and seen[-1] == (SIZE, SIZE)
     assert run("qemu-img", "info", dest).returncode == 0
+
+
+# -- bounded memory ------------------------------------------------------------------------------
+def _peak_rss_mib(*args):
+    proc = subprocess.Popen([sys.executable, "-m", helpers.CLI_MODULE] + [str(a) for a in args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err
+    return usage.ru_maxrss / 1024
+
+
+def test_converting_a_sparse_terabyte_uses_bounded_memory(tmp_path):
+    """1 TiB guests with data scattered over the whole disk: RSS stays far under 200 MB."""
+    src = tmp_path / "tb.raw"
+    extents = [(i * (64 << 30) + 12345 * 512, 3 * MiB) for i in range(16)]
+    helpers.make_raw(src, 1 << 40, extents)
+    assert _peak_rss_mib("convert", "-f", "raw", "-O", "qcow2", src, tmp_path / "tb.qcow2") < 200
+    assert _peak_rss_mib("convert", "-c", "-f", "qcow2", "-O", "qcow2", tmp_path / "tb.qcow2",
+                         tmp_path / "tbc.qcow2") < 200
+    assert _peak_rss_mib("convert", "-f", "qcow2", "-O", "raw", tmp_path / "tbc.qcow2", tmp_path / "back.raw") < 200
+    for offset, length in extents:
+        with open(tmp_path / "back.raw", "rb") as f:
+            f.seek(offset)
+            assert f.read(length) == helpers.pattern(offset, length)
+    assert os.path.getsize(tmp_path / "back.raw") == 1 << 40
+    assert os.stat(tmp_path / "back.raw").st_blocks * 512 < 256 * MiB
+    _assert_clean(tmp_path / "tbc.qcow2")

@@ -275,6 +275,39 @@ def _covered(spans: List[Tuple[int, int]], a: int, b: int) -> bool:
     return pos >= b
 
 
+def _unit_batches(source: _Concat, unit: int, batch: int, known: Optional[Image], need_zeros: bool
+                  ) -> Iterator[Tuple[int, int]]:
+    """``(offset, length)`` batches, unit-aligned, covering what may need writing: data, zeros where
+    they must be written, and zeros over data of the new backing file; never the empty rest."""
+    size = source.virtual_size
+
+    def wanted():
+        for target, n, kind, _img, _off in _source_runs(source, 0, size, known):
+            if kind == DATA or (kind == ZERO and need_zeros):
+                yield target, n
+            elif kind == ZERO and known is not None:
+                for off, bn, bkind in _data_runs(known, target, max(0, min(n, known.virtual_size - target))):
+                    if bkind == DATA:
+                        yield off, bn
+
+    span = None
+    for start, n in wanted():
+        a, b = start // unit * unit, min(size, -(-(start + n) // unit) * unit)
+        if span and a <= span[1]:
+            span[1] = max(span[1], b)
+            continue
+        if span:
+            yield from _split(span[0], span[1], batch)
+        span = [a, b]
+    if span:
+        yield from _split(span[0], span[1], batch)
+
+
+def _split(start: int, end: int, batch: int) -> Iterator[Tuple[int, int]]:
+    for pos in range(start, end, batch):
+        yield pos, min(batch, end - pos)
+
+
 def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_backing: Optional[Image],
                 sparse_size: int, progress, zero_unwritten: bool, workers: Optional[int]) -> None:
     size = source.virtual_size
@@ -289,10 +322,10 @@ def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_back
             for start, items in pending.popleft():
                 out.write_compressed(start, [(d, f.result()) for d, f in items])
 
+    need_zeros = zero_unwritten or not skip_zeros
     try:
         done = 0
-        for bstart in range(0, size, batch):
-            n = min(batch, size - bstart)
+        for bstart, n in _unit_batches(source, unit, batch, new_backing, need_zeros):
             data, same, any_data = _read_batch(source, bstart, n, new_backing)
             base = None
             if new_backing is not None and not _covered(same, 0, n):
@@ -327,10 +360,12 @@ def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_back
             else:
                 for start, items in groups:
                     out.write(start, b"".join(items))
-            done += n
+            done = bstart + n
             if progress:
                 progress(done, size)
         drain(0)
+        if progress and done < size:
+            progress(size, size)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
