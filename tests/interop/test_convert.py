@@ -342,3 +342,17 @@ def test_converting_a_sparse_terabyte_uses_bounded_memory(tmp_path):
     assert os.path.getsize(tmp_path / "back.raw") == 1 << 40
     assert os.stat(tmp_path / "back.raw").st_blocks * 512 < 256 * MiB
     _assert_clean(tmp_path / "tbc.qcow2")
+
+
+def test_copy_offload_raw_to_raw_and_its_conflicts(tmp_path, sources):
+    raw, _ = sources["raw"]
+    dest = tmp_path / "offload.raw"
+    vdisk_cli("convert", "-C", "-f", "raw", "-O", "raw", raw, dest, check=True)
+    assert dest.read_bytes() == open(raw, "rb").read()
+    qc = tmp_path / "offload.qcow2"          # no host-file layout to copy into: copied by reading
+    vdisk_cli("convert", "-C", "-f", "raw", "-O", "qcow2", raw, qc, check=True)
+    assert helpers.qemu_compare(qc, raw, "qcow2", "raw")
+    for flags, message in [(["-c"], "Cannot enable copy offloading when -c is used"),
+                           (["-S", "0"], "Cannot enable copy offloading when -S is used")]:
+        out = vdisk_cli("convert", "-C", *flags, "-O", "qcow2", raw, tmp_path / "x.qcow2")
+        assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1

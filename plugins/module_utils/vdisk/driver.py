@@ -8,7 +8,7 @@ once against this interface.
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
 from .units import parse_bool, parse_size
@@ -183,6 +183,11 @@ class Image:
     def read(self, offset: int, length: int) -> bytes:
         raise UnsupportedFeature("reading is not supported", path=self.path)
 
+    def host_range(self, offset: int, length: int):
+        """``(HostFile, host offset)`` when guest bytes ``[offset, offset+length)`` are stored as is and
+        contiguously in one host file (raw), so they can be copied by the kernel; else None."""
+        return None
+
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill *view* with guest bytes from *offset*: a reused buffer spares large allocations."""
         view[:] = self.read(offset, len(view))
@@ -289,6 +294,20 @@ class Image:
         self.close()
 
 
+@dataclass(frozen=True)
+class MeasureSource:
+    """The image ``measure`` sizes a conversion of (``qemu-img measure FILE``).
+
+    ``virtual_size`` is in whole sectors, as QEMU reports it; ``allocated(n)`` is the number of
+    bytes in the *n*-byte clusters that hold data (zero and unallocated ranges do not count);
+    ``bitmaps`` lists ``(name, granularity)`` of its persistent dirty bitmaps, or is None when
+    its format cannot carry any.
+    """
+    virtual_size: int
+    allocated: Callable[[int], int]
+    bitmaps: Optional[List[Tuple[str, int]]] = None
+
+
 class Driver:
     """A format: its options, capabilities, probing, create and open."""
 
@@ -308,6 +327,25 @@ class Driver:
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
         raise NotImplementedError
+
+    def measure(self, size: Optional[int], options: Dict[str, Any],
+                source: Optional[MeasureSource] = None) -> Dict[str, int]:
+        """``qemu-img measure``: bytes a new image of this format needs, as ``required``,
+        ``fully-allocated`` and (when source and target can carry persistent bitmaps) ``bitmaps``.
+
+        *size* is ``--size`` or ``-o size`` (None if neither was given); *source* is the image
+        to convert, if any; *options* are typed like the create options (enums unchecked).
+        """
+        raise UnsupportedFeature("Block driver '%s' does not support size measurement" % self.name)
+
+    def persistent_bitmaps(self, image: Image) -> Optional[List[Tuple[str, int]]]:
+        """``(name, granularity)`` of *image*'s persistent dirty bitmaps; None: the format has none."""
+        return None
+
+    def status_span(self, image: Image) -> Optional[int]:
+        """QEMU reports *image*'s block status in runs that never cross a multiple of this many
+        guest bytes (qcow2: the range one L2 table maps); None when there is no such limit."""
+        return None
 
     def option(self, name: str) -> OptionSpec:
         for spec in self.create_options:

@@ -164,6 +164,28 @@ class HostFile:
         except OSError as exc:
             raise _io_error(self.path, "read at offset %d" % offset, exc) from None
 
+    def copy_to(self, dest: "HostFile", offset: int, length: int, dest_offset: int) -> bool:
+        """Copy a byte range into *dest* inside the kernel (copy_file_range: no user-space copy,
+        a reflink where the file system shares extents).  False when the kernel cannot do it
+        here (the caller then copies by reading and writing); nothing is written in that case."""
+        copy = getattr(os, "copy_file_range", None)
+        if copy is None:
+            return False
+        done = 0
+        try:
+            while done < length:
+                n = copy(self.fd, dest.fd, length - done, offset + done, dest_offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if done == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise _io_error(self.path, "copy to %s at offset %d" % (dest.path, offset + done), exc) from None
+        if done < length:   # the source ended early: the rest reads as zeros
+            dest.pwrite(bytes(length - done), dest_offset + done)
+        return True
+
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)
         try:

@@ -167,7 +167,8 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-F", dest="backing_fmt")
     p.add_argument("-t", dest="cache", default="unsafe")
     p.add_argument("-T", dest="src_cache")
-    p.add_argument("-S", dest="sparse", default="4k")
+    p.add_argument("-S", dest="sparse")
+    p.add_argument("-C", action="store_true", dest="copy_offload")
     p.add_argument("-n", action="store_true", dest="existing")
     p.add_argument("-m", dest="coroutines", type=int)
     p.add_argument("-W", action="store_true", dest="out_of_order")
@@ -188,13 +189,15 @@ def cmd_convert(argv: List[str]) -> int:
         raise UsageError("-F (backing format) needs -B")
     if args.target_is_zero and not args.existing:
         raise UsageError("--target-is-zero requires use of -n flag")
+    if args.copy_offload and args.sparse is not None:
+        raise UsageError("Cannot enable copy offloading when -S is used")
     if args.coroutines is not None and not 1 <= args.coroutines <= 16:
         raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
     convert(args.files[:-1], args.files[-1], args.fmt, args.out_fmt, options, compress=args.compress,
-            sparse_size=parse_size(args.sparse, "-S"), existing=args.existing,
+            sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
             target_is_zero=args.target_is_zero, snapshot=args.snapshot, policy=_policy(args),
             progress=_progress(args.progress and not args.quiet), backing=args.backing,
-            backing_fmt=args.backing_fmt, cache=args.cache)
+            backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload)
     return 0
 
 
@@ -413,8 +416,54 @@ def cmd_compare(argv: List[str]) -> int:
     p.add_argument("b")
     args = p.parse_args(argv)
     from ..ops.compare import compare
-    return compare(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
-                   lambda line: _out(line, args.quiet))
+    try:
+        return compare(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
+                       lambda line: _out(line, args.quiet), _progress(args.progress and not args.quiet))
+    except (ImageError, OSError) as exc:
+        # qemu-img compare: 0 identical, 1 different, 2 (and up) an error
+        if isinstance(exc, ImageError):
+            text = str(exc)
+        else:
+            text = "%s%s" % ("'%s': " % exc.filename if getattr(exc, "filename", None) else "",
+                             exc.strerror or exc)
+        sys.stderr.write("vdisk: compare: %s\n" % text)
+        return 2
+
+
+# -- measure -------------------------------------------------------------------------------
+@command("measure")
+def cmd_measure(argv: List[str]) -> int:
+    """qemu-img measure: the bytes a new image needs, for --size or for converting FILE."""
+    p = _Parser(prog="vdisk measure")
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--size")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-l", dest="snapshot")
+    p.add_argument("--output", default="human")
+    p.add_argument("-U", "--force-share", action="store_true")
+    _add_allow_path(p)
+    p.add_argument("files", nargs="*")
+    args = p.parse_args(argv)
+    from ..ops.measure import measure, render_human, render_json
+    if args.output not in ("human", "json"):
+        raise UsageError("--output must be used with human or json as argument.")
+    size = None
+    if args.size is not None:
+        try:
+            size = parse_size(args.size, "--size")
+        except ImageError as exc:
+            if "must be between" in str(exc):
+                raise UsageError("Invalid image size specified. Must be between 0 and 9223372036854775807.") \
+                    from None
+            raise UsageError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for "
+                             "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    if len(args.files) > 1:
+        raise UsageError("At most one filename argument is allowed.")
+    result = measure(args.out_fmt, merge_option_strings(args.options), size,
+                     args.files[0] if args.files else None, args.fmt, args.snapshot, _policy(args))
+    _out(render_json(result) if args.output == "json" else render_human(result))
+    return 0
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -422,7 +471,7 @@ USAGE = """usage: vdisk [-h] [-V] COMMAND [options]
 
 Commands (qemu-img's syntax):
   create  [-q] [-f FMT] [-o OPTS] [-b BACKING [-F BACKING_FMT]] [-u] FILE [SIZE]
-  convert [-q] [-p] [-c] [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT] [-S SIZE] [-n]
+  convert [-q] [-p] [-c | -C] [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT] [-S SIZE] [-n]
           [--target-is-zero] [-m N] [-W] SRC [SRC...] DST
   info    [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
   check   [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILE
@@ -430,8 +479,9 @@ Commands (qemu-img's syntax):
   snapshot [-q] (-l | -c NAME | -a NAME | -d NAME) FILE
   commit  [-q] [-p] [-f FMT] [-b BASE] [-d] FILE
   rebase  [-q] [-p] [-f FMT] [-u] -b BACKING [-F FMT] FILE
-  compare [-q] [-f FMT] [-F FMT] [-s] A B
+  compare [-q] [-p] [-f FMT] [-F FMT] [-s] A B
   map     [-f FMT] [--output=human|json] FILE
+  measure [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SNAPSHOT] FILE) [--output=human|json]
   amend   [-f FMT] -o OPTS FILE
 
 Every command that opens images takes --allow-path DIR (repeatable) to allow files the

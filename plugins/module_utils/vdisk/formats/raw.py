@@ -2,7 +2,7 @@
 import os
 from typing import Any, Dict, Iterator, Optional
 
-from ..driver import DATA, ZERO, Driver, Extent, Image, OptionSpec, Policy
+from ..driver import DATA, ZERO, Driver, Extent, Image, MeasureSource, OptionSpec, Policy
 from ..errors import ImageError, InvalidOption
 from ..io import AtomicOutput, HostFile
 
@@ -34,6 +34,9 @@ class RawImage(Image):
             raise ImageError("read beyond the end of the image (offset %d, length %d)" % (offset, length),
                              path=self.path)
         return self.host.pread(length, offset)
+
+    def host_range(self, offset: int, length: int):
+        return (self.host, offset) if offset + length <= self.virtual_size else None
 
     def read_into(self, offset: int, view: memoryview) -> None:
         if offset + len(view) > self.virtual_size:
@@ -115,6 +118,12 @@ class RawDriver(Driver):
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
         return RawImage(self, path, writable, policy or Policy())
+
+    def measure(self, size: Optional[int], options: Dict[str, Any],
+                source: Optional[MeasureSource] = None) -> Dict[str, int]:
+        """Every guest byte is a file byte, holes or not (qemu-img ignores the options here)."""
+        needed = source.virtual_size if source is not None else -(-(size or 0) // 512) * 512
+        return {"required": needed, "fully-allocated": needed}
 
 
 DRIVER = RawDriver()

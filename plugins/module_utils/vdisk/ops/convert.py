@@ -69,13 +69,15 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             existing: bool = False, target_is_zero: bool = False, snapshot: Optional[str] = None,
             policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None,
             backing: Optional[str] = None, backing_fmt: Optional[str] = None,
-            workers: Optional[int] = None, cache: str = "unsafe") -> None:
+            workers: Optional[int] = None, cache: str = "unsafe", copy_offload: bool = False) -> None:
     """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*.
 
     *snapshot* is qemu-img's ``-l`` parameter; *backing*/*backing_fmt* are ``-B``/``-F``: the
     output gets that backing file and holds only what differs from it.  *workers* threads
     compress for ``-c`` (default: one per CPU).  *cache* is ``-t``: with qemu-img's default
     ``unsafe`` a new output is not flushed to disk (an output replacing a file always is).
+    *copy_offload* is ``-C``: data goes from host file to host file inside the kernel where both
+    layouts allow (raw to raw), without zero detection.
     """
     options = dict(options or {})
     if cache not in CACHE_MODES:
@@ -84,6 +86,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
     driver = get_driver(out_fmt)
     if compress and "compression" not in driver.capabilities:
         raise UnsupportedFeature("Compression not supported for this file format", path=dest, field="-c")
+    if copy_offload and compress:
+        raise InvalidOption("Cannot enable copy offloading when -c is used", field="-C")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidOption("Invalid buffer size for sparse output specified", field="-S")
     if snapshot is not None and len(sources) > 1:
@@ -114,7 +118,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             try:
                 if out.virtual_size < size:
                     raise ImageError("output file is smaller than input file", path=dest)
-                _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers)
+                _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers,
+                          copy_offload)
                 out.flush()
             finally:
                 close_chain(out)
@@ -131,7 +136,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False, sync=sync))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
-                _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers)
+                _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers,
+                          copy_offload)
                 out.flush()
             finally:
                 out.backing = None
@@ -163,12 +169,12 @@ def _open_new_backing(dest: str, backing: str, fmt: Optional[str], policy: Optio
 
 
 def _run_copy(source: _Concat, out: Image, new_backing: Optional[Image], compress: bool, sparse_size: int,
-              progress, zero_unwritten: bool, workers: Optional[int]) -> None:
+              progress, zero_unwritten: bool, workers: Optional[int], copy_offload: bool = False) -> None:
     if compress or new_backing is not None:
         unit = out.compression_unit if compress else (out.cluster_size or max(sparse_size, 4096))
         _copy_units(source, out, unit, compress, new_backing, sparse_size, progress, zero_unwritten, workers)
     else:
-        _copy(source, out, sparse_size, progress, zero_unwritten)
+        _copy(source, out, sparse_size, progress, zero_unwritten, copy_offload)
 
 
 # -- walking the source --------------------------------------------------------------------
@@ -207,22 +213,34 @@ def _source_runs(source: _Concat, offset: int, length: int, known: Optional[Imag
 
 
 # -- plain copy ----------------------------------------------------------------------------
-def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritten: bool) -> None:
+def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritten: bool,
+          copy_offload: bool = False) -> None:
     size = source.virtual_size
     done = 0
-    gran = sparse_size or None
+    gran = None if copy_offload else sparse_size or None
 
     def jobs():
         for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
             if kind != DATA:
                 yield (target, run_length, False), 0, 0, None
                 continue
+            if copy_offload and img.host_range(run_offset, run_length) and out.host_range(target, run_length):
+                yield (target, run_length, (img, run_offset)), 0, 0, None
+                continue
             for pos in range(0, run_length, CHUNK):
                 n = min(CHUNK, run_length - pos)
                 yield (target + pos, n, True), run_offset + pos, n, img.read_into
 
     for (target, length, is_data), view in ReadAhead(jobs(), CHUNK):
-        if not is_data:
+        if isinstance(is_data, tuple):
+            img, src_off = is_data
+            src_host, src_host_off = img.host_range(src_off, length)
+            dst_host, dst_host_off = out.host_range(target, length)
+            if not src_host.copy_to(dst_host, src_host_off, length, dst_host_off):
+                for pos in range(0, length, CHUNK):
+                    n = min(CHUNK, length - pos)
+                    out.write(target + pos, img.read(src_off + pos, n))
+        elif not is_data:
             if sparse_size == 0:
                 _write_real_zeros(out, target, length)
             elif zero_unwritten:
