@@ -1,11 +1,12 @@
 """The qcow2 driver: create options, probing, create and open."""
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, Image, MeasureSource, OptionSpec, Policy
 from ...errors import InvalidOption, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
 from . import header as hdr
+from . import measure as sizing
 from .compress import zstd_available
 from .image import Qcow2Image
 
@@ -48,6 +49,18 @@ class Qcow2Driver(Driver):
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Qcow2Image:
         return Qcow2Image(self, path, writable, policy or Policy())
+
+    # -- measure / block status (ops/measure.py, ops/compare.py) -------------------------
+    def measure(self, size: Optional[int], options: Dict[str, Any],
+                source: Optional[MeasureSource] = None) -> Dict[str, int]:
+        return sizing.measure(size, options, source)
+
+    def persistent_bitmaps(self, image: Image) -> Optional[List[Tuple[str, int]]]:
+        return sizing.persistent_bitmaps(image)
+
+    def status_span(self, image: Image) -> Optional[int]:
+        # QEMU looks up one L2 table per block-status request
+        return image.l2e * image.cs
 
     # -- create -----------------------------------------------------------------------
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
