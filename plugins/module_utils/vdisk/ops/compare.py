@@ -1,30 +1,188 @@
-"""qemu-img compare: 0 identical, 1 different, 2 error; an unallocated area equals zeros."""
-from typing import Callable, Optional
+"""qemu-img compare: 0 identical, 1 different (errors are the caller's: the CLI exits 2).
 
-from ..driver import Policy
+Both images are walked by block status through their backing chains (:mod:`.status`), so
+ranges that read as zeros in both are never read; the rest is read in large batches and
+compared in C.  An unallocated range equals a range of zeros.
+
+Messages and offsets are qemu-img's:
+
+* the common part is compared first; a difference there is reported without any size
+  warning; only then "Warning: Image size mismatch!" and the longer image's tail must read
+  as zeros;
+* the offset is the first differing 512-byte sector, counted from the start of qemu-img's
+  request: a run of constant block status in both images, cut into 2 MiB pieces (so
+  ``Content mismatch at offset N!`` can name an unaligned N after an unaligned image end);
+* strict mode (``-s``) also fails on a size difference (before comparing anything) and on
+  the first range whose block status differs: allocation, zero, data, whether it maps to
+  a host offset, and whether its run reaches the end of the image.
+"""
+from bisect import bisect_right
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from ..driver import Image, Policy
 from .chain import close_chain, open_image
+from .status import S_ALLOCATED, S_EOF, S_ZERO, SECTOR, guest_length, status_runs
 
-CHUNK = 2 * 1024 * 1024
+IO_BUF = 2 * 1024 * 1024      # qemu-img's request size: reported offsets are relative to these
+BATCH = 8 * 1024 * 1024       # bytes read at once here
+
+BOTH, ONLY_A, ONLY_B = "both", "a", "b"     # what a range needs: compare, or check one side for zeros
 
 
 def compare(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Optional[str] = None,
-            strict: bool = False, policy: Optional[Policy] = None,
-            say: Callable[[str], None] = print) -> int:
-    """Compare the guest content of two images; prints qemu-img's messages through *say*."""
+            strict: bool = False, policy: Optional[Policy] = None, say: Callable[[str], None] = print,
+            progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Compare the guest content of two images, printing qemu-img's messages through *say*.
+
+    Returns 0 (identical) or 1 (different); errors (an image that cannot be opened or read)
+    raise :class:`ImageError` or :class:`OSError`.  *progress* is called with (done, total).
+    """
     a = open_image(path_a, fmt_a, policy=policy)
     try:
         b = open_image(path_b, fmt_b, policy=policy)
         try:
-            return _compare(a, b, strict, say)
+            return _compare(a, b, strict, say, progress or (lambda done, total: None))
         finally:
             close_chain(b)
     finally:
         close_chain(a)
 
 
-def _first_difference(x: bytes, y: bytes) -> int:
+def _compare(a: Image, b: Image, strict: bool, say, progress) -> int:
+    size_a, size_b = guest_length(a), guest_length(b)
+    common, total = min(size_a, size_b), max(size_a, size_b)
+    progress(0, total)
+    if strict and size_a != size_b:
+        say("Strict mode: Image size mismatch!")
+        return 1
+    checker = _Checker(a, b, say)
+    for start, n, flags_a, flags_b in _paired(a, size_a, b, size_b, common):
+        if strict and flags_a != flags_b:
+            if checker.flush():
+                return 1
+            say("Strict mode: Offset %d block status mismatch!" % start)
+            return 1
+        if not (flags_a & S_ZERO and flags_b & S_ZERO):
+            # a side that reads as zeros need not be read: check only the other one
+            kind = ONLY_B if flags_a & S_ZERO else ONLY_A if flags_b & S_ZERO else BOTH
+            if checker.add(start, n, kind):
+                return 1
+        progress(start + n, total)
+    if checker.flush():
+        return 1
+    if size_a != size_b:
+        say("Warning: Image size mismatch!")
+        longer, kind = (a, ONLY_A) if size_a > size_b else (b, ONLY_B)
+        for start, n, flags in status_runs(longer, common):
+            if flags & S_ALLOCATED and not flags & S_ZERO:
+                if checker.add(start, n, kind):
+                    return 1
+            progress(start + n, total)
+        if checker.flush():
+            return 1
+    progress(total, total)
+    say("Images are identical.")
+    return 0
+
+
+def _paired(a: Image, size_a: int, b: Image, size_b: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
+    """``(offset, length, flags_a, flags_b)`` over ``[0, end)``, cut wherever either status changes;
+    S_EOF marks a range whose run reaches its image's end."""
+    runs_a, runs_b = _with_eof(status_runs(a), size_a), _with_eof(status_runs(b), size_b)
+    pos = 0
+    end_a = end_b = 0
+    flags_a = flags_b = 0
+    while pos < end:
+        if pos >= end_a:
+            _, n, flags_a = next(runs_a)
+            end_a = pos + n
+        if pos >= end_b:
+            _, n, flags_b = next(runs_b)
+            end_b = pos + n
+        stop = min(end_a, end_b, end)
+        yield pos, stop - pos, flags_a, flags_b
+        pos = stop
+
+
+def _with_eof(runs: Iterator[Tuple[int, int, int]], size: int) -> Iterator[Tuple[int, int, int]]:
+    for start, n, flags in runs:
+        yield start, n, flags | (S_EOF if start + n == size else 0)
+
+
+class _Checker:
+    """Collects adjacent ranges that need the same check and reads them in large batches.
+
+    Remembers where each qemu-img request would have started (*piece* starts) so a
+    difference is reported at the offset qemu-img names.
+    """
+
+    def __init__(self, a: Image, b: Image, say: Callable[[str], None]):
+        self.a, self.b, self.say = a, b, say
+        self.kind: Optional[str] = None
+        self.start = self.end = 0       # the range collected and not yet checked
+        self.pieces: List[int] = []     # starts of the ranges added, ascending
+
+    def add(self, start: int, length: int, kind: str) -> bool:
+        """Queue a range; True once a difference has been reported."""
+        if kind != self.kind or start != self.end:
+            if self.flush():
+                return True
+            self.kind, self.start = kind, start
+        self.pieces.append(start)
+        self.end = start + length
+        while self.end - self.start >= BATCH:
+            if self._check(self.start, self.start + BATCH):
+                return True
+            self.start += BATCH
+        return False
+
+    def flush(self) -> bool:
+        """Check what is queued; True when it differs (the message is out)."""
+        if self.end > self.start and self._check(self.start, self.end):
+            return True
+        self.start = self.end
+        self.pieces = self.pieces[-1:]
+        return False
+
+    def _check(self, lo: int, hi: int) -> bool:
+        n = hi - lo
+        if self.kind == BOTH:
+            x, y = _read(self.a, lo, n), _read(self.b, lo, n)
+        else:
+            x, y = _read(self.a if self.kind == ONLY_A else self.b, lo, n), _zeros(n)
+        if x == y:
+            # keep only the piece that may continue past hi
+            keep = bisect_right(self.pieces, hi) - 1
+            del self.pieces[:max(keep, 0)]
+            return False
+        self.say("Content mismatch at offset %d!" % self._reported(lo + first_difference(x, y)))
+        return True
+
+    def _reported(self, pos: int) -> int:
+        """qemu-img's offset for a difference at *pos*: the first differing sector of its request."""
+        piece = self.pieces[bisect_right(self.pieces, pos) - 1]
+        request = piece + (pos - piece) // IO_BUF * IO_BUF
+        return request + (pos - request) // SECTOR * SECTOR
+
+
+def _read(image: Image, offset: int, length: int) -> bytes:
+    """Guest bytes; zeros past the virtual size (QEMU rounds lengths up to whole sectors)."""
+    avail = max(0, min(length, image.virtual_size - offset))
+    data = image.read(offset, avail) if avail else b""
+    return data if avail == length else bytes(data) + bytes(length - avail)
+
+
+_ZERO_BATCH = bytes(BATCH)
+
+
+def _zeros(length: int) -> bytes:
+    return _ZERO_BATCH if length == BATCH else bytes(length)
+
+
+def first_difference(x: bytes, y: bytes) -> int:
+    """Index of the first byte where *x* and *y* (same length) differ, or their length."""
     lo, hi = 0, len(x)
-    # binary search on equal prefixes keeps the comparison in C
+    # halve the range while it is large: equal-prefix tests stay in C
     while hi - lo > 4096:
         mid = (lo + hi) // 2
         if x[lo:mid] != y[lo:mid]:
@@ -35,36 +193,3 @@ def _first_difference(x: bytes, y: bytes) -> int:
         if x[i] != y[i]:
             return i
     return hi
-
-
-def _compare(a, b, strict: bool, say) -> int:
-    size_a, size_b = a.virtual_size, b.virtual_size
-    if size_a != size_b:
-        if strict:
-            say("Strict mode: Image size mismatch!")
-            return 1
-        say("Warning: Image size mismatch!")
-    common = min(size_a, size_b)
-    pos = 0
-    while pos < common:
-        n = min(CHUNK, common - pos)
-        x = a.read(pos, n)
-        y = b.read(pos, n)
-        if x != y:
-            at = pos + _first_difference(x, y) // 512 * 512
-            say("Content mismatch at offset %d!" % at)
-            return 1
-        pos += n
-    longer = a if size_a > size_b else b
-    pos = common
-    zeros = bytes(CHUNK)
-    while pos < longer.virtual_size:
-        n = min(CHUNK, longer.virtual_size - pos)
-        data = longer.read(pos, n)
-        if data != zeros[:n]:
-            at = pos + _first_difference(data, zeros[:n]) // 512 * 512
-            say("Content mismatch at offset %d!" % at)
-            return 1
-        pos += n
-    say("Images are identical.")
-    return 0
