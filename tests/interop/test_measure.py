@@ -196,6 +196,11 @@ def sources(tmp_path_factory):
     q("qemu-img", "bitmap", "--add", bm, "bm0")
     q("qemu-img", "bitmap", "--add", "-g", "4k", bm, "a-longer-bitmap-name")
     out["qcow2-bitmaps"] = ("qcow2", bm)
+    many = str(d / "many-bitmaps.qcow2")      # a directory larger than a small cluster
+    q("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=512", many, "3M")
+    for i in range(12):
+        q("qemu-img", "bitmap", "--add", "-g", "%dk" % (1 << (i % 6)), many, "bitmap-%02d-with-a-longer-name" % i)
+    out["qcow2-many-bitmaps"] = ("qcow2", many)
     # version 2 (cannot carry bitmaps: no bitmaps line), 512-byte clusters, extended L2 subclusters
     v2 = str(d / "v2.qcow2")
     q("qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=512", v2, "3M")
@@ -233,8 +238,8 @@ IMAGE_TARGETS = [
     ("qcow2", "backing_file=base.qcow2"),
     ("qcow2", "size=1G"),
 ]
-SOURCE_NAMES = ["raw-holes", "qcow2-mixed", "qcow2-overlay", "qcow2-compressed", "qcow2-bitmaps", "qcow2-v2-512",
-                "qcow2-extl2", "qcow2-prealloc-metadata", "qcow2-snapshot"]
+SOURCE_NAMES = ["raw-holes", "qcow2-mixed", "qcow2-overlay", "qcow2-compressed", "qcow2-bitmaps", "qcow2-many-bitmaps",
+                "qcow2-v2-512", "qcow2-extl2", "qcow2-prealloc-metadata", "qcow2-snapshot"]
 
 
 @pytest.mark.parametrize("name", SOURCE_NAMES)
