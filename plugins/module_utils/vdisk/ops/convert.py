@@ -20,7 +20,7 @@ from ..errors import ImageError, InvalidOption, UnsupportedFeature
 from ..io import AtomicOutput, find_nonzero_runs
 from ..registry import get_driver, probe_file
 from .chain import close_chain, open_image
-from .readahead import ReadAhead
+from .readahead import ReadAhead, aligned_buffer
 
 CHUNK = 8 * 1024 * 1024
 DEFAULT_SPARSE = 4096
@@ -268,18 +268,32 @@ def _write_real_zeros(out: Image, offset: int, length: int) -> None:
 
 
 # -- unit copy (-c, -B) --------------------------------------------------------------------
-def _read_batch(source: _Concat, offset: int, length: int, known: Optional[Image]):
-    """The batch's guest bytes (zeros where the source has none) and which bytes are SAME."""
-    data = bytearray(length)
+_zero_block: List[memoryview] = []
+
+
+def _zeros(n: int) -> memoryview:
+    """*n* zero bytes (n <= CHUNK) without a new allocation each time."""
+    if not _zero_block:
+        _zero_block.append(memoryview(bytes(CHUNK)))
+    return _zero_block[0][:n]
+
+
+def _read_batch(source: _Concat, offset: int, length: int, known: Optional[Image], buf):
+    """Fill *buf* with the batch's guest bytes (zeros where the source has none); returns the
+    SAME spans and whether any data was read."""
+    view = memoryview(buf)[:length]
     same: List[Tuple[int, int]] = []
     any_data = False
     for target, n, kind, img, src_off in _source_runs(source, offset, length, known):
+        part = view[target - offset:target - offset + n]
         if kind == DATA:
-            data[target - offset:target - offset + n] = img.read(src_off, n)
+            img.read_into(src_off, part)
             any_data = True
-        elif kind == SAME:
-            same.append((target - offset, n))
-    return data, same, any_data
+        else:
+            part[:] = _zeros(n)
+            if kind == SAME:
+                same.append((target - offset, n))
+    return same, any_data
 
 
 def _covered(spans: List[Tuple[int, int]], a: int, b: int) -> bool:
@@ -341,13 +355,16 @@ def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_back
                 out.write_compressed(start, [(d, f.result()) for d, f in items])
 
     need_zeros = zero_unwritten or not skip_zeros
+    data = aligned_buffer(batch)           # reused; pieces handed on are copies (slices of an mmap)
+    base_buf = aligned_buffer(batch) if new_backing is not None else None
     try:
         done = 0
         for bstart, n in _unit_batches(source, unit, batch, new_backing, need_zeros):
-            data, same, any_data = _read_batch(source, bstart, n, new_backing)
+            same, any_data = _read_batch(source, bstart, n, new_backing, data)
             base = None
             if new_backing is not None and not _covered(same, 0, n):
-                base = _read_padded(new_backing, bstart, n)
+                _read_padded(new_backing, bstart, n, base_buf)
+                base = base_buf
             groups: List[Tuple[int, list]] = []     # runs of consecutive units to write
             group_end = -1
             for u in range(0, n, unit):
@@ -389,10 +406,11 @@ def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_back
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_padded(img: Image, offset: int, length: int) -> bytearray:
-    """Guest bytes of *img*'s chain; zeros past its end."""
+def _read_padded(img: Image, offset: int, length: int, buf) -> None:
+    """Fill *buf* with guest bytes of *img*'s chain; zeros past its end."""
+    view = memoryview(buf)[:length]
     avail = max(0, min(length, img.virtual_size - offset))
-    data = bytearray(img.read(offset, avail)) if avail else bytearray()
+    if avail:
+        img.read_into(offset, view[:avail])
     if avail < length:
-        data.extend(bytes(length - avail))
-    return data
+        view[avail:] = _zeros(length - avail)
