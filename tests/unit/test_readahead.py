@@ -61,3 +61,13 @@ def test_aligned_buffer_is_page_aligned_and_zeroed():
     assert len(buf) == 1 << 20 and buf[:16] == bytes(16) and buf.find(b"\x01") == -1
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     assert address % mmap.PAGESIZE == 0
+
+
+def test_aligned_bytearray_is_page_aligned_and_compares_by_content():
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.readahead import aligned_bytearray
+    for size in (4096, 1 << 20, 8 << 20):
+        a, b = aligned_bytearray(size), aligned_bytearray(size)
+        assert len(a) == size and a == bytes(size)
+        assert ctypes.addressof(ctypes.c_char.from_buffer(a)) % mmap.PAGESIZE == 0
+        b[size // 2] = 1
+        assert a != b and a == memoryview(bytearray(size))

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from ..driver import Image, Policy
 from .chain import close_chain, open_image
-from .readahead import aligned_buffer
+from .readahead import aligned_bytearray
 from .status import S_ALLOCATED, S_EOF, S_ZERO, SECTOR, guest_length, status_runs
 
 BATCH = 8 * 1024 * 1024       # bytes read at once here
@@ -131,11 +131,10 @@ class _Checker:
         self.kind: Optional[str] = None
         self.start = self.end = 0       # the range collected and not yet checked
         self.pieces: List[int] = []     # starts of the ranges added, ascending
-        # Reused buffers.  The kernel copies into page-aligned anonymous memory (mmap) several
-        # times faster than into a bytearray, but only a bytearray compares in C (memcmp,
-        # against any buffer): one image is read into each.
-        self.mapped = aligned_buffer(BATCH)
-        self.array = bytearray(BATCH)
+        # Reused buffers.  The kernel copies into page-aligned memory several times faster than
+        # into a plain bytearray, and bytearrays compare in C (memcmp): page-aligned bytearrays.
+        self.mapped = aligned_bytearray(BATCH)
+        self.mapped_b = aligned_bytearray(BATCH)
         self.zeros = bytearray(BATCH)
         self.pool: Optional[ThreadPoolExecutor] = None    # reads the second image meanwhile
 
@@ -169,19 +168,20 @@ class _Checker:
         n = hi - lo
         x = memoryview(self.mapped)[:n]
         if self.kind == BOTH:
-            y = self.array if n == BATCH else bytearray(n)
+            xb = memoryview(self.mapped_b)[:n]
             if n >= PARALLEL_READ:
                 # both kernel copies at once, on two CPUs (preadv drops the GIL)
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-compare")
-                pending = self.pool.submit(_read_into, self.b, lo, memoryview(y))
+                pending = self.pool.submit(_read_into, self.b, lo, xb)
                 try:
                     _read_into(self.a, lo, x)
                 finally:
                     pending.result()
             else:
                 _read_into(self.a, lo, x)
-                _read_into(self.b, lo, memoryview(y))
+                _read_into(self.b, lo, xb)
+            y = self.mapped_b if n == BATCH else self.mapped_b[:n]
         else:
             _read_into(self.a if self.kind == ONLY_A else self.b, lo, x)
             y = self.zeros if n == BATCH else bytearray(n)

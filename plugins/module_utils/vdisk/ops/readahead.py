@@ -7,6 +7,7 @@ the kernel copies into an aligned buffer about four times faster than into a byt
 (measured: 1.2 GB from the page cache in 0.12 s instead of 0.5 s of CPU).  A buffer handed
 out is not refilled before the caller asks for the next item.
 """
+import ctypes
 import mmap
 import threading
 from queue import Queue
@@ -18,6 +19,17 @@ _END = object()
 def aligned_buffer(size: int) -> mmap.mmap:
     """A writable, page-aligned, zero-filled buffer (anonymous memory) with ``find`` and slicing."""
     return mmap.mmap(-1, size)
+
+
+def aligned_bytearray(size: int, align: int = mmap.PAGESIZE) -> bytearray:
+    """A zeroed bytearray whose data starts on a page boundary: read into as fast as an mmap, and
+    unlike an mmap it compares in C (memcmp) with ``==``.  Deleting a bytearray's head only moves
+    its start pointer, which is how the alignment is reached."""
+    buf = bytearray(size + align)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    del buf[:(-address) % align]
+    del buf[size:]
+    return buf
 
 
 class ReadAhead:
