@@ -267,7 +267,8 @@ def test_progress_lines_when_not_a_terminal(tmp_path, sources):
 def big_source(tmp_path_factory):
     path = tmp_path_factory.mktemp("convert-big") / "big.raw"
     with open(path, "wb") as f:
-        for i in range(48):
+        # incompressible noise makes `-c` slow enough (seconds) to be caught under way
+        for i in range(128):
             f.write(_noise(i, MiB // 4) + helpers.pattern(i * MiB, 3 * MiB // 4))
     return str(path)
 
@@ -283,14 +284,23 @@ def test_interrupted_convert_leaves_no_partial_destination(tmp_path, big_source,
     proc = subprocess.Popen([sys.executable, "-m", helpers.CLI_MODULE, "convert", "-c", "-O", "qcow2",
                              big_source, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
-    # wait until the temporary output exists and has grown: the conversion is under way
+    # wait until the temporary output exists and has grown: the conversion is under way; then
+    # freeze the process so it cannot finish between that observation and the signal
     while time.time() < deadline:
-        tmps = [f for f in os.listdir(tmp_path) if f.endswith(".vdisk-tmp")]
-        if tmps and os.path.getsize(tmp_path / tmps[0]) > 256 * KiB:
-            break
         assert proc.poll() is None, "convert finished before it could be interrupted"
+        tmps = [f for f in os.listdir(tmp_path) if f.endswith(".vdisk-tmp")]
+        try:
+            grown = bool(tmps) and os.path.getsize(tmp_path / tmps[0]) > 256 * KiB
+        except FileNotFoundError:  # renamed into place meanwhile: the poll above fails next
+            grown = False
+        if grown:
+            proc.send_signal(signal.SIGSTOP)
+            if os.path.exists(tmp_path / tmps[0]):
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     if existing:
