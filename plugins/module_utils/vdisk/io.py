@@ -7,15 +7,12 @@ shared lock on byte ``200 + i``.  A permission it wants conflicts with anyone's
 lock on ``200 + i``; a permission it refuses to share conflicts with anyone's
 lock on ``100 + i``.
 """
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
 import os
 import stat
 import struct
-import tempfile
 from typing import Iterator, Optional, Tuple
 
 from .errors import HostIOError, ImageError, ImageInUse
@@ -43,8 +40,10 @@ _libc = None
 def _fallocate_fn():
     global _libc
     if _libc is None:
+        import ctypes   # imported on first use: it costs a noticeable part of the command's start-up
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # the process's own symbols include libc's (no ctypes.util.find_library: it runs ldconfig)
+            _libc = ctypes.CDLL(None, use_errno=True)
             _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         except (OSError, AttributeError):
             _libc = False
@@ -293,6 +292,7 @@ class AtomicOutput:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise HostIOError("directory does not exist: %s" % directory, path=path)
+        import tempfile
         fd, self.tmp_path = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".vdisk-tmp",
                                              dir=directory)
         os.close(fd)
