@@ -25,7 +25,7 @@ from .chain import close_chain, open_image
 from .readahead import aligned_bytearray
 from .status import S_ALLOCATED, S_EOF, S_ZERO, SECTOR, guest_length, status_runs
 
-BATCH = 8 * 1024 * 1024       # bytes read at once here
+BATCH = 2 * 1024 * 1024       # bytes read at once here: small enough to stay in the CPU caches
 PARALLEL_READ = 1024 * 1024   # from this size on, the two images are read at the same time
 
 BOTH, ONLY_A, ONLY_B = "both", "a", "b"     # what a range needs: compare, or check one side for zeros

@@ -23,6 +23,9 @@ from .chain import close_chain, open_image
 from .readahead import ReadAhead, aligned_buffer
 
 CHUNK = 8 * 1024 * 1024
+# the plain copy's read size: buffers that stay in the CPU's caches between the kernel's copy in
+# and its copy out (measured on the big bench disk: 8 MiB ~1.5x the wall time of 2 MiB)
+COPY_CHUNK = 2 * 1024 * 1024
 DEFAULT_SPARSE = 4096
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 SAME = "same"            # a run the new backing file (-B) already holds: the source's own backing file
@@ -227,11 +230,11 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
             if copy_offload and img.host_range(run_offset, run_length) and out.host_range(target, run_length):
                 yield (target, run_length, (img, run_offset)), 0, 0, None
                 continue
-            for pos in range(0, run_length, CHUNK):
-                n = min(CHUNK, run_length - pos)
+            for pos in range(0, run_length, COPY_CHUNK):
+                n = min(COPY_CHUNK, run_length - pos)
                 yield (target + pos, n, True), run_offset + pos, n, img.read_into
 
-    for (target, length, is_data), view in ReadAhead(jobs(), CHUNK):
+    for (target, length, is_data), view in ReadAhead(jobs(), COPY_CHUNK):
         if isinstance(is_data, tuple):
             img, src_off = is_data
             src_host, src_host_off = img.host_range(src_off, length)
