@@ -4,9 +4,14 @@ from typing import Dict, List, Optional, Tuple
 
 from .driver import Driver
 from .errors import FormatError, HostIOError, ImageError
-from .formats import qcow2, raw
+# One line per format, each importing that format's DRIVER as ``_<name>``: explicit imports, because
+# Ansible bundles only the module_utils a module imports.
+from .formats.raw import DRIVER as _raw
+from .formats.qcow2 import DRIVER as _qcow2
 
-DRIVERS: Dict[str, Driver] = {d.name: d for d in (raw.DRIVER, qcow2.DRIVER)}
+DRIVERS: Dict[str, Driver] = {d.name: d for d in sorted((v for k, v in list(globals().items())
+                                                          if k.startswith("_") and isinstance(v, Driver)),
+                                                         key=lambda d: d.name)}
 PROBE_BYTES = 4096
 
 
