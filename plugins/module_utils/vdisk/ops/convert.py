@@ -222,19 +222,49 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
     done = 0
     gran = None if copy_offload else sparse_size or None
 
+    # Data is read and written in windows that start and end on the target's cluster boundaries
+    # (the bytes around a data run are read too: zeros, or a neighbouring run's data), and zeros are
+    # detected per whole target cluster, as qemu-img aligns them: no cluster is written in two
+    # parts, which a qcow2 target would have to read back and complete.
+    align = out.cluster_size if out.cluster_size and not copy_offload else 1
+    if gran is not None and align > 1:
+        gran = max(gran, align)
+
+    def read_guest(offset: int, view: memoryview) -> None:
+        _read_batch(source, offset, len(view), None, view)
+
     def jobs():
+        covered = 0         # guest bytes [0, covered) have their jobs
         for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
+            end = target + run_length
             if kind != DATA:
-                yield (target, run_length, False), 0, 0, None
+                # the unaligned tail is left to a data window that may follow
+                stop = end if end == size else max(covered, end - end % align)
+                if stop > covered:
+                    yield (covered, stop - covered, False), 0, 0, None
+                    covered = stop
                 continue
             if copy_offload and img.host_range(run_offset, run_length) and out.host_range(target, run_length):
                 yield (target, run_length, (img, run_offset)), 0, 0, None
+                covered = end
                 continue
-            for pos in range(0, run_length, COPY_CHUNK):
-                n = min(COPY_CHUNK, run_length - pos)
-                yield (target + pos, n, True), run_offset + pos, n, img.read_into
+            window_end = min(size, -(-end // align) * align)
+            pos = covered
+            while pos < window_end:
+                n = min(window_end, (pos // COPY_CHUNK + 1) * COPY_CHUNK) - pos
+                inside = target <= pos and pos + n <= end
+                reader = img.read_into if inside else read_guest
+                yield (pos, n, True), (run_offset + pos - target) if inside else pos, n, reader
+                pos += n
+            covered = max(covered, window_end)
+        if covered < size:
+            yield (covered, size - covered, False), 0, 0, None
 
-    for (target, length, is_data), view in ReadAhead(jobs(), COPY_CHUNK):
+    def zero_runs(view):
+        # in the reader thread: the writing thread has only to write
+        return None if gran is None else list(find_nonzero_runs(view.obj, gran, len(view)))
+
+    for ((target, length, is_data), runs), view in ReadAhead(jobs(), COPY_CHUNK, inspect=zero_runs):
         if isinstance(is_data, tuple):
             img, src_off = is_data
             src_host, src_host_off = img.host_range(src_off, length)
@@ -251,7 +281,7 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
         elif gran is None:
             out.write(target, view)
         else:
-            for off, rn, is_zero in find_nonzero_runs(view.obj, gran, length):
+            for off, rn, is_zero in runs:
                 if not is_zero:
                     out.write(target + off, view[off:off + rn])
                 elif zero_unwritten:

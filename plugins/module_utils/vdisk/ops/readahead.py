@@ -36,8 +36,10 @@ class ReadAhead:
     """Iterate ``(tag, view)`` for *jobs* ``(tag, offset, length, read_into)``; jobs with
     ``read_into=None`` pass through with ``view=None``.  Lengths are at most *chunk*."""
 
-    def __init__(self, jobs: Iterable[Tuple[Any, int, int, Optional[Callable]]], chunk: int, depth: int = 3):
+    def __init__(self, jobs: Iterable[Tuple[Any, int, int, Optional[Callable]]], chunk: int, depth: int = 3,
+                 inspect: Optional[Callable[[memoryview], Any]] = None):
         self._jobs = jobs
+        self._inspect = inspect     # run on each view in the worker; items become (tag, view, result)
         self._buffers = [aligned_buffer(chunk) for _ in range(depth)]
         self._free = threading.Semaphore(depth)
         self._queue: "Queue" = Queue()
@@ -50,7 +52,7 @@ class ReadAhead:
         try:
             for tag, offset, length, read_into in self._jobs:
                 if read_into is None:
-                    self._queue.put((tag, None))
+                    self._queue.put(((tag, None) if self._inspect is not None else tag, None))
                     continue
                 self._free.acquire()
                 if self._stop:
@@ -58,6 +60,8 @@ class ReadAhead:
                 view = memoryview(self._buffers[slot])[:length]
                 slot = (slot + 1) % len(self._buffers)
                 read_into(offset, view)
+                if self._inspect is not None:
+                    tag = (tag, self._inspect(view))
                 self._queue.put((tag, view))
         except BaseException as exc:        # handed to the consumer, raised there
             self._queue.put((_END, exc))
