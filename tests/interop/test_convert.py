@@ -114,7 +114,25 @@ def test_convert_matrix_is_valid_and_equal_for_qemu(tmp_path, sources, source, t
             assert os.path.getsize(dest) <= os.path.getsize(ref) * 1.1 + 2 * cluster
     if "-S" in flags:
         _assert_fully_allocated(dest, out_fmt)
+    if out_fmt == "qcow2" and not compressed:
+        # zeros detected and data allocated per target cluster (subcluster) as qemu-img does
+        ref = tmp_path / "ref.qcow2"
+        qemu_img("convert", "-f", src_fmt, "-O", "qcow2", *flags, src, ref, check=True)
+        assert _allocation(dest) == _allocation(ref)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".vdisk-tmp")]
+
+
+def _allocation(path):
+    """qemu-img map's view of an image without host offsets: which ranges hold data or zeros."""
+    extents = json.loads(qemu_img("map", "--output=json", path, check=True).stdout)
+    merged = []
+    for e in extents:
+        key = (e["data"], e["zero"])
+        if merged and merged[-1][2] == key and merged[-1][0] + merged[-1][1] == e["start"]:
+            merged[-1][1] += e["length"]
+        else:
+            merged.append([e["start"], e["length"], key])
+    return merged
 
 
 def _assert_fully_allocated(path, fmt):

@@ -173,6 +173,8 @@ class Image:
         self.writable = writable
         self.virtual_size = 0
         self.cluster_size: Optional[int] = None
+        # the smallest range the format allocates on its own (a subcluster of an extended-L2 qcow2)
+        self.allocation_unit: Optional[int] = None
         self.backing: Optional["Image"] = None          # attached by ops.chain
         self.backing_filename: Optional[str] = None     # as stored in the image
         self.backing_format: Optional[str] = None       # as stored in the image

@@ -122,7 +122,7 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
                 if out.virtual_size < size:
                     raise ImageError("output file is smaller than input file", path=dest)
                 _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers,
-                          copy_offload)
+                          copy_offload, fresh=False)
                 out.flush()
             finally:
                 close_chain(out)
@@ -140,7 +140,7 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers,
-                          copy_offload)
+                          copy_offload, fresh=typed.get("preallocation") in (None, "off"))
                 out.flush()
             finally:
                 out.backing = None
@@ -172,12 +172,14 @@ def _open_new_backing(dest: str, backing: str, fmt: Optional[str], policy: Optio
 
 
 def _run_copy(source: _Concat, out: Image, new_backing: Optional[Image], compress: bool, sparse_size: int,
-              progress, zero_unwritten: bool, workers: Optional[int], copy_offload: bool = False) -> None:
+              progress, zero_unwritten: bool, workers: Optional[int], copy_offload: bool = False,
+              fresh: bool = False) -> None:
+    """*fresh*: the output was just created, with nothing allocated."""
     if compress or new_backing is not None:
         unit = out.compression_unit if compress else (out.cluster_size or max(sparse_size, 4096))
         _copy_units(source, out, unit, compress, new_backing, sparse_size, progress, zero_unwritten, workers)
     else:
-        _copy(source, out, sparse_size, progress, zero_unwritten, copy_offload)
+        _copy(source, out, sparse_size, progress, zero_unwritten, copy_offload, fresh)
 
 
 # -- walking the source --------------------------------------------------------------------
@@ -217,17 +219,19 @@ def _source_runs(source: _Concat, offset: int, length: int, known: Optional[Imag
 
 # -- plain copy ----------------------------------------------------------------------------
 def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritten: bool,
-          copy_offload: bool = False) -> None:
+          copy_offload: bool = False, fresh: bool = False) -> None:
     size = source.virtual_size
     done = 0
     gran = None if copy_offload else sparse_size or None
 
-    # Data is read and written in windows that start and end on the target's cluster boundaries
-    # (the bytes around a data run are read too: zeros, or a neighbouring run's data), and zeros are
-    # detected per whole target cluster, as qemu-img aligns them: no cluster is written in two
-    # parts, which a qcow2 target would have to read back and complete.
-    align = out.cluster_size if out.cluster_size and not copy_offload else 1
-    if gran is not None and align > 1:
+    # Data is read and written in windows that start and end on the target's allocation unit (cluster)
+    # boundaries (the bytes around a data run are read too: zeros, or a neighbouring run's data).  In
+    # a fresh target zeros are detected per whole unit, which allocates what qemu-img allocates: no
+    # unit is written in two parts, which a qcow2 target would have to read back and complete.  A
+    # preallocated or existing target is written in place, where zeros are skipped per -S block.
+    unit = out.allocation_unit or out.cluster_size
+    align = unit if unit and not copy_offload else 1
+    if gran is not None and fresh and align > 1:
         gran = max(gran, align)
 
     def read_guest(offset: int, view: memoryview) -> None:

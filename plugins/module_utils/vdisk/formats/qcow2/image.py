@@ -65,6 +65,7 @@ class Qcow2Image(Image):
         self.sc = self.cs // hdr.SUBCLUSTERS if self.ext else self.cs
         self.virtual_size = h.size
         self.cluster_size = self.cs
+        self.allocation_unit = self.sc
         self.compression_unit = self.cs
         self.backing_filename = h.backing_file
         self.backing_format = h.backing_format
