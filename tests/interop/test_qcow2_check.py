@@ -6,6 +6,7 @@ qemu-img's, a plain check writes nothing, and ``check -r all`` leaves an image t
 """
 import hashlib
 import json
+import os
 import struct
 import subprocess
 
@@ -186,5 +187,53 @@ def test_compressed_image_counts_like_qemu(tmp_path):
     run("qemu-img", "convert", "-c", "-O", "qcow2", "-f", "raw", raw, path)
     mine = vdisk_check(path).to_json()
     theirs = json.loads(run("qemu-img", "check", "--output=json", path).stdout)
+    theirs["filename"] = mine["filename"] = str(path)
+    assert mine == theirs
+
+
+# -- full, contiguous L2 tables: the check's whole-table shortcut -----------------------------------
+def _full_table_image(tmp_path, snapshot=False):
+    """4 KiB clusters, 8 MiB written in one go: four L2 tables of 512 consecutive clusters."""
+    path = tmp_path / "full.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", path, "16M")
+    run("qemu-io", "-c", "write -P 7 0 8M", path)
+    if snapshot:
+        run("qemu-img", "snapshot", "-c", "s", path)
+    return path
+
+
+def _refcount_entry(path, host_offset):
+    """File offset of the 16-bit refcount of the cluster at *host_offset*."""
+    with open(path, "rb") as f:
+        header = f.read(72)
+        reftable = struct.unpack(">Q", header[48:56])[0]
+        cluster = host_offset // 4096
+        f.seek(reftable + 8 * (cluster // 2048))
+        block = struct.unpack(">Q", f.read(8))[0]
+    return block + 2 * (cluster % 2048)
+
+
+def _data_host_offset(path, guest):
+    extents = json.loads(run("qemu-img", "map", "--output=json", path).stdout)
+    for e in extents:
+        if e["start"] <= guest < e["start"] + e["length"] and e.get("offset") is not None:
+            return e["offset"] + guest - e["start"]
+    raise AssertionError("no data at %d" % guest)
+
+
+@pytest.mark.parametrize("case", ["clean", "refcount-0", "refcount-2", "leak", "snapshot", "snapshot-refcount-1"])
+def test_full_contiguous_tables_report_like_qemu(tmp_path, case):
+    path = _full_table_image(tmp_path, snapshot=case.startswith("snapshot"))
+    host = _data_host_offset(path, 3 * 1024 * 1024 + 4096)
+    if case == "refcount-0":
+        poke(path, _refcount_entry(path, host), b"\x00\x00")
+    elif case in ("refcount-2", "snapshot-refcount-1"):
+        poke(path, _refcount_entry(path, host), b"\x00\x02" if case == "refcount-2" else b"\x00\x01")
+    elif case == "leak":
+        poke(path, _refcount_entry(path, os.path.getsize(path)), b"\x00\x01")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) + 4096)
+    mine = vdisk_check(path).to_json()
+    theirs = json.loads(run("qemu-img", "check", "--output=json", path, check=False).stdout)
     theirs["filename"] = mine["filename"] = str(path)
     assert mine == theirs
