@@ -7,10 +7,10 @@ once against this interface.
 """
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
+from .errors import InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
 from .units import parse_bool, parse_size
 
 # extent kinds
@@ -116,7 +116,7 @@ class Policy:
 
 
 def _has_protocol(name: str) -> bool:
-    head, sep, _ = name.partition(":")
+    head, sep, dummy = name.partition(":")
     return bool(sep) and "/" not in head and len(head) > 1
 
 

@@ -44,7 +44,7 @@ def parse_size(text, what: str = "size") -> int:
             if unit == 1:
                 raise InvalidOption("invalid %s %r; a fraction needs a suffix. %s" % (what, text, _HINT),
                                     field=what)
-            whole, _, frac = number.partition(".")
+            whole, dummy, frac = number.partition(".")
             # exact integer arithmetic: no float rounding for huge sizes
             value = int(whole or "0") * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
         else:
@@ -72,7 +72,7 @@ def format_size(value: int) -> str:
     if value <= 0:
         return "0 B"
     # the exponent of value*1024/1000: switch to the next unit once the integer part reaches 1000
-    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    dummy, exp = math.frexp(value / (1000.0 / 1024.0))
     index = min((exp - 1) // 10, len(suffixes) - 1)
     return "%s %sB" % (_c_g3(value / float(1 << (index * 10))), suffixes[index])
 

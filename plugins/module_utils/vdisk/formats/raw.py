@@ -1,5 +1,4 @@
 """raw: the guest disk byte for byte in a host file; holes are zeros."""
-import os
 from typing import Any, Dict, Iterator, Optional
 
 from ..driver import DATA, ZERO, Driver, Extent, Image, MeasureSource, OptionSpec, Policy

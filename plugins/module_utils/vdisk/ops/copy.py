@@ -11,7 +11,7 @@ def copy_allocated_ranges(src: Image, dst: Image, ranges: Iterable[Tuple[int, in
                           progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Copy *src*'s guest content in *ranges* to the same offsets of *dst*; zero runs become zero writes."""
     ranges = list(ranges)
-    total = sum(n for _, n in ranges) or 1
+    total = sum(n for dummy, n in ranges) or 1
     done = 0
     gran = dst.cluster_size or 65536
     for start, length in ranges:

@@ -3,7 +3,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..driver import Policy
-from ..errors import ImageError, InvalidOption, PolicyError
+from ..errors import ImageError, InvalidOption
 from ..registry import get_driver, probe_file
 from ..units import round_up
 from .chain import close_chain, open_image

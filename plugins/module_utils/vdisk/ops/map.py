@@ -1,9 +1,8 @@
 """qemu-img map: where each guest range comes from, across the backing chain."""
 import json
-import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
-from ..driver import DATA, UNALLOCATED, ZERO, Image
+from ..driver import UNALLOCATED, ZERO, Image
 
 
 def map_entries(image: Image) -> List[Dict[str, Any]]:

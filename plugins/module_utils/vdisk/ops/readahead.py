@@ -40,7 +40,7 @@ class ReadAhead:
                  inspect: Optional[Callable[[memoryview], Any]] = None):
         self._jobs = jobs
         self._inspect = inspect     # run on each view in the worker; items become (tag, view, result)
-        self._buffers = [aligned_buffer(chunk) for _ in range(depth)]
+        self._buffers = [aligned_buffer(chunk) for dummy in range(depth)]
         self._free = threading.Semaphore(depth)
         self._queue: "Queue" = Queue()
         self._stop = False
@@ -88,6 +88,6 @@ class ReadAhead:
     def close(self) -> None:
         """Stop the worker (also when the caller stopped early)."""
         self._stop = True
-        for _ in self._buffers:
+        for dummy in self._buffers:
             self._free.release()
         self._thread.join()

@@ -61,7 +61,7 @@ def _copy_differences(image, new_backing, progress) -> None:
     old = image.backing
     gran = image.cluster_size or 65536
     unallocated = [(e.offset, e.length) for e in image.extents() if e.kind == UNALLOCATED]
-    total = sum(n for _, n in unallocated) or 1
+    total = sum(n for dummy, n in unallocated) or 1
     done = 0
 
     def view(layer, off, n):

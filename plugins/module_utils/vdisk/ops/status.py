@@ -21,7 +21,7 @@ bytes long); the added tail reads as zeros.
 """
 from typing import Iterator, Optional, Tuple
 
-from ..driver import DATA, UNALLOCATED, ZERO, Image
+from ..driver import UNALLOCATED, ZERO, Image
 
 SECTOR = 512
 

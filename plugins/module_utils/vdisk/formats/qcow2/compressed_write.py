@@ -102,7 +102,7 @@ def write_compressed(img, offset: int, blocks: Sequence[Tuple[bytes, Optional[by
     if offset % cs:
         raise ImageError("compressed writes must start at a cluster boundary (offset %d)" % offset,
                          path=img.path, field="offset")
-    total = sum(len(d) for d, _ in blocks)
+    total = sum(len(d) for d, dummy in blocks)
     img._prepare_write(offset, total)
     compressed: List[Tuple[int, bytes]] = []
     g = offset
@@ -117,7 +117,7 @@ def write_compressed(img, offset: int, blocks: Sequence[Tuple[bytes, Optional[by
         g += len(data)
     if not compressed:
         return
-    hosts = _place(img, [p for _, p in compressed])
+    hosts = _place(img, [p for dummy, p in compressed])
     # L2 entries, one table at a time; the clusters they replace are released afterwards
     span = img.l2e
     i = 0
@@ -129,7 +129,7 @@ def write_compressed(img, offset: int, blocks: Sequence[Tuple[bytes, Optional[by
         while i < len(compressed) and (compressed[i][0] >> cb) // span == l1i:
             g, payload = compressed[i]
             idx = (g >> cb) % span
-            old_entry, _ = img._entry(table, idx)
+            old_entry, dummy = img._entry(table, idx)
             if old_entry & hdr.OFLAG_COMPRESSED:
                 releases.append(("compressed", None, old_entry))
             elif old_entry & hdr.OFFSET_MASK:

@@ -1,5 +1,4 @@
 """The qcow2 driver: create options, probing, create and open."""
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, Image, MeasureSource, OptionSpec, Policy
@@ -39,7 +38,7 @@ class Qcow2Driver(Driver):
         OptionSpec("data_file_raw", "bool", False, "The external data file must stay valid as a raw image"),
         OptionSpec("encryption", "bool", False, "Encrypt the image (not supported)"),
         OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks' "
-                                                    "(not supported)"),
+                                                  "(not supported)"),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

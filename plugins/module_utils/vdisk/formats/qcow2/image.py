@@ -436,7 +436,7 @@ class Qcow2Image(Image):
             segments = []          # (host offset, buffer): whole clusters are written from *data* itself
             run = None             # (host offset, data start, data end) of consecutive whole clusters
             for k in range(i, j):
-                ci_k, _, entry_k, bitmap_k = plan[k]
+                ci_k, dummy, entry_k, bitmap_k = plan[k]
                 cstart = ci_k << cb
                 a = max(offset, cstart)
                 b = min(end, cstart + cs)

@@ -145,7 +145,7 @@ def persistent_bitmaps(image) -> Optional[List[Tuple[str, int]]]:
         return []
     if len(h.bitmaps_extension) < BITMAP_EXTENSION.size:
         raise CorruptImage("bitmaps extension too short", path=image.path, field="bitmaps")
-    count, _, dir_size, dir_offset = BITMAP_EXTENSION.unpack_from(h.bitmaps_extension)
+    count, dummy, dir_size, dir_offset = BITMAP_EXTENSION.unpack_from(h.bitmaps_extension)
     if count > MAX_BITMAPS or dir_size > MAX_BITMAP_DIRECTORY or dir_offset % image.cs \
             or dir_offset + dir_size > image.host.size():
         raise CorruptImage("invalid bitmap directory (%d bitmaps, %d bytes at offset %d)"
@@ -153,11 +153,11 @@ def persistent_bitmaps(image) -> Optional[List[Tuple[str, int]]]:
     raw = image.host.pread(dir_size, dir_offset)
     out: List[Tuple[str, int]] = []
     pos = 0
-    for _ in range(count):
+    for dummy in range(count):
         if pos + BITMAP_DIR_ENTRY.size > len(raw):
             raise CorruptImage("bitmap directory entry past the directory's end", path=image.path,
                                field="bitmaps")
-        _, _, _, _, gran_bits, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+        dummy, dummy, dummy, dummy, gran_bits, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(raw, pos)
         name_at = pos + BITMAP_DIR_ENTRY.size + extra
         if name_at + name_size > len(raw) or not 9 <= gran_bits <= 31:
             raise CorruptImage("invalid bitmap directory entry at offset %d" % (dir_offset + pos),

@@ -9,7 +9,7 @@ import sys
 from array import array
 from typing import Dict, List, Optional, Set
 
-from ...errors import CorruptImage, FormatError, ImageError
+from ...errors import CorruptImage, ImageError
 from .header import MAX_HOST_OFFSET, MAX_REFTABLE_SIZE, REFT_OFFSET_MASK, REFT_RESERVED, U64
 
 
@@ -200,7 +200,7 @@ class Refcounts:
             base = bi * epb
             # fast path: the rest of this block is free (no refcounts, nothing reserved there)
             if not any(cluster <= c < block_end for c in reserved):
-                a, _ = self._byte_span(cluster - base, cluster - base)
+                a, dummy = self._byte_span(cluster - base, cluster - base)
                 if block is None or block.count(0, a) == len(block) - a and (cluster - base) % max(1, 8 // self.bits) == 0:
                     if run == 0:
                         start = cluster

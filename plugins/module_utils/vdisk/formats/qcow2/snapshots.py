@@ -127,13 +127,13 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
         l1 = read_l1(img, snap.l1_table_offset, snap.l1_size)
         if snap.l1_size:
             _add(refs, snap.l1_table_offset // cs, (snap.l1_table_offset + snap.l1_size * 8 - 1) // cs)
-        tree, _ = _tree_refs(img, l1)
+        tree, dummy = _tree_refs(img, l1)
         for c, n in tree.items():
             refs[c] = refs.get(c, 0) + n
     sources = [(i, e & hdr.OFFSET_MASK) for i, e in enumerate(active_l1) if e & hdr.OFFSET_MASK]
     tables = {}
     for i, off in sources:
-        tree, _ = _tree_refs(img, [off])      # the table itself and its data ...
+        tree, dummy = _tree_refs(img, [off])      # the table itself and its data ...
         tree[off // cs] -= 1                  # ... but the active layer gets a copy of the table
         for c, n in tree.items():
             if n:
@@ -211,14 +211,14 @@ def create_snapshot(img, name: str) -> Snapshot:
 
 def apply_snapshot(img, name: str) -> None:
     """Make the active layer equal to the snapshot (QEMU's snapshot goto)."""
-    _, snap = find_snapshot(img, name)
+    dummy, snap = find_snapshot(img, name)
     snap_l1 = read_l1(img, snap.l1_table_offset, snap.l1_size)
     switch_state(img, list(img.snapshots_table()), snap_l1, snap.disk_size)
 
 
 def delete_snapshot(img, name: str) -> None:
     """Remove a snapshot; what only it used is freed by the new refcount structure."""
-    index, _ = find_snapshot(img, name)
+    index, dummy = find_snapshot(img, name)
     snaps = list(img.snapshots_table())
     del snaps[index]
     switch_state(img, snaps, list(img.l1), img.virtual_size)
