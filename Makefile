@@ -5,7 +5,22 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-slow qemu clean bench
+# The Ansible tooling (docs/testing-ansible.md): ansible-core 2.19 (runs on the controller's Python 3.11)
+# and molecule 26 in the same venv; ansible-test runs in a copy of the collection laid out as
+# tests/output/collection/ansible_collections/vdisk/images (tests/ansible/collection_tree.py)
+ANSIBLE_PINS := "ansible-core>=2.19,<2.20" "molecule>=26,<27"
+ASTAMP   := $(VENV)/.ansible-2.19-molecule-26
+COLL_ROOT = $(CURDIR)/tests/output/collection
+COLL      = $(COLL_ROOT)/ansible_collections/vdisk/images
+PYTHONS   = $(CURDIR)/$(VENV)/pythons
+# python3.9 ... python3.13 (pyenv's, where there is one) on PATH, so sanity compiles and imports the
+# engine and the modules on every Python they support; ansible-test's own venvs cache under ~/.ansible
+AENV      = PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" ANSIBLE_NOCOLOR=1
+SANITY_ARGS ?=
+INTEGRATION_ARGS ?=
+
+.PHONY: all venv demo test test-slow qemu clean bench ansible-env sanity units integration molecule \
+        test-ansible bench-ansible
 
 all: test
 
@@ -31,11 +46,67 @@ qemu:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq qemu-utils; }
 
-demo: venv
+$(ASTAMP): $(STAMP)
+	$(PY) -m pip install --quiet $(ANSIBLE_PINS)
+	touch $(ASTAMP)
+
+# ansible-test needs: the collection at .../ansible_collections/vdisk/images, the Pythons, and pip's
+# bootstrap script, which it downloads from a host these machines cannot reach unless a copy is cached:
+# tests/ansible/get_pip.py stands in for it (ensurepip, then pip install); a real cached copy is kept
+ansible-env: venv $(ASTAMP)
+	@rm -rf $(PYTHONS) && mkdir -p $(PYTHONS)
+	@for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.*/bin/python3.*; do \
+	  case "$${p##*/}" in python3.9|python3.1[0-9]) [ -x "$$p" ] && ln -sf "$$p" $(PYTHONS)/ ;; esac; done; true
+	@v=$$($(PY) -c 'import ansible_test, os, re; \
+	  s = open(os.path.join(os.path.dirname(ansible_test.__file__), "_internal", "python_requirements.py")).read(); \
+	  print(re.search(r"pip=.([0-9.]+).", s).group(1).replace(".", "_"))'); \
+	  f=$$HOME/.ansible/test/cache/get_pip_$$v.py; mkdir -p $${f%/*}; \
+	  if [ ! -e $$f ] || grep -q 'vdisk get-pip stand-in' $$f; then cp tests/ansible/get_pip.py $$f; fi
+	@$(PY) tests/ansible/collection_tree.py $(COLL_ROOT) >/dev/null
+
+# every sanity test, on every Python found from 3.9 up (--venv: ansible-test's own venvs, no containers)
+sanity: ansible-env
+	cd $(COLL) && $(AENV) ansible-test sanity --venv $(SANITY_ARGS)
+
+# the modules' unit tests (tests/unit/plugins/**), on the controller's Python
+units: ansible-env
+	@if [ -d $(COLL)/tests/unit/plugins ]; then \
+	  cd $(COLL) && $(AENV) ansible-test units --venv --python 3.11 tests/unit/plugins/; \
+	else echo "units: no tests/unit/plugins yet: skipped"; fi
+
+# integration targets against localhost, each only once its module exists (plugins/modules/<target>.py)
+integration: ansible-env qemu
+	@targets=$$(for t in tests/integration/targets/*/; do t=$${t%/}; t=$${t##*/}; \
+	  [ -f plugins/modules/$$t.py ] && echo $$t; done); \
+	if [ -n "$$targets" ]; then \
+	  cd $(COLL) && $(AENV) ansible-test integration --local --python 3.11 $(INTEGRATION_ARGS) $$targets; \
+	else echo "integration: no target's module exists yet: skipped"; fi
+
+# the role's scenario (default driver, localhost): converge, idempotence, verify with qemu-img check
+molecule: ansible-env qemu
+	@if [ -f plugins/modules/image.py ]; then \
+	  cd $(COLL) && $(AENV) molecule test -s default; \
+	else echo "molecule: plugins/modules/image.py does not exist yet: skipped"; fi
+
+test-ansible: sanity units integration molecule
+
+# a no-change playbook run over 20 images against a stat loop over the same files (docs/performance.md)
+bench-ansible: ansible-env
+	$(AENV) $(PY) tests/bench/ansible_noop.py --collections-path $(COLL_ROOT) $(BENCH_ARGS)
+
+# today's demo, then playbooks/demo.yml twice (the images role on localhost; the second run changes nothing)
+demo: venv $(ASTAMP)
 	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" PYTHON="$(CURDIR)/$(PY)" bash scripts/demo.sh
+	@if [ -f plugins/modules/image.py ]; then \
+	  for run in first second; do printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml (%s run)\033[0m\n' $$run; \
+	    $(AENV) ansible-playbook playbooks/demo.yml >demo/ansible-$$run.log 2>&1; rc=$$?; \
+	    cat demo/ansible-$$run.log; [ $$rc = 0 ] || exit $$rc; done; \
+	  grep -q 'changed=0 ' demo/ansible-second.log || { echo "demo: the second run changed something" >&2; exit 1; }; \
+	else echo "demo: plugins/modules/image.py does not exist yet: playbooks/demo.yml skipped"; fi
 
 test: venv qemu
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-ansible
 
 test-slow: venv qemu
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -45,4 +116,4 @@ bench: venv qemu
 	$(PY) tests/bench/bench.py --vdisk "$(CURDIR)/$(VENV)/bin/vdisk" $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info demo .pytest_cache .hypothesis tests/output
