@@ -8,6 +8,7 @@ from .errors import FormatError, HostIOError, ImageError
 # Ansible bundles only the module_utils a module imports.
 from .formats.raw import DRIVER as _raw
 from .formats.qcow2 import DRIVER as _qcow2
+from .formats.parallels import DRIVER as _parallels
 
 DRIVERS: Dict[str, Driver] = {d.name: d for d in sorted((v for k, v in list(globals().items())
                                                           if k.startswith("_") and isinstance(v, Driver)),

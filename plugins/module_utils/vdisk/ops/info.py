@@ -15,7 +15,8 @@ def image_info(image: Image) -> Dict[str, Any]:
     host = getattr(image, "host", None)
     if host is not None:
         info["actual-size"] = host.allocated_bytes()
-    info["dirty-flag"] = bool(image.dirty)
+    if image.dirty is not None:     # None: the format has no dirty flag to show (parallels)
+        info["dirty-flag"] = bool(image.dirty)
     info.update(image.info())
     if image.backing_filename:
         info["backing-filename"] = image.backing_filename

@@ -1,0 +1,180 @@
+"""Parallels (ploop) on-disk structures: the 64-byte header, the BAT, the format extension.
+
+References: QEMU docs/interop/parallels.txt ("Header", "BAT", "Format Extension",
+"Dirty bitmaps feature"). Everything is little-endian.
+
+Parsing works on bytes; reading the file is the image's business.
+"""
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import List
+
+from ...errors import CorruptImage, FormatError
+
+SECTOR = 512
+MAGIC_V1 = b"WithoutFreeSpace"      # BAT entries count sectors
+MAGIC_V2 = b"WithouFreSpacExt"      # BAT entries count clusters
+VERSION = 2
+INUSE_MAGIC = 0x746F6E59             # "Ynot": the image was not closed cleanly
+HEADS = 16                           # the geometry qemu-img writes (not used for addressing)
+SECTORS_PER_CYLINDER = 32
+DEFAULT_CLUSTER_SIZE = 1024 * 1024
+MAX_IMAGE_FACTOR = 1 << 32           # image size < 2^32 clusters
+INT_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+MAX_TRACKS = INT_MAX // 513          # "Too big cluster"
+MAX_BAT_ENTRIES = INT_MAX // 4       # "Catalog too large"
+
+HEADER = struct.Struct("<16sIIIIIQIIIQ")   # magic version heads cylinders tracks bat_entries nb_sectors
+HEADER_SIZE = HEADER.size                  # inuse data_off flags ext_off; == 64
+assert HEADER_SIZE == 64
+BAT_ENTRY = struct.Struct("<I")
+
+EXT_MAGIC = 0xAB234CEF23DCEA87
+EXT_HEADER = struct.Struct("<Q16s")          # magic, MD5 of the rest of the cluster
+FEATURE_END = 0
+FEATURE_DIRTY_BITMAP = 0x20385FAE252CB34A
+FEATURE_HEADER = struct.Struct("<QQII")      # magic flags data_size unused
+BITMAP_FEATURE = struct.Struct("<Q16sII")    # size (sectors) id granularity (sectors) l1_size
+
+
+@dataclass
+class Header:
+    magic: bytes = MAGIC_V2
+    version: int = VERSION
+    heads: int = HEADS
+    cylinders: int = 0
+    tracks: int = DEFAULT_CLUSTER_SIZE // SECTOR   # sectors per cluster
+    bat_entries: int = 0
+    nb_sectors: int = 0
+    inuse: int = 0
+    data_off: int = 0                               # sectors
+    flags: int = 0
+    ext_off: int = 0                                # sectors
+
+    @property
+    def cluster_size(self) -> int:
+        return self.tracks * SECTOR
+
+    @property
+    def off_multiplier(self) -> int:
+        """Sectors per unit of a BAT entry."""
+        return 1 if self.magic == MAGIC_V1 else self.tracks
+
+    @property
+    def virtual_sectors(self) -> int:
+        return self.nb_sectors & 0xFFFFFFFF if self.magic == MAGIC_V1 else self.nb_sectors
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.magic, self.version, self.heads, self.cylinders, self.tracks, self.bat_entries,
+                           self.nb_sectors, self.inuse, self.data_off, self.flags, self.ext_off)
+
+
+def probe(buf: bytes) -> bool:
+    return (len(buf) >= HEADER_SIZE and buf[:16] in (MAGIC_V1, MAGIC_V2)
+            and BAT_ENTRY.unpack_from(buf, 16)[0] == VERSION)
+
+
+def parse_header(buf: bytes, path: str) -> Header:
+    """The header from the first 64 bytes, validated as QEMU validates it on open."""
+    if len(buf) < HEADER_SIZE:
+        raise FormatError("Image not in Parallels format (file too short for a header)", path=path, field="header")
+    h = Header(*HEADER.unpack_from(buf, 0))
+    if h.version != VERSION or h.magic not in (MAGIC_V1, MAGIC_V2):
+        raise FormatError("Image not in Parallels format", path=path, field="magic")
+    if h.tracks == 0:
+        raise FormatError("Invalid image: Zero sectors per track", path=path, field="tracks")
+    if h.tracks > MAX_TRACKS:
+        raise FormatError("Invalid image: Too big cluster", path=path, field="tracks")
+    if h.bat_entries > MAX_BAT_ENTRIES:
+        raise FormatError("Catalog too large", path=path, field="bat_entries")
+    if h.virtual_sectors * SECTOR > INT64_MAX:
+        raise FormatError("Invalid image: disk size %d sectors is too large" % h.virtual_sectors, path=path,
+                          field="nb_sectors")
+    return h
+
+
+def bat_offset(index: int) -> int:
+    """File offset of BAT entry *index*."""
+    return HEADER_SIZE + 4 * index
+
+
+def new_header(size: int, cluster_size: int) -> Header:
+    """The header qemu-img create writes for a *size*-byte disk with *cluster_size* clusters."""
+    entries = -(-size // cluster_size)
+    bat_bytes = -(-bat_offset(entries) // cluster_size) * cluster_size
+    return Header(magic=MAGIC_V2, heads=HEADS, cylinders=size // SECTOR // HEADS // SECTORS_PER_CYLINDER,
+                  tracks=cluster_size // SECTOR, bat_entries=entries, nb_sectors=-(-size // SECTOR),
+                  data_off=bat_bytes // SECTOR)
+
+
+@dataclass
+class DirtyBitmap:
+    uuid: str
+    granularity: int        # bytes
+    size_sectors: int
+    l1: List[int]
+
+
+def parse_format_extension(cluster: bytes, cluster_size: int, virtual_sectors: int, path: str) -> List[DirtyBitmap]:
+    """Validate the format extension cluster as QEMU does on a read-only open; returns its dirty bitmaps.
+
+    The bitmaps do not change guest data: vdisk only checks them (so an image QEMU refuses is refused).
+    """
+    magic, checksum = EXT_HEADER.unpack_from(cluster, 0)
+    if magic != EXT_MAGIC:
+        raise CorruptImage("Wrong parallels Format Extension magic: 0x%x, expected: 0x%x" % (magic, EXT_MAGIC),
+                           path=path, field="format extension")
+    pos = EXT_HEADER.size
+    if hashlib.md5(cluster[pos:cluster_size]).digest() != checksum:
+        raise CorruptImage("Wrong checksum in Format Extension header. Format extension is corrupted.",
+                           path=path, field="format extension")
+    bitmaps: List[DirtyBitmap] = []
+    while True:
+        remaining = cluster_size - pos
+        if remaining < FEATURE_HEADER.size:
+            raise CorruptImage("Can not read feature header, as remaining bytes (%d) in Format Extension is less "
+                               "than Feature header size (%d)" % (remaining, FEATURE_HEADER.size), path=path,
+                               field="format extension")
+        fmagic, flags, data_size, _ = FEATURE_HEADER.unpack_from(cluster, pos)
+        pos += FEATURE_HEADER.size
+        remaining -= FEATURE_HEADER.size
+        if flags:
+            raise CorruptImage("Flags for extension feature are unsupported", path=path, field="format extension")
+        padded = -(-data_size // 8) * 8
+        if padded > remaining:
+            raise CorruptImage("Feature data_size exceedes Format Extension cluster", path=path,
+                               field="format extension")
+        if fmagic == FEATURE_END:
+            return bitmaps
+        if fmagic != FEATURE_DIRTY_BITMAP:
+            raise CorruptImage("Unknown feature: 0x%x" % fmagic, path=path, field="format extension")
+        bitmaps.append(_parse_bitmap(cluster[pos:pos + data_size], cluster_size, virtual_sectors, path))
+        pos += padded
+
+
+def _parse_bitmap(data: bytes, cluster_size: int, virtual_sectors: int, path: str) -> DirtyBitmap:
+    if len(data) < BITMAP_FEATURE.size:
+        raise CorruptImage("Too small Bitmap Feature area in Parallels Format Extension: %d bytes, expected at "
+                           "least %d bytes" % (len(data), BITMAP_FEATURE.size), path=path, field="dirty bitmap")
+    size, ident, gran, l1_size = BITMAP_FEATURE.unpack_from(data, 0)
+    if size != virtual_sectors:
+        raise CorruptImage("Bitmap size (in sectors) %d differs from disk size in sectors %d"
+                           % (size, virtual_sectors), path=path, field="dirty bitmap")
+    granularity = gran * SECTOR
+    if granularity < SECTOR or granularity & (granularity - 1):
+        raise CorruptImage("Invalid bitmap granularity %d, expected a power of two of at least %d bytes"
+                           % (granularity, SECTOR), path=path, field="dirty bitmap")
+    if l1_size * 8 > len(data) - BITMAP_FEATURE.size:
+        raise CorruptImage("Bitmaps feature corrupted: l1 table exceeds extension data_size", path=path,
+                           field="dirty bitmap")
+    bits = -(-size * SECTOR // granularity)
+    expected = -(-(-(-bits // 64) * 8) // cluster_size)   # serialized as 64-bit words
+    if l1_size != expected:
+        raise CorruptImage("Bitmap table size %d does not correspond to bitmap size and cluster size. Expected %d"
+                           % (l1_size, expected), path=path, field="dirty bitmap")
+    l1 = list(struct.unpack_from("<%dQ" % l1_size, data, BITMAP_FEATURE.size))
+    h = ident.hex()
+    uuid = "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+    return DirtyBitmap(uuid, granularity, size, l1)
