@@ -27,8 +27,7 @@ MAX_TRACKS = INT_MAX // 513          # "Too big cluster"
 MAX_BAT_ENTRIES = INT_MAX // 4       # "Catalog too large"
 
 HEADER = struct.Struct("<16sIIIIIQIIIQ")   # magic version heads cylinders tracks bat_entries nb_sectors
-HEADER_SIZE = HEADER.size                  # inuse data_off flags ext_off; == 64
-assert HEADER_SIZE == 64
+HEADER_SIZE = HEADER.size                  # inuse data_off flags ext_off; == 64 (struct format above)
 BAT_ENTRY = struct.Struct("<I")
 
 EXT_MAGIC = 0xAB234CEF23DCEA87
@@ -137,7 +136,7 @@ def parse_format_extension(cluster: bytes, cluster_size: int, virtual_sectors: i
             raise CorruptImage("Can not read feature header, as remaining bytes (%d) in Format Extension is less "
                                "than Feature header size (%d)" % (remaining, FEATURE_HEADER.size), path=path,
                                field="format extension")
-        fmagic, flags, data_size, _ = FEATURE_HEADER.unpack_from(cluster, pos)
+        fmagic, flags, data_size, dummy = FEATURE_HEADER.unpack_from(cluster, pos)
         pos += FEATURE_HEADER.size
         remaining -= FEATURE_HEADER.size
         if flags:
