@@ -1,0 +1,136 @@
+"""QED on-disk structures: the header, the backing file name, L1/L2 tables.
+
+References: the QED specification (QEMU wiki "Features/QED/Specification") and QEMU's
+block/qed.h. Everything is little-endian. A table is ``table_size`` clusters of 64-bit
+offsets; an L2 entry of 0 is unallocated (read the backing file), 1 a zero cluster.
+"""
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ...errors import CorruptImage, FormatError, UnsupportedFeature
+
+MAGIC = 0x00444551                     # "QED\0"
+F_BACKING_FILE = 0x01
+F_NEED_CHECK = 0x02                    # set while allocating writes may be in flight
+F_BACKING_FORMAT_NO_PROBE = 0x04       # the backing file is raw
+FEATURE_MASK = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE
+COMPAT_FEATURE_MASK = 0
+AUTOCLEAR_FEATURE_MASK = 0
+
+MIN_CLUSTER_SIZE = 4 * 1024
+MAX_CLUSTER_SIZE = 64 * 1024 * 1024
+DEFAULT_CLUSTER_SIZE = 64 * 1024
+MIN_TABLE_SIZE = 1
+MAX_TABLE_SIZE = 16
+DEFAULT_TABLE_SIZE = 4
+MAX_BACKING_NAME = 1023                # QEMU keeps the name in a PATH_MAX-ish buffer; refuse longer ones
+
+UNALLOCATED = 0
+ZERO_CLUSTER = 1
+
+HEADER = struct.Struct("<IIIIQQQQQII")
+HEADER_SIZE = HEADER.size               # 64
+assert HEADER_SIZE == 64
+OFFSETS_FIELDS = ("magic", "cluster_size", "table_size", "header_size", "features", "compat_features",
+                  "autoclear_features", "l1_table_offset", "image_size", "backing_filename_offset",
+                  "backing_filename_size")
+
+
+@dataclass
+class Header:
+    magic: int = MAGIC
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    table_size: int = DEFAULT_TABLE_SIZE    # clusters per table
+    header_size: int = 1                    # clusters
+    features: int = 0
+    compat_features: int = 0
+    autoclear_features: int = 0
+    l1_table_offset: int = 0
+    image_size: int = 0
+    backing_filename_offset: int = 0
+    backing_filename_size: int = 0
+    backing_file: Optional[str] = None
+
+    def pack(self) -> bytes:
+        return HEADER.pack(*(getattr(self, name) for name in OFFSETS_FIELDS))
+
+    @property
+    def table_entries(self) -> int:
+        return self.table_size * self.cluster_size // 8
+
+    @property
+    def table_bytes(self) -> int:
+        return self.table_size * self.cluster_size
+
+
+def is_power_of_2(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
+def cluster_size_valid(n: int) -> bool:
+    return is_power_of_2(n) and MIN_CLUSTER_SIZE <= n <= MAX_CLUSTER_SIZE
+
+
+def table_size_valid(n: int) -> bool:
+    return is_power_of_2(n) and MIN_TABLE_SIZE <= n <= MAX_TABLE_SIZE
+
+
+def max_image_size(cluster_size: int, table_size: int) -> int:
+    entries = table_size * cluster_size // 8
+    return entries * entries * cluster_size
+
+
+def image_size_valid(size: int, cluster_size: int, table_size: int) -> bool:
+    return size % 512 == 0 and size <= max_image_size(cluster_size, table_size)
+
+
+def probe(buf: bytes) -> bool:
+    return len(buf) >= 4 and struct.unpack_from("<I", buf)[0] == MAGIC
+
+
+def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> Header:
+    """The header from the first 64 bytes *buf* and the backing file name (``read(offset, length)``
+    returns what the file holds there), validated as QEMU validates them on open."""
+    if len(buf) < HEADER_SIZE:
+        raise FormatError("Image not in QED format (file too short for a header)", path=path, field="header")
+    h = Header(*HEADER.unpack_from(buf, 0))
+    if h.magic != MAGIC:
+        raise FormatError("Image not in QED format", path=path, field="magic")
+    if h.features & ~FEATURE_MASK:
+        raise UnsupportedFeature("Unsupported QED features: %x" % (h.features & ~FEATURE_MASK), path=path,
+                                 field="features")
+    if not cluster_size_valid(h.cluster_size):
+        raise FormatError("QED cluster size %d is invalid" % h.cluster_size, path=path, field="cluster_size")
+    if not table_size_valid(h.table_size):
+        raise FormatError("QED table size %d is invalid" % h.table_size, path=path, field="table_size")
+    if not image_size_valid(h.image_size, h.cluster_size, h.table_size):
+        raise FormatError("QED image size %d is invalid" % h.image_size, path=path, field="image_size")
+    if h.header_size == 0 or h.header_size * h.cluster_size > (1 << 32):
+        raise FormatError("QED header size %d is invalid" % h.header_size, path=path, field="header_size")
+    if h.features & F_BACKING_FILE:
+        end = h.backing_filename_offset + h.backing_filename_size
+        if end > h.cluster_size * h.header_size or h.backing_filename_size > MAX_BACKING_NAME:
+            raise CorruptImage("QED backing file name (offset %d, %d bytes) does not fit the header"
+                               % (h.backing_filename_offset, h.backing_filename_size), path=path,
+                               field="backing_filename_offset")
+        raw = read(h.backing_filename_offset, h.backing_filename_size)
+        if len(raw) < h.backing_filename_size:
+            raise CorruptImage("QED backing file name lies beyond the end of the file", path=path,
+                               field="backing_filename_offset")
+        h.backing_file = raw.decode("utf-8", "surrogateescape")
+    return h
+
+
+def new_header(size: int, cluster_size: int, table_size: int, backing_file: Optional[str],
+               backing_fmt: Optional[str]) -> Header:
+    h = Header(cluster_size=cluster_size, table_size=table_size, header_size=1, l1_table_offset=cluster_size,
+               image_size=size)
+    if backing_file:
+        h.features |= F_BACKING_FILE
+        h.backing_filename_offset = HEADER_SIZE
+        h.backing_filename_size = len(backing_file.encode("utf-8", "surrogateescape"))
+        h.backing_file = backing_file
+        if backing_fmt == "raw":
+            h.features |= F_BACKING_FORMAT_NO_PROBE
+    return h
