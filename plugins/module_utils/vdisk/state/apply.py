@@ -1,0 +1,125 @@
+"""Run a plan's actions with the engine, in order, stopping at the first failure.
+
+New files (create, convert, replace) are written beside their destination and renamed into
+place, so an image is either the old one or the complete new one.  In-place changes (amend,
+resize, snapshots) are each crash-safe in the engine (QEMU's write ordering); a plan interrupted
+between two of them is completed by the next run, because planning starts from what is on disk.
+"""
+import os
+from typing import Any, Dict, Iterable, Optional
+
+from ..driver import Policy
+from ..errors import HostIOError, ImageError, ImageInUse, InvalidOption
+from ..ops.chain import close_chain, open_image
+from . import plan as p
+
+
+def apply(actions: Iterable[p.Action], policy: Optional[Policy] = None) -> None:
+    """Execute *actions* (from :func:`plan.plan`, :func:`plan.plan_snapshot` or
+    :func:`plan.plan_convert`) in order; errors are :class:`ImageError`."""
+    for action in actions:
+        apply_action(action, policy)
+
+
+def apply_action(action: p.Action, policy: Optional[Policy] = None) -> None:
+    """Execute one action."""
+    handler = _HANDLERS.get(action.kind)
+    if handler is None:
+        raise InvalidOption("unknown action %r" % action.kind, path=action.path)
+    handler(action, policy)
+
+
+def _create(action: p.Action, policy: Optional[Policy]) -> None:
+    from ..ops.create import create
+    params = action.params
+    if action.kind == p.REPLACE:
+        _refuse_if_in_use(action.path, policy)
+    if params.get("source"):
+        _convert(action, policy)
+        return
+    options = _raw_options(params)
+    create(action.path, params["format"], params.get("size"), options, params.get("backing_file"),
+           params.get("backing_format"), policy)
+
+
+def _convert(action: p.Action, policy: Optional[Policy]) -> None:
+    from ..ops.convert import convert
+    params = action.params
+    if os.path.lexists(action.path):
+        _refuse_if_in_use(action.path, policy)
+    backing = params.get("backing_file")
+    convert([params["source"]], action.path, params.get("source_format"), params["format"],
+            _raw_options(params), compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
+            policy=policy, backing=backing or None,
+            backing_fmt=(params.get("backing_format") or None) if backing else None)
+
+
+def _raw_options(params: Dict[str, Any]) -> Dict[str, Any]:
+    options = dict(params.get("options") or {})
+    if params.get("preallocation"):
+        options["preallocation"] = params["preallocation"]
+    return options
+
+
+def _delete(action: p.Action, policy: Optional[Policy]) -> None:
+    _refuse_if_in_use(action.path, policy)
+    try:
+        os.unlink(action.path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise HostIOError("could not delete: %s" % (exc.strerror or exc), path=action.path) from None
+
+
+def _refuse_if_in_use(path: str, policy: Optional[Policy]) -> None:
+    """Take the image's write locks once: a disk a running VM holds must not be replaced or deleted."""
+    if not os.path.isfile(path):
+        return
+    try:
+        image = open_image(path, None, writable=True, policy=policy, backing=False)
+    except ImageInUse:
+        raise
+    except ImageError:
+        return      # not readable as an image (corrupt, unknown): nothing holds it as a disk
+    close_chain(image)
+
+
+def _resize(action: p.Action, policy: Optional[Policy]) -> None:
+    params = action.params
+    # the backing chain is opened: growing a qcow2 must hide what a longer backing file holds past the old end
+    image = open_image(action.path, params["format"], writable=True, policy=policy)
+    try:
+        image.resize(params["size"], shrink=action.kind == p.SHRINK, preallocation=params.get("preallocation") or "off")
+        image.flush()
+    finally:
+        close_chain(image)
+
+
+def _in_place(action: p.Action, policy: Optional[Policy]) -> None:
+    params = action.params
+    image = open_image(action.path, params.get("format"), writable=True, policy=policy, backing=False)
+    try:
+        if action.kind == p.AMEND:
+            image.amend(dict(params["options"]))
+        elif action.kind == p.SNAPSHOT_CREATE:
+            image.create_snapshot(params["name"])
+        elif action.kind == p.SNAPSHOT_DELETE:
+            _named(image.delete_snapshot, params["name"], "delete")
+        else:
+            _named(image.apply_snapshot, params["name"], "apply")
+        image.flush()
+    finally:
+        close_chain(image)
+
+
+def _named(fn, name: str, verb: str) -> None:
+    try:
+        fn(name)
+    except ImageError as exc:
+        raise exc.__class__("Could not %s snapshot '%s': %s" % (verb, name, exc.message), path=exc.path,
+                            field=exc.field) from None
+
+
+_HANDLERS = {p.CREATE: _create, p.REPLACE: _create, p.CONVERT: _convert, p.DELETE: _delete,
+             p.GROW: _resize, p.SHRINK: _resize, p.AMEND: _in_place, p.SNAPSHOT_CREATE: _in_place,
+             p.SNAPSHOT_DELETE: _in_place, p.SNAPSHOT_APPLY: _in_place}

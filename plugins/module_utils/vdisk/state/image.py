@@ -1,0 +1,82 @@
+"""One image, end to end: observe what the spec needs, plan, and (unless checking) apply.
+
+The entry points the ``image`` module and the manifest applier call; everything they decide
+comes from :mod:`.plan`.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from ..driver import Policy
+from .apply import apply
+from .observe import ObservedImage, observe
+from .plan import Action, plan, predict, properties
+from .spec import ImageSpec
+
+
+@dataclass
+class Result:
+    """What planning (and applying) one image gave: the actions, the diff, the image afterwards."""
+    actions: List[Action]
+    before: Dict[str, Any]
+    after: Dict[str, Any]
+    observed: ObservedImage                      # before any action
+    final: Optional[ObservedImage] = None        # re-read after applying (None in check mode)
+    applied: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+def backing_path(spec: ImageSpec) -> Optional[str]:
+    """The host path of the spec's backing file (stored relative to the image's directory)."""
+    if not spec.backing_file:
+        return None
+    if os.path.isabs(spec.backing_file):
+        return spec.backing_file
+    return os.path.join(os.path.dirname(os.path.abspath(spec.path)), spec.backing_file)
+
+
+def policy_for(spec: ImageSpec, policy: Optional[Policy] = None) -> Policy:
+    """*policy* widened to the directory of the backing file the spec names: the user named it."""
+    policy = policy or Policy()
+    base = backing_path(spec)
+    if base:
+        directory = os.path.dirname(os.path.realpath(base))
+        policy = Policy(allowed_dirs=tuple(policy.allowed_dirs) + (directory,), follow_backing=policy.follow_backing,
+                        probe=policy.probe, max_chain_depth=policy.max_chain_depth, lock=policy.lock,
+                        sync=policy.sync)
+    return policy
+
+
+def plan_image(spec: ImageSpec, policy: Optional[Policy] = None) -> Result:
+    """Observe the image (and, when it must be made, its source or backing file) and plan."""
+    policy = policy_for(spec, policy)
+    observed = observe(spec.path, None, policy)
+    source = backing = None
+    if spec.state == "present":
+        must_make = not observed.exists or spec.recreate
+        if must_make and spec.source:
+            source = observe(spec.source, spec.source_format, policy)
+        if must_make and spec.backing_file and spec.size is None:
+            backing = observe(backing_path(spec) or "", spec.backing_format, policy)
+    actions = plan(spec, observed, source, backing)
+    before = properties(observed)
+    return Result(actions, before, predict(before, actions), observed)
+
+
+def apply_image(spec: ImageSpec, policy: Optional[Policy] = None, check_mode: bool = False) -> Result:
+    """Plan one image and, unless *check_mode*, apply the plan and read the image again."""
+    result = plan_image(spec, policy)
+    if check_mode or not result.actions:
+        result.final = result.observed
+        return result
+    policy = policy_for(spec, policy)
+    apply(result.actions, policy)
+    result.applied = True
+    result.final = observe(spec.path, None, policy)
+    if result.final.exists:
+        result.after = properties(result.final)
+    return result
+
