@@ -7,7 +7,6 @@ header, and be referenced once (corruptions); clusters of the file nobody refere
 left, the need-check flag. total = clusters of the virtual disk; allocated and fragmented
 clusters are counted per L2 table.
 """
-import array
 from typing import Optional
 
 from ...driver import CheckResult

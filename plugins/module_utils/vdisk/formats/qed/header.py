@@ -30,8 +30,7 @@ UNALLOCATED = 0
 ZERO_CLUSTER = 1
 
 HEADER = struct.Struct("<IIIIQQQQQII")
-HEADER_SIZE = HEADER.size               # 64
-assert HEADER_SIZE == 64
+HEADER_SIZE = HEADER.size               # 64 (struct format above)
 OFFSETS_FIELDS = ("magic", "cluster_size", "table_size", "header_size", "features", "compat_features",
                   "autoclear_features", "l1_table_offset", "image_size", "backing_filename_offset",
                   "backing_filename_size")

@@ -147,7 +147,7 @@ class QedImage(Image):
                 if e > hdr.ZERO_CLUSTER:
                     e += offset % self.cs
             if cur and (cur[2] == e <= hdr.ZERO_CLUSTER or (e > hdr.ZERO_CLUSTER and cur[2] > hdr.ZERO_CLUSTER
-                                                                and e == cur[2] + cur[1])):
+                                                            and e == cur[2] + cur[1])):
                 cur[1] += n
             else:
                 if cur:
