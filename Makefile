@@ -7,11 +7,9 @@ PYTEST_ARGS ?=
 
 # The Ansible tooling (docs/testing-ansible.md): ansible-core 2.19 (runs on the controller's Python 3.11)
 # and molecule 26 in the same venv; ansible-test runs in a copy of the collection laid out as
-# tests/output/collection/ansible_collections/vdisk/images (tests/ansible/collection_tree.py)
+# tests/output/run-XXXXXX/ansible_collections/vdisk/images (tests/ansible/collection_tree.py)
 ANSIBLE_PINS := "ansible-core>=2.19,<2.20" "molecule>=26,<27"
 ASTAMP   := $(VENV)/.ansible-2.19-molecule-26
-COLL_ROOT = $(CURDIR)/tests/output/collection
-COLL      = $(COLL_ROOT)/ansible_collections/vdisk/images
 PYTHONS   = $(CURDIR)/$(VENV)/pythons
 # python3.9 ... python3.13 (pyenv's, where there is one) on PATH, so sanity compiles and imports the
 # engine and the modules on every Python they support; ansible-test's own venvs cache under ~/.ansible
@@ -50,28 +48,34 @@ $(ASTAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(ANSIBLE_PINS)
 	touch $(ASTAMP)
 
-# ansible-test needs: the collection at .../ansible_collections/vdisk/images, the Pythons, and pip's
-# bootstrap script, which it downloads from a host these machines cannot reach unless a copy is cached:
-# tests/ansible/get_pip.py stands in for it (ensurepip, then pip install); a real cached copy is kept
+# ansible-test needs: the Pythons, and pip's bootstrap script, which it downloads from a host these machines
+# cannot reach unless a copy is cached: tests/ansible/get_pip.py stands in for it (ensurepip, then pip
+# install); a real cached copy is kept
 ansible-env: venv $(ASTAMP)
-	@rm -rf $(PYTHONS) && mkdir -p $(PYTHONS)
+	@mkdir -p $(PYTHONS) $(CURDIR)/tests/output
 	@for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.*/bin/python3.*; do \
-	  case "$${p##*/}" in python3.9|python3.1[0-9]) [ -x "$$p" ] && ln -sf "$$p" $(PYTHONS)/ ;; esac; done; true
+	  case "$${p##*/}" in python3.9|python3.1[0-9]) [ -x "$$p" ] && ln -sfn "$$p" $(PYTHONS)/ ;; esac; done; true
 	@v=$$($(PY) -c 'import ansible_test, os, re; \
 	  s = open(os.path.join(os.path.dirname(ansible_test.__file__), "_internal", "python_requirements.py")).read(); \
 	  print(re.search(r"pip=.([0-9.]+).", s).group(1).replace(".", "_"))'); \
 	  f=$$HOME/.ansible/test/cache/get_pip_$$v.py; mkdir -p $${f%/*}; \
-	  if [ ! -e $$f ] || grep -q 'vdisk get-pip stand-in' $$f; then cp tests/ansible/get_pip.py $$f; fi
-	@$(PY) tests/ansible/collection_tree.py $(COLL_ROOT) >/dev/null
+	  if [ ! -e $$f ] || grep -q 'vdisk get-pip stand-in' $$f; then cp tests/ansible/get_pip.py $$f.$$$$ && mv $$f.$$$$ $$f; fi
+
+# ... and the collection at .../ansible_collections/vdisk/images: each run works in a fresh copy of its
+# own, tests/output/run-XXXXXX/ansible_collections/vdisk/images (two runs in one working tree do not
+# collide), removed after success and kept after a failure (ansible-test's results are in it)
+IN_COLL = root=$$(mktemp -d $(CURDIR)/tests/output/run-XXXXXX) && \
+	  coll=$$($(PY) tests/ansible/collection_tree.py $$root) && cd $$coll && $(AENV)
+END_COLL = ; rc=$$?; cd $(CURDIR); if [ $$rc = 0 ]; then rm -rf $$root; else echo "kept $$root"; fi; exit $$rc
 
 # every sanity test, on every Python found from 3.9 up (--venv: ansible-test's own venvs, no containers)
 sanity: ansible-env
-	cd $(COLL) && $(AENV) ansible-test sanity --venv $(SANITY_ARGS)
+	@$(IN_COLL) ansible-test sanity --venv $(SANITY_ARGS) $(END_COLL)
 
 # the modules' unit tests (tests/unit/plugins/**), on the controller's Python
 units: ansible-env
-	@if [ -d $(COLL)/tests/unit/plugins ]; then \
-	  cd $(COLL) && $(AENV) ansible-test units --venv --python 3.11 tests/unit/plugins/; \
+	@if [ -d tests/unit/plugins ]; then \
+	  $(IN_COLL) ansible-test units --venv --python 3.11 tests/unit/plugins/ $(END_COLL); \
 	else echo "units: no tests/unit/plugins yet: skipped"; fi
 
 # integration targets against localhost, each only once its module exists (plugins/modules/<target>.py)
@@ -79,20 +83,20 @@ integration: ansible-env qemu
 	@targets=$$(for t in tests/integration/targets/*/; do t=$${t%/}; t=$${t##*/}; \
 	  [ -f plugins/modules/$$t.py ] && echo $$t; done); \
 	if [ -n "$$targets" ]; then \
-	  cd $(COLL) && $(AENV) ansible-test integration --local --python 3.11 $(INTEGRATION_ARGS) $$targets; \
+	  $(IN_COLL) ansible-test integration --local --python 3.11 $(INTEGRATION_ARGS) $$targets $(END_COLL); \
 	else echo "integration: no target's module exists yet: skipped"; fi
 
 # the role's scenario (default driver, localhost): converge, idempotence, verify with qemu-img check
 molecule: ansible-env qemu
 	@if [ -f plugins/modules/image.py ]; then \
-	  cd $(COLL) && $(AENV) molecule test -s default; \
+	  $(IN_COLL) molecule test -s default $(END_COLL); \
 	else echo "molecule: plugins/modules/image.py does not exist yet: skipped"; fi
 
 test-ansible: sanity units integration molecule
 
 # a no-change playbook run over 20 images against a stat loop over the same files (docs/performance.md)
 bench-ansible: ansible-env
-	$(AENV) $(PY) tests/bench/ansible_noop.py --collections-path $(COLL_ROOT) $(BENCH_ARGS)
+	@$(IN_COLL) $(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
 
 # today's demo, then playbooks/demo.yml twice (the images role on localhost; the second run changes nothing)
 demo: venv $(ASTAMP)

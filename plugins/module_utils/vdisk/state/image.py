@@ -79,4 +79,3 @@ def apply_image(spec: ImageSpec, policy: Optional[Policy] = None, check_mode: bo
     if result.final.exists:
         result.after = properties(result.final)
     return result
-

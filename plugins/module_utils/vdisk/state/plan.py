@@ -139,7 +139,7 @@ def _make(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedIma
         params.update(source=spec.source, source_format=spec.source_format or source.format,
                       compress=spec.compress)
         what = "convert %s (%s) into a new %s image %s%s" % (spec.source, source.format, spec.format, path,
-                                                              ", compressed" if spec.compress else "")
+                                                             ", compressed" if spec.compress else "")
         actions.append(Action(kind if kind == REPLACE else CONVERT, path, _why(what, why, kind), before, after,
                               params))
         resize = _resize(spec, size)
@@ -316,7 +316,7 @@ def plan_convert(source: ObservedImage, dest: ObservedImage, fmt: str, options: 
     if backing_file:
         after["backing-filename"] = backing_file
     what = "convert %s%s (%s) into %s image %s%s" % (source.path, " snapshot '%s'" % snapshot if snapshot else "",
-                                                    source.format, fmt, path, ", compressed" if compress else "")
+                                                     source.format, fmt, path, ", compressed" if compress else "")
     if dest.exists:
         what = "rewrite %s: %s" % (path, what)
     params = {"source": source.path, "source_format": src_format or source.format, "format": fmt,
