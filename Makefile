@@ -13,7 +13,7 @@ ASTAMP   := $(VENV)/.ansible-2.19-molecule-26
 PYTHONS   = $(CURDIR)/$(VENV)/pythons
 # python3.9 ... python3.13 (pyenv's, where there is one) on PATH, so sanity compiles and imports the
 # engine and the modules on every Python they support; ansible-test's own venvs cache under ~/.ansible
-AENV      = PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" ANSIBLE_NOCOLOR=1
+AENV      = PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" ANSIBLE_NOCOLOR=1 NO_COLOR=1
 SANITY_ARGS ?=
 INTEGRATION_ARGS ?=
 
@@ -96,7 +96,7 @@ test-ansible: sanity units integration molecule
 
 # a no-change playbook run over 20 images against a stat loop over the same files (docs/performance.md)
 bench-ansible: ansible-env
-	@$(IN_COLL) $(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
+	@$(IN_COLL) $(CURDIR)/$(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
 
 # today's demo, then playbooks/demo.yml twice (the images role on localhost; the second run changes nothing)
 demo: venv $(ASTAMP)
