@@ -32,6 +32,8 @@ FORMATS = [
     ("parallels-1000", "parallels", {"cluster_size": "1000"}, 64 * KiB, True),
     ("qed-4k-t2", "qed", {"cluster_size": "4k", "table_size": "2"}, 9 * 1024 * KiB, True),
     ("qed-64k", "qed", {}, 1024 * KiB, True),
+    ("vdi-dynamic", "vdi", {}, 3 * 1024 * KiB + 512, True),
+    ("vdi-static", "vdi", {"static": "on"}, 2 * 1024 * KiB, True),
 ]
 
 

@@ -10,6 +10,7 @@ from .formats.raw import DRIVER as _raw
 from .formats.qcow2 import DRIVER as _qcow2
 from .formats.parallels import DRIVER as _parallels
 from .formats.qed import DRIVER as _qed
+from .formats.vdi import DRIVER as _vdi
 
 DRIVERS: Dict[str, Driver] = {d.name: d for d in sorted((v for k, v in list(globals().items())
                                                           if k.startswith("_") and isinstance(v, Driver)),
