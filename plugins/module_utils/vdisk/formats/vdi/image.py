@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
-from ...io import HostFile, is_zero
+from ...io import HostFile
 from . import header as hdr
 from .header import SECTOR
 
