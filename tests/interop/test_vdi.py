@@ -248,7 +248,8 @@ def damaged(tmp_path, how):
     return path
 
 
-@pytest.mark.parametrize("how", u.cells(["clean", "duplicate", "too-large", "count", "discarded"], ("duplicate", "too-large")))
+@pytest.mark.parametrize("how", u.cells(["clean", "duplicate", "too-large", "count", "discarded"],
+                                        ("duplicate", "too-large")))
 def test_check_like_qemu(tmp_path, how):
     path = damaged(tmp_path, how)
     q = helpers.qemu_check(path, FMT)
@@ -322,5 +323,5 @@ def test_mutations(tmp_path, static, seed):
     good = qemu_create(tmp_path / "good.vdi", 6 * MiB, static=static)
     helpers.qemu_io(FMT, good, "write -P 1 0 12k", "write -P 2 3M 8k", "write -P 3 %d 4k" % (6 * MiB - 4096))
     regions = [(0, 512), (64, 32), (336, 120), (512, 512)]
-    out = u.mutation_run(good, FMT, regions, seed, 30, tmp_path)
+    out = u.mutation_run(good, FMT, regions, seed, 30, tmp_path, cli_every=15)
     assert out["error"] + out["clean"] == 30

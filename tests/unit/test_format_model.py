@@ -34,6 +34,9 @@ FORMATS = [
     ("qed-64k", "qed", {}, 1024 * KiB, True),
     ("vdi-dynamic", "vdi", {}, 3 * 1024 * KiB + 512, True),
     ("vdi-static", "vdi", {"static": "on"}, 2 * 1024 * KiB, True),
+    ("vpc-dynamic", "vpc", {}, 5222400, False),                  # 150 x 4 x 17 sectors: no CHS rounding
+    ("vpc-fixed", "vpc", {"subformat": "fixed"}, 5222400, False),
+    ("vpc-force-size", "vpc", {"force_size": "on"}, 3 * 1024 * KiB + 512, False),
 ]
 
 

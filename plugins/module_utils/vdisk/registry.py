@@ -11,6 +11,7 @@ from .formats.qcow2 import DRIVER as _qcow2
 from .formats.parallels import DRIVER as _parallels
 from .formats.qed import DRIVER as _qed
 from .formats.vdi import DRIVER as _vdi
+from .formats.vpc import DRIVER as _vpc
 
 DRIVERS: Dict[str, Driver] = {d.name: d for d in sorted((v for k, v in list(globals().items())
                                                           if k.startswith("_") and isinstance(v, Driver)),

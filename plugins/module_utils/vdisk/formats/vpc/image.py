@@ -1,0 +1,250 @@
+"""An open VHD image: fixed (raw data + footer) or dynamic (BAT, sector bitmaps, data blocks).
+
+References: Microsoft's VHD specification; QEMU 7.2 block/vpc.c for behaviour. The footer is
+looked for at offset 0 (dynamic disks keep a copy there) and then in the last 512 bytes (fixed
+disks); its checksum must match. Reads of a dynamic disk go by the BAT only, as QEMU's do (sector
+bitmaps are not consulted). A new block is placed where the footer is at the end of the file:
+its bitmap and data are written first (the rest of the block stays a hole, zeros), then the footer
+at the new end, then the BAT entry, so an interruption leaves at most an unreferenced block. A write
+into a block sets the bitmap bits of the sectors it covers, so Virtual PC and Hyper-V see the data.
+"""
+import array
+import sys
+from typing import Any, Dict, Iterator, Optional
+
+from ...driver import DATA, ZERO, Extent, Image, Policy
+from ...errors import CorruptImage, FormatError, ImageError
+from ...io import HostFile
+from . import header as hdr
+from .header import SECTOR
+
+
+class VpcImage(Image):
+    def __init__(self, driver, path: str, writable: bool, policy: Policy):
+        super().__init__(path, writable)
+        self.driver = driver
+        lock = policy.lock and not (policy.force_share and not writable)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        try:
+            self._open()
+        except BaseException:
+            self.host.close()
+            raise
+
+    def _open(self) -> None:
+        file_size = self.host.size()
+        buf = self.host.pread(hdr.FOOTER_SIZE, 0)
+        self.fixed = False
+        if buf[:8] != hdr.COOKIE:
+            if file_size < hdr.FOOTER_SIZE:
+                raise FormatError("File too small for a VHD header", path=self.path, field="footer")
+            buf = self.host.pread(hdr.FOOTER_SIZE, file_size - hdr.FOOTER_SIZE)
+            if buf[:8] != hdr.COOKIE:
+                raise FormatError("invalid VPC image", path=self.path, field="footer")
+            self.fixed = True
+        self.footer_bytes = bytes(buf)
+        f = hdr.parse_footer(buf, self.path)
+        self.footer = f
+        sectors = f.virtual_sectors
+        if sectors > hdr.MAX_SECTORS:
+            raise CorruptImage("Could not open: File too large (%d sectors, at most %d)" % (sectors, hdr.MAX_SECTORS),
+                               path=self.path, field="current_size")
+        self.virtual_size = sectors * SECTOR
+        # data beyond the end of the data area would overwrite the footer
+        self.data_end = file_size - hdr.FOOTER_SIZE
+        if self.fixed:
+            return
+        # a dynamic disk: the dynamic header, the BAT, the blocks after it
+        doff = f.data_offset
+        if doff > hdr.INT64_MAX - hdr.DYN_HEADER_SIZE:      # QEMU cannot even issue that read
+            raise FormatError("Error reading dynamic VHD header (offset 0x%x)" % doff, path=self.path,
+                              field="data_offset")
+        # past the end of the file reads as zeros, which then lack the magic
+        dbuf = self.host.pread(hdr.DYN_HEADER_SIZE, doff) if doff < file_size else bytes(hdr.DYN_HEADER_SIZE)
+        d = hdr.parse_dyn_header(dbuf, sectors, self.path)
+        self.dyn = d
+        self.bs = d.block_size
+        self.cluster_size = self.bs
+        self.bitmap_size = d.bitmap_size
+        self.bat_offset = d.table_offset
+        entries = d.max_table_entries
+        bat_end = -(-(self.bat_offset + entries * 4) // SECTOR) * SECTOR
+        # checked before anything is read, so the BAT held in memory is never larger than the file
+        if bat_end > file_size:
+            raise CorruptImage("block-vpc: free_data_block_offset points after the end of file. The image has "
+                               "been truncated.", path=self.path, field="table_offset")
+        self.bat = array.array("I", self.host.pread(entries * 4, self.bat_offset))
+        if sys.byteorder != "big":
+            self.bat.byteswap()
+        free = bat_end
+        top = max((e for e in self.bat if e != hdr.BAT_UNUSED), default=None)
+        if top is not None:
+            free = max(free, top * SECTOR + self.bitmap_size + self.bs)
+        if free > file_size:
+            raise CorruptImage("block-vpc: free_data_block_offset points after the end of file. The image has "
+                               "been truncated.", path=self.path, field="BAT")
+        self.free = free                         # where the next block goes (the footer is there)
+        self.bitmaps: Dict[int, bytearray] = {}  # sector bitmaps of blocks written through this image
+
+    # -- mapping ------------------------------------------------------------------------
+    def _block_host(self, index: int) -> Optional[int]:
+        """Host offset of the data of block *index*, None when unallocated."""
+        if index >= len(self.bat) or self.bat[index] == hdr.BAT_UNUSED:
+            return None
+        return self.bat[index] * SECTOR + self.bitmap_size
+
+    def _runs(self, offset: int, length: int):
+        end = offset + length
+        if self.fixed:
+            yield offset, length, offset
+            return
+        cur = None
+        while offset < end:
+            idx = offset // self.bs
+            n = min(end, (idx + 1) * self.bs) - offset
+            host = self._block_host(idx)
+            if host is not None:
+                host += offset % self.bs
+            if cur and ((cur[2] is None and host is None) or
+                        (cur[2] is not None and host is not None and host == cur[2] + cur[1])):
+                cur[1] += n
+            else:
+                if cur:
+                    yield tuple(cur)
+                cur = [offset, n, host]
+            offset += n
+        if cur:
+            yield tuple(cur)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ImageError("access beyond the end of the image (offset %d, length %d)" % (offset, length),
+                             path=self.path)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        parts = []
+        for dummy, n, host in self._runs(offset, length):
+            parts.append(bytes(n) if host is None else self.host.pread(n, host))
+        return b"".join(parts)
+
+    def host_range(self, offset: int, length: int):
+        if self.fixed and offset + length <= min(self.virtual_size, self.data_end):
+            return self.host, offset
+        return None
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end <= offset:
+            return
+        if self.fixed:
+            # QEMU looks through to the file: holes there are known zeros
+            for start, n, is_data in self.host.data_extents(offset, end - offset):
+                yield Extent(start, n, DATA, start, reads_zero=not is_data)
+            return
+        for start, n, host in self._runs(offset, end - offset):
+            yield Extent(start, n, ZERO) if host is None else Extent(start, n, DATA, host)
+
+    # -- writes ---------------------------------------------------------------------------
+    def write(self, offset: int, data) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        view = memoryview(data).cast("B")
+        if self.fixed:
+            if offset + len(view) > self.data_end:
+                raise CorruptImage("the footer claims %d bytes but the file holds %d before its footer"
+                                   % (self.virtual_size, self.data_end), path=self.path, field="current_size")
+            self.host.pwrite(view, offset)
+            return
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            idx = pos // self.bs
+            stop = min(end, (idx + 1) * self.bs)
+            chunk = view[pos - offset:stop - offset]
+            if self._block_host(idx) is None:
+                self._allocate(idx, pos % self.bs, chunk)
+            else:
+                self._write_block(idx, pos % self.bs, chunk)
+            pos = stop
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Unallocated blocks of a dynamic disk already read as zeros: only allocated ranges are written."""
+        self._check_writable()
+        self._check_range(offset, length)
+        for start, n, host in self._runs(offset, length):
+            if host is None:
+                continue
+            pos = 0
+            while pos < n:
+                k = min(4 * 1024 * 1024, n - pos)
+                self.write(start + pos, bytes(k))
+                pos += k
+
+    def _guard(self, host: int, length: int) -> None:
+        """Refuse to write guest data over the footer copy, the dynamic header or the BAT."""
+        meta_end = max(hdr.SECTOR + hdr.DYN_HEADER_SIZE, -(-(self.bat_offset + len(self.bat) * 4) // SECTOR) * SECTOR)
+        if host < meta_end:
+            raise CorruptImage("a BAT entry points into the image's metadata (host offset 0x%x)" % host,
+                               path=self.path, field="BAT")
+
+    def _write_block(self, idx: int, in_block: int, chunk: memoryview) -> None:
+        base = self.bat[idx] * SECTOR
+        self._guard(base, self.bitmap_size + self.bs)
+        self.host.pwrite(chunk, base + self.bitmap_size + in_block)
+        bitmap = self.bitmaps.get(idx)
+        if bitmap is None:
+            bitmap = self.bitmaps[idx] = bytearray(self.host.pread(self.bitmap_size, base))
+        first, last = in_block // SECTOR, (in_block + len(chunk) - 1) // SECTOR
+        changed = False
+        for s in range(first, last + 1):        # bit 7 of byte 0 is the block's first sector
+            mask = 0x80 >> (s & 7)
+            if not bitmap[s >> 3] & mask:
+                bitmap[s >> 3] |= mask
+                changed = True
+        if changed:
+            lo, hi = first >> 3, (last >> 3) + 1
+            self.host.pwrite(bytes(bitmap[lo:hi]), base + lo)
+
+    def _allocate(self, idx: int, in_block: int, chunk: memoryview) -> None:
+        start = self.free
+        if start // SECTOR >= hdr.BAT_UNUSED:
+            raise ImageError("the image file cannot grow beyond what its BAT can address", path=self.path,
+                             field="BAT")
+        self._guard(start, 1)
+        size = self.bitmap_size + self.bs
+        file_size = self.host.size()
+        # bitmap (every sector in use, as qemu-img writes it) and data; the part of the block beyond the
+        # written data is written as zeros only where the file already has bytes (anything but the old
+        # footer there would otherwise show through); past the end of the file it is a hole
+        data_end = self.bitmap_size + in_block + len(chunk)
+        length = max(data_end, min(size, file_size - start))
+        buf = bytearray(length)
+        buf[:self.bitmap_size] = b"\xff" * self.bitmap_size
+        buf[self.bitmap_size + in_block:data_end] = chunk
+        self.host.pwrite(buf, start)
+        self.bitmaps[idx] = bytearray(b"\xff" * self.bitmap_size)
+        self.free = start + size
+        self.host.flush()
+        self.host.pwrite(self.footer_bytes, self.free)                  # the footer at the new end
+        self.data_end = self.free
+        self.host.flush()
+        self.bat[idx] = start // SECTOR
+        self.host.pwrite((start // SECTOR).to_bytes(4, "big"), self.bat_offset + 4 * idx)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        return {} if self.fixed else {"cluster-size": self.bs}
+
+    def flush(self) -> None:
+        if self.writable:
+            self.host.flush()
+
+    def close(self) -> None:
+        if self.host.fd < 0:
+            return
+        try:
+            if self.writable:
+                self.host.flush()
+        finally:
+            self.host.close()
