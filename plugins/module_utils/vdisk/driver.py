@@ -163,6 +163,37 @@ class CheckResult:
         return out
 
 
+
+def merge_runs(pieces: Iterable[Tuple[int, int, Any]], is_host: Callable[[Any], bool] = lambda m: m is not None
+               ) -> Iterator[Tuple[int, int, Any]]:
+    """Merge ``(offset, length, mapping)`` pieces given in guest order: neighbours merge when both
+    map to host offsets that continue each other, or both carry the same marker (unallocated,
+    zero, ...).  Every table-mapped format walks its table per unit and lets this merge."""
+    cur = None
+    for offset, n, m in pieces:
+        if cur is not None:
+            if (m == cur[2] + cur[1] if is_host(m) and is_host(cur[2]) else
+                    not is_host(m) and not is_host(cur[2]) and m == cur[2]):
+                cur[1] += n
+                continue
+            yield cur[0], cur[1], cur[2]
+        cur = [offset, n, m]
+    if cur is not None:
+        yield cur[0], cur[1], cur[2]
+
+
+def unit_pieces(offset: int, length: int, unit: int, host_of: Callable[[int], Optional[int]]
+                ) -> Iterator[Tuple[int, int, Optional[int]]]:
+    """``(offset, length, host offset or None)`` per allocation unit (block, cluster) of a guest
+    range, for a format whose table maps unit *i* to ``host_of(i)`` (None: not allocated)."""
+    end = offset + length
+    while offset < end:
+        idx = offset // unit
+        n = min(end, (idx + 1) * unit) - offset
+        host = host_of(idx)
+        yield offset, n, None if host is None else host + offset % unit
+        offset += n
+
 class Image:
     """One open layer of a disk image.  Formats override what they support."""
 
@@ -228,6 +259,11 @@ class Image:
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end > offset:
             yield Extent(offset, end - offset, DATA, offset)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ImageError("access beyond the end of the image (offset %d, length %d)" % (offset, length),
+                             path=self.path)
 
     def read_backing(self, offset: int, length: int) -> bytes:
         """Guest data from the backing chain; zeros where there is none or past its end."""

@@ -10,7 +10,7 @@ import array
 import sys
 from typing import Any, Dict, Iterator, List, Optional
 
-from ...driver import DATA, UNALLOCATED, CheckResult, Extent, Image, Policy
+from ...driver import DATA, UNALLOCATED, CheckResult, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
@@ -86,9 +86,11 @@ class ParallelsImage(Image):
 
     def _runs(self, offset: int, length: int):
         """Yield ``(offset, length, host offset or 0)``, host-contiguous runs merged."""
+        return merge_runs(self._pieces(offset, length), is_host=bool)
+
+    def _pieces(self, offset: int, length: int):
         end = offset + length
         mapped_end = min(self.header.bat_entries, len(self.bat)) * self.cs   # nothing is mapped past it
-        cur = None
         while offset < end:
             idx = offset // self.cs
             if offset >= mapped_end:
@@ -97,20 +99,8 @@ class ParallelsImage(Image):
                 n = min(end, (idx + 1) * self.cs) - offset
                 host = self.host_offset(idx)
                 host = host + offset % self.cs if host else 0
-            if cur and ((cur[2] == 0 and host == 0) or (cur[2] and host == cur[2] + cur[1])):
-                cur[1] += n
-            else:
-                if cur:
-                    yield tuple(cur)
-                cur = [offset, n, host]
+            yield offset, n, host
             offset += n
-        if cur:
-            yield tuple(cur)
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ImageError("access beyond the end of the image (offset %d, length %d)" % (offset, length),
-                             path=self.path)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)

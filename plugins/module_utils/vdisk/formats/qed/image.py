@@ -14,8 +14,8 @@ import sys
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy
-from ...errors import CorruptImage, ImageError
+from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, merge_runs
+from ...errors import CorruptImage
 from ...io import HostFile
 from . import header as hdr
 
@@ -134,8 +134,10 @@ class QedImage(Image):
 
     def _runs(self, offset: int, length: int) -> Iterator[Tuple[int, int, int]]:
         """``(offset, length, entry)``; entry 0 unallocated, 1 zero, else host offset of *offset*."""
+        return merge_runs(self._pieces(offset, length), is_host=lambda e: e > hdr.ZERO_CLUSTER)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[Tuple[int, int, int]]:
         end = offset + length
-        cur = None
         while offset < end:
             ci = offset // self.cs
             if self.l1[ci // self.nelems] == 0:
@@ -146,21 +148,8 @@ class QedImage(Image):
                 e = self._entry(ci)
                 if e > hdr.ZERO_CLUSTER:
                     e += offset % self.cs
-            if cur and (cur[2] == e <= hdr.ZERO_CLUSTER or (e > hdr.ZERO_CLUSTER and cur[2] > hdr.ZERO_CLUSTER
-                                                            and e == cur[2] + cur[1])):
-                cur[1] += n
-            else:
-                if cur:
-                    yield tuple(cur)
-                cur = [offset, n, e]
+            yield offset, n, e
             offset += n
-        if cur:
-            yield tuple(cur)
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ImageError("access beyond the end of the image (offset %d, length %d)" % (offset, length),
-                             path=self.path)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)

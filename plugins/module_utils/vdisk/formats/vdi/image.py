@@ -10,7 +10,7 @@ import array
 import sys
 from typing import Any, Dict, Iterator, Optional
 
-from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy
+from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
@@ -58,29 +58,7 @@ class VdiImage(Image):
 
     def _runs(self, offset: int, length: int):
         """``(offset, length, host offset or None)``, host-contiguous runs merged."""
-        end = offset + length
-        cur = None
-        while offset < end:
-            idx = offset // self.bs
-            n = min(end, (idx + 1) * self.bs) - offset
-            host = self._block_host(idx)
-            if host is not None:
-                host += offset % self.bs
-            if cur and ((cur[2] is None and host is None) or
-                        (cur[2] is not None and host is not None and host == cur[2] + cur[1])):
-                cur[1] += n
-            else:
-                if cur:
-                    yield tuple(cur)
-                cur = [offset, n, host]
-            offset += n
-        if cur:
-            yield tuple(cur)
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ImageError("access beyond the end of the image (offset %d, length %d)" % (offset, length),
-                             path=self.path)
+        return merge_runs(unit_pieces(offset, length, self.bs, self._block_host))
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
