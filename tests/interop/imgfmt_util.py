@@ -4,6 +4,7 @@
 """
 import bz2
 import hashlib
+import json
 import os
 import random
 import resource
@@ -184,3 +185,28 @@ def mutation_run(good, fmt, regions, seed, cases, tmp_path, cli_every=6):
         assert sha(path) == before, "case %d changed the input" % case
         os.unlink(path)
     return outcomes
+
+
+def options_text(opts):
+    return ",".join("%s=%s" % kv for kv in opts.items())
+
+
+def create(tool, path, fmt, size, **opts):
+    """``create -f FMT [-o ...] PATH SIZE`` by qemu-img or vdisk; returns the path."""
+    o = options_text(opts)
+    args = ["create", "-q", "-f", fmt] + (["-o", o] if o else []) + [path, size]
+    if tool == "qemu":
+        helpers.run("qemu-img", *args)
+    else:
+        helpers.vdisk_cli(*args, check=True)
+    return str(path)
+
+
+def info_json(path, fmt, tool):
+    """``info --output=json`` of qemu-img or vdisk, without the file name."""
+    if tool == "qemu":
+        out = helpers.qemu_info(path, fmt)
+    else:
+        out = json.loads(helpers.vdisk_cli("info", "--output=json", "-f", fmt, path, check=True).stdout)
+    out.pop("filename")
+    return out

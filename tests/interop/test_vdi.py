@@ -30,24 +30,15 @@ def slow(values):
 
 
 def qemu_create(path, size, **opts):
-    o = ",".join("%s=%s" % kv for kv in opts.items())
-    helpers.run("qemu-img", "create", "-q", "-f", FMT, *(["-o", o] if o else []), path, size)
-    return str(path)
+    return u.create("qemu", path, FMT, size, **opts)
 
 
 def vdisk_create(path, size, **opts):
-    o = ",".join("%s=%s" % kv for kv in opts.items())
-    helpers.vdisk_cli("create", "-q", "-f", FMT, *(["-o", o] if o else []), path, size, check=True)
-    return str(path)
+    return u.create("vdisk", path, FMT, size, **opts)
 
 
 def info_json(path, tool):
-    if tool == "qemu":
-        out = helpers.qemu_info(path, FMT)
-    else:
-        out = json.loads(helpers.vdisk_cli("info", "--output=json", "-f", FMT, path, check=True).stdout)
-    out.pop("filename")
-    return out
+    return u.info_json(path, FMT, tool)
 
 
 def masked(path):

@@ -34,29 +34,16 @@ def slow(values):
     return pytest.param(*values, marks=pytest.mark.slow)
 
 
-def opts_text(opts):
-    return ",".join("%s=%s" % kv for kv in opts.items())
-
-
 def qemu_create(path, size, **opts):
-    o = opts_text(opts)
-    helpers.run("qemu-img", "create", "-q", "-f", FMT, *(["-o", o] if o else []), path, size)
-    return str(path)
+    return u.create("qemu", path, FMT, size, **opts)
 
 
 def vdisk_create(path, size, **opts):
-    o = opts_text(opts)
-    helpers.vdisk_cli("create", "-q", "-f", FMT, *(["-o", o] if o else []), path, size, check=True)
-    return str(path)
+    return u.create("vdisk", path, FMT, size, **opts)
 
 
 def info_json(path, tool):
-    if tool == "qemu":
-        out = helpers.qemu_info(path, FMT)
-    else:
-        out = json.loads(helpers.vdisk_cli("info", "--output=json", "-f", FMT, path, check=True).stdout)
-    out.pop("filename")
-    return out
+    return u.info_json(path, FMT, tool)
 
 
 def footers(path):
@@ -139,7 +126,7 @@ def test_create_preallocation_accepted_like_qemu(tmp_path, prealloc, sub):
     slow(({"force_size": "maybe"}, "1M", "force_size")),
 ])
 def test_create_refused_like_qemu(tmp_path, opts, size, message):
-    o = opts_text(opts)
+    o = u.options_text(opts)
     q = helpers.qemu_img("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "q.vhd", size)
     assert q.returncode == 1 and message in helpers._txt(q.stderr)
     v = helpers.vdisk_cli("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.vhd", size)
