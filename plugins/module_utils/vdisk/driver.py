@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
+from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
 from .units import parse_bool, parse_size
 
 # extent kinds
@@ -163,7 +163,6 @@ class CheckResult:
         return out
 
 
-
 def merge_runs(pieces: Iterable[Tuple[int, int, Any]], is_host: Callable[[Any], bool] = lambda m: m is not None
                ) -> Iterator[Tuple[int, int, Any]]:
     """Merge ``(offset, length, mapping)`` pieces given in guest order: neighbours merge when both
@@ -193,6 +192,7 @@ def unit_pieces(offset: int, length: int, unit: int, host_of: Callable[[int], Op
         host = host_of(idx)
         yield offset, n, None if host is None else host + offset % unit
         offset += n
+
 
 class Image:
     """One open layer of a disk image.  Formats override what they support."""
