@@ -1,21 +1,78 @@
 """The explicit list of format drivers (explicit imports: Ansible bundles only what is imported)."""
-import os
-from typing import Dict, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterator, List, Tuple
 
 from .driver import Driver
-from .errors import FormatError, HostIOError, ImageError
-# One line per format, each importing that format's DRIVER as ``_<name>``: explicit imports, because
-# Ansible bundles only the module_utils a module imports.
-from .formats.raw import DRIVER as _raw
-from .formats.qcow2 import DRIVER as _qcow2
-from .formats.parallels import DRIVER as _parallels
-from .formats.qed import DRIVER as _qed
-from .formats.vdi import DRIVER as _vdi
-from .formats.vpc import DRIVER as _vpc
+from .errors import FormatError, HostIOError
 
-DRIVERS: Dict[str, Driver] = {d.name: d for d in sorted((v for k, v in list(globals().items())
-                                                          if k.startswith("_") and isinstance(v, Driver)),
-                                                         key=lambda d: d.name)}
+_LOADERS: Dict[str, Callable[[], Driver]] = {}
+
+
+def _loader(fn: Callable[[], Driver]) -> Callable[[], Driver]:
+    _LOADERS[fn.__name__.lstrip("_")] = fn
+    return fn
+
+
+# One loader per format, named after it, each importing that format's DRIVER: explicit imports,
+# because Ansible bundles only the module_utils a module imports; inside functions, because a
+# command that names its format (``check -f qcow2``) should not pay for importing every driver.
+@_loader
+def _raw() -> Driver:
+    from .formats.raw import DRIVER
+    return DRIVER
+
+
+@_loader
+def _qcow2() -> Driver:
+    from .formats.qcow2 import DRIVER
+    return DRIVER
+
+
+@_loader
+def _parallels() -> Driver:
+    from .formats.parallels import DRIVER
+    return DRIVER
+
+
+@_loader
+def _qed() -> Driver:
+    from .formats.qed import DRIVER
+    return DRIVER
+
+
+@_loader
+def _vdi() -> Driver:
+    from .formats.vdi import DRIVER
+    return DRIVER
+
+
+@_loader
+def _vpc() -> Driver:
+    from .formats.vpc import DRIVER
+    return DRIVER
+
+
+class _Drivers(Mapping):
+    """Format name -> driver, each driver imported on first use."""
+
+    def __init__(self, loaders: Dict[str, Callable[[], Driver]]):
+        self._loaders = dict(sorted(loaders.items()))
+        self._loaded: Dict[str, Driver] = {}
+
+    def __getitem__(self, name: str) -> Driver:
+        driver = self._loaded.get(name)
+        if driver is None:
+            driver = self._loaded[name] = self._loaders[name]()
+        return driver
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+DRIVERS: Mapping = _Drivers(_LOADERS)
 PROBE_BYTES = 4096
 
 

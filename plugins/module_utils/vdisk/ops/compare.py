@@ -20,6 +20,7 @@ from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from ..errors import ImageError
 from ..driver import Image, Policy
 from .chain import close_chain, open_image
 from .readahead import aligned_bytearray
@@ -104,14 +105,21 @@ def _paired(a: Image, size_a: int, b: Image, size_b: int, end: int) -> Iterator[
     flags_a = flags_b = 0
     while pos < end:
         if pos >= end_a:
-            _, n, flags_a = next(runs_a)
-            end_a = pos + n
+            end_a, flags_a = _next_run(runs_a, a, pos)
         if pos >= end_b:
-            _, n, flags_b = next(runs_b)
-            end_b = pos + n
+            end_b, flags_b = _next_run(runs_b, b, pos)
         stop = min(end_a, end_b, end)
         yield pos, stop - pos, flags_a, flags_b
         pos = stop
+
+
+def _next_run(runs: Iterator[Tuple[int, int, int]], image: Image, pos: int) -> Tuple[int, int]:
+    """The end and flags of the next run; a driver whose runs stop short of its size is a bug."""
+    run = next(runs, None)
+    if run is None:
+        raise ImageError("block status ends at offset %d, before the end of the image" % pos,
+                         path=getattr(image, "path", None))
+    return pos + run[1], run[2]
 
 
 def _with_eof(runs: Iterator[Tuple[int, int, int]], size: int) -> Iterator[Tuple[int, int, int]]:
