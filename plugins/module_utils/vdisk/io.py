@@ -210,6 +210,20 @@ class HostFile:
         except OSError as exc:
             raise _io_error(self.path, "preallocation", exc) from None
 
+    def reserve(self, offset: int, length: int) -> bool:
+        """Reserve host space past the end of the file without changing its size (fallocate with
+        KEEP_SIZE); returns False where the host file system cannot."""
+        fn = _fallocate_fn()
+        if fn is None or length <= 0:
+            return False
+        if fn(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            import ctypes
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise _io_error(self.path, "preallocation", OSError(err, os.strerror(err)))
+        return True
+
     def write_zeroes_full(self, offset: int, length: int, chunk: int = 4 * 1024 * 1024) -> None:
         """Write real zeros (preallocation=full)."""
         zeros = bytes(min(chunk, length))

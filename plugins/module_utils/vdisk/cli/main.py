@@ -103,8 +103,8 @@ def cmd_create(argv: List[str]) -> int:
     notes: List[str] = []
     used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
                   notes=notes)
-    for note in notes:
-        sys.stderr.write("vdisk: create: %s\n" % note)
+    if notes:     # what vdisk did beyond qemu-img, in one line
+        sys.stderr.write("vdisk: create: %s\n" % "; ".join(notes))
     _out(describe(args.filename, args.fmt, used), args.quiet)
     return 0
 

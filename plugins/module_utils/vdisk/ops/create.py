@@ -3,8 +3,9 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..driver import Policy
-from ..errors import ImageError, InvalidOption
-from ..registry import get_driver, probe_file
+from ..errors import ImageError, InvalidOption, UnsupportedFeature
+from ..io import HostFile
+from ..registry import PROBE_BYTES, get_driver, probe_scores
 from ..units import round_up
 from .chain import close_chain, open_image
 
@@ -41,7 +42,7 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
                                  field="backing_file")
         else:
             if not typed.get("backing_fmt"):
-                detected = probe_file(full)
+                detected = _detect_format(full, path)
                 typed["backing_fmt"] = detected
                 if notes is not None:
                     notes.append("backing file '%s' detected as %s; recorded as its backing format"
@@ -58,9 +59,56 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
     if size is None:
         raise InvalidOption("Image creation needs a size parameter", path=path, field="size")
     size = round_up(size, 512)
-    driver.create(path, size, typed)
+    if backing and typed.get("preallocation") == "falloc" and not typed.get("extended_l2"):
+        _create_reserved(driver, path, size, typed, notes)
+    else:
+        driver.create(path, size, typed)
     typed["size"] = size
     return typed
+
+
+def _detect_format(full: str, path: str) -> str:
+    """The backing file's format by probing, refusing a file that two formats claim equally."""
+    try:
+        with open(full, "rb") as f:
+            header = f.read(PROBE_BYTES)
+    except OSError as exc:
+        raise ImageError("Could not open backing file '%s': %s" % (full, exc.strerror or exc), path=path,
+                         field="backing_file") from None
+    scores = probe_scores(header, full)
+    if len(scores) > 1 and scores[0][0] == scores[1][0]:
+        raise ImageError("backing file '%s' could be %s or %s; name its format with -F"
+                         % (full, scores[0][1], scores[1][1]), path=path, field="backing_fmt")
+    return scores[0][1] if scores else "raw"
+
+
+def _create_reserved(driver, path: str, size: int, typed: Dict[str, Any], notes: Optional[List[str]]) -> None:
+    """``preallocation=falloc`` on an overlay: qemu-img refuses it, because preallocated clusters would
+    hide the backing file.  The intent, host space held for the overlay's future data, is met by
+    reserving the fully allocated size past the end of the file (fallocate KEEP_SIZE) with no cluster
+    mapped; where the host cannot, by extended L2 entries whose subclusters stay unallocated."""
+    try:
+        fully = driver.measure(size, {k: v for k, v in typed.items()
+                                      if k not in ("backing_file", "backing_fmt", "preallocation")})["fully-allocated"]
+    except UnsupportedFeature:
+        fully = size
+    driver.create(path, size, dict(typed, preallocation="off"))
+    with HostFile(path, writable=True) as host:
+        reserved = host.reserve(0, fully)
+    if reserved:
+        note = ("preallocation=falloc with a backing file: reserved %d bytes of host space for the overlay's "
+                "data without mapping clusters, so the backing file stays visible" % fully)
+    elif "extended_l2" in {o.name for o in driver.create_options}:
+        driver.create(path, size, dict(typed, extended_l2=True))
+        typed["extended_l2"] = True
+        note = ("preallocation=falloc with a backing file: the host cannot reserve space beyond the end of a "
+                "file, so the clusters are preallocated with extended L2 entries whose subclusters stay "
+                "unallocated (the backing file stays visible)")
+    else:
+        raise InvalidOption("Backing file and preallocation can only be used at the same time if extended_l2 "
+                            "is on", path=path, field="preallocation")
+    if notes is not None:
+        notes.append(note)
 
 
 def describe(path: str, fmt: str, used: Dict[str, Any]) -> str:
