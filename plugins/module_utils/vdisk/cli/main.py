@@ -466,6 +466,18 @@ def cmd_measure(argv: List[str]) -> int:
     return 0
 
 
+# -- validate / plan / apply (manifests) --------------------------------------------------
+def _manifest_command(name: str) -> Callable:
+    def run(argv: List[str]) -> int:
+        from ..manifest.cli import run as run_manifest
+        return run_manifest(name, argv, UsageError)
+    return run
+
+
+for _name in ("validate", "plan", "apply"):
+    COMMANDS[_name] = _manifest_command(_name)
+
+
 # -- entry point ---------------------------------------------------------------------------
 USAGE = """usage: vdisk [-h] [-V] COMMAND [options]
 
@@ -483,6 +495,8 @@ Commands (qemu-img's syntax):
   map     [-f FMT] [--output=human|json] FILE
   measure [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SNAPSHOT] FILE) [--output=human|json]
   amend   [-f FMT] -o OPTS FILE
+  validate|plan|apply [--output=human|json] [--allow-path DIR] MANIFEST.yml ...
+          (plan exits 0: no changes, 2: changes pending, 1: error)
 
 Every command that opens images takes --allow-path DIR (repeatable) to allow files the
 image names (backing files) outside the image's own directory tree.

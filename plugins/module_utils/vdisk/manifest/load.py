@@ -1,0 +1,290 @@
+"""Load and validate manifests: YAML, the JSON Schema, each image's spec, paths, duplicates, dependencies.
+
+Every problem of every manifest is collected (``vdisk validate`` reports them all at once); each
+names the file, the image (``images[INDEX]`` and the path as written) and the field.  A manifest
+without problems gives one :class:`Entry` per image, in dependency order: an image comes after
+the images of the manifests that are its backing file or its source.
+"""
+import grp
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import ImageError
+from ..schema import manifest_schema
+from ..schema.validator import validate
+from ..state.image import backing_path
+from ..state.spec import ImageSpec, image_spec
+from .yamlload import YAMLSyntaxError, load_yaml
+
+# file attributes: manifest (and role) fields the state layer leaves to the caller
+ATTRIBUTES = ("owner", "group", "mode")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a manifest; ``str()`` is the one line users see."""
+    manifest: str
+    message: str
+    index: Optional[int] = None        # images[index]; None for the file or its top-level keys
+    image: Optional[str] = None        # the image's path as written
+    field: Optional[str] = None        # "size", "options.cluster_size", "defaults.format", ...
+    line: Optional[int] = None         # YAML syntax errors
+
+    def __str__(self) -> str:
+        parts = [self.manifest]
+        if self.line:
+            parts.append("line %d" % self.line)
+        if self.index is not None:
+            parts.append("images[%d]%s" % (self.index, " (%s)" % self.image if self.image else ""))
+        if self.field and not self.message.startswith(self.field + ":"):
+            parts.append(self.field)
+        return "%s: %s" % (": ".join(parts), self.message)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The problem for ``--output=json``."""
+        return {"manifest": self.manifest, "line": self.line, "index": self.index, "image": self.image,
+                "field": self.field, "message": self.message, "text": str(self)}
+
+
+@dataclass
+class Entry:
+    """One image of a manifest, validated."""
+    manifest: str                      # the manifest file as named on the command line
+    index: int
+    name: str                          # the image's path as written in the manifest
+    spec: ImageSpec                    # paths resolved against the manifest's directory
+    attributes: Dict[str, Any] = field(default_factory=dict)   # owner, group, mode (mode as an int)
+    depends: List[int] = field(default_factory=list)           # positions in Loaded.entries (backing, source)
+
+    @property
+    def label(self) -> str:
+        return "%s: images[%d] (%s)" % (self.manifest, self.index, self.name)
+
+
+@dataclass
+class Loaded:
+    """The images of all manifests in dependency order, and every problem found."""
+    manifests: List[str]
+    entries: List[Entry]
+    problems: List[Problem]
+    allowed_dirs: Tuple[str, ...] = ()     # manifest directories and allowed paths (real paths)
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+
+def load_manifests(paths: Sequence[str], allow_paths: Sequence[str] = (), pyyaml: Optional[bool] = None) -> Loaded:
+    """Read and validate every manifest in *paths*; *allow_paths* are directories outside the
+    manifests' own directories that images may be in (``--allow-path``)."""
+    problems: List[Problem] = []
+    entries: List[Entry] = []
+    allowed: List[str] = [os.path.realpath(d) for d in allow_paths]
+    schema = manifest_schema()
+    for path in paths:
+        entries.extend(_load_one(path, schema, allow_paths, problems, allowed))
+    _check_duplicates(entries, problems)
+    ordered = _order(entries, problems)
+    return Loaded(list(paths), ordered, problems, tuple(dict.fromkeys(allowed)))
+
+
+def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], problems: List[Problem],
+              allowed: List[str]) -> List[Entry]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(Problem(path, "could not read the manifest: %s" % (getattr(exc, "strerror", None) or exc)))
+        return []
+    try:
+        doc = load_yaml(text, path)
+    except YAMLSyntaxError as exc:
+        message = exc.message.split(": ", 1)[1] if exc.line else exc.message
+        problems.append(Problem(path, "invalid YAML: %s" % message, line=exc.line))
+        return []
+    found = validate(doc, schema)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    images = images if isinstance(images, list) else []
+    bad_images = set()
+    bad_defaults = False
+    for problem in found:
+        where = problem.location
+        if len(where) >= 2 and where[0] == "images" and isinstance(where[1], int):
+            bad_images.add(where[1])
+            problems.append(Problem(path, problem.message, where[1], _name(images[where[1]]),
+                                    _dotted(where[2:]) or None))
+        else:
+            bad_defaults = bad_defaults or (bool(where) and where[0] == "defaults")
+            problems.append(Problem(path, problem.message, field=_dotted(where) or None))
+    if found and not isinstance(doc, dict):
+        return []
+    base = os.path.dirname(os.path.abspath(path))
+    roots = [os.path.realpath(base)] + [os.path.realpath(d) for d in allow_paths]
+    for extra in (doc.get("allow_paths") or []) if not bad_defaults and isinstance(doc.get("allow_paths"), list) else []:
+        if isinstance(extra, str):
+            roots.append(os.path.realpath(os.path.join(base, os.path.expanduser(extra))))
+    allowed.extend(roots)
+    defaults = dict(doc.get("defaults") or {})
+    default_attrs = {k: defaults.pop(k) for k in ATTRIBUTES if k in defaults}
+    entries: List[Entry] = []
+    for index, fields in enumerate(images):
+        if index in bad_images or bad_defaults:
+            continue
+        fields = dict(fields)
+        attrs = dict(default_attrs)
+        attrs.update({k: fields.pop(k) for k in ATTRIBUTES if k in fields})
+        name = _name(fields)
+        try:
+            spec = image_spec(fields, base_dir=base, defaults=defaults)
+        except ImageError as exc:
+            problems.append(Problem(path, exc.message, index, name, exc.field))
+            continue
+        try:
+            attributes = _attributes(attrs)
+        except ValueError as exc:
+            problems.append(Problem(path, str(exc.args[1]), index, name, exc.args[0]))
+            continue
+        escaped = _escaping(spec, roots, base)
+        for what, message in escaped:
+            problems.append(Problem(path, message, index, name, what))
+        if not escaped:
+            entries.append(Entry(path, index, name, spec, attributes))
+    return entries
+
+
+def _name(fields: Any) -> Optional[str]:
+    value = fields.get("path") if isinstance(fields, dict) else None
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _dotted(location: Sequence[Any]) -> str:
+    out = ""
+    for part in location:
+        out += "[%d]" % part if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _attributes(attrs: Dict[str, Any]) -> Dict[str, Any]:
+    """owner/group as given; mode as an int (an octal string such as '0640', or a number as YAML read it)."""
+    out = {k: v for k, v in attrs.items() if v is not None}
+    mode = out.get("mode")
+    if isinstance(mode, str):
+        if not re.match(r"^0?[0-7]{3,4}$", mode):
+            raise ValueError("mode", "invalid mode %r: expected an octal number such as '0640' (symbolic modes are "
+                                     "not supported)" % mode)
+        out["mode"] = int(mode, 8)
+    if isinstance(out.get("mode"), int) and not 0 <= out["mode"] <= 0o7777:
+        raise ValueError("mode", "invalid mode %o" % out["mode"])
+    return out
+
+
+def resolve_owner(value: Any, group: bool = False) -> int:
+    """A user (or group) name or number as a numeric id; an unknown name is an :class:`ImageError`."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid if group else pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ImageError("unknown %s '%s'" % ("group" if group else "user", value),
+                         field="group" if group else "owner") from None
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _escaping(spec: ImageSpec, roots: Sequence[str], base: str) -> List[Tuple[str, str]]:
+    """(field, message) for every file the image names outside the manifest's directory and allowed paths."""
+    out = []
+    named = [("path", spec.path), ("source", spec.source), ("backing_file", backing_path(spec))]
+    for what, path in named:
+        if path and not _inside(path, roots):
+            out.append((what, "%s is outside the manifest's directory %s: allow its directory with allow_paths "
+                              "in the manifest or --allow-path" % (path, base)))
+    return out
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _check_duplicates(entries: List[Entry], problems: List[Problem]) -> None:
+    seen: Dict[str, Entry] = {}
+    for entry in entries:
+        key = _key(entry.spec.path)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = entry
+            continue
+        problems.append(Problem(entry.manifest, "the same file as %s" % (
+            "images[%d]" % first.index if first.manifest == entry.manifest else first.label),
+            entry.index, entry.name, "path"))
+
+
+def _order(entries: List[Entry], problems: List[Problem]) -> List[Entry]:
+    """Entries with backing files and sources after them (stable: manifest order otherwise); cycles are problems."""
+    by_path = {}
+    for position, entry in enumerate(entries):
+        by_path.setdefault(_key(entry.spec.path), position)
+    deps: List[List[Tuple[int, str]]] = []
+    for entry in entries:
+        edges = []
+        for what, path in (("backing_file", backing_path(entry.spec)), ("source", entry.spec.source)):
+            target = by_path.get(_key(path)) if path else None
+            if target is not None:
+                edges.append((target, what))
+                other = entries[target]
+                if other.spec.state == "absent" and entry.spec.state == "present":
+                    problems.append(Problem(entry.manifest, "%s is deleted by %s (state: absent)" % (
+                        other.name, "images[%d]" % other.index if other.manifest == entry.manifest else other.label),
+                        entry.index, entry.name, what))
+        deps.append(edges)
+    # cycles: depth-first search, each cycle reported once at the image listed first in it
+    state = [0] * len(entries)
+    reported = set()
+
+    def visit(node: int, stack: List[int]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target, _what in deps[node]:
+            if state[target] == 1:
+                cycle = stack[stack.index(target):]
+                if frozenset(cycle) not in reported:
+                    reported.add(frozenset(cycle))
+                    first = min(cycle)
+                    cycle = cycle[cycle.index(first):] + cycle[:cycle.index(first)]
+                    entry = entries[first]
+                    what = [w for t, w in deps[first] if t == cycle[(1 % len(cycle))]][0]
+                    chain = " -> ".join(entries[i].name for i in cycle + [first])
+                    problems.append(Problem(entry.manifest, "dependency cycle through backing files and sources: %s"
+                                            % chain, entry.index, entry.name, what))
+            elif state[target] == 0:
+                visit(target, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in range(len(entries)):
+        if state[node] == 0:
+            visit(node, [])
+    if reported:
+        return entries
+    # stable topological order: always the earliest listed image whose dependencies are placed
+    placed: List[int] = []
+    done = set()
+    while len(placed) < len(entries):
+        for node in range(len(entries)):
+            if node not in done and all(t in done for t, _w in deps[node]):
+                placed.append(node)
+                done.add(node)
+                break
+    new_position = {old: new for new, old in enumerate(placed)}
+    out = []
+    for old in placed:
+        entry = entries[old]
+        entry.depends = [new_position[t] for t, _w in deps[old]]
+        out.append(entry)
+    return out
