@@ -92,7 +92,7 @@ def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImageP
             result.after.update(attributes.after)
         result.actions = actions
     except ImageError as exc:
-        result.error = exc.message if exc.field is None or exc.field in exc.message else \
+        result.error = exc.message if exc.field is None or exc.message.startswith(exc.field + ":") else \
             "%s: %s" % (exc.field, exc.message)
     return result
 
