@@ -127,3 +127,13 @@ def test_plan_no_changes(tmp_path, capsys):
     assert main(["plan", "--output=json", str(manifest)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert not data["changes"] and data["images"][0]["change"] == "none" and data["images"][0]["actions"] == []
+
+
+def test_apply_changes_nothing_when_an_image_cannot_be_planned(tmp_path, capsys):
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "64M")
+    manifest = tmp_path / "m.yml"
+    manifest.write_text("version: 1\nimages:\n  - {path: new.qcow2, size: 1M}\n  - {path: a.qcow2, size: 1M}\n")
+    assert main(["apply", str(manifest)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("vdisk: apply: %s: images[1] (a.qcow2): allow_shrink: " % manifest)
+    assert sorted(os.listdir(str(tmp_path))) == ["a.qcow2", "m.yml"]

@@ -57,16 +57,17 @@ def run(name: str, argv: List[str], usage_error: Type[Exception] = SystemExit,
             count = len(loaded.entries)
             write("%s: valid (%d image%s)" % (", ".join(args.manifests), count, "" if count == 1 else "s"))
         return 0
+    plans = plan_all(loaded)
+    errors = [p for p in plans if p.error]
+    if errors:
+        # apply changes nothing when any image cannot be planned
+        for item in errors:
+            sys.stderr.write("vdisk: %s: %s: %s\n" % (name, item.entry.label, item.error))
+        return 1
     if name == "plan":
-        plans = plan_all(loaded)
-        errors = [p for p in plans if p.error]
-        if errors:
-            for item in errors:
-                sys.stderr.write("vdisk: plan: %s: %s\n" % (item.entry.label, item.error))
-            return 1
         write(render_json(plan_dict(plans)) if args.output == "json" else render_plan_human(plans, colored))
         return 2 if any(p.actions for p in plans) else 0
-    report = apply_all(loaded)
+    report = apply_all(loaded, plans=plans)
     write(render_json(report_dict(report)) if args.output == "json" else render_report_human(report, colored))
     if report.failed is not None:
         entry, _action, message = report.failed

@@ -157,10 +157,19 @@ def _make_parent(path: str) -> None:
                               path=path) from None
 
 
-def apply_all(loaded: Loaded, policy: Optional[Policy] = None) -> Report:
-    """Apply every image's plan in dependency order, stopping at the first failure."""
+def apply_all(loaded: Loaded, policy: Optional[Policy] = None, plans: Optional[List[ImagePlan]] = None) -> Report:
+    """Apply every image's plan in dependency order, stopping at the first failure.
+
+    *plans* (from :func:`plan_all`) are made when not given; when any image cannot be planned,
+    nothing is applied (the run fails on that image's error, every action not done).
+    """
     policy = base_policy(loaded, policy)
-    report = Report(plans=plan_all(loaded, policy))
+    report = Report(plans=plans if plans is not None else plan_all(loaded, policy))
+    errors = [item for item in report.plans if item.error]
+    if errors:
+        report.failed = (errors[0].entry, None, errors[0].error)
+        report.not_done = [(item.entry, a) for item in report.plans for a in item.actions]
+        return report
     fresh: List[ImagePlan] = []
     for position, entry in enumerate(loaded.entries):
         # planned again now: the images it depends on exist as this run left them
