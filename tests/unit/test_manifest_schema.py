@@ -84,3 +84,10 @@ def test_example_manifest_is_valid():
     loaded = load_manifests([os.path.join(REPO, "docs/examples/manifest.yml")])
     assert loaded.valid, [str(p) for p in loaded.problems]
     assert [e.name for e in loaded.entries][0] == "golden/base.qcow2"
+
+
+def test_example_manifest_reads_the_same_without_pyyaml():
+    pytest.importorskip("yaml")
+    with open(os.path.join(REPO, "docs/examples/manifest.yml")) as f:
+        text = f.read()
+    assert load_yaml(text, "manifest.yml", pyyaml=False) == load_yaml(text, "manifest.yml", pyyaml=True)

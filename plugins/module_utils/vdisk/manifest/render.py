@@ -157,8 +157,8 @@ def render_report_human(report: Report, color: bool = False) -> str:
         lines.append("%s %s: %s" % (_paint("done", GREEN, color), entry.name, action_text(action, names)))
     if report.failed is not None:
         entry, action, message = report.failed
-        lines.append("%s %s: %s: %s" % (_paint("FAILED", RED, color), entry.name,
-                                         action_text(action, names) if action else "plan", message))
+        what = action_text(action, names) if action else "plan"
+        lines.append("%s %s: %s: %s" % (_paint("FAILED", RED, color), entry.name, what, message))
         for entry, action in report.not_done:
             lines.append("%s %s: %s" % (_paint("not done", YELLOW, color), entry.name, action_text(action, names)))
         lines.append("")
