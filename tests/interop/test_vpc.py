@@ -261,9 +261,9 @@ def test_sector_bitmaps_and_allocation_order(tmp_path):
             writes.append((offset, len(data)))
             real(data, offset)
         img.host.pwrite = logged
-        img.write(2 * MiB + 1024, b"\x01" * 512)          # a new block: bitmap+data, footer, BAT entry
+        img.write(2 * MiB + 1024, b"\x01" * 512)          # a new block: bitmap, data, footer, BAT entry
         first = 2048
-        assert writes == [(first, 512 + 1024 + 512), (first + 512 + 2 * MiB, 512), (1536 + 4, 4)]
+        assert writes == [(first, 512), (first + 512 + 1024, 512), (first + 512 + 2 * MiB, 512), (1536 + 4, 4)]
         img.host.pwrite = real
     finally:
         img.close()

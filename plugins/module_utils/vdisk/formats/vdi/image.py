@@ -135,9 +135,19 @@ class VdiImage(Image):
             raise ImageError("no block index left to allocate", path=self.path, field="blocks_allocated")
         host = h.offset_data + new * self.bs
         self._guard(host, self.bs)
-        block = bytearray(self.bs)
-        block[offset_in_block:offset_in_block + len(chunk)] = chunk
-        self.host.pwrite(block, host)                  # 1. the data
+        # 1. the data.  A whole block is written as it is; a part of one past the end of the file is
+        # written where it goes and the file extended over the rest, which reads as zeros (a hole);
+        # only inside the file are the block's other bytes written as zeros
+        if offset_in_block == 0 and len(chunk) == self.bs:
+            self.host.pwrite(chunk, host)
+        elif host >= self.host.size():
+            self.host.pwrite(chunk, host + offset_in_block)
+            if self.host.size() < host + self.bs:
+                self.host.truncate(host + self.bs)
+        else:
+            block = bytearray(self.bs)
+            block[offset_in_block:offset_in_block + len(chunk)] = chunk
+            self.host.pwrite(block, host)
         self.bmap[idx] = new
         self.max_used = new
         h.blocks_allocated = new + 1

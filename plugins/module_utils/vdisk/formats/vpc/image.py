@@ -65,6 +65,9 @@ class VpcImage(Image):
         self.dyn = d
         self.bs = d.block_size
         self.cluster_size = self.bs
+        # qemu-img convert detects zeros per 4 KiB in a VHD (no write-zeroes alignment), leaving holes
+        # inside the blocks it allocates
+        self.allocation_unit = 4096
         self.bitmap_size = d.bitmap_size
         self.bat_offset = d.table_offset
         entries = d.max_table_entries
@@ -174,6 +177,9 @@ class VpcImage(Image):
         if bitmap is None:
             bitmap = self.bitmaps[idx] = bytearray(self.host.pread(self.bitmap_size, base))
         first, last = in_block // SECTOR, (in_block + len(chunk) - 1) // SECTOR
+        span = bitmap[first >> 3:(last >> 3) + 1]
+        if span.count(0xFF) == len(span):       # every sector already marked (blocks vdisk allocates)
+            return
         changed = False
         for s in range(first, last + 1):        # bit 7 of byte 0 is the block's first sector
             mask = 0x80 >> (s & 7)
@@ -192,15 +198,18 @@ class VpcImage(Image):
         self._guard(start, 1)
         size = self.bitmap_size + self.bs
         file_size = self.host.size()
-        # bitmap (every sector in use, as qemu-img writes it) and data; the part of the block beyond the
-        # written data is written as zeros only where the file already has bytes (anything but the old
-        # footer there would otherwise show through); past the end of the file it is a hole
-        data_end = self.bitmap_size + in_block + len(chunk)
-        length = max(data_end, min(size, file_size - start))
-        buf = bytearray(length)
-        buf[:self.bitmap_size] = b"\xff" * self.bitmap_size
-        buf[self.bitmap_size + in_block:data_end] = chunk
-        self.host.pwrite(buf, start)
+        # bitmap (every sector in use, as qemu-img writes it) and data; the rest of the block is written
+        # as zeros only where the file already has bytes (anything but the old footer there would
+        # otherwise show through); past the end of the file it is a hole
+        old_bytes = min(size, file_size - start)
+        if old_bytes > self.bitmap_size:
+            buf = bytearray(max(old_bytes, self.bitmap_size + in_block + len(chunk)))
+            buf[:self.bitmap_size] = b"\xff" * self.bitmap_size
+            buf[self.bitmap_size + in_block:self.bitmap_size + in_block + len(chunk)] = chunk
+            self.host.pwrite(buf, start)
+        else:
+            self.host.pwrite(b"\xff" * self.bitmap_size, start)
+            self.host.pwrite(chunk, start + self.bitmap_size + in_block)
         self.bitmaps[idx] = bytearray(b"\xff" * self.bitmap_size)
         self.free = start + size
         self.host.flush()
