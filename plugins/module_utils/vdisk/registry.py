@@ -52,6 +52,12 @@ def _vpc() -> Driver:
     return DRIVER
 
 
+@_loader
+def _vhdx() -> Driver:
+    from .formats.vhdx import DRIVER
+    return DRIVER
+
+
 class _Drivers(Mapping):
     """Format name -> driver, each driver imported on first use."""
 

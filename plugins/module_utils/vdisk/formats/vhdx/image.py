@@ -1,0 +1,330 @@
+"""An open VHDX image: headers, log, region table, metadata and BAT; reads and logged writes.
+
+References: MS-VHDX; QEMU 7.2 block/vhdx.c and vhdx-log.c for behaviour. Open validates, in
+QEMU's order, the file identifier, both headers (the current one is the valid one with the higher
+sequence number), the log (a dirty log is replayed on a read-write open and refused read-only
+with QEMU's advice), the region table, the metadata and the BAT; every table is bounded by the
+file's size before it is read. Payload blocks in the states NOT_PRESENT, UNDEFINED, ZERO and
+UNMAPPED read as zeros, FULLY_PRESENT ones from the file; PARTIALLY_PRESENT needs a parent, which
+QEMU and vdisk do not support. Writes allocate a block as QEMU does (at the end of the file
+rounded up to 1 MiB, the file extended by one block, so the rest of the block reads as zeros),
+write the data, and then update the BAT through the log: log GUID set in both headers, the log
+entry written and flushed, the BAT sectors written, the log GUID cleared. An interruption leaves
+either the old BAT (an unreferenced block at the end of the file) or a log that replays the new
+one. The first guest-visible write sets a new DataWriteGuid, as the specification asks.
+"""
+import array
+import sys
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
+from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
+from ...io import HostFile
+from . import header as hdr
+from .log import Log, replay_plan
+
+MiB = hdr.MiB
+
+
+class VhdxImage(Image):
+    def __init__(self, driver, path: str, writable: bool, policy: Policy):
+        super().__init__(path, writable)
+        self.driver = driver
+        self.policy = policy
+        lock = policy.lock and not (policy.force_share and not writable)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.session_guid = uuid.uuid4().bytes
+        self.first_visible_write = True
+        self.log_replayed = False
+        self.log_sequence = 1
+        try:
+            self._open()
+        except BaseException:
+            self.host.close()
+            raise
+
+    # -- open -----------------------------------------------------------------------------
+    def _open(self) -> None:
+        file_size = self.host.size()
+        if self.host.pread(8, 0) != hdr.FILE_SIGNATURE:
+            raise FormatError("not a VHDX image (no 'vhdxfile' signature)", path=self.path, field="file identifier")
+        h1 = hdr.parse_header(self.host.pread(hdr.HEADER_SIZE, hdr.HEADER1_OFFSET))
+        h2 = hdr.parse_header(self.host.pread(hdr.HEADER_SIZE, hdr.HEADER2_OFFSET))
+        self.cur = hdr.pick_header(h1, h2, self.path)
+        self.headers = [h1 or h2, h2 or h1]
+        h = self.header
+        if h.log_offset < hdr.HEADER_SECTION_END or h.log_offset % MiB:
+            raise CorruptImage("log offset 0x%x is not a multiple of 1 MiB past the header section" % h.log_offset,
+                               path=self.path, field="log_offset")
+        if h.log_version != 0:
+            raise CorruptImage("log version %d is not supported (only 0)" % h.log_version, path=self.path,
+                               field="log_version")
+        if h.log_length % MiB:
+            raise CorruptImage("log length %d is not a multiple of 1 MiB" % h.log_length, path=self.path,
+                               field="log_length")
+        self.log_range = (h.log_offset, h.log_length)
+        if h.log_guid != hdr.ZERO_GUID and h.log_length:
+            self._parse_log(file_size)
+            file_size = self.host.size()
+        bat, meta = hdr.parse_region_table(self.host.pread(hdr.REGION_TABLE_SIZE, hdr.REGION1_OFFSET), self.path)
+        for r in (bat, meta):
+            if hdr.overlaps(r.file_offset, r.length, h.log_offset, h.log_length):
+                raise CorruptImage("the %s region overlaps the log" % ("BAT" if r is bat else "metadata"),
+                                   path=self.path, field="region table")
+        self.bat_region, self.meta_region = bat, meta
+        self.md = self._parse_metadata(meta, file_size)
+        self.bs = self.md.block_size
+        self.cluster_size = self.bs
+        self.virtual_size = self.md.virtual_disk_size
+        self.ratio = hdr.chunk_ratio(self.bs, self.md.logical_sector_size)
+        entries = hdr.bat_entries(self.virtual_size, self.bs, self.ratio)
+        if entries * 8 > bat.length:
+            raise CorruptImage("the BAT region (%d bytes) is too small for %d entries" % (bat.length, entries),
+                               path=self.path, field="BAT")
+        # only the entries that map blocks are held (QEMU 7.2 counts ~8 Mi entries for a 0-byte image)
+        self.blocks = -(-self.virtual_size // self.bs)
+        used = hdr.bat_index(self.blocks - 1, self.ratio) + 1 if self.blocks else 0
+        if bat.file_offset + used * 8 > file_size:
+            raise CorruptImage("the BAT (%d entries at 0x%x) extends past the end of the file (%d bytes)"
+                               % (used, bat.file_offset, file_size), path=self.path, field="BAT")
+        self.bat = array.array("Q", self.host.pread(used * 8, bat.file_offset))
+        if sys.byteorder != "little":
+            self.bat.byteswap()
+        self.bat_errors = self._check_bat(file_size)
+        if self.bat_errors and not self.policy.repair:
+            raise CorruptImage(self.bat_errors[0], path=self.path, field="BAT")
+
+    @property
+    def header(self) -> hdr.Header:
+        return self.headers[self.cur]
+
+    def _parse_log(self, file_size: int) -> None:
+        h = self.header
+        if h.log_offset + h.log_length > file_size:
+            raise CorruptImage("the log (0x%x bytes at 0x%x) extends past the end of the file"
+                               % (h.log_length, h.log_offset), path=self.path, field="log")
+        entries = Log(self.host.pread, h.log_offset, h.log_length, h.log_guid, self.path).active_sequence()
+        if not entries:
+            return
+        if not self.writable:
+            raise CorruptImage("VHDX image file '%s' opened read-only, but contains a log that needs to be replayed; "
+                               "to replay the log, run: vdisk check -r all '%s' (qemu-img check -r all)"
+                               % (self.path, self.path), field="log")
+        writes, new_size = replay_plan(entries, file_size, self.log_range, self.path)
+        self._user_visible_write()
+        for offset, data, length in writes:
+            if data is None:
+                self.host.write_zeroes_full(offset, length)
+            else:
+                self.host.pwrite(data, offset)
+        if new_size > self.host.size():
+            self.host.truncate(new_size)
+        self.host.flush()
+        self._update_headers(False, hdr.ZERO_GUID)
+        self.log_replayed = True
+
+    def _parse_metadata(self, meta: hdr.Region, file_size: int) -> hdr.Metadata:
+        if meta.file_offset + hdr.METADATA_TABLE_SIZE > file_size:
+            raise CorruptImage("the metadata region at 0x%x is past the end of the file" % meta.file_offset,
+                               path=self.path, field="metadata")
+        items = hdr.parse_metadata_table(self.host.pread(hdr.METADATA_TABLE_SIZE, meta.file_offset), meta.length,
+                                         self.path)
+        raw = {guid: self.host.pread(min(length, 64), meta.file_offset + offset)
+               for guid, (offset, length) in items.items()}
+        return hdr.parse_metadata_items(raw, hdr.PARENT_LOCATOR_GUID in items, self.path)
+
+    def _check_bat(self, file_size: int) -> List[str]:
+        """QEMU's checks of present blocks: inside the file, clear of the header section, log, BAT and
+        metadata; one message per bad entry."""
+        errors = []
+        regions = [(0, hdr.HEADER_SECTION_END), self.log_range,
+                   (self.bat_region.file_offset, self.bat_region.length),
+                   (self.meta_region.file_offset, self.meta_region.length)]
+        for i, e in enumerate(self.bat):
+            if e & hdr.BAT_STATE_MASK != hdr.PAYLOAD_BLOCK_FULLY_PRESENT:
+                continue
+            offset = e & hdr.BAT_OFFSET_MASK
+            block = i - i // (self.ratio + 1)
+            length = min(self.bs, self.virtual_size - block * self.bs)
+            if (i + 1) % (self.ratio + 1) == 0:
+                continue                       # a sector bitmap entry: no payload
+            if offset >= file_size:
+                errors.append("VHDX BAT entry %d start offset %d points after end of file (%d). Image has probably "
+                              "been truncated." % (i, offset, file_size))
+            elif offset + length > file_size:
+                errors.append("VHDX BAT entry %d end offset %d points after end of file (%d). Image has probably "
+                              "been truncated." % (i, offset + length - 1, file_size))
+            elif any(hdr.overlaps(offset, self.bs, a, n) for a, n in regions):
+                errors.append("VHDX BAT entry %d offset %d overlaps the image's metadata" % (i, offset))
+        return errors
+
+    # -- mapping ------------------------------------------------------------------------------
+    def _block_host(self, block: int) -> Optional[int]:
+        """Host offset of payload block *block*, None when it reads as zeros."""
+        e = self.bat[hdr.bat_index(block, self.ratio)]
+        state = e & hdr.BAT_STATE_MASK
+        if state == hdr.PAYLOAD_BLOCK_FULLY_PRESENT:
+            return e & hdr.BAT_OFFSET_MASK
+        if state in hdr.ZERO_STATES:
+            return None
+        raise CorruptImage("payload block %d has state %d (%s), which needs a parent image" % (
+            block, state, "PARTIALLY_PRESENT" if state == hdr.PAYLOAD_BLOCK_PARTIALLY_PRESENT else "invalid"),
+            path=self.path, field="BAT")
+
+    def _runs(self, offset: int, length: int):
+        return merge_runs(unit_pieces(offset, length, self.bs, self._block_host))
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        parts = []
+        for dummy, n, host in self._runs(offset, length):
+            parts.append(bytes(n) if host is None else self.host.pread(n, host))
+        return b"".join(parts)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end <= offset:
+            return
+        for start, n, host in self._runs(offset, end - offset):
+            yield Extent(start, n, ZERO) if host is None else Extent(start, n, DATA, host)
+
+    # -- writes ------------------------------------------------------------------------------
+    def write(self, offset: int, data) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return
+        self._user_visible_write()
+        end = offset + len(view)
+        pos = offset
+        changed: List[int] = []
+        try:
+            while pos < end:
+                block = pos // self.bs
+                stop = min(end, (block + 1) * self.bs)
+                chunk = view[pos - offset:stop - offset]
+                host = self._block_host(block)
+                if host is None:
+                    host = self._allocate(block)
+                    changed.append(hdr.bat_index(block, self.ratio))
+                self.host.pwrite(chunk, host + pos % self.bs)
+                pos = stop
+        finally:
+            if changed:
+                self._log_bat(changed)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Blocks that read as zeros stay as they are; present ranges get zero bytes."""
+        self._check_writable()
+        self._check_range(offset, length)
+        for start, n, host in self._runs(offset, length):
+            if host is None:
+                continue
+            self._user_visible_write()
+            self.host.write_zeroes_full(host, n)
+
+    def _allocate(self, block: int) -> int:
+        """A new block at the end of the file (1 MiB aligned); the file grows by the block, so all of
+        it reads as zeros. The BAT entry changes in memory only: the caller logs it."""
+        if self.header.log_length < 2 * hdr.LOG_SECTOR:
+            raise UnsupportedFeature("the image has no log, so its BAT cannot be updated safely", path=self.path,
+                                     field="log_length")
+        start = -(-self.host.size() // MiB) * MiB
+        if start >> 64:
+            raise ImageError("the image file cannot grow further", path=self.path, field="BAT")
+        self.host.truncate(start + self.bs)
+        self.bat[hdr.bat_index(block, self.ratio)] = start | hdr.PAYLOAD_BLOCK_FULLY_PRESENT
+        return start
+
+    def _log_bat(self, indices: List[int]) -> None:
+        """Write the BAT sectors holding *indices* through the log, as QEMU does for each entry."""
+        base = self.bat_region.file_offset
+        sectors = sorted({(i * 8) // hdr.LOG_SECTOR for i in indices})
+        # one entry must leave a sector of the circular log free: header sector + data sectors
+        per_entry = max(1, min(126, self.header.log_length // hdr.LOG_SECTOR - 2))
+        for k in range(0, len(sectors), per_entry):
+            batch = []
+            for s in sectors[k:k + per_entry]:
+                buf = bytearray(self.host.pread(hdr.LOG_SECTOR, base + s * hdr.LOG_SECTOR))
+                first = s * hdr.LOG_SECTOR // 8
+                part = self.bat[first:first + hdr.LOG_SECTOR // 8]
+                if sys.byteorder != "little":
+                    part.byteswap()
+                raw = part.tobytes()
+                buf[:len(raw)] = raw
+                batch.append((base + s * hdr.LOG_SECTOR, bytes(buf)))
+            self._log_write(batch)
+
+    def _log_write(self, sectors: List[Tuple[int, bytes]]) -> None:
+        h = self.header
+        self.host.flush()                      # the data blocks are stable before the log refers to them
+        log_guid = uuid.uuid4().bytes
+        self._update_headers(False, log_guid)
+        entry = hdr.pack_log_entry(self.log_sequence, 0, log_guid, self.host.size(), sectors)
+        self.log_sequence += 1
+        self.host.pwrite(entry, h.log_offset)
+        self.host.flush()
+        for offset, data in sectors:
+            self.host.pwrite(data, offset)
+        self.host.flush()
+        self._update_headers(False, hdr.ZERO_GUID)
+
+    def _user_visible_write(self) -> None:
+        if self.first_visible_write:
+            self.first_visible_write = False
+            self._update_headers(True, None)
+
+    def _update_headers(self, new_data_guid: bool, log_guid: Optional[bytes]) -> None:
+        """Both headers in turn, as the specification asks: the inactive one gets the next sequence
+        number and becomes current."""
+        for dummy in range(2):
+            idx = 1 - self.cur
+            active = self.header
+            new = hdr.Header(**{k: getattr(active, k) for k in hdr.HEADER_FIELDS})
+            new.sequence_number = (active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF
+            new.file_write_guid = self.session_guid
+            if new_data_guid:
+                new.data_write_guid = uuid.uuid4().bytes
+            if log_guid is not None:
+                new.log_guid = log_guid
+            at = hdr.HEADER2_OFFSET if idx else hdr.HEADER1_OFFSET
+            old = self.host.pread(hdr.HEADER_SIZE, at)
+            buf = bytearray(new.pack())
+            # the reserved bytes after the fields are kept as they are, and the checksum covers them
+            buf[hdr.HEADER.size:] = old[hdr.HEADER.size:]
+            buf[4:8] = b"\0\0\0\0"
+            new.checksum = hdr.checksum(buf, 4)
+            buf[4:8] = new.checksum.to_bytes(4, "little")
+            self.host.pwrite(bytes(buf), at)
+            self.host.flush()
+            self.headers[idx] = new
+            self.cur = idx
+
+    # -- metadata -----------------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        return {"cluster-size": self.bs}
+
+    def check(self, repair: Optional[str] = None) -> CheckResult:
+        """QEMU's check: a replayed log counts as a fixed corruption, bad BAT entries as corruptions."""
+        result = CheckResult(self.path, self.driver.name)
+        if self.log_replayed:
+            result.corruptions_fixed = 1
+        errors = self._check_bat(self.host.size())
+        result.corruptions = len(errors)
+        result.messages.extend(errors)
+        return result
+
+    def flush(self) -> None:
+        if self.writable:
+            self.host.flush()
+
+    def close(self) -> None:
+        if self.host.fd < 0:
+            return
+        try:
+            if self.writable:
+                self.host.flush()
+        finally:
+            self.host.close()

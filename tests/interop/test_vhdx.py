@@ -1,0 +1,420 @@
+"""vhdx against qemu-img 7.2: create layout, read, logged writes, log replay, samples, bad input, mutations.
+
+Both directions over every create option value (subformat dynamic/fixed x block_state_zero on/off,
+block_size auto/1M/32M/256M, log_size 1M/4M): images qemu-img creates and qemu-io writes read
+byte-identically through vdisk (unaligned sizes rounded to 512, the last sector); images vdisk
+creates and writes pass ``qemu-img check`` and ``qemu-img compare``; the Hyper-V-era samples and
+the image with a dirty log read like ``qemu-img convert -O raw`` (the latter after ``check -r
+all``, which vdisk and qemu-img replay alike); a BAT update interrupted after its log entry is
+replayed by qemu-img; mutated headers, region tables, BATs, metadata and logs give one-line errors.
+"""
+import json
+import os
+import random
+import shutil
+import struct
+import time
+
+import pytest
+
+import helpers
+import imgfmt_util as u
+from helpers import MiB, pattern
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk import errors
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.vhdx import header as hdr
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.vhdx.crc32c import checksum, crc32c
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver, probe_file
+
+FMT = "vhdx"
+SUBFORMATS = ["dynamic", "fixed"]
+ZERO = ["on", "off"]
+DIRTY = "iotest-dirtylog-10G-4M.vhdx"
+
+
+def qemu_create(path, size, **opts):
+    return u.create("qemu", path, FMT, size, **opts)
+
+
+def vdisk_create(path, size, **opts):
+    return u.create("vdisk", path, FMT, size, **opts)
+
+
+def info_json(path, tool):
+    """``info`` without the disk usage (qemu-img writes a 0-byte image's 64 MiB BAT of zeros)."""
+    out = u.info_json(path, FMT, tool)
+    out.pop("actual-size", None)
+    return out
+
+
+def read_at(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def layout(path):
+    """What must equal qemu-img's image: file size, both region tables, the header fields that are
+    not random, the metadata table and items (page 83 GUID masked), the BAT."""
+    rt = read_at(path, hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE)
+    bat, meta = hdr.parse_region_table(rt)
+    heads = [hdr.parse_header(read_at(path, o, hdr.HEADER_SIZE)) for o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET)]
+    fields = [(h.log_guid, h.log_version, h.version, h.log_length, h.log_offset) for h in heads]
+    items = bytearray(read_at(path, meta.file_offset, hdr.METADATA_TABLE_SIZE + 40))
+    items[hdr.METADATA_TABLE_SIZE + 16:hdr.METADATA_TABLE_SIZE + 32] = bytes(16)
+    return (os.path.getsize(path), rt, read_at(path, hdr.REGION2_OFFSET, hdr.REGION_TABLE_SIZE), fields,
+            heads[1].sequence_number - heads[0].sequence_number, bytes(items),
+            read_at(path, bat.file_offset, min(bat.length, 64 * 1024)))
+
+
+def fix_checksums(path):
+    """Recompute both headers' and region tables' CRC-32C after a change (only the change is tested)."""
+    with open(path, "r+b") as f:
+        for at, size in ((hdr.HEADER1_OFFSET, hdr.HEADER_SIZE), (hdr.HEADER2_OFFSET, hdr.HEADER_SIZE),
+                         (hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE), (hdr.REGION2_OFFSET, hdr.REGION_TABLE_SIZE)):
+            f.seek(at)
+            buf = bytearray(f.read(size))
+            f.seek(at + 4)
+            f.write(struct.pack("<I", checksum(buf, 4)))
+
+
+def regions_of(path):
+    """``(name, offset, length)`` of the parsed structures of a good image, for mutations."""
+    rt = read_at(path, hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE)
+    bat, meta = hdr.parse_region_table(rt)
+    return [("header1", hdr.HEADER1_OFFSET, hdr.HEADER.size), ("header2", hdr.HEADER2_OFFSET, hdr.HEADER.size),
+            ("region table", hdr.REGION1_OFFSET, 80), ("BAT", bat.file_offset, 64),
+            ("metadata table", meta.file_offset, 32 + 5 * 32), ("metadata items", meta.file_offset + 65536, 40),
+            ("file id", 0, 8)]
+
+
+# -- CRC-32C and create ------------------------------------------------------------------------------
+def test_crc32c():
+    assert crc32c(b"123456789") == 0xE3069283                 # the Castagnoli check value
+    data = bytes(range(256)) * 40
+    assert crc32c(data[1000:], crc32c(data[:1000])) == crc32c(data)
+    start = time.time()
+    crc32c(bytes(1 << 20))
+    assert time.time() - start < 1.0
+
+
+@pytest.mark.parametrize("sub", SUBFORMATS)
+@pytest.mark.parametrize("zero", ZERO)
+@pytest.mark.parametrize("size", u.cells([0, 1, 20 * MiB + 1, 3 * 1024 * MiB], (20 * MiB + 1,)))
+def test_create_layout_like_qemu(tmp_path, sub, zero, size):
+    a = qemu_create(tmp_path / "q.vhdx", size, subformat=sub, block_state_zero=zero)
+    b = vdisk_create(tmp_path / "v.vhdx", size, subformat=sub, block_state_zero=zero)
+    assert layout(a) == layout(b)
+    assert info_json(b, "vdisk") == info_json(b, "qemu") == info_json(a, "qemu")
+    assert helpers.qemu_check(b, FMT)["rc"] == 0
+
+
+@pytest.mark.parametrize("opts", u.cells([{"block_size": "1M"}, {"block_size": "32M"}, {"block_size": "256M"},
+                                          {"block_size": "300M"}, {"block_size": "1"}, {"log_size": "4M"},
+                                          {"log_size": "1500k"}], ({"block_size": "300M"}, {"log_size": "1500k"})))
+def test_create_options_like_qemu(tmp_path, opts):
+    a = qemu_create(tmp_path / "q.vhdx", 40 * MiB, **opts)
+    b = vdisk_create(tmp_path / "v.vhdx", 40 * MiB, **opts)
+    assert layout(a) == layout(b)
+    assert info_json(b, "vdisk") == info_json(a, "qemu")
+
+
+@pytest.mark.parametrize("opts,size,message", [
+    ({"block_size": "3M"}, "10M", "Block size must be a power of two"),
+    ({"log_size": "0"}, "10M", "Log size must be a multiple of 1 MB"),
+    ({"log_size": "5G"}, "10M", "Log size must be smaller than 4 GB"),
+    ({}, "65T", "Image size too large; max of 64TB"),
+])
+def test_create_refused_like_qemu(tmp_path, opts, size, message):
+    args = ["create", "-f", FMT] + (["-o", u.options_text(opts)] if opts else [])
+    q = helpers.qemu_img(*(args + [tmp_path / "q.vhdx", size]))
+    v = helpers.vdisk_cli(*(args + [tmp_path / "v.vhdx", size]))
+    assert q.returncode == 1 and message in helpers._txt(q.stderr)
+    assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+    assert not os.path.exists(tmp_path / "v.vhdx")
+
+
+def test_options_help_and_probe(tmp_path):
+    out = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout
+    for name in ("block_size", "block_state_zero", "log_size", "size", "subformat"):
+        assert "%s=" % name in out
+    path = vdisk_create(tmp_path / "v.vhdx", MiB)
+    assert probe_file(path) == FMT
+    assert get_driver(FMT).probe(b"vhdxfile", "x") == 100 and get_driver(FMT).probe(b"vhdxfilf", "x") == 0
+
+
+# -- qemu writes, vdisk reads --------------------------------------------------------------------------
+def fill(path, size, tool="qemu"):
+    """Data at the start, across a block boundary, in the middle and in the last sector."""
+    wanted = [(0, 3000), (8 * MiB - 700, 1400), (size // 2 + 77, 1000), (size - 512, 512)]
+    raw = helpers.make_raw(str(path) + ".src", size, [(o, min(n, size - o)) for o, n in wanted if 0 <= o < size])
+    if tool == "qemu":
+        helpers.run("qemu-img", "convert", "-n", "-f", "raw", "-O", FMT, raw, path)
+    else:
+        helpers.vdisk_cli("convert", "-n", "-f", "raw", "-O", FMT, raw, path, check=True)
+    return raw
+
+
+@pytest.mark.parametrize("sub", SUBFORMATS)
+@pytest.mark.parametrize("zero", ZERO)
+@pytest.mark.parametrize("size", u.cells([12345, 20 * MiB + 512, 9 * MiB], (12345, 20 * MiB + 512)))
+def test_qemu_written_reads_identically(tmp_path, sub, zero, size):
+    path = qemu_create(tmp_path / "q.vhdx", size, subformat=sub, block_state_zero=zero)
+    vsize = info_json(path, "qemu")["virtual-size"]
+    assert vsize == -(-size // 512) * 512
+    raw = fill(path, vsize)
+    with open(raw, "rb") as f:
+        assert u.read_all(path, FMT) == f.read()
+    assert info_json(path, "vdisk") == info_json(path, "qemu")
+
+
+@pytest.mark.parametrize("opts", u.cells([{"block_size": "1M"}, {"block_size": "256M"}, {"log_size": "2M"}],
+                                         ({"block_size": "1M"},)))
+def test_qemu_written_options_read_identically(tmp_path, opts):
+    path = qemu_create(tmp_path / "q.vhdx", 11 * MiB + 512, **opts)
+    raw = fill(path, 11 * MiB + 512)
+    with open(raw, "rb") as f:
+        assert u.read_all(path, FMT) == f.read()
+
+
+@pytest.mark.parametrize("name", ["iotest-dynamic-1G.vhdx", "test-disk2vhd.vhdx"])
+def test_samples_read_like_qemu(tmp_path, name):
+    path = u.sample(name, tmp_path)
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    assert info_json(path, "vdisk") == info_json(path, "qemu")
+
+
+# -- vdisk writes, qemu reads ---------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", SUBFORMATS)
+@pytest.mark.parametrize("zero", ZERO)
+@pytest.mark.parametrize("opts", u.cells([{}, {"block_size": "1M"}, {"block_size": "32M", "log_size": "2M"}],
+                                         ({},)))
+def test_vdisk_convert_passes_qemu(tmp_path, sub, zero, opts):
+    size = 21 * MiB + 512
+    raw = helpers.make_raw(tmp_path / "src.raw", size, [(0, 70000), (8 * MiB - 100, 300000), (size - 512, 512)])
+    out = tmp_path / "v.vhdx"
+    o = dict(opts, subformat=sub, block_state_zero=zero)
+    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, "-o", u.options_text(o), raw, out, check=True)
+    assert helpers.qemu_compare(out, raw, FMT, "raw")
+    result = helpers.qemu_check(out, FMT)
+    assert result["rc"] == 0 and "corruptions" not in result, result
+    assert info_json(out, "qemu") == info_json(out, "vdisk")
+    assert helpers.vdisk_cli("check", "-f", FMT, out).returncode == 0
+
+
+@pytest.mark.parametrize("sub", SUBFORMATS)
+def test_vdisk_writes_into_qemu_image(tmp_path, sub):
+    size = 20 * MiB + 512
+    path = qemu_create(tmp_path / "q.vhdx", size, subformat=sub, block_size="1M")
+    helpers.qemu_io(FMT, path, "write -P 0x41 0 8k", "write -P 0x42 %d 4k" % (4 * MiB))
+    writes = [(4096, pattern(4096, 10000)), (MiB + 3, pattern(MiB + 3, 70001)), (2 * MiB - 5, pattern(2 * MiB - 5, 10)),
+              (size - 512, pattern(size - 512, 512)), (7 * MiB, pattern(7 * MiB, 3 * MiB))]
+    u.write_engine(path, FMT, writes)
+    helpers.qemu_io(FMT, path, "read -P 0x41 0 4k", "read -P 0x42 %d 4k" % (4 * MiB))
+    ref = u.qemu_raw(path, FMT, tmp_path)
+    for offset, data in writes:
+        assert ref[offset:offset + len(data)] == data
+    assert ref == u.read_all(path, FMT)
+    assert helpers.qemu_check(path, FMT)["rc"] == 0
+    heads = [hdr.parse_header(read_at(path, o, hdr.HEADER_SIZE)) for o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET)]
+    assert all(h is not None and h.log_guid == hdr.ZERO_GUID for h in heads)
+
+
+def test_interrupted_bat_update_replayed_by_qemu(tmp_path):
+    """A crash after the log entry is stable but before the BAT is written: the log holds the
+    update, qemu-img's (and vdisk's) replay brings the data back."""
+    path = vdisk_create(tmp_path / "v.vhdx", 20 * MiB, block_size="1M")
+    img = u.open_image(path, FMT, writable=True)
+    bat_offset = img.bat_region.file_offset
+    real = img.host.pwrite
+
+    def crash(data, offset):
+        if offset == bat_offset:
+            raise KeyboardInterrupt("power cut")
+        real(data, offset)
+    img.host.pwrite = crash
+    with pytest.raises(KeyboardInterrupt):
+        img.write(3 * MiB + 512, pattern(3 * MiB + 512, 5000))
+    img.host.pwrite = real
+    img.close()
+    copy = str(tmp_path / "copy.vhdx")
+    shutil.copyfile(path, copy)
+    proc = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert proc.returncode == 1 and "check -r all" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    q = helpers.qemu_img("info", "-f", FMT, path)
+    assert q.returncode == 1 and b"needs to be replayed" in q.stderr
+    helpers.run("qemu-img", "check", "-r", "all", "-f", FMT, copy)
+    assert helpers.vdisk_cli("check", "-r", "all", "-f", FMT, path).returncode == 0
+    for p in (copy, path):
+        assert u.read_all(p, FMT)[3 * MiB + 512:3 * MiB + 5512] == pattern(3 * MiB + 512, 5000)
+        assert helpers.qemu_check(p, FMT)["rc"] == 0
+
+
+def test_writes_go_through_the_log(tmp_path):
+    path = vdisk_create(tmp_path / "v.vhdx", 10 * MiB, block_size="1M")
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        seen = []
+        real = img.host.pwrite
+
+        def logged(data, offset):
+            seen.append((offset, bytes(data[:4])))
+            real(data, offset)
+        img.host.pwrite = logged
+        img.write(MiB, b"x" * 4096)
+        img.write(MiB + 4096, b"y" * 4096)            # allocated already: no log
+    finally:
+        img.close()
+    log_offset = hdr.HEADER_SECTION_END
+    kinds = [("log" if o == log_offset else "header" if o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET) else o)
+             for o, dummy in seen]
+    # data-write GUID (both headers), data, log GUID set (both), entry, BAT sector, log GUID cleared (both)
+    assert kinds[:2] == ["header", "header"] and kinds[3:6] == ["header", "header", "log"]
+    assert kinds[6] == img.bat_region.file_offset and kinds[7:9] == ["header", "header"] and len(kinds) == 10
+    assert seen[5][1] == b"loge"
+
+
+# -- the dirty log ---------------------------------------------------------------------------------------
+def test_dirty_log_sample(tmp_path):
+    path = u.sample(DIRTY, tmp_path)
+    before = u.sha(path)
+    proc = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "contains a log that needs to be replayed" in proc.stderr and "check -r all" in proc.stderr
+    assert helpers.vdisk_cli("check", "-f", FMT, path).returncode == 1
+    assert helpers.vdisk_cli("convert", "-O", "raw", path, tmp_path / "x.raw").returncode == 1
+    assert u.sha(path) == before
+    copy = str(tmp_path / "qemu-copy.vhdx")
+    shutil.copyfile(path, copy)
+    q = helpers.qemu_img("check", "-f", FMT, copy)        # read-only: qemu-img refuses too
+    assert q.returncode == 1 and b"needs to be replayed" in q.stderr
+    helpers.run("qemu-img", "check", "-r", "all", "-f", FMT, copy)
+    proc = helpers.vdisk_cli("check", "-r", "all", "--output=json", "-f", FMT, path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["corruptions-fixed"] == 1
+    assert json.loads(helpers.vdisk_cli("check", "--output=json", "-f", FMT, path, check=True).stdout) == {
+        "filename": str(path), "format": FMT, "check-errors": 0}
+    assert helpers.qemu_check(path, FMT)["rc"] == 0
+    assert helpers.qemu_compare(path, copy, FMT, FMT)
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    assert info_json(path, "vdisk") == info_json(copy, "qemu")
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what,offset,value,message", [
+    ("signature", 0, b"vhdxfilf", "no 'vhdxfile' signature"),
+    ("both headers", None, None, "No valid VHDX header found"),
+    ("log offset", hdr.HEADER2_OFFSET + 72, struct.pack("<Q", 12345), "log offset"),
+    ("log version", hdr.HEADER2_OFFSET + 64, struct.pack("<H", 1), "log version"),
+    ("region count", hdr.REGION1_OFFSET + 8, struct.pack("<I", 5000), "region table has 5000 entries"),
+    ("region overlap", hdr.REGION1_OFFSET + 16 + 32 + 16, struct.pack("<Q", 2 * MiB), "overlap"),
+    ("bat length", hdr.REGION1_OFFSET + 16 + 24, struct.pack("<I", 0), "BAT region"),
+    ("region unknown required", hdr.REGION1_OFFSET + 16, b"\x01" * 16, "required region of unknown type"),
+])
+def test_bad_input_refused(tmp_path, what, offset, value, message):
+    path = qemu_create(tmp_path / "q.vhdx", 20 * MiB)
+    if offset is None:
+        u.poke(path, hdr.HEADER1_OFFSET, b"x")
+        u.poke(path, hdr.HEADER2_OFFSET, b"x")
+    else:
+        u.poke(path, offset, value)
+        if what == "region unknown required":
+            u.poke(path, offset + 28, b"\x01")
+        if what != "signature":
+            u.poke(path, hdr.HEADER1_OFFSET, b"x")       # header 2 is the current one; header 1 no fallback
+            fix_checksums(path)
+            u.poke(path, hdr.HEADER1_OFFSET + 4, b"\0\0\0\0")
+    before = u.sha(path)
+    assert helpers.qemu_img("info", "-f", FMT, path).returncode == 1
+    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+    assert u.sha(path) == before
+
+
+def test_bat_past_eof_and_partially_present(tmp_path):
+    path = qemu_create(tmp_path / "q.vhdx", 20 * MiB, block_size="1M")
+    helpers.qemu_io(FMT, path, "write -P 1 0 4k")
+    bat = hdr.parse_region_table(read_at(path, hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE))[0].file_offset
+    u.poke(path, bat + 8, struct.pack("<Q", (1 << 40) | hdr.PAYLOAD_BLOCK_FULLY_PRESENT))
+    q = helpers.qemu_img("info", "-f", FMT, path)
+    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert q.returncode == 1 and b"points after end of file" in q.stderr
+    assert v.returncode == 1 and "points after end of file" in v.stderr and len(v.stderr.splitlines()) == 1
+    q = helpers.qemu_check(path, FMT)
+    v = helpers.vdisk_cli("check", "-r", "all", "--output=json", "-f", FMT, path)
+    assert q["corruptions"] == json.loads(v.stdout)["corruptions"] == 1
+    u.poke(path, bat + 8, struct.pack("<Q", hdr.PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+    img = u.open_image(path, FMT)
+    try:
+        assert img.read(0, 4096) == b"\x01" * 4096
+        with pytest.raises(errors.CorruptImage):
+            img.read(MiB, 512)
+    finally:
+        img.close()
+
+
+# -- mutations ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", SUBFORMATS)
+@pytest.mark.parametrize("seed", u.cells([1, 2, 3], (1,)))
+def test_mutations(tmp_path, sub, seed):
+    good = qemu_create(tmp_path / "good.vhdx", 4 * MiB, subformat=sub, block_size="1M")
+    helpers.qemu_io(FMT, good, "write -P 1 0 12k", "write -P 2 3M 8k", "write -P 3 %d 4k" % (4 * MiB - 4096))
+    regions = [(o, n) for dummy, o, n in regions_of(good)]
+    out = u.mutation_run(good, FMT, regions, seed, 16, tmp_path, cli_every=16)
+    assert out["error"] + out["clean"] == 16
+    # the same with the checksums made right again, so the flips reach the parsers behind them
+    rng = random.Random(seed)
+    for case in range(16):
+        path = str(tmp_path / ("crc-%d" % case))
+        shutil.copyfile(good, path)
+        u.flip_bytes(path, rng, regions[:5], rng.randint(1, 3))
+        fix_checksums(path)
+        before = u.sha(path)
+        start = time.time()
+        exc = u.exercise(path, FMT)
+        assert time.time() - start < 10
+        assert exc is None or "\n" not in str(exc), str(exc)
+        if case % 16 == 5:
+            proc, took = u.cli_limited("info", "-f", FMT, path)
+            assert took < 20
+            u.assert_clean_cli(proc)
+        assert u.sha(path) == before
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("seed", u.cells([1, 2], (1,)))
+def test_log_mutations(tmp_path, seed):
+    """Flips in the dirty sample's log entries: a read-only open refuses or reads, a replay succeeds
+    or gives one line, always in bounded time and memory."""
+    good = u.sample(DIRTY, tmp_path)
+    rng = random.Random(seed)
+    regions = [(hdr.HEADER_SECTION_END + k * 8192, 8192) for k in range(7)]
+    for case in range(8):
+        path = str(tmp_path / ("log-%d" % case))
+        shutil.copyfile(good, path)
+        u.flip_bytes(path, rng, regions, rng.randint(1, 3))
+        if case % 2:
+            # keep the entries' CRC right, so descriptors and data sectors are what is tested
+            with open(path, "r+b") as f:
+                for k in range(7):
+                    f.seek(hdr.HEADER_SECTION_END + k * 8192)
+                    entry = bytearray(f.read(8192))
+                    f.seek(hdr.HEADER_SECTION_END + k * 8192 + 4)
+                    f.write(struct.pack("<I", checksum(entry, 4)))
+        before = u.sha(path)
+        exc = u.exercise(path, FMT)
+        assert exc is None or "\n" not in str(exc)
+        assert u.sha(path) == before
+        if case % 2 == 0:
+            proc, took = u.cli_limited("check", "-r", "all", "-f", FMT, path)
+            assert took < 20
+            u.assert_clean_cli(proc, allow_multiline=True)
+        else:
+            # in-process: the replay (or its refusal) and the reads after it
+            try:
+                img = u.open_image(path, FMT, writable=True, policy=u.Policy(repair=True))
+            except errors.ImageError as exc:
+                assert "\n" not in str(exc)
+            else:
+                u.close_chain(img)
+                exc = u.exercise(path, FMT)
+                assert exc is None or "\n" not in str(exc)
+        os.unlink(path)
