@@ -198,3 +198,12 @@ def test_ambiguous_backing_format_is_refused(tmp_path, monkeypatch):
         create_mod.create(str(tmp_path / "o.qcow2"), "qcow2", None, {"backing_file": "base.img"})
     assert "could be vpc or vdi; name its format with -F" in str(err.value)
     assert not (tmp_path / "o.qcow2").exists()
+
+
+def test_backing_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(str(tmp_path / "base.img"))
+    r = subprocess.run(VDISK + ["create", "-f", "qcow2", "-b", "base.img", "o.qcow2", "1M"], capture_output=True,
+                       text=True, cwd=str(tmp_path), timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith("base.img: not a regular file") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "o.qcow2").exists()

@@ -69,12 +69,8 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
 
 def _detect_format(full: str, path: str) -> str:
     """The backing file's format by probing, refusing a file that two formats claim equally."""
-    try:
-        with open(full, "rb") as f:
-            header = f.read(PROBE_BYTES)
-    except OSError as exc:
-        raise ImageError("Could not open backing file '%s': %s" % (full, exc.strerror or exc), path=path,
-                         field="backing_file") from None
+    with HostFile(full) as f:       # refuses FIFOs and devices without blocking on them
+        header = f.pread(min(PROBE_BYTES, f.size()), 0)
     scores = probe_scores(header, full)
     if len(scores) > 1 and scores[0][0] == scores[1][0]:
         raise ImageError("backing file '%s' could be %s or %s; name its format with -F"
