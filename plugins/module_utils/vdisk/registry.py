@@ -53,6 +53,30 @@ def _vpc() -> Driver:
 
 
 @_loader
+def _cloop() -> Driver:
+    from .formats.cloop import DRIVER
+    return DRIVER
+
+
+@_loader
+def _bochs() -> Driver:
+    from .formats.bochs import DRIVER
+    return DRIVER
+
+
+@_loader
+def _dmg() -> Driver:
+    from .formats.dmg import DRIVER
+    return DRIVER
+
+
+@_loader
+def _iso() -> Driver:
+    from .formats.iso import DRIVER
+    return DRIVER
+
+
+@_loader
 def _vhdx() -> Driver:
     from .formats.vhdx import DRIVER
     return DRIVER
@@ -79,7 +103,9 @@ class _Drivers(Mapping):
 
 
 DRIVERS: Mapping = _Drivers(_LOADERS)
-PROBE_BYTES = 4096
+# enough for an ISO 9660 volume descriptor (16 sectors of 2 KiB in, 2 KiB long); formats whose
+# signature sits at the end of the file (dmg) read it themselves
+PROBE_BYTES = 34816
 
 
 def get_driver(name: str) -> Driver:
@@ -105,4 +131,13 @@ def probe_file(path: str) -> str:
     except OSError as exc:
         raise HostIOError("could not open: %s" % (exc.strerror or exc), path=path) from None
     scores = probe_scores(header, path)
-    return scores[0][1] if scores else "raw"
+    if not scores:
+        return "raw"
+    best = scores[0][1]
+    # a polyglot (an ISO that also carries a qcow2 header) must not be read as a format that can
+    # name other files on a guess: the user says which format it is
+    others = [name for dummy, name in scores[1:] if name not in (best, "raw")]
+    if others and get_driver(best).names_other_files:
+        raise FormatError("the file matches more than one format (%s, %s); give its format with -f"
+                          % (best, ", ".join(others)), path=path, field="format")
+    return best

@@ -1,0 +1,24 @@
+"""bochs: Bochs "growing" redolog images (header versions 1.0 and 2.0), read-only as in qemu-img.
+
+References: QEMU 7.2 block/bochs.c for the layout, limits and messages.
+"""
+from typing import Optional
+
+from ...driver import Driver, Policy
+from . import header as hdr
+from .image import BochsImage
+
+
+class BochsDriver(Driver):
+    name = "bochs"
+    extensions = (".bochs",)
+    capabilities = frozenset()
+
+    def probe(self, header: bytes, filename: str) -> int:
+        return 100 if hdr.probe(header) else 0
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> BochsImage:
+        return BochsImage(self, path, writable, policy or Policy())
+
+
+DRIVER = BochsDriver()

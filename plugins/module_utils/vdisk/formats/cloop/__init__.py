@@ -1,0 +1,24 @@
+"""cloop: compressed loop images (version 2.0 header, zlib blocks), read-only as in qemu-img.
+
+References: QEMU 7.2 block/cloop.c for the layout, limits and messages.
+"""
+from typing import Optional
+
+from ...driver import Driver, Policy
+from . import header as hdr
+from .image import CloopImage
+
+
+class CloopDriver(Driver):
+    name = "cloop"
+    extensions = (".cloop",)
+    capabilities = frozenset()
+
+    def probe(self, header: bytes, filename: str) -> int:
+        return 100 if hdr.probe(header) else 0
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> CloopImage:
+        return CloopImage(self, path, writable, policy or Policy())
+
+
+DRIVER = CloopDriver()

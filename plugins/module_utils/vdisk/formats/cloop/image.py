@@ -1,0 +1,85 @@
+"""An open cloop image: the offset table in memory, one inflated block cached, reads.
+
+References: QEMU 7.2 block/cloop.c for behaviour: the table is validated on open; a block must
+inflate (zlib stream) to exactly ``block_size`` bytes, or the read fails; the most recent block
+is kept, as sequential reads touch each block many times.
+"""
+import zlib
+from typing import Any, Dict, Iterator, Optional
+
+from ...driver import DATA, Extent, Image, Policy
+from ...errors import CorruptImage, ReadOnlyImage
+from ...io import HostFile
+from . import header as hdr
+
+
+class CloopImage(Image):
+    def __init__(self, driver, path: str, writable: bool, policy: Policy):
+        if writable:
+            raise ReadOnlyImage("format cloop is read-only: images can only be read", path=path)
+        super().__init__(path, False)
+        self.driver = driver
+        self.dirty = None        # qemu-img shows no dirty flag for cloop
+        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False)
+        try:
+            self._open()
+        except BaseException:
+            self.host.close()
+            raise
+
+    def _open(self) -> None:
+        h = hdr.parse_header(self.host.pread(hdr.OFFSETS_START, 0), self.path)
+        # QEMU would read a table past the end of the file as zeros; a table the file does not hold
+        # is refused before it is read, so a hostile n_blocks costs no memory
+        file_size = self.host.size()
+        if hdr.OFFSETS_START + h.offsets_size > file_size:
+            raise CorruptImage("the offset table (%d entries) extends beyond the end of the file (%d bytes)"
+                               % (h.n_blocks + 1, file_size), path=self.path, field="n_blocks")
+        self.header = h
+        self.offsets = hdr.parse_offsets(self.host.pread(h.offsets_size, hdr.OFFSETS_START), h.n_blocks,
+                                         self.path)
+        self.block_size = h.block_size
+        self.virtual_size = h.virtual_size
+        self._cached_index = -1
+        self._cached = b""
+
+    def _block(self, index: int) -> bytes:
+        """Block *index* inflated; exactly ``block_size`` bytes or an error."""
+        if index != self._cached_index:
+            start, end = self.offsets[index], self.offsets[index + 1]
+            data = self.host.pread(end - start, start)
+            d = zlib.decompressobj()
+            try:
+                out = d.decompress(data, self.block_size)
+            except zlib.error as exc:
+                raise CorruptImage("block %d at offset 0x%x could not be decompressed: %s" % (index, start, exc),
+                                   path=self.path) from None
+            if not d.eof or len(out) != self.block_size:
+                raise CorruptImage("block %d at offset 0x%x does not inflate to %d bytes"
+                                   % (index, start, self.block_size), path=self.path)
+            self._cached_index, self._cached = index, out
+        return self._cached
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        parts = []
+        end = offset + length
+        while offset < end:
+            index, inside = divmod(offset, self.block_size)
+            n = min(end - offset, self.block_size - inside)
+            parts.append(self._block(index)[inside:inside + n])
+            offset += n
+        return b"".join(parts)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        # QEMU has no block status for cloop: all data, no host offset (as qemu-img map shows it)
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end > offset:
+            yield Extent(offset, end - offset, DATA)
+
+    def info(self) -> Dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        if self.host.fd >= 0:
+            self.host.close()

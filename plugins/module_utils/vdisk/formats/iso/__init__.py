@@ -1,0 +1,57 @@
+"""iso: ISO 9660 (CD/DVD) images, recognised by their volume descriptors and read as raw.
+
+References: ECMA-119 (ISO 9660) section 8: volume descriptors start at logical sector 16 (byte
+32768, 2048-byte sectors), each beginning with a type byte (0 boot record, 1 primary, 2
+supplementary, 3 partition, 255 terminator), the identifier ``CD001`` and version 1. qemu-img has
+no iso format (it reads such files as raw); vdisk names the format it found, reads the bytes as
+they are, and refuses to write them, so a probed installer image is never changed by accident.
+"""
+from typing import Any, Dict, Optional
+
+from ...driver import Driver, Policy
+from ...errors import ReadOnlyImage
+from ..raw import RawImage
+
+DESCRIPTOR_OFFSET = 16 * 2048
+IDENTIFIER = b"CD001"
+DESCRIPTOR_TYPES = (0, 1, 2, 3, 255)
+VOLUME_ID = slice(40, 72)                  # in the primary volume descriptor (type 1)
+
+
+def probe(header: bytes) -> bool:
+    d = header[DESCRIPTOR_OFFSET:DESCRIPTOR_OFFSET + 7]
+    return len(d) == 7 and d[1:6] == IDENTIFIER and d[0] in DESCRIPTOR_TYPES and d[6] == 1
+
+
+class IsoImage(RawImage):
+    """A raw image that is never opened for writing."""
+
+    def __init__(self, driver: "IsoDriver", path: str, writable: bool, policy: Policy):
+        if writable:
+            raise ReadOnlyImage("format iso is read-only; open the file with -f raw to change it", path=path)
+        super().__init__(driver, path, False, policy)   # type: ignore[arg-type]
+
+    def info(self) -> Dict[str, Any]:
+        pvd = self.host.pread(2048, DESCRIPTOR_OFFSET)
+        if pvd[0] == 1 and probe(bytes(DESCRIPTOR_OFFSET) + pvd):
+            name = pvd[VOLUME_ID].decode("ascii", "replace").strip()
+            if name:
+                return {"format-specific": {"type": "iso", "data": {"volume-id": name}}}
+        return {}
+
+
+class IsoDriver(Driver):
+    name = "iso"
+    extensions = (".iso",)
+    capabilities = frozenset()
+
+    def probe(self, header: bytes, filename: str) -> int:
+        # below every format with a signature at offset 0: an ISO's first 32 KiB are free for a
+        # boot sector, so an image of another format found there wins (or makes a polyglot error)
+        return 50 if probe(header) else 0
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> IsoImage:
+        return IsoImage(self, path, writable, policy or Policy())
+
+
+DRIVER = IsoDriver()
