@@ -9,8 +9,7 @@ from QEMU's samples. ``vdisk convert -O raw`` must equal ``qemu-img convert -O r
 """
 import json
 import os
-import shutil
-import subprocess
+import struct
 
 import pytest
 
@@ -189,9 +188,9 @@ def test_dmg_chunks_without_a_decoder(tmp_path, data, kind, name):
 
 
 # -- bad headers: QEMU's checks and messages -----------------------------------------------------------
-def _cloop_poke(blob, offset, fmt, value):
+def _poke(blob, offset, fmt, value):
     b = bytearray(blob)
-    b[offset:offset + __import__("struct").calcsize(fmt)] = __import__("struct").pack(fmt, value)
+    b[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
     return bytes(b)
 
 
@@ -215,7 +214,7 @@ BAD = [
 @pytest.mark.parametrize("fmt,offset,pack,value,message", BAD, ids=[b[4][:30] for b in BAD])
 def test_bad_headers_as_qemu(tmp_path, data, fmt, offset, pack, value, message):
     good = r.make_cloop(data[:MiB], 64 * 1024) if fmt == "cloop" else r.make_bochs(data[:MiB])
-    img = r.write(tmp_path / "bad.img", _cloop_poke(good, offset, pack, value))
+    img = r.write(tmp_path / "bad.img", _poke(good, offset, pack, value))
     assert message in engine_error(img, fmt)
     qemu = helpers.run("qemu-img", "info", "-f", fmt, img, check=False)
     assert qemu.returncode == 1 and message in qemu.stderr.decode()
@@ -227,7 +226,7 @@ def test_bad_dmg(tmp_path, data):
     # the sector count of the first (zlib) chunk and the length of the second: QEMU's caps
     for field, value, message in ((204 + 16, 131073, "sector count 131073 for chunk 0 is larger than max (131072)"),
                                   (204 + 40 + 32, 64 * MiB + 1, "length 67108865 for chunk 1 is larger than max")):
-        img = r.write(tmp_path / "bad.dmg", _cloop_poke(good, mish + field, ">Q", value))
+        img = r.write(tmp_path / "bad.dmg", _poke(good, mish + field, ">Q", value))
         assert message in engine_error(img, "dmg")
     img = r.write(tmp_path / "bad.dmg", good[:-512] + bytes(512))
     assert "Could not locate UDIF trailer" in cli_error("info", "-f", "dmg", img)
@@ -253,7 +252,7 @@ def test_writes_are_refused(tmp_path, data, fmt):
 
 
 # -- probing ------------------------------------------------------------------------------------------
-def _images(tmp_path, data):
+def _images(data):
     return {"cloop": r.make_cloop(data[:MiB]), "bochs": r.make_bochs(data[:MiB]),
             "dmg": r.make_dmg(data[:MiB], [(r.UDZO, 2048)], tables=1),
             "iso": bytes(32768) + b"\x01CD001\x01" + bytes(2041) + b"\xffCD001\x01" + bytes(8192)}
@@ -261,7 +260,7 @@ def _images(tmp_path, data):
 
 @pytest.mark.parametrize("fmt", ["cloop", "bochs", "dmg", "iso"])
 def test_probing_by_content_not_name(tmp_path, data, fmt):
-    blob = _images(tmp_path, data)[fmt]
+    blob = _images(data)[fmt]
     for name in ("disk." + fmt, "renamed.qcow2", "no-extension", "disk.raw"):
         img = r.write(tmp_path / name, blob)
         assert probe_file(img) == fmt
@@ -351,7 +350,7 @@ def test_mutations(tmp_path, data, case, seed):
 ])
 def test_hostile_sizes_cost_no_memory(tmp_path, data, fmt, offset, pack, value):
     good = r.make_cloop(data[:MiB]) if fmt == "cloop" else r.make_bochs(data[:MiB])
-    img = r.write(tmp_path / "h.img", _cloop_poke(good, offset, pack, value))
+    img = r.write(tmp_path / "h.img", _poke(good, offset, pack, value))
     proc, took = u.cli_limited("convert", "-f", fmt, "-O", "raw", img, str(tmp_path / "o.raw"))
     u.assert_clean_cli(proc)
     assert took < 20
