@@ -82,6 +82,12 @@ def _vhdx() -> Driver:
     return DRIVER
 
 
+@_loader
+def _vmdk() -> Driver:
+    from .formats.vmdk import DRIVER
+    return DRIVER
+
+
 class _Drivers(Mapping):
     """Format name -> driver, each driver imported on first use."""
 

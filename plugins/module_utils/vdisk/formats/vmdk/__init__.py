@@ -1,0 +1,204 @@
+"""vmdk: VMware virtual disks: monolithic and split (2 GB) sparse and flat images, stream-optimized.
+
+References: VMware "Virtual Disk Format 1.1"; QEMU 7.2 block/vmdk.c for qemu-img's create options,
+file names, descriptor layout, limits and messages.  Images of the split and flat subformats are
+a descriptor file plus extent files named after it (``NAME-s001.vmdk``, ``NAME-f001.vmdk``,
+``NAME-flat.vmdk``); a stream-optimized image is written as VMware writes it: compressed grains
+behind markers, then the grain tables, the directory and a footer (``gdOffset`` at the end).
+"""
+import os
+import random
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from ...driver import Driver, OptionSpec, Policy
+from ...errors import ImageError, InvalidOption
+from ...io import AtomicOutput, HostFile
+from . import header as hdr
+from .extent import _pack32
+from .image import VmdkImage
+
+SECTOR = hdr.SECTOR
+DEFAULT_TOOLS_VERSION = "2147483647"
+_TMP_NAME = re.compile(r"^\.(.+)\.[^.]+\.vdisk-tmp$")     # io.AtomicOutput's temporary names
+
+
+class VmdkDriver(Driver):
+    name = "vmdk"
+    extensions = (".vmdk",)
+    names_other_files = True
+    capabilities = frozenset({"create", "write", "backing", "compression", "check"})
+    create_options = (
+        OptionSpec("size", "size", None, "Virtual disk size"),
+        OptionSpec("adapter_type", "str", None, "Virtual adapter type, can be one of ide (default), lsilogic, "
+                   "buslogic or legacyESX"),
+        OptionSpec("backing_file", "str", None, "File name of a base image"),
+        OptionSpec("backing_fmt", "str", None, "Must be 'vmdk' if present"),
+        OptionSpec("compat6", "bool", False, "VMDK version 6 image"),
+        OptionSpec("hwversion", "str", None, "VMDK hardware version"),
+        OptionSpec("subformat", "str", None, "VMDK flat extent format, can be one of {monolithicSparse (default) | "
+                   "monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "),
+        OptionSpec("toolsversion", "str", None, "VMware guest tools version"),
+        OptionSpec("zeroed_grain", "bool", False, "Enable efficient zero writes using the zeroed-grain GTE feature"),
+    )
+
+    def probe(self, header: bytes, filename: str) -> int:
+        if hdr.magic_of(header) in (hdr.MAGIC, hdr.VMDK3_MAGIC):
+            return 100
+        # a text descriptor: comment lines, then "version=N" (QEMU's vmdk_probe)
+        for line in header.split(b"\n"):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            return 100 if line in (b"version=1", b"version=2", b"version=3") else 0
+        return 0
+
+    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VmdkImage:
+        return VmdkImage(self, path, writable, policy or Policy())
+
+    # -- create ----------------------------------------------------------------------------
+    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
+        sub = options.get("subformat") or "monolithicSparse"
+        if sub not in hdr.SUBFORMATS:
+            raise InvalidOption("Unknown subformat: %s" % sub, path=path, field="subformat")
+        adapter = options.get("adapter_type") or "ide"
+        if adapter not in hdr.ADAPTER_TYPES:
+            raise InvalidOption("Unknown adapter type: '%s'" % adapter, path=path, field="adapter_type")
+        compat6 = bool(options.get("compat6"))
+        hwversion = options.get("hwversion")
+        if hwversion == "undefined":
+            hwversion = None
+        if compat6 and hwversion:
+            raise InvalidOption("compat6 cannot be enabled with hwversion set", path=path, field="compat6")
+        hw = "6" if compat6 else (hwversion or "4")
+        zeroed = bool(options.get("zeroed_grain"))
+        flat = sub in ("monolithicFlat", "twoGbMaxExtentFlat")
+        if flat and zeroed:
+            raise InvalidOption("Flat image can't enable zeroed grain", path=path, field="zeroed_grain")
+        tools = options.get("toolsversion") or DEFAULT_TOOLS_VERSION
+        backing = options.get("backing_file") or None
+        bfmt = options.get("backing_fmt")
+        if bfmt and bfmt != "vmdk":
+            raise InvalidOption("Invalid backing file format: %s. Must be vmdk" % bfmt, path=path,
+                                field="backing_fmt")
+        parent_cid = 0xFFFFFFFF
+        if backing:
+            parent_cid = self._parent_cid(path, backing)
+        if size % SECTOR:
+            size += SECTOR - size % SECTOR
+        cid = random.getrandbits(32)
+        final = os.path.basename(path)
+        m = _TMP_NAME.match(final)
+        if m:
+            final = m.group(1)      # convert writes beside the destination: extents take the final name
+        stem, dot, ext = final.rpartition(".")
+        prefix, postfix = (stem, "." + ext) if dot else (final, "")
+        directory = os.path.dirname(os.path.abspath(path))
+
+        def desc(lines: List[str]) -> bytes:
+            return hdr.build_descriptor(cid, parent_cid, sub, backing, lines, hw, size, adapter, tools)
+
+        if sub == "monolithicSparse":
+            text = desc(['RW %d SPARSE "%s"\n' % (size // SECTOR, final)])
+            self._write_file(path, *self._sparse_image(size, zeroed, text), sync=sync)
+            return
+        if sub == "streamOptimized":
+            text = desc(['RW %d SPARSE "%s"\n' % (size // SECTOR, final)])
+            self._write_file(path, *self._stream_image(size, zeroed, text), sync=sync)
+            return
+        pieces: List[Tuple[str, int]] = []
+        if sub == "monolithicFlat":
+            pieces.append(("%s-flat%s" % (prefix, postfix), size))
+        else:
+            letter = "f" if flat else "s"
+            n = max(1, -(-size // hdr.TWO_GB))
+            for i in range(n):
+                pieces.append(("%s-%s%03d%s" % (prefix, letter, i + 1, postfix), min(hdr.TWO_GB, size - i * hdr.TWO_GB)))
+        lines = []
+        for name, psize in pieces:
+            if flat:
+                lines.append('RW %d FLAT "%s" 0\n' % (psize // SECTOR, name))
+            else:
+                lines.append('RW %d SPARSE "%s"\n' % (psize // SECTOR, name))
+        text = desc(lines)
+        if len(text) > hdr.MAX_DESCRIPTOR:
+            raise InvalidOption("descriptor too large", path=path, field="backing_file")
+        for name, psize in pieces:
+            if flat:
+                self._write_file(os.path.join(directory, name), [], psize, sync)
+            else:
+                self._write_file(os.path.join(directory, name), *self._sparse_image(psize, zeroed, None), sync=sync)
+        self._write_file(path, [(0, text)], 0, sync)
+
+    def _parent_cid(self, path: str, backing: str) -> int:
+        full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+        if not os.path.exists(full):
+            raise ImageError("Could not open backing file '%s': No such file or directory" % full, path=path,
+                             field="backing_file")
+        with open(full, "rb") as f:
+            head = f.read(4096)
+        if not self.probe(head, full):
+            raise InvalidOption("Invalid backing file format: %s. Must be vmdk" % "raw", path=path,
+                                field="backing_file")
+        policy = Policy(allowed_dirs=(os.path.dirname(os.path.realpath(full)),))
+        with self.open(full, False, policy) as parent:
+            return parent.cid
+
+    @staticmethod
+    def _write_file(path: str, parts: List[Tuple[int, bytes]], length: int, sync: bool) -> None:
+        """A new file of *length* bytes (holes) holding *parts* ``(offset, bytes)``, renamed into place."""
+        out = AtomicOutput(path)
+        try:
+            with HostFile(out.tmp_path, writable=True) as host:
+                for off, data in parts:
+                    host.pwrite(data, off)
+                if length > max([off + len(data) for off, data in parts] or [0]):
+                    host.truncate(length)
+            out.commit(sync)
+        except BaseException:
+            out.abort()
+            raise
+
+    @staticmethod
+    def _sparse_image(size: int, zeroed: bool, text: Optional[bytes]):
+        """A hosted sparse extent as qemu-img lays it out (header, descriptor area, redundant directory
+        and its tables, directory and its tables, the first grain at a grain boundary)."""
+        capacity = size // SECTOR
+        rgd, gd, overhead, gd_sectors = hdr.sparse_layout(capacity)
+        h = hdr.SparseHeader(version=2 if zeroed else 1,
+                             flags=hdr.FLAG_NL_DETECT | hdr.FLAG_RGD | (hdr.FLAG_ZERO_GRAIN if zeroed else 0),
+                             capacity=capacity, desc_offset=hdr.DESC_OFFSET, desc_size=hdr.DESC_SECTORS,
+                             rgd_offset=rgd, gd_offset=gd, overhead=overhead)
+        gt_count = h.gd_entries
+        gt_sectors = -(-h.gt_bytes // SECTOR)
+        parts = [(0, h.pack())]
+        if text is not None:
+            if len(text) > hdr.DESC_SECTORS * SECTOR:
+                raise InvalidOption("descriptor too large for the embedded descriptor area", field="backing_file")
+            parts.append((SECTOR, text))
+        for base in (rgd, gd):
+            first = base + gd_sectors
+            parts.append((base * SECTOR, _pack32(range(first, first + gt_count * gt_sectors, gt_sectors))))
+        return parts, overhead * SECTOR
+
+    @staticmethod
+    def _stream_image(size: int, zeroed: bool, text: bytes):
+        """An empty stream-optimized extent as VMware writes one: header (directory at the end), the
+        descriptor, then at the first grain boundary an empty directory, the footer, end of stream."""
+        capacity = size // SECTOR
+        overhead = hdr.DEFAULT_GRAIN_SECTORS
+        flags = hdr.FLAG_NL_DETECT | hdr.FLAG_COMPRESS | hdr.FLAG_MARKER | (hdr.FLAG_ZERO_GRAIN if zeroed else 0)
+        h = hdr.SparseHeader(version=3, flags=flags, capacity=capacity, desc_offset=hdr.DESC_OFFSET,
+                             desc_size=hdr.DESC_SECTORS, rgd_offset=0, gd_offset=hdr.GD_AT_END, overhead=overhead,
+                             compress_algorithm=hdr.COMPRESSION_DEFLATE)
+        if len(text) > hdr.DESC_SECTORS * SECTOR:
+            raise InvalidOption("descriptor too large for the embedded descriptor area", field="backing_file")
+        gd_sectors = -(-h.gd_entries * 4 // SECTOR)
+        footer = hdr.SparseHeader(**{k: getattr(h, k) for k in hdr.HEADER_FIELDS})
+        footer.gd_offset = overhead + 1
+        tail = (hdr.pack_marker(gd_sectors, hdr.MARKER_GD) + bytes(gd_sectors * SECTOR)
+                + hdr.pack_marker(1, hdr.MARKER_FOOTER) + footer.pack() + hdr.pack_marker(0, hdr.MARKER_EOS))
+        return [(0, h.pack()), (SECTOR, text), (overhead * SECTOR, tail)], 0
+
+
+DRIVER = VmdkDriver()

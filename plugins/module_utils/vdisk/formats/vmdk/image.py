@@ -1,0 +1,368 @@
+"""An open VMDK image: a descriptor (embedded in a sparse extent, or a text file) and its extents.
+
+References: VMware "Virtual Disk Format 1.1" ("The Descriptor File", "Extent Descriptions");
+QEMU 7.2 block/vmdk.c (vmdk_open, vmdk_open_desc_file, vmdk_parse_extents) for what qemu-img opens
+and its messages.  Extent files are named relative to the descriptor's directory: an absolute
+name, a name leaving that directory, or one that is not a regular file is refused (DESIGN.md
+section 6), before anything is opened.
+"""
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, merge_runs
+from ...errors import CorruptImage, FormatError, ImageError, PolicyError, UnsupportedFeature
+from ...io import HostFile
+from . import header as hdr
+from .extent import FlatExtent, SparseExtent, ZeroExtent, compress_grain
+
+SECTOR = hdr.SECTOR
+
+
+def extent_path(descriptor_path: str, name: str) -> str:
+    """The host path of extent *name*: inside the descriptor's directory, or an error."""
+    if not name or "\0" in name:
+        raise PolicyError("empty extent file name", path=descriptor_path, field="extent")
+    if os.path.isabs(name):
+        raise PolicyError("extent file %r is an absolute path; refused" % name, path=descriptor_path,
+                          field="extent")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise PolicyError("extent file %r leaves the descriptor's directory; refused" % name,
+                          path=descriptor_path, field="extent")
+    base = os.path.dirname(os.path.abspath(descriptor_path))
+    full = os.path.join(base, name)
+    real = os.path.realpath(full)
+    root = os.path.realpath(base)
+    if not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+        raise PolicyError("extent file %r leaves the descriptor's directory; refused" % name,
+                          path=descriptor_path, field="extent")
+    if not os.path.exists(real):
+        raise ImageError("Could not open '%s': No such file or directory" % full, path=descriptor_path,
+                         field="extent")
+    if not os.path.isfile(real):
+        raise PolicyError("extent file %r is not a regular file; refused" % name, path=descriptor_path,
+                          field="extent")
+    return full
+
+
+class VmdkImage(Image):
+    def __init__(self, driver, path: str, writable: bool, policy: Policy):
+        super().__init__(path, writable)
+        self.driver = driver
+        self.policy = policy
+        self.lock = policy.lock and not (policy.force_share and not writable)
+        self.host = HostFile(path, writable=writable, lock=self.lock, sync=policy.sync)
+        self.exts: List[Tuple[int, Any]] = []       # (guest start, extent)
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -----------------------------------------------------------------------------
+    def _open(self) -> None:
+        size = self.host.size()
+        if size < 4:
+            raise FormatError("File is too small, not a valid image", path=self.path)
+        head = self.host.pread(min(size, SECTOR), 0)
+        magic = hdr.magic_of(head)
+        if magic == hdr.VMDK3_MAGIC:
+            raise UnsupportedFeature("VMDK3 (COWD) sparse extents are not supported", path=self.path, field="magic")
+        if magic == hdr.MAGIC:
+            h = hdr.SparseHeader.unpack(head.ljust(SECTOR, b"\0"))
+            if h.capacity == 0 and h.desc_offset and h.gd_offset != hdr.GD_AT_END:
+                # a sparse file that only carries a descriptor
+                self._open_descriptor(self._embedded_descriptor(h, size, strict=True))
+            else:
+                ext = SparseExtent(self.host, self.path, self.path, h, self.writable)
+                if ext.version == 3 and self.writable and not ext.compressed:
+                    raise UnsupportedFeature("VMDK version 3 must be read only", path=self.path, field="version")
+                self.exts.append((0, ext))
+                desc = self._embedded_descriptor(h, size)
+                self.desc = desc
+                ctype = desc.create_type if desc is not None else None
+                self.create_type = "streamOptimized" if ext.compressed else (ctype or "monolithicSparse")
+        else:
+            if size > hdr.MAX_DESCRIPTOR:
+                raise FormatError("descriptor file too large (%d bytes, at most %d)" % (size, hdr.MAX_DESCRIPTOR),
+                                  path=self.path, field="descriptor")
+            self._open_descriptor(hdr.parse_descriptor(self.host.pread(size, 0), self.path))
+        self.virtual_size = sum(e.size for dummy, e in self.exts)
+        first = self.exts[0][1] if self.exts else None
+        self.cluster_size = first.cluster_bytes if first is not None else None
+        self.allocation_unit = self.cluster_size
+        d = self.desc
+        self.cid = d.cid("CID") if d is not None else 0
+        self.parent_cid = d.cid("parentCID") if d is not None and d.get("parentCID") else 0xFFFFFFFF
+        hint = d.parent_hint if d is not None else None
+        if hint:
+            self.backing_filename = hint
+            self.backing_format = "vmdk"
+        sparse = [e for dummy, e in self.exts if e.kind == "SPARSE"]
+        self.compression_unit = self.cluster_size or 0
+        self.stream = bool(sparse) and all(e.compressed for e in sparse)
+
+    def _embedded_descriptor(self, h: hdr.SparseHeader, size: int, strict: bool = False
+                             ) -> Optional[hdr.Descriptor]:
+        """The descriptor inside a sparse extent; one outside the file is only an error when the
+        image is nothing but that descriptor (QEMU takes only CIDs and the parent from it)."""
+        if not h.desc_offset or not h.desc_size or h.desc_offset == hdr.GD_AT_END:
+            if strict:
+                raise FormatError("invalid VMDK image descriptor", path=self.path, field="descriptorOffset")
+            return None
+        n = min(h.desc_size * SECTOR, hdr.MAX_DESCRIPTOR, max(0, size - h.desc_offset * SECTOR))
+        if h.desc_offset * SECTOR >= size:
+            if not strict:
+                return None
+            raise CorruptImage("descriptor (sector %d, %d sectors) lies beyond the end of the file"
+                               % (h.desc_offset, h.desc_size), path=self.path, field="descriptorOffset")
+        return hdr.parse_descriptor(self.host.pread(n, h.desc_offset * SECTOR), self.path)
+
+    def _open_descriptor(self, desc: hdr.Descriptor) -> None:
+        self.desc = desc
+        ctype = desc.create_type
+        if ctype is None:
+            raise FormatError("invalid VMDK image descriptor", path=self.path, field="createType")
+        if ctype not in hdr.DESCRIPTOR_TYPES:
+            raise UnsupportedFeature("Unsupported image type '%s'" % ctype, path=self.path, field="createType")
+        self.create_type = ctype
+        if not desc.extents:
+            raise CorruptImage("the descriptor names no extents", path=self.path, field="extent")
+        start = 0
+        for line in desc.extents:
+            if line.sectors <= 0 or line.sectors >= (1 << 63) // SECTOR - start // SECTOR:
+                raise CorruptImage("extent of %d sectors is invalid" % line.sectors, path=self.path, field="extent")
+            if line.type == "ZERO":
+                ext = ZeroExtent(line.filename or "", line.sectors * SECTOR)
+            else:
+                full = extent_path(self.path, line.filename or "")
+                host = HostFile(full, writable=self.writable, lock=self.lock, sync=self.policy.sync)
+                try:
+                    if line.type in ("FLAT", "VMFS"):
+                        if line.offset >= (1 << 63) // SECTOR:
+                            raise CorruptImage("extent offset %d is invalid" % line.offset, path=self.path,
+                                               field="extent")
+                        ext = FlatExtent(host, full, line.offset * SECTOR, line.sectors * SECTOR)
+                    else:
+                        fsize = host.size()
+                        head = host.pread(SECTOR, 0)
+                        if fsize < SECTOR or hdr.magic_of(head) != hdr.MAGIC:
+                            raise FormatError("extent file %r is not a VMDK sparse extent" % line.filename,
+                                              path=self.path, field="extent")
+                        ext = SparseExtent(host, full, full, hdr.SparseHeader.unpack(head), self.writable)
+                        if ext.version == 3 and self.writable and not ext.compressed:
+                            raise UnsupportedFeature("VMDK version 3 must be read only", path=full, field="version")
+                except BaseException:
+                    host.close()
+                    raise
+            ext.desc_type = line.type
+            self.exts.append((start, ext))
+            start += ext.size
+
+    # -- mapping -----------------------------------------------------------------------------
+    def _parts(self, offset: int, length: int) -> Iterator[Tuple[int, int, Any, int]]:
+        """``(guest offset, length, extent, offset in the extent)``."""
+        end = offset + length
+        for start, ext in self.exts:
+            stop = start + ext.size
+            if stop <= offset:
+                continue
+            if start >= end:
+                break
+            a = max(offset, start)
+            b = min(end, stop)
+            yield a, b - a, ext, a - start
+
+    def _pieces(self, offset: int, length: int) -> Iterator[Tuple[int, int, str, Any, Optional[int], int]]:
+        for guest, n, ext, local in self._parts(offset, length):
+            for loff, ln, kind, host in ext.pieces(local, n):
+                yield guest + loff - local, ln, kind, ext, host, loff
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._check_range(offset, len(view))
+        view = view.cast("B") if view.format != "B" else view
+        for guest, n, kind, ext, host, local in self._pieces(offset, len(view)):
+            part = view[guest - offset:guest - offset + n]
+            if kind == DATA:
+                ext.read_data(host, n, part, local)
+            elif kind == ZERO:
+                part[:] = bytes(n)
+            else:
+                part[:] = self.read_backing(guest, n)
+
+    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end <= offset:
+            return
+        yield from self._merge(self._runs(offset, end - offset))
+
+    def _runs(self, offset: int, length: int):
+        for guest, n, kind, ext, host, dummy in self._pieces(offset, length):
+            if kind == DATA and ext.kind == "FLAT":
+                done = 0
+                for hoff, hn, is_data in ext.host.data_extents(host, n):
+                    yield guest + hoff - host, hn, ("flat", ext, is_data, hoff)
+                    done = hoff + hn - host
+                if done < n:       # past the end of the flat file: zeros
+                    yield guest + done, n - done, ("flat", ext, False, host + done)
+            elif kind == DATA:
+                yield guest, n, ("sparse", ext, host, ext.compressed)
+            else:
+                yield guest, n, kind
+
+    @staticmethod
+    def _merge(runs) -> Iterator[Extent]:
+        cur = None
+        for guest, n, m in runs:
+            if m == UNALLOCATED or m == ZERO:
+                e = Extent(guest, n, m)
+            elif m[0] == "flat":
+                e = Extent(guest, n, DATA, m[3], reads_zero=not m[2])
+            else:
+                e = Extent(guest, n, DATA, None if m[3] or m[2] < 0 else m[2], compressed=m[3])
+            if cur is not None and cur.kind == e.kind and cur.offset + cur.length == e.offset and (
+                    e.kind != DATA or (cur.reads_zero == e.reads_zero and cur.compressed == e.compressed
+                                       and (cur.host_offset is None and e.host_offset is None and e.compressed
+                                            or cur.host_offset is not None and e.host_offset is not None
+                                            and cur.host_offset + cur.length == e.host_offset))):
+                cur = cur._replace(length=cur.length + e.length)
+                continue
+            if cur is not None:
+                yield cur
+            cur = e
+        if cur is not None:
+            yield cur
+
+    # -- writing -----------------------------------------------------------------------------
+    def _backing_reader(self, ext_start: int):
+        if self.backing is None:
+            return None
+        return lambda off, n: self._padded_backing(ext_start + off, n)
+
+    def _padded_backing(self, offset: int, n: int) -> bytes:
+        avail = max(0, min(n, self.virtual_size - offset))
+        data = self.read_backing(offset, avail) if avail else b""
+        return data + bytes(n - len(data))
+
+    def write(self, offset: int, data) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        for guest, n, ext, local in self._parts(offset, len(view)):
+            start = guest - local
+            ext.write(local, view[guest - offset:guest - offset + n], self._backing_reader(start))
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        for guest, n, ext, local in self._parts(offset, length):
+            if ext.kind == "SPARSE":
+                ext.write_zeroes(local, n, self._backing_reader(guest - local), self.backing is not None)
+            elif ext.kind == "FLAT":
+                pos = 0
+                while pos < n:
+                    k = min(n - pos, 4 << 20)
+                    ext.write(local + pos, bytes(k), None)
+                    pos += k
+
+    # compressed output (convert -c): only a stream-optimized image compresses, as with qemu-img
+    def compress_block(self, data: bytes) -> Optional[bytes]:
+        if not self.stream:
+            return None
+        return compress_grain(data, self.cluster_size)
+
+    def write_compressed(self, offset: int, blocks) -> None:
+        self._check_writable()
+        g_off = offset
+        for data, payload in blocks:
+            if payload is None or not self.stream:
+                self.write(g_off, data)
+            else:
+                self._check_range(g_off, len(data))
+                for guest, n, ext, local in self._parts(g_off, len(data)):
+                    ext._start()
+                    ext._flush_pending(0)
+                    ext.append_grain(local // ext.gb, payload)
+            g_off += len(data)
+
+    # -- metadata ----------------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if self.cluster_size:
+            out["cluster-size"] = self.cluster_size
+        extents = []
+        for dummy, ext in self.exts:
+            e: Dict[str, Any] = {}
+            if ext.compressed:
+                e["compressed"] = True
+            e["virtual-size"] = ext.size
+            e["filename"] = ext.filename
+            if ext.cluster_bytes:
+                e["cluster-size"] = ext.cluster_bytes
+            e["format"] = ext.desc_type
+            extents.append(e)
+        out["format-specific"] = {"type": "vmdk", "data": {"cid": self.cid, "parent-cid": self.parent_cid,
+                                                           "create-type": self.create_type, "extents": extents}}
+        return out
+
+    def referenced_files(self) -> List[Tuple[str, str]]:
+        out = super().referenced_files()
+        for dummy, ext in self.exts:
+            if ext.filename and ext.filename != self.path:
+                out.append(("extent", ext.filename))
+        return out
+
+    def check(self, repair: Optional[str] = None) -> CheckResult:
+        """qemu-img's vmdk check: every allocated grain must lie inside its extent file.  Like
+        qemu-img, the check stops at the first one that does not ("Check failed", exit 1)."""
+        if repair:
+            raise UnsupportedFeature("vmdk images cannot be repaired", path=self.path, field="-r")
+        result = CheckResult(self.path, "vmdk")
+        for start, ext in self.exts:
+            if ext.kind != "SPARSE":
+                continue
+            for gdi in range(len(ext.gd)):
+                table = ext.gt(gdi)
+                if table is None:
+                    continue
+                for idx, e in enumerate(table):
+                    dummy, host = ext._classify(e)
+                    if host is not None and host >= ext.file_size:
+                        sector = (start + (gdi * ext.gtes + idx) * ext.gb) // SECTOR
+                        raise CorruptImage("Check failed: cluster offset for sector %d points after EOF" % sector,
+                                           path=self.path, field="grain table")
+        return result
+
+    def flush(self) -> None:
+        if self.writable:
+            for dummy, ext in self.exts:
+                if ext.kind == "SPARSE":
+                    ext._flush_pending(0)
+                    ext._flush_out()
+                if ext.host is not None:
+                    ext.host.flush()
+            self.host.flush()
+
+    def close(self) -> None:
+        if self.host.fd < 0:
+            return
+        try:
+            if self.writable:
+                for start, ext in self.exts:
+                    if ext.kind == "SPARSE":
+                        ext.finish(self._backing_reader(start))
+                for dummy, ext in self.exts:
+                    if ext.host is not None:
+                        ext.host.flush()
+                self.host.flush()
+        finally:
+            for dummy, ext in self.exts:
+                if ext.host is not self.host:
+                    ext.close()
+                elif ext.kind == "SPARSE" and ext.pool is not None:
+                    ext.pool.shutdown(wait=False, cancel_futures=True)
+            self.host.close()

@@ -1,0 +1,409 @@
+"""vmdk against qemu-img 7.2: create, read, write, convert (stream-optimized, -c), info, check, backing
+files, samples, path safety, bad input, mutations.
+
+Both directions over every subformat x option value: images vdisk creates and writes pass
+``qemu-img check`` and ``qemu-img compare`` against the data written; images qemu-img creates and
+qemu-io writes read identically through vdisk (unaligned sizes, over 2 GiB with split extents, the
+last sector); the VMware version-3 samples read like ``qemu-img convert -O raw``; the fuzzer-found
+crasher is refused in one line.
+"""
+import json
+import os
+import random
+import struct
+
+import pytest
+
+import helpers
+import imgfmt_util as u
+from helpers import MiB, pattern
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk import errors
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.vmdk import header as hdr
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver, probe_file
+
+FMT = "vmdk"
+SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"]
+SPARSE = ("monolithicSparse", "twoGbMaxExtentSparse", "streamOptimized")
+# one option value per cell: (name, value); zeroed_grain only where qemu-img allows it (sparse)
+OPTION_VALUES = [(None, None), ("adapter_type", "ide"), ("adapter_type", "lsilogic"), ("adapter_type", "buslogic"),
+                 ("adapter_type", "legacyESX"), ("hwversion", "7"), ("compat6", "on"), ("compat6", "off"),
+                 ("zeroed_grain", "on"), ("zeroed_grain", "off"), ("toolsversion", "10240")]
+SIZE = 5 * MiB + 3 * 512 + 77          # unaligned: rounded up to a sector, the last grain partial
+
+
+def cells():
+    out = []
+    for sub in SUBFORMATS:
+        for name, value in OPTION_VALUES:
+            if name == "zeroed_grain" and value == "on" and sub not in SPARSE:
+                continue
+            fast = (name is None) or (sub == "monolithicSparse") or (name == "zeroed_grain" and value == "on")
+            param = (sub, name, value)
+            out.append(param if fast else pytest.param(*param, marks=pytest.mark.slow))
+    return out
+
+
+def opts_of(sub, name, value):
+    o = {"subformat": sub}
+    if name:
+        o[name] = value
+    return o
+
+
+def writes(size):
+    """Pattern writes: the start, across a grain boundary, a whole grain, the last sector."""
+    return [(0, 4096), (64 * 1024 - 512, 1536), (2 * MiB, 64 * 1024), (size - 512, 512)]
+
+
+def model_raw(path, size, ws):
+    return helpers.make_raw(path, size, ws)
+
+
+def engine_write(path, ws):
+    u.write_engine(path, FMT, [(off, pattern(off, n)) for off, n in ws])
+
+
+def assert_qemu_clean(path):
+    res = helpers.qemu_check(path, FMT)
+    assert res["rc"] == 0 and not res.get("corruptions") and not res.get("leaks"), res
+
+
+def specific(info):
+    data = dict(info["format-specific"]["data"])
+    data.pop("cid")
+    for e in data["extents"]:
+        e["filename"] = os.path.basename(e["filename"])
+    return data
+
+
+# -- create and options ---------------------------------------------------------------------------
+def test_options_help_lists_qemu_options():
+    out = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout
+    ref = helpers.qemu_img("create", "-f", FMT, "-o", "help").stdout.decode()
+    names = lambda text: sorted(l.split("=")[0].strip() for l in text.splitlines() if l.startswith("  "))
+    assert names(out) == names(ref)
+
+
+@pytest.mark.parametrize("sub,name,value", cells())
+def test_vdisk_created_and_written_passes_qemu(tmp_path, sub, name, value):
+    opts = opts_of(sub, name, value)
+    mine = u.create("vdisk", tmp_path / "v.vmdk", FMT, str(SIZE), **opts)
+    ref = u.create("qemu", tmp_path / "q.vmdk", FMT, str(SIZE), **opts)
+    assert_qemu_clean(mine)
+    size = helpers.qemu_info(mine)["virtual-size"]
+    assert size == helpers.qemu_info(ref)["virtual-size"]
+    # the same descriptor data (geometry, adapter, versions) and format-specific info as qemu-img's
+    mi, qi = helpers.qemu_info(mine), helpers.qemu_info(ref)
+    assert specific(mi)["create-type"] == specific(qi)["create-type"]
+    assert [e["format"] for e in specific(mi)["extents"]] == [e["format"] for e in specific(qi)["extents"]]
+    assert [e["virtual-size"] for e in specific(mi)["extents"]] == [e["virtual-size"] for e in specific(qi)["extents"]]
+    assert u.info_json(mine, FMT, "vdisk")["format-specific"]["data"]["create-type"] == sub
+    ddb = lambda p: sorted(l for l in open(p, "rb").read().decode("latin-1").splitlines() if l.startswith("ddb."))
+    assert ddb(mine) == ddb(ref)
+    ws = writes(size)
+    engine_write(mine, ws)
+    assert_qemu_clean(mine)
+    raw = model_raw(tmp_path / "model.raw", size, ws)
+    assert helpers.qemu_compare(mine, raw, FMT, "raw")
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({"subformat": "bogus"}, "subformat"),
+    ({"adapter_type": "scsi"}, "adapter type"),
+    ({"compat6": "on", "hwversion": "7"}, "compat6 cannot be enabled with hwversion set"),
+    ({"subformat": "monolithicFlat", "zeroed_grain": "on"}, "Flat image can't enable zeroed grain"),
+    ({"backing_fmt": "qcow2", "backing_file": "x.vmdk"}, "Must be vmdk"),
+])
+def test_create_refused_like_qemu(tmp_path, opts, message):
+    args = ["create", "-f", FMT, "-o", u.options_text(opts), tmp_path / "x.vmdk", "1M"]
+    proc = helpers.vdisk_cli(*args)
+    assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert helpers.qemu_img(*args).returncode == 1
+
+
+# -- qemu-img writes, vdisk reads ---------------------------------------------------------------
+@pytest.mark.parametrize("sub", SUBFORMATS)
+@pytest.mark.parametrize("zeroed", u.cells(["off", "on"], ("off",)))
+def test_qemu_written_reads_identically(tmp_path, sub, zeroed):
+    if zeroed == "on" and sub not in SPARSE:
+        pytest.skip("qemu-img refuses zeroed_grain for flat images")
+    path = u.create("qemu", tmp_path / "q.vmdk", FMT, str(SIZE), subformat=sub, zeroed_grain=zeroed)
+    size = helpers.qemu_info(path)["virtual-size"]
+    if sub == "streamOptimized":
+        src = helpers.make_raw(tmp_path / "src.raw", size, writes(size))
+        os.unlink(path)
+        helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=%s,zeroed_grain=%s" % (sub, zeroed), src, path)
+    else:
+        helpers.qemu_io(FMT, path, *["write -P %d %d %d" % (i + 1, off, n) for i, (off, n) in enumerate(writes(size))])
+        helpers.qemu_io(FMT, path, "write -z 3M 128k", "write -z %d 512" % (size - 512))
+    assert u.read_all(path, FMT) == u.qemu_raw(path, FMT, tmp_path)
+    assert get_driver(FMT).name == probe_file(path)
+
+
+@pytest.mark.parametrize("sub", u.cells(SUBFORMATS, ("twoGbMaxExtentSparse", "streamOptimized")))
+def test_over_2g_both_ways(tmp_path, sub):
+    """3 GiB + 1 sector: split extents; data on both sides of the 2 GiB boundary and in the last sector."""
+    size = 3 * 1024 * MiB + 512
+    ws = [(0, 4096), (2 * 1024 * MiB - 4096, 8192), (size - 512, 512)]
+    src = helpers.make_raw(tmp_path / "src.raw", size, ws)
+    mine = str(tmp_path / "v.vmdk")
+    helpers.vdisk_cli("convert", "-O", FMT, "-o", "subformat=" + sub, src, mine, check=True)
+    assert_qemu_clean(mine)
+    assert helpers.qemu_compare(mine, src, FMT, "raw")
+    q = str(tmp_path / "q.vmdk")
+    helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=" + sub, src, q)
+    img = u.open_image(q, FMT)
+    try:
+        for off, n in ws:
+            assert img.read(off, n) == pattern(off, n)
+        assert img.read(4096, 4096) == bytes(4096)
+    finally:
+        u.close_chain(img)
+
+
+# -- streamOptimized and -c ---------------------------------------------------------------------
+@pytest.mark.parametrize("how", [("-o", "subformat=streamOptimized"), ("-c", "-o", "subformat=streamOptimized"),
+                                 ("-c",)])
+def test_convert_compressed(tmp_path, how):
+    size = 9 * MiB + 512
+    ws = [(0, 3 * MiB), (5 * MiB + 512, 70000), (size - 512, 512)]
+    src = helpers.make_raw(tmp_path / "src.raw", size, ws)
+    out = str(tmp_path / "c.vmdk")
+    helpers.vdisk_cli("convert", "-O", FMT, *how, src, out, check=True)
+    assert_qemu_clean(out)
+    assert helpers.qemu_compare(out, src, FMT, "raw")
+    info = helpers.qemu_info(out)
+    stream = "subformat=streamOptimized" in how
+    assert info["format-specific"]["data"]["create-type"] == ("streamOptimized" if stream else "monolithicSparse")
+    assert info["format-specific"]["data"]["extents"][0].get("compressed", False) == stream
+    if stream:
+        # VMware's layout: directory at the end, grain markers, footer and end-of-stream marker
+        with open(out, "rb") as f:
+            data = f.read()
+        h = hdr.SparseHeader.unpack(data[:512])
+        assert h.gd_offset == hdr.GD_AT_END and h.version == 3 and h.flags & hdr.FLAG_MARKER
+        assert data[-512:] == bytes(512)                   # end of stream
+        assert struct.unpack_from("<QII", data, len(data) - 1536)[2] == hdr.MARKER_FOOTER
+        lba, clen = struct.unpack_from("<QI", data, h.overhead * 512)
+        assert lba == 0 and 0 < clen < 65536
+        assert os.path.getsize(out) < 600 * 1024           # compressed
+        qraw = str(tmp_path / "q.raw")
+        helpers.run("qemu-img", "convert", "-f", FMT, "-O", "raw", out, qraw)
+        assert helpers.qemu_compare(qraw, src, "raw", "raw")
+
+
+def test_stream_written_out_of_order_and_partially(tmp_path):
+    """Grains written in any order and in parts are compressed once complete (or on close)."""
+    size = 2 * MiB
+    path = u.create("vdisk", tmp_path / "s.vmdk", FMT, str(size), subformat="streamOptimized")
+    ws = [(MiB, 4096), (0, 512), (MiB + 4096, 64 * 1024 - 4096), (size - 512, 512)]
+    engine_write(path, ws)
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        with pytest.raises(errors.ImageError, match="allocated cluster"):
+            img.write(MiB, b"x" * 512)
+    finally:
+        u.close_chain(img)
+    assert_qemu_clean(path)
+    assert helpers.qemu_compare(path, model_raw(tmp_path / "m.raw", size, ws), FMT, "raw")
+    engine_write(path, [(512 * 1024, 4096)])      # reopened: appended after the old grains
+    ws.append((512 * 1024, 4096))
+    assert_qemu_clean(path)
+    assert helpers.qemu_compare(path, model_raw(tmp_path / "m2.raw", size, ws), FMT, "raw")
+
+
+# -- zeroed grains, backing files, info, check -------------------------------------------------
+def test_zeroed_grain_write_zeroes(tmp_path):
+    size = 4 * MiB
+    path = u.create("vdisk", tmp_path / "z.vmdk", FMT, str(size), zeroed_grain="on")
+    engine_write(path, [(0, 2 * MiB)])
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        img.write_zeroes(64 * 1024, 128 * 1024)
+        img.write_zeroes(3 * MiB, 64 * 1024)
+        kinds = [(e.offset, e.kind) for e in img.extents(0, size)]
+    finally:
+        u.close_chain(img)
+    assert (64 * 1024, "zero") in kinds
+    expected = bytearray(pattern(0, 2 * MiB)) + bytearray(2 * MiB)
+    expected[64 * 1024:192 * 1024] = bytes(128 * 1024)
+    raw = tmp_path / "m.raw"
+    raw.write_bytes(bytes(expected))
+    assert_qemu_clean(path)
+    assert helpers.qemu_compare(path, str(raw), FMT, "raw")
+    assert helpers.qemu_img("map", "--output=json", path).returncode == 0
+
+
+@pytest.mark.parametrize("sub", u.cells(SUBFORMATS, ("monolithicSparse", "twoGbMaxExtentSparse")))
+def test_backing_file_both_ways(tmp_path, sub):
+    size = 3 * MiB
+    base = u.create("qemu", tmp_path / "base.vmdk", FMT, str(size))
+    helpers.qemu_io(FMT, base, "write -P 9 0 3M")
+    # vdisk overlay over a qemu-img base: reads through, copy-on-write of partial grains
+    helpers.vdisk_cli("create", "-f", FMT, "-o", "subformat=" + sub, "-b", "base.vmdk", "-F", FMT,
+                      tmp_path / "top.vmdk", check=True)
+    top = str(tmp_path / "top.vmdk")
+    engine_write(top, [(4096, 512)] if sub != "streamOptimized" else [(64 * 1024, 64 * 1024)])
+    qi = helpers.qemu_info(top)
+    assert qi["backing-filename"] == "base.vmdk" and qi["backing-filename-format"] == FMT
+    bi = helpers.qemu_info(base)
+    assert qi["format-specific"]["data"]["parent-cid"] == bi["format-specific"]["data"]["cid"]
+    assert_qemu_clean(top)
+    assert u.read_all(top, FMT) == u.qemu_raw(top, FMT, tmp_path)
+    # qemu-img overlay read by vdisk
+    helpers.run("qemu-img", "create", "-f", FMT, "-b", "base.vmdk", "-F", FMT, tmp_path / "q.vmdk")
+    helpers.qemu_io(FMT, str(tmp_path / "q.vmdk"), "write -P 3 1000 3000")
+    assert u.read_all(str(tmp_path / "q.vmdk"), FMT) == u.qemu_raw(str(tmp_path / "q.vmdk"), FMT, tmp_path, "q.raw")
+
+
+@pytest.mark.parametrize("sub", SUBFORMATS)
+def test_info_like_qemu(tmp_path, sub):
+    path = u.create("qemu", tmp_path / "q.vmdk", FMT, str(3 * MiB), subformat=sub)
+    mine, ref = u.info_json(path, FMT, "vdisk"), u.info_json(path, FMT, "qemu")
+    for d in (mine, ref):
+        d.pop("actual-size", None)
+    assert mine["format-specific"]["data"]["cid"] == ref["format-specific"]["data"]["cid"]
+    assert specific(mine) == specific(ref)
+    assert mine == ref or {k: v for k, v in mine.items() if k != "format-specific"} == \
+        {k: v for k, v in ref.items() if k != "format-specific"}
+    text = helpers.vdisk_cli("info", path, check=True).stdout
+    assert "create type: %s" % sub in text and "parent cid: 4294967295" in text
+
+
+def test_check_reports_grain_past_eof_like_qemu(tmp_path):
+    path = u.create("qemu", tmp_path / "q.vmdk", FMT, "1M")
+    helpers.qemu_io(FMT, path, "write -P 1 0 64k")
+    with open(path, "rb") as f:
+        h = hdr.SparseHeader.unpack(f.read(512))
+        f.seek(h.gd_offset * 512)
+        gt = struct.unpack("<I", f.read(4))[0]
+    u.poke(path, gt * 512 + 4, struct.pack("<I", 0x100000))
+    ref = helpers.qemu_img("check", "-f", FMT, path)
+    mine = helpers.vdisk_cli("check", "-f", FMT, path)
+    assert ref.returncode == mine.returncode == 1, (ref, mine.stderr)
+    assert "points after EOF" in mine.stderr and len(mine.stderr.splitlines()) == 1
+
+
+# -- samples, safety, bad input ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["iotest-version3.vmdk", "iotest-version3-2014.vmdk"])
+def test_samples_read_like_qemu(tmp_path, name):
+    path = u.sample(name, tmp_path)
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    proc = helpers.vdisk_cli("check", path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_fuzzer_crasher_refused(tmp_path):
+    path = u.sample("afl9.vmdk", tmp_path)
+    before = u.sha(path)
+    for cmd in ("info", "check", "map"):
+        proc, took = u.cli_limited(cmd, path)
+        assert proc.returncode == 1 and took < 10
+        u.assert_clean_cli(proc)
+        assert "L1 size too big" in proc.stderr
+    assert u.sha(path) == before
+
+
+def _descriptor(tmp_path, line, name="d.vmdk"):
+    path = tmp_path / name
+    path.write_text('# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                    '%s\n' % line)
+    return str(path)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('RW 2048 FLAT "/etc/passwd" 0', "absolute"),
+    ('RW 2048 FLAT "../outside.img" 0', "leaves the descriptor's directory"),
+    ('RW 2048 FLAT "sub/../../outside.img" 0', "leaves the descriptor's directory"),
+    ('RW 2048 FLAT "dir" 0', "not a regular file"),
+    ('RW 2048 FLAT "fifo" 0', "not a regular file"),
+    ('RW 2048 FLAT "link" 0', "leaves the descriptor's directory"),
+    ('RW 2048 FLAT "missing.img" 0', "No such file"),
+    ('RW 2048 FLAT "data.img"', "Invalid extent line"),
+])
+def test_extent_paths_confined(tmp_path, line, message):
+    d = tmp_path / "img"
+    d.mkdir()
+    (tmp_path / "outside.img").write_bytes(bytes(MiB))
+    (d / "data.img").write_bytes(bytes(MiB))
+    (d / "dir").mkdir()
+    os.mkfifo(str(d / "fifo"))
+    os.symlink(str(tmp_path / "outside.img"), str(d / "link"))
+    path = _descriptor(d, line)
+    proc, took = u.cli_limited("info", "-f", FMT, path)
+    assert proc.returncode == 1 and took < 10 and message in proc.stderr, proc.stderr
+    u.assert_clean_cli(proc)
+
+
+def test_zero_extent_and_flat_offset(tmp_path):
+    (tmp_path / "data.img").write_bytes(bytes(512) + pattern(0, 4096))
+    path = _descriptor(tmp_path, 'RW 8 FLAT "data.img" 1\nRW 16 ZERO')
+    img = u.open_image(path, FMT)
+    try:
+        assert img.virtual_size == 24 * 512
+        assert img.read(0, 4096) == pattern(0, 4096)
+        assert img.read(4096, 8192) == bytes(8192)
+    finally:
+        u.close_chain(img)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (4, struct.pack("<I", 4), "Unsupported VMDK version 4"),
+    (44, struct.pack("<I", 513), "L2 table size too big"),
+    (20, struct.pack("<Q", 0), "L1 entry size is invalid"),
+    (20, struct.pack("<Q", 0x400000), "Invalid granularity"),
+    (12, struct.pack("<Q", 1 << 62), "L1 size too big"),
+    (64, struct.pack("<Q", 1 << 30), "File truncated"),
+    (56, struct.pack("<Q", 1 << 40), "grain directory"),
+])
+def test_bad_header_refused(tmp_path, field, value, message):
+    path = u.create("qemu", tmp_path / "q.vmdk", FMT, "1M")
+    u.poke(path, field, value)
+    proc, took = u.cli_limited("info", "-f", FMT, path)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    u.assert_clean_cli(proc)
+
+
+# -- mutations ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", ["monolithicSparse", "streamOptimized", "twoGbMaxExtentSparse"])
+@pytest.mark.parametrize("seed", u.cells([1, 2, 3], (1,)))
+def test_mutations(tmp_path, sub, seed):
+    size = 3 * MiB
+    src = helpers.make_raw(tmp_path / "src.raw", size, [(0, 200 * 1024), (size - 4096, 4096)])
+    good = str(tmp_path / "good.vmdk")
+    helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=" + sub, src, good)
+    if sub == "streamOptimized":
+        helpers.vdisk_cli("convert", "-O", FMT, "-o", "subformat=" + sub, src, good + ".v", check=True)
+        os.replace(good + ".v", good)
+    fsize = os.path.getsize(good)
+    if sub == "twoGbMaxExtentSparse":
+        regions = [(0, fsize)]                              # the text descriptor
+    else:
+        with open(good, "rb") as f:
+            h = hdr.SparseHeader.unpack(f.read(512))
+        regions = [(0, 80), (512, 512)]
+        if h.gd_offset == hdr.GD_AT_END:
+            regions += [(fsize - 1536, 1536), (fsize - 4096, 2560), (h.overhead * 512, 512)]
+        else:
+            regions += [(h.gd_offset * 512, 512), (h.rgd_offset * 512, 512), ((h.gd_offset + 1) * 512, 2048)]
+    out = u.mutation_run(good, FMT, regions, seed, 24, tmp_path, cli_every=12)
+    assert out["error"] + out["clean"] == 24
+
+
+def test_random_reads_match_qemu(tmp_path):
+    """Unaligned random reads across grains and extents equal qemu-img's raw conversion."""
+    size = 5 * MiB + 512
+    src = helpers.make_raw(tmp_path / "src.raw", size, [(0, MiB), (2 * MiB + 100, 300000), (size - 512, 512)])
+    path = str(tmp_path / "q.vmdk")
+    helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=streamOptimized", src, path)
+    ref = open(src, "rb").read()
+    rng = random.Random(5)
+    img = u.open_image(path, FMT)
+    try:
+        for dummy in range(200):
+            off = rng.randrange(size)
+            n = rng.randrange(1, min(200000, size - off) + 1)
+            assert img.read(off, n) == ref[off:off + n]
+    finally:
+        u.close_chain(img)
+    assert json.loads(helpers.vdisk_cli("map", "--output=json", path, check=True).stdout)
