@@ -28,7 +28,7 @@ _Q = struct.Struct("<%dQ" % 512)        # 4 KiB at a time
 
 def crc32c(data, crc: int = 0) -> int:
     """CRC-32C of *data*, continuing from *crc* (the result of an earlier call)."""
-    t0, t1, t2, t3, t4, t5, t6, t7 = _T
+    t0, t1, t2, t3, t4, t5, t6, t7 = _T[0], _T[1], _T[2], _T[3], _T[4], _T[5], _T[6], _T[7]
     view = memoryview(data).cast("B")
     crc ^= 0xFFFFFFFF
     n = len(view)

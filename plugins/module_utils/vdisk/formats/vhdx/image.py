@@ -219,7 +219,7 @@ class VhdxImage(Image):
         """Blocks that read as zeros stay as they are; present ranges get zero bytes."""
         self._check_writable()
         self._check_range(offset, length)
-        for start, n, host in self._runs(offset, length):
+        for dummy, n, host in self._runs(offset, length):
             if host is None:
                 continue
             self._user_visible_write()
