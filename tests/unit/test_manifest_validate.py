@@ -245,3 +245,16 @@ def test_unreadable_manifest(tmp_path, capsys):
 def test_usage_error(capsys):
     assert main(["plan"]) == 1
     assert capsys.readouterr().err.startswith("vdisk: plan: the following arguments are required: MANIFEST.yml")
+
+
+def test_allow_path_on_the_command_line(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    path = write(repo, """
+        version: 1
+        images:
+          - {path: ../shared/a.qcow2, size: 1M}
+        """)
+    rc, out, err = validate(capsys, path)
+    assert rc == 1 and "path: %s is outside the manifest's directory" % (tmp_path / "shared/a.qcow2") in err
+    rc, out, err = validate(capsys, "--allow-path", tmp_path / "shared", path)
+    assert (rc, err) == (0, "")

@@ -76,3 +76,25 @@ def test_pyyaml_duplicate_keys_are_errors():
 
 def test_empty_document():
     assert load_yaml("# nothing\n", "m.yml", pyyaml=False) is None
+
+
+def test_mutated_input_raises_only_syntax_errors():
+    """Fuzz: any mutation of a valid manifest parses or raises YAMLSyntaxError, nothing else."""
+    import random
+    rng = random.Random(20261125)
+    alphabet = " -:#'\"[]{},\n\t|>&*!~0aZ\\"
+    for _round in range(3000):
+        text = list(SAMPLE)
+        for _edit in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(text))
+            choice = rng.random()
+            if choice < 0.4:
+                text[pos] = rng.choice(alphabet)
+            elif choice < 0.7:
+                del text[pos]
+            else:
+                text.insert(pos, rng.choice(alphabet))
+        try:
+            load_yaml("".join(text), "m.yml", pyyaml=False)
+        except YAMLSyntaxError as exc:
+            assert exc.line is None or 1 <= exc.line <= len(SAMPLE.splitlines()) + 4
