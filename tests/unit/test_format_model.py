@@ -37,6 +37,10 @@ FORMATS = [
     ("vpc-dynamic", "vpc", {}, 5222400, False),                  # 150 x 4 x 17 sectors: no CHS rounding
     ("vpc-fixed", "vpc", {"subformat": "fixed"}, 5222400, False),
     ("vpc-force-size", "vpc", {"force_size": "on"}, 3 * 1024 * KiB + 512, False),
+    ("vmdk-sparse", "vmdk", {}, 3 * 1024 * KiB + 512, True),
+    ("vmdk-zeroed-grain", "vmdk", {"zeroed_grain": "on"}, 1024 * KiB, True),
+    ("vmdk-flat", "vmdk", {"subformat": "monolithicFlat"}, 1024 * KiB + 512, True),
+    ("vmdk-2gb-sparse", "vmdk", {"subformat": "twoGbMaxExtentSparse"}, 1024 * KiB, True),
     ("vhdx-dynamic", "vhdx", {"block_size": "1M"}, 3 * 1024 * KiB + 512, True),
     ("vhdx-fixed", "vhdx", {"subformat": "fixed", "block_size": "1M", "block_state_zero": "off"}, 2 * 1024 * KiB,
      True),

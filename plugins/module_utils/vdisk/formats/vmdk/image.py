@@ -9,7 +9,7 @@ section 6), before anything is opened.
 import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, merge_runs
+from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, ImageError, PolicyError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
