@@ -137,3 +137,19 @@ def test_apply_changes_nothing_when_an_image_cannot_be_planned(tmp_path, capsys)
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("vdisk: apply: %s: images[1] (a.qcow2): allow_shrink: " % manifest)
     assert sorted(os.listdir(str(tmp_path))) == ["a.qcow2", "m.yml"]
+
+
+def test_color_only_on_a_terminal(monkeypatch):
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.cli import use_color
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert use_color(Stream(True)) and not use_color(Stream(False))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(Stream(True))
