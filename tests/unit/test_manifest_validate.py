@@ -258,3 +258,16 @@ def test_allow_path_on_the_command_line(tmp_path, capsys):
     assert rc == 1 and "path: %s is outside the manifest's directory" % (tmp_path / "shared/a.qcow2") in err
     rc, out, err = validate(capsys, "--allow-path", tmp_path / "shared", path)
     assert (rc, err) == (0, "")
+
+
+def test_defaults_checked_once(tmp_path):
+    m = tmp_path / "manifest.yml"
+    found = problems(tmp_path, """
+        version: 1
+        defaults: {format: qcow2, options: {lazy_refcount: true}}
+        images:
+          - {path: a.qcow2, size: 1M}
+          - {path: b.qcow2, size: 1M}
+        """)
+    assert len(found) == 1 and found[0].startswith(
+        "%s: defaults.lazy_refcount: Invalid parameter 'lazy_refcount' for format qcow2 (known: " % m)

@@ -129,6 +129,8 @@ def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], pro
     allowed.extend(roots)
     defaults = dict(doc.get("defaults") or {})
     default_attrs = {k: defaults.pop(k) for k in ATTRIBUTES if k in defaults}
+    if not bad_defaults:
+        bad_defaults = not _check_defaults(path, base, defaults, problems)
     entries: List[Entry] = []
     for index, fields in enumerate(images):
         if index in bad_images or bad_defaults:
@@ -153,6 +155,18 @@ def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], pro
         if not escaped:
             entries.append(Entry(path, index, name, spec, attributes))
     return entries
+
+
+def _check_defaults(path: str, base: str, defaults: Dict[str, Any], problems: List[Problem]) -> bool:
+    """The defaults' format, options and preallocation, checked once (not again for every image)."""
+    # options are only checked against a format the defaults name (images may each name theirs)
+    own = {k: defaults[k] for k in ("format", "options", "preallocation") if k in defaults and "format" in defaults}
+    try:
+        image_spec(dict(own, path="defaults"), base_dir=base)
+    except ImageError as exc:
+        problems.append(Problem(path, exc.message, field="defaults.%s" % exc.field if exc.field else "defaults"))
+        return False
+    return True
 
 
 def _name(fields: Any) -> Optional[str]:
