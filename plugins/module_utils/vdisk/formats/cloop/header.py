@@ -24,6 +24,7 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024          # QEMU needs a buffer this big: it re
 MAX_N_BLOCKS = (0xFFFFFFFF - 1) // 8       # QEMU's guard against (n_blocks + 1) * 8 overflowing
 MAX_OFFSETS_SIZE = 512 * 1024 * 1024       # QEMU: 16 TB at 256 KiB blocks
 MAX_COMPRESSED_SIZE = 2 * MAX_BLOCK_SIZE   # a block that compressed badly, but not absurdly
+OFFSET_MAX = (1 << 63) - 1                 # what a file offset can be
 
 
 def probe(header: bytes) -> bool:

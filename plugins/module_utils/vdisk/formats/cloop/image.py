@@ -47,6 +47,9 @@ class CloopImage(Image):
         """Block *index* inflated; exactly ``block_size`` bytes or an error."""
         if index != self._cached_index:
             start, end = self.offsets[index], self.offsets[index + 1]
+            if end > hdr.OFFSET_MAX:
+                raise CorruptImage("block %d lies beyond the largest file offset (0x%x)" % (index, start),
+                                   path=self.path)
             data = self.host.pread(end - start, start)
             d = zlib.decompressobj()
             try:

@@ -55,6 +55,7 @@ UDLE = 0xFFFFFFFF                          # last entry
 TYPE_NAMES = {UDZE: "zero", UDRW: "raw", UDIG: "ignore", UDCO: "adc", UDZO: "zlib", UDBZ: "bzip2",
               ULFO: "lzfse"}
 ZERO_TYPES = (UDZE, UDIG)
+DATA_TYPES = (UDRW, UDZO, UDBZ)             # the types vdisk reads from the file
 SKIPPED_TYPES = (UDCM, UDLE)               # carry no data: dropped as QEMU drops them
 
 # QEMU's caps: no chunk longer than 64 MiB in the file or (unless it reads as zeros) once expanded

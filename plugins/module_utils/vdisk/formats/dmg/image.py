@@ -45,6 +45,9 @@ class DmgImage(Image):
         # the tables lie before the trailer (checked above), so they cost at most the file's size
         if k.rsrc_fork_length:
             tables = hdr.resource_fork_tables(self.host.pread, k.rsrc_fork_offset, k.rsrc_fork_length, self.path)
+        elif k.xml_length > hdr.XML_MAX:
+            raise CorruptImage("XML property list length %d is larger than max (%d)" % (k.xml_length, hdr.XML_MAX),
+                               path=self.path, field="XMLLength")
         else:
             tables = hdr.plist_tables(self.host.pread(k.xml_length, k.xml_offset), self.path)
         chunks: List[hdr.Chunk] = []
@@ -71,6 +74,9 @@ class DmgImage(Image):
         if c is self._cached:
             return self._cached_data
         want = c.sectors * SECTOR
+        if c.type in hdr.DATA_TYPES and c.offset + c.length > hdr.INT64_MAX:
+            raise CorruptImage("%s chunk at sector %d lies beyond the largest file offset (0x%x)"
+                               % (hdr.TYPE_NAMES[c.type], c.sector, c.offset), path=self.path)
         if c.type == hdr.UDRW:
             data = self.host.pread(min(c.length, want), c.offset).ljust(want, b"\0")
         elif c.type in (hdr.UDZO, hdr.UDBZ):
