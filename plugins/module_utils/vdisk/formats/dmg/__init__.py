@@ -4,6 +4,7 @@ References: QEMU 7.2 block/dmg.c for the layout, limits and behaviour. QEMU prob
 ``.dmg`` file name only; vdisk probes the trailer itself, so a renamed image is still found.
 """
 import os
+import stat
 from typing import Optional
 
 from ...driver import Driver, Policy
@@ -17,17 +18,23 @@ class DmgDriver(Driver):
     capabilities = frozenset()
 
     def probe(self, header: bytes, filename: str) -> int:
-        # the signature is at the end of the file, beyond the header the registry reads
+        # the signature is at the end of the file, beyond the header the registry reads; only a
+        # regular file has an end to look at (a FIFO is never waited on)
         try:
-            with open(filename, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < hdr.KOLY_SIZE:
-                    return 0
-                start = hdr.tail_window(size)
-                f.seek(start)
-                tail = f.read(hdr.KOLY_SEARCH + hdr.KOLY_SIZE)
+            fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
         except (OSError, ValueError):
             return 0
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < hdr.KOLY_SIZE:
+                return 0
+            size = st.st_size
+            start = hdr.tail_window(size)
+            tail = os.pread(fd, hdr.KOLY_SEARCH + hdr.KOLY_SIZE, start)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
         return 90 if hdr.probe_trailer(tail, start, size) else 0
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> DmgImage:
