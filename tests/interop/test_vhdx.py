@@ -235,7 +235,7 @@ def test_interrupted_bat_update_replayed_by_qemu(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         img.write(3 * MiB + 512, pattern(3 * MiB + 512, 5000))
     img.host.pwrite = real
-    img.close()
+    img.close()                                          # the pending entry stays in the log
     copy = str(tmp_path / "copy.vhdx")
     shutil.copyfile(path, copy)
     proc = helpers.vdisk_cli("info", "-f", FMT, path)
@@ -262,15 +262,45 @@ def test_writes_go_through_the_log(tmp_path):
         img.host.pwrite = logged
         img.write(MiB, b"x" * 4096)
         img.write(MiB + 4096, b"y" * 4096)            # allocated already: no log
+        img.write(5 * MiB, b"z" * 4096)               # the next entry of the same sequence
+        heads = [hdr.parse_header(read_at(path, o, hdr.HEADER_SIZE)) for o in (hdr.HEADER1_OFFSET,
+                                                                               hdr.HEADER2_OFFSET)]
+        assert heads[0].log_guid == heads[1].log_guid != hdr.ZERO_GUID
     finally:
         img.close()
     log_offset = hdr.HEADER_SECTION_END
-    kinds = [("log" if o == log_offset else "header" if o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET) else o)
-             for o, dummy in seen]
-    # data-write GUID (both headers), data, log GUID set (both), entry, BAT sector, log GUID cleared (both)
-    assert kinds[:2] == ["header", "header"] and kinds[3:6] == ["header", "header", "log"]
-    assert kinds[6] == img.bat_region.file_offset and kinds[7:9] == ["header", "header"] and len(kinds) == 10
-    assert seen[5][1] == b"loge"
+    bat = img.bat_region.file_offset
+    kinds = [("log%d" % (o - log_offset) if log_offset <= o < 2 * MiB else "BAT" if o == bat else
+              "header" if o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET) else "data") for o, dummy in seen]
+    # data-write GUID (both headers), data, log GUID set (both), entry, BAT sector; data, data, entry,
+    # BAT sector; log GUID cleared at close (both)
+    assert kinds == ["header", "header", "data", "header", "header", "log0", "BAT", "data", "data", "log8192",
+                     "BAT", "header", "header"], kinds
+    assert seen[5][1] == b"loge" and seen[9][1] == b"loge"
+    heads = [hdr.parse_header(read_at(path, o, hdr.HEADER_SIZE)) for o in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET)]
+    assert heads[0].log_guid == heads[1].log_guid == hdr.ZERO_GUID
+    assert helpers.qemu_check(path, FMT)["rc"] == 0
+
+
+def test_log_wraps_to_a_new_sequence(tmp_path):
+    """More new blocks than the 1 MiB log holds entries: the log is retired and restarted; a crash in
+    the second round replays only the second round's entries (qemu-img agrees)."""
+    path = vdisk_create(tmp_path / "v.vhdx", 300 * MiB, block_size="1M")
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        for k in range(140):                         # 127 two-sector entries fit in the log
+            img.write(k * MiB + 7, bytes([k + 1]) * 100)
+    finally:
+        img.host.close()                             # a crash: the log still holds the second round
+    copy = str(tmp_path / "copy.vhdx")
+    shutil.copyfile(path, copy)
+    helpers.run("qemu-img", "check", "-r", "all", "-f", FMT, copy)
+    assert helpers.vdisk_cli("check", "-r", "all", "-f", FMT, path).returncode == 0
+    for p in (path, copy):
+        data = u.read_all(p, FMT)
+        for k in range(140):
+            assert data[k * MiB + 7:k * MiB + 107] == bytes([k + 1]) * 100
+        assert helpers.qemu_check(p, FMT)["rc"] == 0
 
 
 # -- the dirty log ---------------------------------------------------------------------------------------

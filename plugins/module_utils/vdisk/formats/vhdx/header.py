@@ -117,10 +117,12 @@ class Header:
     log_length: int = DEFAULT_LOG_SIZE
     log_offset: int = HEADER_SECTION_END
 
-    def pack(self) -> bytes:
-        """The 4 KiB header block with a fresh checksum."""
+    def pack(self, reserved: bytes = b"") -> bytes:
+        """The 4 KiB header block with a fresh checksum; *reserved* is what follows the fields (the
+        checksum covers it: an update keeps the bytes another writer may have left there)."""
         buf = bytearray(HEADER_SIZE)
         HEADER.pack_into(buf, 0, *(0 if n == "checksum" else getattr(self, n) for n in HEADER_FIELDS))
+        buf[HEADER.size:HEADER.size + len(reserved)] = reserved[:HEADER_SIZE - HEADER.size]
         self.checksum = checksum(buf, 4)
         struct.pack_into("<I", buf, 4, self.checksum)
         return bytes(buf)

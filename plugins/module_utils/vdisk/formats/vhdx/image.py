@@ -8,10 +8,13 @@ file's size before it is read. Payload blocks in the states NOT_PRESENT, UNDEFIN
 UNMAPPED read as zeros, FULLY_PRESENT ones from the file; PARTIALLY_PRESENT needs a parent, which
 QEMU and vdisk do not support. Writes allocate a block as QEMU does (at the end of the file
 rounded up to 1 MiB, the file extended by one block, so the rest of the block reads as zeros),
-write the data, and then update the BAT through the log: log GUID set in both headers, the log
-entry written and flushed, the BAT sectors written, the log GUID cleared. An interruption leaves
-either the old BAT (an unreferenced block at the end of the file) or a log that replays the new
-one. The first guest-visible write sets a new DataWriteGuid, as the specification asks.
+write and flush the data, and then update the BAT through the log: a log GUID set in both
+headers (once per session), the log entry written and flushed, the BAT sectors written; the GUID
+is cleared when the log is full (after a flush) and at close. QEMU sets and clears a GUID around
+every entry (four header writes per new block); keeping one sequence per session is what the
+specification describes and what Hyper-V does. An interruption leaves either the old BAT (an
+unreferenced block at the end of the file) or a log whose replay (by vdisk or qemu-img) gives
+the new one. The first guest-visible write sets a new DataWriteGuid, as the specification asks.
 """
 import array
 import sys
@@ -38,6 +41,9 @@ class VhdxImage(Image):
         self.first_visible_write = True
         self.log_replayed = False
         self.log_sequence = 1
+        self.log_guid: Optional[bytes] = None    # set in the headers by this session's writes
+        self.log_pos = 0                         # where the next entry goes inside the log
+        self.log_pending = False                 # an entry is written but its BAT sectors are not
         try:
             self._open()
         except BaseException:
@@ -76,6 +82,8 @@ class VhdxImage(Image):
         self.md = self._parse_metadata(meta, file_size)
         self.bs = self.md.block_size
         self.cluster_size = self.bs
+        # a new block's zero ranges are holes of the grown file: convert need not write them
+        self.allocation_unit = 4096
         self.virtual_size = self.md.virtual_disk_size
         self.ratio = hdr.chunk_ratio(self.bs, self.md.logical_sector_size)
         entries = hdr.bat_entries(self.virtual_size, self.bs, self.ratio)
@@ -258,18 +266,35 @@ class VhdxImage(Image):
             self._log_write(batch)
 
     def _log_write(self, sectors: List[Tuple[int, bytes]]) -> None:
+        """One log entry for *sectors*, then the sectors themselves. The log GUID stays set while the
+        image is open and entries follow each other (sequence numbers +1, tail 0: one sequence from
+        the log's start), so a crash replays all of them, in order, to the same result; when the log
+        is full, or at close, the applied entries are retired by clearing the GUID (a new GUID
+        invalidates every older entry, so stale entries are never mistaken for a sequence)."""
         h = self.header
+        size = (hdr.desc_sectors(len(sectors)) + len(sectors)) * hdr.LOG_SECTOR
+        if self.log_guid is not None and self.log_pos + size > h.log_length - hdr.LOG_SECTOR:
+            self._retire_log()
         self.host.flush()                      # the data blocks are stable before the log refers to them
-        log_guid = uuid.uuid4().bytes
-        self._update_headers(False, log_guid)
-        entry = hdr.pack_log_entry(self.log_sequence, 0, log_guid, self.host.size(), sectors)
+        if self.log_guid is None:
+            self.log_guid = uuid.uuid4().bytes
+            self.log_pos = 0
+            self._update_headers(False, self.log_guid)
+        entry = hdr.pack_log_entry(self.log_sequence, 0, self.log_guid, self.host.size(), sectors)
         self.log_sequence += 1
-        self.host.pwrite(entry, h.log_offset)
+        self.log_pending = True
+        self.host.pwrite(entry, h.log_offset + self.log_pos)
         self.host.flush()
+        self.log_pos += size
         for offset, data in sectors:
             self.host.pwrite(data, offset)
+        self.log_pending = False
+
+    def _retire_log(self) -> None:
+        """Make the applied entries stable and clear the log GUID: the log is empty again."""
         self.host.flush()
         self._update_headers(False, hdr.ZERO_GUID)
+        self.log_guid = None
 
     def _user_visible_write(self) -> None:
         if self.first_visible_write:
@@ -290,14 +315,8 @@ class VhdxImage(Image):
             if log_guid is not None:
                 new.log_guid = log_guid
             at = hdr.HEADER2_OFFSET if idx else hdr.HEADER1_OFFSET
-            old = self.host.pread(hdr.HEADER_SIZE, at)
-            buf = bytearray(new.pack())
-            # the reserved bytes after the fields are kept as they are, and the checksum covers them
-            buf[hdr.HEADER.size:] = old[hdr.HEADER.size:]
-            buf[4:8] = b"\0\0\0\0"
-            new.checksum = hdr.checksum(buf, 4)
-            buf[4:8] = new.checksum.to_bytes(4, "little")
-            self.host.pwrite(bytes(buf), at)
+            reserved = self.host.pread(hdr.HEADER_SIZE - hdr.HEADER.size, at + hdr.HEADER.size)
+            self.host.pwrite(new.pack(reserved), at)
             self.host.flush()
             self.headers[idx] = new
             self.cur = idx
@@ -325,6 +344,9 @@ class VhdxImage(Image):
             return
         try:
             if self.writable:
+                # an entry whose sectors were not all written stays in the log, for the next open to replay
+                if self.log_guid is not None and not self.log_pending:
+                    self._retire_log()
                 self.host.flush()
         finally:
             self.host.close()
