@@ -37,6 +37,7 @@ FORMATS = [
     ("vpc-dynamic", "vpc", {}, 5222400, False),                  # 150 x 4 x 17 sectors: no CHS rounding
     ("vpc-fixed", "vpc", {"subformat": "fixed"}, 5222400, False),
     ("vpc-force-size", "vpc", {"force_size": "on"}, 3 * 1024 * KiB + 512, False),
+    ("qcow", "qcow", {}, 2 * 1024 * KiB + 3 * 512, False),        # past one L2 table's 2 MiB; a short cluster
     ("vmdk-sparse", "vmdk", {}, 3 * 1024 * KiB + 512, True),
     ("vmdk-zeroed-grain", "vmdk", {"zeroed_grain": "on"}, 1024 * KiB, True),
     ("vmdk-flat", "vmdk", {"subformat": "monolithicFlat"}, 1024 * KiB + 512, True),

@@ -53,6 +53,12 @@ def _vpc() -> Driver:
 
 
 @_loader
+def _qcow() -> Driver:
+    from .formats.qcow import DRIVER
+    return DRIVER
+
+
+@_loader
 def _cloop() -> Driver:
     from .formats.cloop import DRIVER
     return DRIVER

@@ -1,0 +1,336 @@
+"""qcow (version 1) against qemu-img 7.2: create, read, write, compressed clusters, backing files,
+info, bad input, mutations.
+
+Both directions: images qemu-img creates, converts (also ``convert -c``) and qemu-io writes read
+byte-identically through vdisk (unaligned sizes, the last sector, backing files); images vdisk
+creates, converts and writes pass ``qemu-img compare`` and are byte-identical to qemu-img's where
+both write the same thing (qcow has no random fields: mtime is 0), so cluster and L2 allocation
+follow QEMU's layout.  qemu-img has no check for qcow (exit 63), so none is asserted.
+"""
+import json
+import os
+import struct
+
+import pytest
+
+import helpers
+import imgfmt_util as u
+from helpers import MiB, pattern
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk import errors
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow import header as hdr
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import probe_file
+
+FMT = "qcow"
+KiB = 1024
+
+
+def qemu_create(path, size, **opts):
+    return u.create("qemu", path, FMT, size, **opts)
+
+
+def vdisk_create(path, size, **opts):
+    return u.create("vdisk", path, FMT, size, **opts)
+
+
+def info_json(path, tool):
+    return u.info_json(path, FMT, tool)
+
+
+def same_file(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def qemu_convert_c(src, dst):
+    """``qemu-img convert -c -O qcow``: qemu-img 7.2 writes the whole image but exits 1 without a
+    message (its final zero-length compressed write, which flushes qcow2's, is refused by qcow)."""
+    helpers.run("qemu-img", "convert", "-c", "-f", "raw", "-O", FMT, src, dst, check=False)
+    assert helpers.qemu_img("info", "-f", FMT, dst).returncode == 0
+
+
+def map_json(path, tool):
+    if tool == "qemu":
+        return json.loads(helpers._txt(helpers.qemu_img("map", "--output=json", "-f", FMT, path, check=True).stdout))
+    return json.loads(helpers.vdisk_cli("map", "--output=json", "-f", FMT, path, check=True).stdout)
+
+
+def base_raw(tmp_path, size=3 * MiB):
+    return helpers.make_raw(tmp_path / "base.raw", size, [(0, size)])
+
+
+# -- create ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backing", [False, True])
+@pytest.mark.parametrize("size", u.cells(["1000", "5243392", "3G", "2T"], ("1000", "3G")))
+def test_create_identical_to_qemu(tmp_path, size, backing):
+    opts = {"backing_file": "base.raw", "backing_fmt": "raw"} if backing else {}
+    if backing:
+        helpers.make_raw(tmp_path / "base.raw", 4096)
+    a = qemu_create(tmp_path / "q.qcow", size, **opts)
+    b = vdisk_create(tmp_path / "v.qcow", size, **opts)
+    assert same_file(a, b)
+    assert info_json(b, "vdisk") == info_json(b, "qemu")
+    assert probe_file(b) == FMT
+
+
+@pytest.mark.parametrize("prealloc", ["falloc", "full"])
+def test_preallocation_accepted_like_qemu(tmp_path, prealloc):
+    a = qemu_create(tmp_path / "q.qcow", "1M", preallocation=prealloc)
+    b = vdisk_create(tmp_path / "v.qcow", "1M", preallocation=prealloc)
+    assert same_file(a, b)
+
+
+@pytest.mark.parametrize("opts,size,message", [
+    ({}, "0", "Image size is too small, cannot be zero length"),
+    ({"encryption": "on"}, "1M", "encryption is not supported"),
+    ({"encrypt.format": "aes"}, "1M", "encryption is not supported"),
+    ({}, "100P", "Image too large"),
+])
+def test_create_refused(tmp_path, opts, size, message):
+    o = u.options_text(opts)
+    v = helpers.vdisk_cli("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.qcow", size)
+    assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+    assert not os.path.exists(tmp_path / "v.qcow")
+    if size == "0":
+        q = helpers.qemu_img("create", "-f", FMT, tmp_path / "q.qcow", size)
+        assert q.returncode == 1 and message in helpers._txt(q.stderr)
+
+
+def test_options_help_lists_qemu_options():
+    q = helpers._txt(helpers.qemu_img("create", "-f", FMT, "-o", "help", "x").stdout)
+    qlines = {line.split("=")[0].strip(): line for line in q.splitlines()[1:] if "=" in line}
+    ours = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
+    names = {line.split("=")[0].strip() for line in ours}
+    assert names == {"size", "backing_file", "backing_fmt", "encryption", "encrypt.format", "encrypt.key-secret",
+                     "preallocation"}
+    for line in ours:
+        # preallocation: qemu-img lists it among the protocol layer's options
+        assert " ".join(line.split()) == " ".join(qlines[line.split("=")[0].strip()].split())
+
+
+def test_check_and_resize_unsupported_like_qemu(tmp_path):
+    path = qemu_create(tmp_path / "q.qcow", "1M")
+    assert helpers.qemu_img("check", "-f", FMT, path).returncode == 63
+    assert helpers.vdisk_cli("check", "-f", FMT, path).returncode == 63
+    assert helpers.qemu_img("resize", "-f", FMT, path, "2M").returncode == 1
+    v = helpers.vdisk_cli("resize", "-f", FMT, path, "2M")
+    assert v.returncode == 1 and "does not support resize" in v.stderr
+
+
+# -- qemu writes, vdisk reads -------------------------------------------------------------------
+def fill_extents(size):
+    wanted = [(0, 3000), (MiB - 700, 70000), (2 * MiB + 4096, 8192), (size // 2 + 77, 1000), (size - 512, 512)]
+    return [(o, min(n, size - o)) for o, n in wanted if 0 <= o < size]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("size", u.cells([12345, 5 * MiB + 512, 40 * MiB], (5 * MiB + 512,)))
+def test_qemu_converted_reads_identically(tmp_path, size, compress):
+    vsize = -(-size // 512) * 512
+    raw = helpers.make_raw(tmp_path / "src.raw", vsize, fill_extents(vsize))
+    path = str(tmp_path / "q.qcow")
+    if compress:
+        qemu_convert_c(raw, path)
+    else:
+        helpers.run("qemu-img", "convert", "-f", "raw", "-O", FMT, raw, path)
+    with open(raw, "rb") as f:
+        assert u.read_all(path, FMT) == f.read()
+    assert info_json(path, "vdisk") == info_json(path, "qemu")
+    assert map_json(path, "vdisk") == map_json(path, "qemu")
+    # and vdisk's own convert writes the same file, byte for byte
+    mine = str(tmp_path / "v.qcow")
+    helpers.vdisk_cli("convert", *(["-c"] if compress else []), "-f", "raw", "-O", FMT, raw, mine, check=True)
+    assert same_file(path, mine)
+
+
+def test_qemu_io_writes_read_identically(tmp_path):
+    size = 7 * MiB + 512                          # unaligned to the cluster: the last cluster is short
+    path = qemu_create(tmp_path / "q.qcow", size)
+    helpers.qemu_io(FMT, path, "write -P 0x11 0 4k", "write -P 0x22 1536 1k", "write -P 0x33 %d 9000" % (MiB - 17),
+                    "write -P 0x44 %d 512" % (size - 512), "write -z %d 4k" % (3 * MiB))
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    img = u.open_image(path, FMT)
+    try:
+        assert img.read(size - 512, 512) == b"\x44" * 512
+    finally:
+        img.close()
+    assert map_json(path, "vdisk") == map_json(path, "qemu")
+
+
+@pytest.mark.parametrize("geometry", u.cells([(9, 6), (16, 13), (12, 9), (16, 6)], ((16, 6),)),
+                         ids=lambda g: "c%d-l%d" % g)
+def test_other_geometries_read_like_qemu(tmp_path, geometry):
+    cluster_bits, l2_bits = geometry
+    # qemu-img create picks two geometries; QEMU opens any in its bounds: poke them into an empty image
+    size = 6 * MiB
+    path = qemu_create(tmp_path / "q.qcow", size)
+    u.poke(path, 32, bytes([cluster_bits, l2_bits]))
+    l1 = hdr.l1_entries(size, cluster_bits, l2_bits)
+    with open(path, "r+b") as f:
+        f.truncate(48 + 8 * l1)
+        f.seek(48)
+        f.write(bytes(8 * l1))
+    helpers.qemu_io(FMT, path, "write -P 0x61 0 3k", "write -P 0x62 %d 70k" % (2 * MiB - 5000),
+                    "write -P 0x63 %d 512" % (size - 512))
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    u.write_engine(path, FMT, [(3 * MiB + 100, pattern(3 * MiB + 100, 100000)), (1024, pattern(1024, 4000))])
+    u.assert_same_as_qemu(path, FMT, tmp_path)
+    helpers.qemu_io(FMT, path, "read -P 0x62 %d 60k" % (2 * MiB - 5000))
+
+
+def test_backing_file_chain_reads_like_qemu(tmp_path):
+    base = base_raw(tmp_path)
+    path = qemu_create(tmp_path / "ov.qcow", 4 * MiB, backing_file="base.raw", backing_fmt="raw")
+    helpers.qemu_io(FMT, path, "write -P 0x55 1000 3000", "write -P 0x66 %d 512" % (4 * MiB - 512))
+    assert info_json(path, "vdisk") == info_json(path, "qemu")
+    u.assert_same_as_qemu(path, FMT, tmp_path)       # past the backing file's end: zeros
+    data = u.read_all(path, FMT)
+    with open(base, "rb") as f:
+        b = f.read()
+    assert data[:512] == b[:512] and data[4096:3 * MiB] == b[4096:3 * MiB]
+    assert data[3 * MiB:4 * MiB - 512] == bytes(MiB - 512)
+    assert map_json(path, "vdisk") == map_json(path, "qemu")
+
+
+# -- vdisk writes, qemu reads -------------------------------------------------------------------
+def test_vdisk_writes_lay_out_like_qemu(tmp_path):
+    # the same writes through qemu-io and vdisk give the same file: L2 tables allocated on demand and
+    # clusters appended at the end of the file as QEMU does
+    size = 9 * MiB + 512
+    writes = [(0, 4096), (2 * MiB + 4096, 12288), (MiB, 512), (size - 512, 512), (4096, 8192), (8 * MiB, 4096)]
+    q = qemu_create(tmp_path / "q.qcow", size)
+    helpers.qemu_io(FMT, q, *("write -P 0x%x %d %d" % (i + 1, o, n) for i, (o, n) in enumerate(writes)))
+    v = vdisk_create(tmp_path / "v.qcow", size)
+    u.write_engine(v, FMT, [(o, bytes([i + 1]) * n) for i, (o, n) in enumerate(writes)])
+    assert same_file(q, v)
+
+
+@pytest.mark.parametrize("size", [1000, 5 * MiB + 512])
+def test_vdisk_convert_passes_qemu(tmp_path, size):
+    vsize = -(-size // 512) * 512
+    raw = helpers.make_raw(tmp_path / "src.raw", vsize, fill_extents(vsize))
+    out = tmp_path / "v.qcow"
+    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, raw, out, check=True)
+    assert helpers.qemu_compare(out, raw, FMT, "raw")
+    assert info_json(out, "qemu") == info_json(out, "vdisk")
+
+
+def test_vdisk_writes_into_compressed_and_qemu_reads(tmp_path):
+    size = 3 * MiB
+    raw = helpers.make_raw(tmp_path / "src.raw", size, [(0, size)])
+    path = str(tmp_path / "c.qcow")
+    qemu_convert_c(raw, path)
+    writes = [(100, pattern(7, 50)), (8192, b"\x01" * 4096), (MiB - 10, b"\x02" * 20), (size - 1, b"\x03")]
+    u.write_engine(path, FMT, writes)
+    with open(raw, "r+b") as f:
+        for o, d in writes:
+            f.seek(o)
+            f.write(d)
+    assert helpers.qemu_compare(path, raw, FMT, "raw")
+    with open(raw, "rb") as f:
+        assert u.read_all(path, FMT) == f.read()
+
+
+def test_vdisk_overlay_and_convert_with_backing(tmp_path):
+    base = base_raw(tmp_path)
+    path = vdisk_create(tmp_path / "ov.qcow", 4 * MiB, backing_file="base.raw", backing_fmt="raw")
+    writes = [(700, b"\x09" * 300), (MiB + 5, b"\x0a" * 70000), (4 * MiB - 512, b"\x0b" * 512)]
+    u.write_engine(path, FMT, writes)
+    with open(base, "rb") as f:
+        model = bytearray(f.read()) + bytearray(MiB)
+    for o, d in writes:
+        model[o:o + len(d)] = d
+    ref = helpers.make_raw(tmp_path / "model.raw", 4 * MiB)
+    with open(ref, "r+b") as f:
+        f.write(model)
+    assert helpers.qemu_compare(path, ref, FMT, "raw")
+    # convert -B: only what differs from the backing file is stored
+    out = tmp_path / "conv.qcow"
+    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, "-B", "base.raw", "-F", "raw", ref, out, check=True)
+    assert helpers.qemu_compare(out, ref, FMT, "raw")
+    assert info_json(out, "vdisk") == info_json(out, "qemu")
+    assert os.path.getsize(out) < os.path.getsize(path) + 64 * KiB
+
+
+def test_write_zeroes_and_unaligned_writes(tmp_path):
+    size = 2 * MiB + 512
+    path = vdisk_create(tmp_path / "v.qcow", size)
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        img.write(5, b"\x07" * 10000)
+        img.write_zeroes(4096, 4096)
+        img.write_zeroes(MiB, 8192)               # unallocated, no backing file: nothing written
+        end = os.path.getsize(path)
+        img.write(size - 3, b"xyz")
+        assert img.read(0, 12000) == bytes(5) + b"\x07" * 4091 + bytes(4096) + b"\x07" * 1813 + bytes(1995)
+    finally:
+        img.close()
+    assert os.path.getsize(path) == end + 8192          # the last sector: a new L2 table and its cluster
+    helpers.qemu_io(FMT, path, "read -P 0 4096 4k", "read -P 0x07 5 4091", "read -v %d 3" % (size - 3))
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offset,value,message", [
+    (0, b"QFI\xfa", "Image not in qcow format"),
+    (4, struct.pack(">I", 2), "does not support qcow version 2"),
+    (24, struct.pack(">Q", 1), "Image size is too small (must be at least 2 bytes)"),
+    (32, b"\x08", "Cluster size must be between 512 and 64k"),
+    (32, b"\x11", "Cluster size must be between 512 and 64k"),
+    (33, b"\x05", "L2 table size must be between 512 and 64k"),
+    (33, b"\x0e", "L2 table size must be between 512 and 64k"),
+    (36, struct.pack(">I", 2), "invalid encryption method in qcow header"),
+    (24, struct.pack(">Q", (1 << 64) - 1), "Image too large"),
+    (8, struct.pack(">QI", 48, 2000), "Backing file name too long"),
+])
+def test_bad_input_refused_like_qemu(tmp_path, offset, value, message):
+    path = qemu_create(tmp_path / "q.qcow", "1M")
+    u.poke(path, offset, value)
+    before = u.sha(path)
+    q = helpers.qemu_img("info", "-f", FMT, path)
+    assert q.returncode == 1 and message in helpers._txt(q.stderr), helpers._txt(q.stderr)
+    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+    assert u.sha(path) == before
+
+
+def test_encrypted_refused_with_one_line(tmp_path):
+    path = qemu_create(tmp_path / "q.qcow", "1M")
+    u.poke(path, 36, struct.pack(">I", hdr.CRYPT_AES))
+    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert v.returncode == 1 and "AES-encrypted" in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+
+
+def test_hostile_entries(tmp_path):
+    path = qemu_create(tmp_path / "q.qcow", "2M")
+    helpers.qemu_io(FMT, path, "write -P 1 0 4k")
+    l2 = struct.unpack(">Q", open(path, "rb").read()[48:56])[0]
+    u.poke(path, l2, struct.pack(">Q", 512))               # cluster 0 "lives" on the header and L1
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        img.read(0, 4096)
+        with pytest.raises(errors.CorruptImage):
+            img.write(0, b"x" * 512)
+    finally:
+        img.close()
+    u.poke(path, l2, struct.pack(">Q", 4096 + 7))           # not sector aligned: QEMU returns EIO
+    v = helpers.vdisk_cli("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
+    assert v.returncode == 1 and "not sector aligned" in v.stderr
+    u.poke(path, l2, struct.pack(">Q", hdr.compressed_entry(1 << 40, 100, 12)))   # compressed, past EOF
+    v = helpers.vdisk_cli("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
+    assert v.returncode == 1 and "beyond the end of the file" in v.stderr
+
+
+# -- mutations ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("seed", u.cells([1, 2, 3], (1,)))
+def test_mutations(tmp_path, compress, seed):
+    size = 3 * MiB
+    raw = helpers.make_raw(tmp_path / "src.raw", size, [(0, 12 * KiB), (2 * MiB, 8 * KiB), (size - 4096, 4096)])
+    good = str(tmp_path / "good.qcow")
+    if compress:
+        qemu_convert_c(raw, good)
+    else:
+        helpers.run("qemu-img", "convert", "-f", "raw", "-O", FMT, raw, good)
+    l2 = struct.unpack(">Q", open(good, "rb").read()[48:56])[0]
+    regions = [(0, 48), (8, 28), (48, 8), (l2, 4096), (l2, 64)]
+    out = u.mutation_run(good, FMT, regions, seed, 30, tmp_path, cli_every=15)
+    assert out["error"] + out["clean"] == 30
