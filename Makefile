@@ -101,6 +101,9 @@ bench-ansible: ansible-env
 # today's demo, then playbooks/demo.yml twice (the images role on localhost; the second run changes nothing)
 demo: venv $(ASTAMP)
 	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" PYTHON="$(CURDIR)/$(PY)" bash scripts/demo.sh
+	@rm -rf demo/manifest && mkdir -p demo/manifest && cp docs/examples/manifest.yml demo/manifest/
+	@printf '\n\033[1m$$ vdisk apply demo/manifest/manifest.yml\033[0m\n'; $(VENV)/bin/vdisk apply demo/manifest/manifest.yml
+	@printf '\n\033[1m$$ vdisk plan demo/manifest/manifest.yml   (again: nothing to do)\033[0m\n'; $(VENV)/bin/vdisk plan demo/manifest/manifest.yml
 	@if [ -f plugins/modules/image.py ]; then \
 	  for run in first second; do printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml (%s run)\033[0m\n' $$run; \
 	    $(AENV) ansible-playbook playbooks/demo.yml >demo/ansible-$$run.log 2>&1; rc=$$?; \
