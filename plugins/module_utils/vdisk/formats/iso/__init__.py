@@ -3,8 +3,12 @@
 References: ECMA-119 (ISO 9660) section 8: volume descriptors start at logical sector 16 (byte
 32768, 2048-byte sectors), each beginning with a type byte (0 boot record, 1 primary, 2
 supplementary, 3 partition, 255 terminator), the identifier ``CD001`` and version 1. qemu-img has
-no iso format (it reads such files as raw); vdisk names the format it found, reads the bytes as
-they are, and refuses to write them, so a probed installer image is never changed by accident.
+no iso format: it reads such files as raw. vdisk finds them (so a file that is an ISO and also
+another format's image is seen as the polyglot it is), reads the bytes as they are, and refuses to
+write them on a guess, so a probed installer image or config drive is never changed by accident.
+``info`` calls the format raw, as qemu-img does (scripts and the state layer see the same format
+whether or not ``-f raw`` was given), and shows the file system and volume id as format-specific
+data of type iso.
 """
 from typing import Any, Dict, Optional
 
@@ -32,12 +36,13 @@ class IsoImage(RawImage):
         super().__init__(driver, path, False, policy)   # type: ignore[arg-type]
 
     def info(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = {"filesystem": "iso9660"}
         pvd = self.host.pread(2048, DESCRIPTOR_OFFSET)
         if pvd[0] == 1 and probe(bytes(DESCRIPTOR_OFFSET) + pvd):
             name = pvd[VOLUME_ID].decode("ascii", "replace").strip()
             if name:
-                return {"format-specific": {"type": "iso", "data": {"volume-id": name}}}
-        return {}
+                data["volume-id"] = name
+        return {"format": "raw", "format-specific": {"type": "iso", "data": data}}
 
 
 class IsoDriver(Driver):
