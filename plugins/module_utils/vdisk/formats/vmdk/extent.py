@@ -175,8 +175,24 @@ class SparseExtent:
         return DATA, e * SECTOR
 
     def pieces(self, off: int, n: int) -> Iterator[Tuple[int, int, str, Optional[int]]]:
-        """``(offset, length, kind, host offset)`` per grain (a whole grain table when it is absent);
-        a compressed grain's host offset is its grain marker's."""
+        """``(offset, length, kind, host offset)``: grains merged where they continue each other on
+        the host (uncompressed) or share a kind without data; a compressed grain stands alone, with
+        its grain marker's host offset."""
+        cur = None
+        for piece in self._grain_pieces(off, n):
+            if cur is not None and piece[2] == cur[2] and (
+                    (piece[3] is None and cur[3] is None) or
+                    (not self.compressed and piece[3] is not None and cur[3] is not None and cur[3] >= 0
+                     and piece[3] == cur[3] + cur[1])):
+                cur = (cur[0], cur[1] + piece[1], cur[2], cur[3])
+                continue
+            if cur is not None:
+                yield cur
+            cur = piece
+        if cur is not None:
+            yield cur
+
+    def _grain_pieces(self, off: int, n: int) -> Iterator[Tuple[int, int, str, Optional[int]]]:
         end = off + n
         span = self.gtes * self.gb
         if self.pending:
@@ -349,19 +365,20 @@ class SparseExtent:
     def _allocate(self, first: int, last: int, pos: int, data: memoryview, backing) -> None:
         count = last - first + 1
         base = first * self.gb
-        buf = bytearray(count * self.gb)
         head = pos - base
         tail_at = pos + len(data)
-        if head:
-            buf[:head] = self._old_grain(first, backing)[:head]
-        if tail_at < base + count * self.gb:
-            buf[tail_at - base:] = self._old_grain(last, backing)[tail_at - last * self.gb:]
-        buf[head:head + len(data)] = data
+        tail = base + count * self.gb - tail_at
         if self.gt(first // self.gtes) is None:
             self._new_gt(first // self.gtes)
         at = self.next_sector
         self.next_sector += count * self.gs
-        self.host.pwrite(buf, at * SECTOR)
+        host = at * SECTOR
+        # the whole grains: what the write does not cover comes from the backing file (or is zeros)
+        if head:
+            self.host.pwrite(self._old_grain(first, backing)[:head], host)
+        self.host.pwrite(data, host + head)
+        if tail:
+            self.host.pwrite(self._old_grain(last, backing)[tail_at - last * self.gb:], host + head + len(data))
         self.file_size = max(self.file_size, self.next_sector * SECTOR)
         self._set_entries(first, [at + i * self.gs for i in range(count)])
 
