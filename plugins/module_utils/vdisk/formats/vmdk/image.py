@@ -7,6 +7,8 @@ name, a name leaving that directory, or one that is not a regular file is refuse
 section 6), before anything is opened.
 """
 import os
+import random
+import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy
@@ -52,6 +54,10 @@ class VmdkImage(Image):
         self.lock = policy.lock and not (policy.force_share and not writable)
         self.host = HostFile(path, writable=writable, lock=self.lock, sync=policy.sync)
         self.exts: List[Tuple[int, Any]] = []       # (guest start, extent)
+        self._desc_raw: Optional[bytes] = None      # the descriptor as read, where, and its room (None: a file)
+        self._desc_at = 0
+        self._desc_room: Optional[int] = None
+        self._cid_updated = False
         try:
             self._open()
         except BaseException:
@@ -85,7 +91,8 @@ class VmdkImage(Image):
             if size > hdr.MAX_DESCRIPTOR:
                 raise FormatError("descriptor file too large (%d bytes, at most %d)" % (size, hdr.MAX_DESCRIPTOR),
                                   path=self.path, field="descriptor")
-            self._open_descriptor(hdr.parse_descriptor(self.host.pread(size, 0), self.path))
+            self._desc_raw, self._desc_at, self._desc_room = self.host.pread(size, 0), 0, None
+            self._open_descriptor(hdr.parse_descriptor(self._desc_raw, self.path))
         self.virtual_size = sum(e.size for dummy, e in self.exts)
         first = self.exts[0][1] if self.exts else None
         self.cluster_size = first.cluster_bytes if first is not None else None
@@ -115,7 +122,8 @@ class VmdkImage(Image):
                 return None
             raise CorruptImage("descriptor (sector %d, %d sectors) lies beyond the end of the file"
                                % (h.desc_offset, h.desc_size), path=self.path, field="descriptorOffset")
-        return hdr.parse_descriptor(self.host.pread(n, h.desc_offset * SECTOR), self.path)
+        self._desc_raw, self._desc_at, self._desc_room = self.host.pread(n, h.desc_offset * SECTOR), h.desc_offset * SECTOR, n
+        return hdr.parse_descriptor(self._desc_raw, self.path)
 
     def _open_descriptor(self, desc: hdr.Descriptor) -> None:
         self.desc = desc
@@ -250,6 +258,7 @@ class VmdkImage(Image):
 
     def write(self, offset: int, data) -> None:
         self._check_writable()
+        self._new_cid()
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
         for guest, n, ext, local in self._parts(offset, len(view)):
@@ -258,6 +267,7 @@ class VmdkImage(Image):
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check_writable()
+        self._new_cid()
         self._check_range(offset, length)
         for guest, n, ext, local in self._parts(offset, length):
             if ext.kind == "SPARSE":
@@ -269,6 +279,28 @@ class VmdkImage(Image):
                     ext.write(local + pos, bytes(k), None)
                     pos += k
 
+    def _new_cid(self) -> None:
+        """A new content ID in the descriptor before the first change, as QEMU writes one (children
+        made against the old content then no longer match their ``parentCID``)."""
+        if self._cid_updated or self._desc_raw is None:
+            return
+        self._cid_updated = True
+        raw = self._desc_raw.split(b"\0", 1)[0]
+        cid = random.getrandbits(32)
+        new, count = re.subn(rb"(?m)^(\s*CID\s*=\s*)[0-9a-fA-F]*", b"CID=%x" % cid, raw, count=1)
+        if not count:
+            return
+        if self._desc_room is None:
+            self.host.pwrite(new, 0)
+            if len(new) < len(self._desc_raw):
+                self.host.truncate(len(new))
+        elif len(new) <= self._desc_room:
+            self.host.pwrite(new + bytes(max(0, len(raw) - len(new))), self._desc_at)
+        else:
+            return
+        self._desc_raw = new
+        self.cid = cid
+
     # compressed output (convert -c): only a stream-optimized image compresses, as with qemu-img
     def compress_block(self, data: bytes) -> Optional[bytes]:
         if not self.stream:
@@ -277,6 +309,7 @@ class VmdkImage(Image):
 
     def write_compressed(self, offset: int, blocks) -> None:
         self._check_writable()
+        self._new_cid()
         g_off = offset
         for data, payload in blocks:
             if payload is None or not self.stream:
