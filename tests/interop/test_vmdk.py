@@ -10,6 +10,7 @@ crasher is refused in one line.
 import json
 import os
 import random
+import shutil
 import struct
 
 import pytest
@@ -432,6 +433,35 @@ def test_mutations(tmp_path, sub, seed):
             regions += [(h.gd_offset * 512, 512), (h.rgd_offset * 512, 512), ((h.gd_offset + 1) * 512, 2048)]
     out = u.mutation_run(good, FMT, regions, seed, 20, tmp_path, cli_every=10)
     assert out["error"] + out["clean"] == 20
+
+
+@pytest.mark.parametrize("seed", u.cells([1, 2], (1,)))
+def test_extent_file_mutations(tmp_path, seed):
+    """Byte flips in a split image's sparse extent (header, directories, tables): one-line errors,
+    bounded time, the extent unchanged."""
+    size = 3 * MiB
+    src = helpers.make_raw(tmp_path / "src.raw", size, [(0, 200 * 1024), (size - 4096, 4096)])
+    good = tmp_path / "good"
+    good.mkdir()
+    helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=twoGbMaxExtentSparse", src, good / "d.vmdk")
+    ext = str(good / "d-s001.vmdk")
+    with open(ext, "rb") as f:
+        h = hdr.SparseHeader.unpack(f.read(512))
+    regions = [(0, 80), (h.gd_offset * 512, 16), (h.rgd_offset * 512, 16), ((h.gd_offset + 1) * 512, 2048)]
+    rng = random.Random(seed)
+    for case in range(12):
+        d = tmp_path / ("case%d" % case)
+        shutil.copytree(str(good), str(d))
+        u.flip_bytes(str(d / "d-s001.vmdk"), rng, regions, rng.randint(1, 4))
+        before = u.sha(str(d / "d-s001.vmdk"))
+        exc = u.exercise(str(d / "d.vmdk"), FMT)
+        assert exc is None or "\n" not in str(exc)
+        if case % 6 == 0:
+            proc, took = u.cli_limited("info", "-f", FMT, d / "d.vmdk")
+            assert took < 20
+            u.assert_clean_cli(proc)
+        assert u.sha(str(d / "d-s001.vmdk")) == before
+        shutil.rmtree(str(d))
 
 
 def test_random_reads_match_qemu(tmp_path):

@@ -277,7 +277,7 @@ class SparseExtent:
             else:
                 # the old directory's marker starts the tail that is written anew on close
                 mark = self.h.gd_offset - 1
-                val, size, mtype = hdr.parse_marker(self.host.pread(SECTOR, mark * SECTOR))
+                dummy_val, size, mtype = hdr.parse_marker(self.host.pread(SECTOR, mark * SECTOR))
                 ok = mtype == hdr.MARKER_GD and size == 0 and mark >= self.h.overhead
                 self.next_sector = mark if ok else -(-self.file_size // SECTOR)
             self.host.truncate(self.next_sector * SECTOR)

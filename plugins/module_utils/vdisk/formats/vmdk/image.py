@@ -316,7 +316,7 @@ class VmdkImage(Image):
                 self.write(g_off, data)
             else:
                 self._check_range(g_off, len(data))
-                for guest, n, ext, local in self._parts(g_off, len(data)):
+                for dummy_guest, dummy_n, ext, local in self._parts(g_off, len(data)):
                     ext._start()
                     ext._flush_pending(0)
                     ext.append_grain(local // ext.gb, payload)
@@ -358,10 +358,14 @@ class VmdkImage(Image):
         for start, ext in self.exts:
             if ext.kind != "SPARSE":
                 continue
+            seen = set()        # a table several directory entries share is checked once: bounded by the file
             for gdi in range(len(ext.gd)):
+                if ext.gd[gdi] in seen:
+                    continue
                 table = ext.gt(gdi)
                 if table is None:
                     continue
+                seen.add(ext.gd[gdi])
                 for idx, e in enumerate(table):
                     dummy, host = ext._classify(e)
                     if host is not None and host >= ext.file_size:
