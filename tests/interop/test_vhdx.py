@@ -495,3 +495,54 @@ def test_crash_at_every_write(tmp_path):
             assert k > 10
             break
         k += 1
+
+
+def _dirty(path, entry):
+    """Put *entry* at the log's start and its GUID (from the entry) in both headers."""
+    guid = entry[32:48]
+    for at in (hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET):
+        h = hdr.parse_header(read_at(path, at, hdr.HEADER_SIZE))
+        h.log_guid = guid
+        u.poke(path, at, h.pack())
+    u.poke(path, hdr.HEADER_SECTION_END, entry)
+
+
+def _zero_entry(guid, offset, length, file_size):
+    buf = bytearray(hdr.LOG_SECTOR)
+    hdr.LOG_HEADER.pack_into(buf, 0, hdr.LOG_SIGNATURE, 0, hdr.LOG_SECTOR, 0, 1, 1, 0, guid, file_size, file_size)
+    hdr.LOG_DESC.pack_into(buf, hdr.LOG_HEADER.size, hdr.ZERO_SIGNATURE, 0, struct.pack("<Q", length), offset, 1)
+    struct.pack_into("<I", buf, 4, checksum(buf, 4))
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("into the headers", "outside the file's metadata and data"),
+    ("zeros past the end", "outside the file's metadata and data"),
+    ("zeros over and over", "log replay would write"),
+    ("truncated file", "has been truncated"),
+])
+def test_hostile_log_entries_refused(tmp_path, case, message):
+    path = vdisk_create(tmp_path / "v.vhdx", 20 * MiB)
+    size = os.path.getsize(path)
+    guid = bytes(range(1, 17))
+    bat = hdr.parse_region_table(read_at(path, hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE))[0].file_offset
+    if case == "into the headers":
+        entry = hdr.pack_log_entry(1, 0, guid, size, [(hdr.HEADER1_OFFSET, b"\xff" * hdr.LOG_SECTOR)])
+    elif case == "zeros past the end":
+        entry = _zero_entry(guid, bat, 1 << 40, size)
+    elif case == "zeros over and over":
+        buf = bytearray(_zero_entry(guid, bat, size - bat - 4096, size))
+        struct.pack_into("<I", buf, 24, 100)                # 100 descriptors, all zeroing most of the file
+        for i in range(1, 100):
+            buf[64 + 32 * i:96 + 32 * i] = buf[64:96]
+        buf = buf + bytes(hdr.LOG_SECTOR)                    # the descriptors need two sectors
+        struct.pack_into("<I", buf, 8, len(buf))
+        struct.pack_into("<I", buf, 4, checksum(buf, 4))
+        entry = bytes(buf)
+    else:
+        entry = hdr.pack_log_entry(1, 0, guid, size + MiB, [(bat, bytes(hdr.LOG_SECTOR))])
+    _dirty(path, entry)
+    before = u.sha(path)
+    proc, took = u.cli_limited("check", "-r", "all", "-f", FMT, path)
+    assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert u.sha(path) == before and took < 20

@@ -129,6 +129,7 @@ def replay_plan(entries: List[Entry], file_size: int, log_range: Tuple[int, int]
     write checked against the header section, the log and the file's reach."""
     writes = []
     size = file_size
+    total = 0
     for e in entries:
         h = e.header
         if h.flushed_file_offset > file_size:
@@ -156,6 +157,11 @@ def replay_plan(entries: List[Entry], file_size: int, log_range: Tuple[int, int]
                 raise CorruptImage("log entry %d writes 0x%x bytes at 0x%x: outside the file's metadata and data"
                                    % (h.sequence_number, length, d.file_offset), path=path, field="log")
             writes.append((d.file_offset, payload, length))
+            total += length
+            if total > 2 * limit + hdr.MiB:
+                # a real log rewrites a few metadata sectors; zero descriptors over and over are hostile
+                raise CorruptImage("log replay would write %d bytes into a %d-byte file" % (total, limit),
+                                   path=path, field="log")
         if size < h.last_file_offset and h.last_file_offset % hdr.MiB:
             size = -(-h.last_file_offset // hdr.MiB) * hdr.MiB
     return writes, size
