@@ -241,6 +241,34 @@ def test_convert_with_new_backing_file(tmp_path):
 
 
 # -- zeroed grains, backing files, info, check -------------------------------------------------
+def _tables(path, gd_sector, count):
+    with open(path, "rb") as f:
+        f.seek(gd_sector * 512)
+        gd = struct.unpack("<%dI" % count, f.read(4 * count))
+        out = []
+        for gt in gd:
+            f.seek(gt * 512)
+            out.append(struct.unpack("<512I", f.read(2048)))
+    return out
+
+
+def test_redundant_directory_kept_consistent(tmp_path):
+    size = 40 * MiB
+    path = u.create("vdisk", tmp_path / "r.vmdk", FMT, str(size), zeroed_grain="on")
+    engine_write(path, [(0, 70000), (33 * MiB + 512, 3 * MiB), (size - 512, 512)])
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        img.write_zeroes(34 * MiB, MiB)
+    finally:
+        u.close_chain(img)
+    with open(path, "rb") as f:
+        h = hdr.SparseHeader.unpack(f.read(512))
+    main, redundant = _tables(path, h.gd_offset, h.gd_entries), _tables(path, h.rgd_offset, h.gd_entries)
+    assert main == redundant and any(any(t) for t in main)
+    assert hdr.GTE_ZEROED in main[1]
+    assert_qemu_clean(path)
+
+
 def test_zeroed_grain_write_zeroes(tmp_path):
     size = 4 * MiB
     path = u.create("vdisk", tmp_path / "z.vmdk", FMT, str(size), zeroed_grain="on")

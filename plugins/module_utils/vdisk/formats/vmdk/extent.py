@@ -112,6 +112,8 @@ class SparseExtent:
         self.at_end = h.gd_offset == hdr.GD_AT_END
         if self.at_end:
             # stream-optimized as VMware writes it: the real header is the footer
+            if self.file_size < 4 * SECTOR:
+                raise CorruptImage("Invalid footer", path=path, field="footer")
             h = hdr.parse_footer(host.pread(3 * SECTOR, self.file_size - 3 * SECTOR), path)
             if h.gd_offset == hdr.GD_AT_END:
                 raise CorruptImage("Invalid footer", path=path, field="footer")

@@ -146,7 +146,7 @@ class VmdkImage(Image):
                 host = HostFile(full, writable=self.writable, lock=self.lock, sync=self.policy.sync)
                 try:
                     if line.type in ("FLAT", "VMFS"):
-                        if line.offset >= (1 << 63) // SECTOR:
+                        if (line.offset + line.sectors) * SECTOR >= 1 << 63:
                             raise CorruptImage("extent offset %d is invalid" % line.offset, path=self.path,
                                                field="extent")
                         ext = FlatExtent(host, full, line.offset * SECTOR, line.sectors * SECTOR)
