@@ -51,7 +51,7 @@ def qemu_convert_c(src, dst):
 def map_json(path, tool):
     if tool == "qemu":
         return json.loads(helpers._txt(helpers.qemu_img("map", "--output=json", "-f", FMT, path, check=True).stdout))
-    return json.loads(helpers.vdisk_cli("map", "--output=json", "-f", FMT, path, check=True).stdout)
+    return json.loads(u.vdisk("map", "--output=json", "-f", FMT, path, check=True).stdout)
 
 
 def base_raw(tmp_path, size=3 * MiB):
@@ -87,7 +87,7 @@ def test_preallocation_accepted_like_qemu(tmp_path, prealloc):
 ])
 def test_create_refused(tmp_path, opts, size, message):
     o = u.options_text(opts)
-    v = helpers.vdisk_cli("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.qcow", size)
+    v = u.vdisk("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.qcow", size)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert not os.path.exists(tmp_path / "v.qcow")
     if size == "0":
@@ -98,7 +98,7 @@ def test_create_refused(tmp_path, opts, size, message):
 def test_options_help_lists_qemu_options():
     q = helpers._txt(helpers.qemu_img("create", "-f", FMT, "-o", "help", "x").stdout)
     qlines = {line.split("=")[0].strip(): line for line in q.splitlines()[1:] if "=" in line}
-    ours = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
+    ours = u.vdisk("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
     names = {line.split("=")[0].strip() for line in ours}
     assert names == {"size", "backing_file", "backing_fmt", "encryption", "encrypt.format", "encrypt.key-secret",
                      "preallocation"}
@@ -110,9 +110,9 @@ def test_options_help_lists_qemu_options():
 def test_check_and_resize_unsupported_like_qemu(tmp_path):
     path = qemu_create(tmp_path / "q.qcow", "1M")
     assert helpers.qemu_img("check", "-f", FMT, path).returncode == 63
-    assert helpers.vdisk_cli("check", "-f", FMT, path).returncode == 63
+    assert u.vdisk("check", "-f", FMT, path).returncode == 63
     assert helpers.qemu_img("resize", "-f", FMT, path, "2M").returncode == 1
-    v = helpers.vdisk_cli("resize", "-f", FMT, path, "2M")
+    v = u.vdisk("resize", "-f", FMT, path, "2M")
     assert v.returncode == 1 and "does not support resize" in v.stderr
 
 
@@ -138,7 +138,7 @@ def test_qemu_converted_reads_identically(tmp_path, size, compress):
     assert map_json(path, "vdisk") == map_json(path, "qemu")
     # and vdisk's own convert writes the same file, byte for byte
     mine = str(tmp_path / "v.qcow")
-    helpers.vdisk_cli("convert", *(["-c"] if compress else []), "-f", "raw", "-O", FMT, raw, mine, check=True)
+    u.vdisk("convert", *(["-c"] if compress else []), "-f", "raw", "-O", FMT, raw, mine, check=True)
     assert same_file(path, mine)
 
 
@@ -209,7 +209,7 @@ def test_vdisk_convert_passes_qemu(tmp_path, size):
     vsize = -(-size // 512) * 512
     raw = helpers.make_raw(tmp_path / "src.raw", vsize, fill_extents(vsize))
     out = tmp_path / "v.qcow"
-    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, raw, out, check=True)
+    u.vdisk("convert", "-f", "raw", "-O", FMT, raw, out, check=True)
     assert helpers.qemu_compare(out, raw, FMT, "raw")
     assert info_json(out, "qemu") == info_json(out, "vdisk")
 
@@ -245,7 +245,7 @@ def test_vdisk_overlay_and_convert_with_backing(tmp_path):
     assert helpers.qemu_compare(path, ref, FMT, "raw")
     # convert -B: only what differs from the backing file is stored
     out = tmp_path / "conv.qcow"
-    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, "-B", "base.raw", "-F", "raw", ref, out, check=True)
+    u.vdisk("convert", "-f", "raw", "-O", FMT, "-B", "base.raw", "-F", "raw", ref, out, check=True)
     assert helpers.qemu_compare(out, ref, FMT, "raw")
     assert info_json(out, "vdisk") == info_json(out, "qemu")
     assert os.path.getsize(out) < os.path.getsize(path) + 64 * KiB
@@ -287,7 +287,7 @@ def test_bad_input_refused_like_qemu(tmp_path, offset, value, message):
     before = u.sha(path)
     q = helpers.qemu_img("info", "-f", FMT, path)
     assert q.returncode == 1 and message in helpers._txt(q.stderr), helpers._txt(q.stderr)
-    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    v = u.vdisk("info", "-f", FMT, path)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert u.sha(path) == before
 
@@ -295,7 +295,7 @@ def test_bad_input_refused_like_qemu(tmp_path, offset, value, message):
 def test_encrypted_refused_with_one_line(tmp_path):
     path = qemu_create(tmp_path / "q.qcow", "1M")
     u.poke(path, 36, struct.pack(">I", hdr.CRYPT_AES))
-    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    v = u.vdisk("info", "-f", FMT, path)
     assert v.returncode == 1 and "AES-encrypted" in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
 
 
@@ -312,10 +312,10 @@ def test_hostile_entries(tmp_path):
     finally:
         img.close()
     u.poke(path, l2, struct.pack(">Q", 4096 + 7))           # not sector aligned: QEMU returns EIO
-    v = helpers.vdisk_cli("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
+    v = u.vdisk("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
     assert v.returncode == 1 and "not sector aligned" in v.stderr
     u.poke(path, l2, struct.pack(">Q", hdr.compressed_entry(1 << 40, 100, 12)))   # compressed, past EOF
-    v = helpers.vdisk_cli("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
+    v = u.vdisk("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
     assert v.returncode == 1 and "beyond the end of the file" in v.stderr
 
 

@@ -49,7 +49,7 @@ def masked(path):
 
 
 def check_json(path):
-    proc = helpers.vdisk_cli("check", "--output=json", "-f", FMT, path)
+    proc = u.vdisk("check", "--output=json", "-f", FMT, path)
     return proc, json.loads(proc.stdout)
 
 
@@ -88,7 +88,7 @@ def test_create_refused_like_qemu(tmp_path, opts, size, message):
     o = ",".join("%s=%s" % kv for kv in opts.items())
     q = helpers.qemu_img("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "q.vdi", size)
     assert q.returncode == 1 and message in helpers._txt(q.stderr)
-    v = helpers.vdisk_cli("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.vdi", size)
+    v = u.vdisk("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.vdi", size)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert not os.path.exists(tmp_path / "v.vdi")
 
@@ -96,7 +96,7 @@ def test_create_refused_like_qemu(tmp_path, opts, size, message):
 def test_options_help_lists_qemu_options():
     q = helpers._txt(helpers.qemu_img("create", "-f", FMT, "-o", "help", "x").stdout)
     qlines = {l.split("=")[0].strip(): l for l in q.splitlines()[1:]}
-    ours = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
+    ours = u.vdisk("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
     for line in ours:
         assert " ".join(line.split()) == " ".join(qlines[line.split("=")[0].strip()].split())
     assert {l.split("=")[0].strip() for l in ours} == {"size", "static", "preallocation"}
@@ -129,7 +129,7 @@ def test_qemu_written_reads_identically(tmp_path, static, size):
         assert u.read_all(path, FMT) == f.read()
     u.assert_same_as_qemu(path, FMT, tmp_path)
     assert info_json(path, "vdisk") == info_json(path, "qemu")
-    v = helpers.vdisk_cli("map", "--output=json", "-f", FMT, path, check=True).stdout
+    v = u.vdisk("map", "--output=json", "-f", FMT, path, check=True).stdout
     q = helpers._txt(helpers.qemu_img("map", "--output=json", "-f", FMT, path, check=True).stdout)
     assert json.loads(v) == json.loads(q)
 
@@ -167,7 +167,7 @@ def test_vdisk_convert_passes_qemu(tmp_path, static, size):
                            [(0, min(size, 70000)), (min(MiB - 100, size // 2), min(300000, size // 3)),
                             (size - 512, 512)])
     out = tmp_path / "v.vdi"
-    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, "-o", "static=%s" % static, raw, out, check=True)
+    u.vdisk("convert", "-f", "raw", "-O", FMT, "-o", "static=%s" % static, raw, out, check=True)
     c = helpers.qemu_check(out, FMT)
     assert c["rc"] == 0 and "corruptions" not in c, c
     assert helpers.qemu_compare(out, raw, FMT, "raw")
@@ -249,14 +249,14 @@ def test_check_like_qemu(tmp_path, how):
     assert vj == {k: val for k, val in q.items() if k not in ("rc", "stderr")}
     assert v.stderr.splitlines() == q["stderr"].splitlines()
     human_q = helpers._txt(helpers.qemu_img("check", "-f", FMT, path).stdout)
-    assert helpers.vdisk_cli("check", "-f", FMT, path).stdout == human_q
+    assert u.vdisk("check", "-f", FMT, path).stdout == human_q
 
 
 @pytest.mark.parametrize("mode", u.cells(["leaks", "all"], ("all",)))
 def test_check_repair_unsupported_like_qemu(tmp_path, mode):
     path = damaged(tmp_path, "count")
     q = helpers.qemu_img("check", "-r", mode, "-f", FMT, path)
-    v = helpers.vdisk_cli("check", "-r", mode, "-f", FMT, path)
+    v = u.vdisk("check", "-r", mode, "-f", FMT, path)
     assert q.returncode == v.returncode == 63
     assert "does not support checks" in v.stderr
 
@@ -283,7 +283,7 @@ def test_bad_header_refused_like_qemu(tmp_path, offset, value, message):
     before = u.sha(path)
     q = helpers.qemu_img("info", "-f", FMT, path)
     assert q.returncode == 1 and message in helpers._txt(q.stderr), helpers._txt(q.stderr)
-    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    v = u.vdisk("info", "-f", FMT, path)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert u.sha(path) == before
 

@@ -85,7 +85,7 @@ def test_create_identical_to_qemu(tmp_path, sub, force, size):
     assert footers(a) == footers(b)
     if sub == "fixed" and size == 0:
         # only a footer, at offset 0: QEMU takes it for a dynamic disk's copy and cannot open it
-        for tool in (helpers.qemu_img, helpers.vdisk_cli):
+        for tool in (helpers.qemu_img, u.vdisk):
             proc = tool("info", "-f", FMT, a)
             assert proc.returncode == 1 and "Error reading dynamic VHD header" in helpers._txt(proc.stderr)
         return
@@ -129,7 +129,7 @@ def test_create_refused_like_qemu(tmp_path, opts, size, message):
     o = u.options_text(opts)
     q = helpers.qemu_img("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "q.vhd", size)
     assert q.returncode == 1 and message in helpers._txt(q.stderr)
-    v = helpers.vdisk_cli("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.vhd", size)
+    v = u.vdisk("create", "-f", FMT, *(["-o", o] if o else []), tmp_path / "v.vhd", size)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert not os.path.exists(tmp_path / "v.vhd")
 
@@ -137,7 +137,7 @@ def test_create_refused_like_qemu(tmp_path, opts, size, message):
 def test_options_help_lists_qemu_options():
     q = helpers._txt(helpers.qemu_img("create", "-f", FMT, "-o", "help", "x").stdout)
     qlines = {l.split("=")[0].strip(): l for l in q.splitlines()[1:]}
-    ours = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
+    ours = u.vdisk("create", "-f", FMT, "-o", "help", check=True).stdout.splitlines()[1:]
     for line in ours:
         assert " ".join(line.split()) == " ".join(qlines[line.split("=")[0].strip()].split())
     assert {l.split("=")[0].strip() for l in ours} == {"size", "subformat", "force_size", "preallocation"}
@@ -151,7 +151,7 @@ def test_probe_and_check_like_qemu(tmp_path):
     assert helpers.qemu_img("info", "--output=json", fixed).stdout.count(b'"raw"') == 1
     for path in (dyn, fixed):
         assert helpers.qemu_img("check", "-f", FMT, path).returncode == 63
-        assert helpers.vdisk_cli("check", "-f", FMT, path).returncode == 63
+        assert u.vdisk("check", "-f", FMT, path).returncode == 63
 
 
 # -- qemu writes, vdisk reads -------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_qemu_written_reads_identically(tmp_path, sub, force, size):
     with open(raw, "rb") as f:
         assert u.read_all(path, FMT) == f.read()
     assert info_json(path, "vdisk") == info_json(path, "qemu")
-    v = helpers.vdisk_cli("map", "--output=json", "-f", FMT, path, check=True).stdout
+    v = u.vdisk("map", "--output=json", "-f", FMT, path, check=True).stdout
     q = helpers._txt(helpers.qemu_img("map", "--output=json", "-f", FMT, path, check=True).stdout)
     assert json.loads(v) == json.loads(q)
 
@@ -221,7 +221,7 @@ def test_vdisk_convert_passes_qemu(tmp_path, sub, force):
     size = 5 * MiB + 512
     raw = helpers.make_raw(tmp_path / "src.raw", size, [(0, 70000), (2 * MiB - 100, 300000), (size - 512, 512)])
     out = tmp_path / "v.vhd"
-    helpers.vdisk_cli("convert", "-f", "raw", "-O", FMT, "-o", "subformat=%s,force_size=%s" % (sub, force),
+    u.vdisk("convert", "-f", "raw", "-O", FMT, "-o", "subformat=%s,force_size=%s" % (sub, force),
                       raw, out, check=True)
     assert helpers.qemu_compare(out, raw, FMT, "raw")
     info = info_json(out, "qemu")
@@ -303,7 +303,7 @@ def test_bad_input_refused_like_qemu(tmp_path, offset, value, fix, message):
     before = u.sha(path)
     q = helpers.qemu_img("info", "-f", FMT, path)
     assert q.returncode == 1 and message in helpers._txt(q.stderr), helpers._txt(q.stderr)
-    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    v = u.vdisk("info", "-f", FMT, path)
     assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
     assert u.sha(path) == before
 
@@ -314,10 +314,10 @@ def test_too_large_and_not_vhd_refused(tmp_path):
     poke_footer(path, 48, struct.pack(">Q", 1 << 45))
     q = helpers.qemu_img("info", "-f", FMT, path)
     assert q.returncode == 1 and b"File too large" in q.stderr
-    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    v = u.vdisk("info", "-f", FMT, path)
     assert v.returncode == 1 and "File too large" in v.stderr
     raw = helpers.make_raw(tmp_path / "x.raw", 4096, [(0, 4096)])
-    v = helpers.vdisk_cli("info", "-f", FMT, raw)
+    v = u.vdisk("info", "-f", FMT, raw)
     assert v.returncode == 1 and "invalid VPC image" in v.stderr
 
 
