@@ -222,7 +222,7 @@ def test_vdisk_convert_passes_qemu(tmp_path, sub, force):
     raw = helpers.make_raw(tmp_path / "src.raw", size, [(0, 70000), (2 * MiB - 100, 300000), (size - 512, 512)])
     out = tmp_path / "v.vhd"
     u.vdisk("convert", "-f", "raw", "-O", FMT, "-o", "subformat=%s,force_size=%s" % (sub, force),
-                      raw, out, check=True)
+            raw, out, check=True)
     assert helpers.qemu_compare(out, raw, FMT, "raw")
     info = info_json(out, "qemu")
     assert info == info_json(out, "vdisk")
