@@ -251,6 +251,23 @@ def test_vdisk_overlay_and_convert_with_backing(tmp_path):
     assert os.path.getsize(out) < os.path.getsize(path) + 64 * KiB
 
 
+def test_commit_like_qemu(tmp_path):
+    # commit copies the overlay into its base and empties it as QEMU does (zeroed L1, file cut after it)
+    for tool in ("qemu", "vdisk"):
+        d = tmp_path / tool
+        d.mkdir()
+        helpers.make_raw(d / "base.raw", 2 * MiB, [(0, 2 * MiB)])
+        qemu_create(d / "ov.qcow", 2 * MiB, backing_file="base.raw", backing_fmt="raw")
+        helpers.qemu_io(FMT, d / "ov.qcow", "write -P 7 0 64k", "write -P 8 1m 3k", "write -P 9 %d 512" % (2 * MiB - 512))
+        if tool == "qemu":
+            helpers.run("qemu-img", "commit", "-q", "-f", FMT, d / "ov.qcow")
+        else:
+            u.vdisk("commit", "-q", "-f", FMT, d / "ov.qcow", check=True)
+    for name in ("ov.qcow", "base.raw"):
+        assert same_file(tmp_path / "qemu" / name, tmp_path / "vdisk" / name)
+    assert os.path.getsize(tmp_path / "vdisk" / "ov.qcow") == 48 + 8 + 8    # header, name, one L1 entry
+
+
 def test_write_zeroes_and_unaligned_writes(tmp_path):
     size = 2 * MiB + 512
     path = vdisk_create(tmp_path / "v.qcow", size)

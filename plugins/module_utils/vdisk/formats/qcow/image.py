@@ -361,6 +361,24 @@ class QcowImage(Image):
         current = [entries.get(ci, 0 if table is None else table[ci - base]) for ci in range(lo, hi + 1)]
         self._set_entries(lo, current, l2_off)
 
+    def make_empty(self) -> None:
+        """After ``commit``: drop every cluster, as QEMU does (a zeroed L1 table, the file cut
+        right after it)."""
+        self._check_writable()
+        l1_bytes = 8 * self.l1_size
+        pos = 0
+        while pos < l1_bytes:
+            n = min(l1_bytes - pos, 4 * 1024 * 1024)
+            self.host.pwrite(bytes(n), self.header.l1_table_offset + pos)
+            pos += n
+        self.host.flush()              # the L1 table no longer points into what is cut off
+        self.host.truncate(self.header.l1_table_offset + l1_bytes)
+        self.l1 = array.array("Q")
+        self._l2_cache.clear()
+        self._l2_offsets = None
+        self._zcache = (-1, b"")
+        self.file_end = self.header.l1_table_offset + l1_bytes
+
     # -- metadata ------------------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.cs}
