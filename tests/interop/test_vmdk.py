@@ -80,7 +80,7 @@ def specific(info):
 
 # -- create and options ---------------------------------------------------------------------------
 def test_options_help_lists_qemu_options():
-    out = helpers.vdisk_cli("create", "-f", FMT, "-o", "help", check=True).stdout
+    out = u.vdisk("create", "-f", FMT, "-o", "help", check=True).stdout
     ref = helpers.qemu_img("create", "-f", FMT, "-o", "help").stdout.decode()
     names = lambda text: sorted(l.split("=")[0].strip() for l in text.splitlines() if l.startswith("  "))
     assert names(out) == names(ref)
@@ -118,7 +118,7 @@ def test_vdisk_created_and_written_passes_qemu(tmp_path, sub, name, value):
 ])
 def test_create_refused_like_qemu(tmp_path, opts, message):
     args = ["create", "-f", FMT, "-o", u.options_text(opts), tmp_path / "x.vmdk", "1M"]
-    proc = helpers.vdisk_cli(*args)
+    proc = u.vdisk(*args)
     assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert helpers.qemu_img(*args).returncode == 1
 
@@ -149,7 +149,7 @@ def test_over_2g_both_ways(tmp_path, sub):
     ws = [(0, 4096), (2 * 1024 * MiB - 4096, 8192), (size - 512, 512)]
     src = helpers.make_raw(tmp_path / "src.raw", size, ws)
     mine = str(tmp_path / "v.vmdk")
-    helpers.vdisk_cli("convert", "-O", FMT, "-o", "subformat=" + sub, src, mine, check=True)
+    u.vdisk("convert", "-O", FMT, "-o", "subformat=" + sub, src, mine, check=True)
     assert_qemu_clean(mine)
     assert helpers.qemu_compare(mine, src, FMT, "raw")
     q = str(tmp_path / "q.vmdk")
@@ -171,7 +171,7 @@ def test_convert_compressed(tmp_path, how):
     ws = [(0, 3 * MiB), (5 * MiB + 512, 70000), (size - 512, 512)]
     src = helpers.make_raw(tmp_path / "src.raw", size, ws)
     out = str(tmp_path / "c.vmdk")
-    helpers.vdisk_cli("convert", "-O", FMT, *how, src, out, check=True)
+    u.vdisk("convert", "-O", FMT, *how, src, out, check=True)
     assert_qemu_clean(out)
     assert helpers.qemu_compare(out, src, FMT, "raw")
     info = helpers.qemu_info(out)
@@ -234,7 +234,7 @@ def test_convert_with_new_backing_file(tmp_path):
     helpers.qemu_io(FMT, base, "write -P 5 0 2M", "write -P 6 3M 1M")
     src = helpers.make_raw(tmp_path / "src.raw", size, [(MiB, MiB)])
     out = str(tmp_path / "out.vmdk")
-    helpers.vdisk_cli("convert", "-O", FMT, "-B", "base.vmdk", "-F", FMT, src, out, check=True)
+    u.vdisk("convert", "-O", FMT, "-B", "base.vmdk", "-F", FMT, src, out, check=True)
     assert helpers.qemu_info(out)["backing-filename"] == "base.vmdk"
     assert_qemu_clean(out)
     assert helpers.qemu_compare(out, src, FMT, "raw")
@@ -296,7 +296,7 @@ def test_backing_file_both_ways(tmp_path, sub):
     base = u.create("qemu", tmp_path / "base.vmdk", FMT, str(size))
     helpers.qemu_io(FMT, base, "write -P 9 0 3M")
     # vdisk overlay over a qemu-img base: reads through, copy-on-write of partial grains
-    helpers.vdisk_cli("create", "-f", FMT, "-o", "subformat=" + sub, "-b", "base.vmdk", "-F", FMT,
+    u.vdisk("create", "-f", FMT, "-o", "subformat=" + sub, "-b", "base.vmdk", "-F", FMT,
                       tmp_path / "top.vmdk", check=True)
     top = str(tmp_path / "top.vmdk")
     engine_write(top, [(4096, 512)] if sub != "streamOptimized" else [(64 * 1024, 64 * 1024)])
@@ -339,7 +339,7 @@ def test_info_like_qemu(tmp_path, sub):
     assert specific(mine) == specific(ref)
     assert mine == ref or {k: v for k, v in mine.items() if k != "format-specific"} == \
         {k: v for k, v in ref.items() if k != "format-specific"}
-    text = helpers.vdisk_cli("info", path, check=True).stdout
+    text = u.vdisk("info", path, check=True).stdout
     assert "create type: %s" % sub in text and "parent cid: 4294967295" in text
 
 
@@ -352,7 +352,7 @@ def test_check_reports_grain_past_eof_like_qemu(tmp_path):
         gt = struct.unpack("<I", f.read(4))[0]
     u.poke(path, gt * 512 + 4, struct.pack("<I", 0x100000))
     ref = helpers.qemu_img("check", "-f", FMT, path)
-    mine = helpers.vdisk_cli("check", "-f", FMT, path)
+    mine = u.vdisk("check", "-f", FMT, path)
     assert ref.returncode == mine.returncode == 1, (ref, mine.stderr)
     assert "points after EOF" in mine.stderr and len(mine.stderr.splitlines()) == 1
 
@@ -362,7 +362,7 @@ def test_check_reports_grain_past_eof_like_qemu(tmp_path):
 def test_samples_read_like_qemu(tmp_path, name):
     path = u.sample(name, tmp_path)
     u.assert_same_as_qemu(path, FMT, tmp_path)
-    proc = helpers.vdisk_cli("check", path)
+    proc = u.vdisk("check", path)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -446,7 +446,7 @@ def test_mutations(tmp_path, sub, seed):
     good = str(tmp_path / "good.vmdk")
     helpers.run("qemu-img", "convert", "-O", FMT, "-o", "subformat=" + sub, src, good)
     if sub == "streamOptimized":
-        helpers.vdisk_cli("convert", "-O", FMT, "-o", "subformat=" + sub, src, good + ".v", check=True)
+        u.vdisk("convert", "-O", FMT, "-o", "subformat=" + sub, src, good + ".v", check=True)
         os.replace(good + ".v", good)
     fsize = os.path.getsize(good)
     if sub == "twoGbMaxExtentSparse":
@@ -508,4 +508,4 @@ def test_random_reads_match_qemu(tmp_path):
             assert img.read(off, n) == ref[off:off + n]
     finally:
         u.close_chain(img)
-    assert json.loads(helpers.vdisk_cli("map", "--output=json", path, check=True).stdout)
+    assert json.loads(u.vdisk("map", "--output=json", path, check=True).stdout)
