@@ -11,6 +11,7 @@ them, the directory, the footer and the end-of-stream marker on close.
 """
 import array
 import sys
+import threading
 import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +134,7 @@ class SparseExtent:
         if h.flags & hdr.FLAG_RGD and h.rgd_offset and not self.at_end:
             self.rgd = _u32(host.pread(h.gd_entries * 4, h.rgd_offset * SECTOR))
         self._gts: "OrderedDict[int, array.array]" = OrderedDict()
+        self._lock = threading.Lock()
         self._last_grain: Tuple[int, bytes] = (-1, b"")
         # writing
         self.next_sector = 0
@@ -152,17 +154,19 @@ class SparseExtent:
         off = self.gd[gdi]
         if not off:
             return None
-        table = self._gts.get(gdi)
-        if table is None:
-            if off * SECTOR + self.gtes * 4 > self.file_size:
-                raise CorruptImage("grain table %d (sector %d) lies beyond the end of the file" % (gdi, off),
-                                   path=self.path, field="grain directory")
-            table = _u32(self.host.pread(self.gtes * 4, off * SECTOR))
+        with self._lock:                # the cache may be used by a read-ahead thread too
+            table = self._gts.get(gdi)
+            if table is not None:
+                self._gts.move_to_end(gdi)
+                return table
+        if off * SECTOR + self.gtes * 4 > self.file_size:
+            raise CorruptImage("grain table %d (sector %d) lies beyond the end of the file" % (gdi, off),
+                               path=self.path, field="grain directory")
+        table = _u32(self.host.pread(self.gtes * 4, off * SECTOR))
+        with self._lock:
             self._gts[gdi] = table
             if len(self._gts) > GT_CACHE:
                 self._gts.popitem(last=False)
-        else:
-            self._gts.move_to_end(gdi)
         return table
 
     def entry(self, g: int) -> int:
