@@ -173,7 +173,7 @@ class SparseExtent:
         table = self.gt(g // self.gtes)
         return 0 if table is None else table[g % self.gtes]
 
-    def _classify(self, e: int) -> Tuple[str, Optional[int]]:
+    def classify(self, e: int) -> Tuple[str, Optional[int]]:
         if e == 0:
             return UNALLOCATED, None
         if e == hdr.GTE_ZEROED and self.zero_grain:
@@ -202,7 +202,7 @@ class SparseExtent:
         end = off + n
         span = self.gtes * self.gb
         if self.pending:
-            self._flush_pending(0)
+            self.flush_pending(0)
         while off < end:
             g = off // self.gb
             if self.partial and g in self.partial:
@@ -216,7 +216,7 @@ class SparseExtent:
                 off = stop
                 continue
             stop = min(end, (g + 1) * self.gb)
-            kind, host = self._classify(self.entry(g))
+            kind, host = self.classify(self.entry(g))
             if host is not None:
                 if host >= self.file_size and not self.started:
                     raise CorruptImage("grain %d (sector %d) lies beyond the end of the file"
@@ -244,7 +244,7 @@ class SparseExtent:
     def _inflate(self, host_off: int) -> bytes:
         if self._last_grain[0] == host_off:
             return self._last_grain[1]
-        self._flush_out()
+        self.flush_out()
         raw = self.host.pread(min(2 * self.gb + 12, max(0, self.file_size - host_off)), host_off)
         data = raw
         if self.has_marker:
@@ -266,7 +266,7 @@ class SparseExtent:
         return grain
 
     # -- writing: common -------------------------------------------------------------------
-    def _start(self) -> None:
+    def start_writing(self) -> None:
         """Where new grains go: after the file's content (the old metadata tail of a stream image)."""
         if self.started:
             return
@@ -316,7 +316,7 @@ class SparseExtent:
     def _new_gt(self, gdi: int) -> array.array:
         """A grain table for a directory entry that has none (images made elsewhere): appended,
         written empty, then pointed to by the directory and the redundant directory."""
-        self._flush_out()
+        self.flush_out()
         sectors = -(-self.gtes * 4 // SECTOR)
         table = array.array("I", bytes(self.gtes * 4))
         for gd, gd_off in ((self.gd, self.h.gd_offset), (self.rgd, self.h.rgd_offset)):
@@ -337,14 +337,14 @@ class SparseExtent:
     def _old_grain(self, g: int, backing) -> bytes:
         """What a grain holds before its first write: backing data, or zeros."""
         base = g * self.gb
-        kind, dummy = self._classify(self.entry(g))
+        kind, dummy = self.classify(self.entry(g))
         if kind == ZERO or backing is None:
             return bytes(self.gb)
         return backing(base, self.gb)
 
     def write(self, off: int, data, backing) -> None:
         """*backing(offset, length)* reads the guest data below this extent (for copy-on-write)."""
-        self._start()
+        self.start_writing()
         if self.compressed:
             self._write_compressed(off, memoryview(data).cast("B"), backing)
             return
@@ -353,7 +353,7 @@ class SparseExtent:
         pos = off
         while pos < end:
             g = pos // self.gb
-            kind, host = self._classify(self.entry(g))
+            kind, host = self.classify(self.entry(g))
             if kind == DATA:
                 stop = min(end, (g + 1) * self.gb)
                 self.host.pwrite(view[pos - off:stop - off], host + pos % self.gb)
@@ -362,7 +362,7 @@ class SparseExtent:
             last = g
             table_end = (g // self.gtes + 1) * self.gtes
             while ((last + 1) * self.gb < end and last + 1 < table_end
-                   and self._classify(self.entry(last + 1))[0] != DATA):
+                   and self.classify(self.entry(last + 1))[0] != DATA):
                 last += 1
             stop = min(end, (last + 1) * self.gb)
             self._allocate(g, last, pos, view[pos - off:stop - off], backing)
@@ -389,18 +389,18 @@ class SparseExtent:
         self._set_entries(first, [at + i * self.gs for i in range(count)])
 
     def write_zeroes(self, off: int, n: int, backing, has_backing: bool) -> None:
-        self._start()
+        self.start_writing()
         end = off + n
         pos = off
         while pos < end:
             g = pos // self.gb
             stop = min(end, (g + 1) * self.gb)
             whole = pos == g * self.gb and stop == min((g + 1) * self.gb, self.size)
-            kind, dummy = self._classify(self.entry(g))
+            kind, dummy = self.classify(self.entry(g))
             if kind == ZERO or (kind == UNALLOCATED and not has_backing):
                 pass
             elif whole and self.zero_grain and (kind == UNALLOCATED or not self.compressed):
-                self._flush_pending(0)
+                self.flush_pending(0)
                 self._set_entries(g, [hdr.GTE_ZEROED])
             else:
                 self.write(pos, bytes(stop - pos), backing)
@@ -416,7 +416,7 @@ class SparseExtent:
         while pos < end:
             g = pos // self.gb
             stop = min(end, (g + 1) * self.gb)
-            if g not in self.partial and self._classify(self.entry(g))[0] == DATA:
+            if g not in self.partial and self.classify(self.entry(g))[0] == DATA:
                 raise ImageError("Could not write to allocated cluster for streamOptimized", path=self.path,
                                  field="offset %d" % pos)
             piece = view[pos - off:stop - off]
@@ -440,17 +440,17 @@ class SparseExtent:
             import os
             self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self.pending.append((g, self.pool.submit(compress_grain, data, self.gb)))
-        self._flush_pending(PENDING)
+        self.flush_pending(PENDING)
 
-    def _flush_pending(self, keep: int) -> None:
+    def flush_pending(self, keep: int) -> None:
         while len(self.pending) > keep:
             g, fut = self.pending.popleft()
             self.append_grain(g, fut.result())
 
     def append_grain(self, g: int, payload: bytes) -> None:
         """Append one compressed grain behind its marker (sector-aligned) and point its entry at it."""
-        self._start()
-        if self._classify(self.entry(g))[0] == DATA:
+        self.start_writing()
+        if self.classify(self.entry(g))[0] == DATA:
             raise ImageError("Could not write to allocated cluster for streamOptimized", path=self.path,
                              field="grain %d" % g)
         at = self.next_sector
@@ -464,12 +464,12 @@ class SparseExtent:
         if self.at_end:
             self._set_entries(g, [at])
             if len(self.out) >= WRITE_BATCH:
-                self._flush_out()
+                self.flush_out()
         else:
-            self._flush_out()               # the grain before the table entry that points to it
+            self.flush_out()               # the grain before the table entry that points to it
             self._set_entries(g, [at])
 
-    def _flush_out(self) -> None:
+    def flush_out(self) -> None:
         if self.out:
             self.host.pwrite(self.out, self.out_start)
             self.out_start += len(self.out)
@@ -481,11 +481,11 @@ class SparseExtent:
         end the tables, the directory, the footer and the end-of-stream marker."""
         if not self.started:
             return
-        self._flush_pending(0)
+        self.flush_pending(0)
         for g in sorted(self.partial):
             buf, dummy = self.partial.pop(g)
             self.append_grain(g, compress_grain(bytes(buf), self.gb))
-        self._flush_out()
+        self.flush_out()
         if not self.at_end:
             return
         gt_sectors = -(-self.gtes * 4 // SECTOR)

@@ -317,8 +317,8 @@ class VmdkImage(Image):
             else:
                 self._check_range(g_off, len(data))
                 for dummy_guest, dummy_n, ext, local in self._parts(g_off, len(data)):
-                    ext._start()
-                    ext._flush_pending(0)
+                    ext.start_writing()
+                    ext.flush_pending(0)
                     ext.append_grain(local // ext.gb, payload)
             g_off += len(data)
 
@@ -367,7 +367,7 @@ class VmdkImage(Image):
                     continue
                 seen.add(ext.gd[gdi])
                 for idx, e in enumerate(table):
-                    dummy, host = ext._classify(e)
+                    dummy, host = ext.classify(e)
                     if host is not None and host >= ext.file_size:
                         sector = (start + (gdi * ext.gtes + idx) * ext.gb) // SECTOR
                         raise CorruptImage("Check failed: cluster offset for sector %d points after EOF" % sector,
@@ -378,8 +378,8 @@ class VmdkImage(Image):
         if self.writable:
             for dummy, ext in self.exts:
                 if ext.kind == "SPARSE":
-                    ext._flush_pending(0)
-                    ext._flush_out()
+                    ext.flush_pending(0)
+                    ext.flush_out()
                 if ext.host is not None:
                     ext.host.flush()
             self.host.flush()
