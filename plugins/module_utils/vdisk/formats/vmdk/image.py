@@ -46,13 +46,21 @@ def extent_path(descriptor_path: str, name: str) -> str:
     return full
 
 
+class _DescriptorFile(HostFile):
+    """The file the user named; its "disk size" counts the extent files too, as qemu-img's does."""
+    others: List[HostFile] = []
+
+    def allocated_bytes(self) -> int:
+        return super().allocated_bytes() + sum(h.allocated_bytes() for h in self.others if h.fd >= 0)
+
+
 class VmdkImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
         self.policy = policy
         self.lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=self.lock, sync=policy.sync)
+        self.host = _DescriptorFile(path, writable=writable, lock=self.lock, sync=policy.sync)
         self.exts: List[Tuple[int, Any]] = []       # (guest start, extent)
         self._desc_raw: Optional[bytes] = None      # the descriptor as read, where, and its room (None: a file)
         self._desc_at = 0
@@ -94,6 +102,7 @@ class VmdkImage(Image):
             self._desc_raw, self._desc_at, self._desc_room = self.host.pread(size, 0), 0, None
             self._open_descriptor(hdr.parse_descriptor(self._desc_raw, self.path))
         self.virtual_size = sum(e.size for dummy, e in self.exts)
+        self.host.others = [e.host for dummy, e in self.exts if e.host is not None and e.host is not self.host]
         first = self.exts[0][1] if self.exts else None
         self.cluster_size = first.cluster_bytes if first is not None else None
         self.allocation_unit = self.cluster_size
