@@ -38,11 +38,15 @@ venv: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --force-reinstall . >/dev/null
 	rm -rf build *.egg-info
 
+# the oracle (qemu-utils) and the tools that make the read-only formats' test images
+ORACLE_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils create_compressed_fs:cloop-utils bximage:bximage \
+                genisoimage:genisoimage xorriso:xorriso
 qemu:
-	@command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || { \
-	  echo "installing qemu-utils (the test oracle)"; \
+	@missing=$$(for t in $(ORACLE_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
+	[ -z "$$missing" ] || { \
+	  echo "installing" $$missing "(the test oracle and image-making tools)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq qemu-utils; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; }
 
 $(ASTAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(ANSIBLE_PINS)
