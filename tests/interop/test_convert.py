@@ -388,3 +388,14 @@ def test_copy_offload_raw_to_raw_and_its_conflicts(tmp_path, sources):
                            (["-S", "0"], "Cannot enable copy offloading when -S is used")]:
         out = vdisk_cli("convert", "-C", *flags, "-O", "qcow2", raw, tmp_path / "x.qcow2")
         assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt", ["dmg", "cloop"])
+def test_convert_to_a_read_only_format_names_the_destination(tmp_path, fmt):
+    src = tmp_path / "s.raw"
+    src.write_bytes(bytes(MiB))
+    dest = tmp_path / ("o." + fmt)
+    r = vdisk_cli("convert", "-O", fmt, str(src), str(dest))
+    assert r.returncode == 1
+    assert r.stderr.strip() == "vdisk: convert: %s: Format driver '%s' does not support image creation" % (dest, fmt)
+    assert os.listdir(str(tmp_path)) == ["s.raw"]       # no temporary file left either

@@ -103,6 +103,8 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
     if backing is not None and existing:
         raise InvalidOption("-B and -n cannot be used together: the existing target keeps its own backing file",
                             path=dest, field="-B")
+    if not existing and "create" not in driver.capabilities:
+        raise UnsupportedFeature("Format driver '%s' does not support image creation" % out_fmt, path=dest)
     images: List[Image] = []
     new_backing: Optional[Image] = None
     try:
