@@ -109,6 +109,12 @@ def test_vdisk_created_and_written_passes_qemu(tmp_path, sub, name, value):
     assert helpers.qemu_compare(mine, raw, FMT, "raw")
 
 
+def test_create_size_0_refused(tmp_path):
+    """qemu-img 7.2 writes empty vmdk images it cannot open itself; vdisk refuses to make one."""
+    proc = u.vdisk("create", "-f", FMT, tmp_path / "x.vmdk", "0")
+    assert proc.returncode == 1 and "size 0" in proc.stderr and not os.path.exists(str(tmp_path / "x.vmdk"))
+
+
 @pytest.mark.parametrize("opts,message", [
     ({"subformat": "bogus"}, "subformat"),
     ({"adapter_type": "scsi"}, "adapter type"),

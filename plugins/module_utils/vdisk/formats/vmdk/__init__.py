@@ -86,6 +86,10 @@ class VmdkDriver(Driver):
             parent_cid = self._parent_cid(path, backing)
         if size % SECTOR:
             size += SECTOR - size % SECTOR
+        if size == 0:
+            # qemu-img 7.2 writes such an image but cannot open it (a sparse file of capacity 0 reads as
+            # a descriptor; a descriptor without extents trips an assertion): refused here
+            raise InvalidOption("a vmdk image cannot be empty (size 0)", path=path, field="size")
         cid = random.getrandbits(32)
         final = os.path.basename(path)
         m = _TMP_NAME.match(final)
