@@ -145,7 +145,6 @@ class SparseExtent:
         self.out = bytearray()                      # compressed grains not yet written
         self.out_start = 0
         self.pool: Optional[ThreadPoolExecutor] = None
-        self.backing_reader = None
 
     # -- lookups ---------------------------------------------------------------------------
     def gt(self, gdi: int) -> Optional[array.array]:
@@ -476,7 +475,7 @@ class SparseExtent:
             self.file_size = max(self.file_size, self.out_start)
             self.out = bytearray()
 
-    def finish(self, backing) -> None:
+    def finish(self) -> None:
         """Write what is buffered: grains in flight, partly written grains, and for a directory at the
         end the tables, the directory, the footer and the end-of-stream marker."""
         if not self.started:

@@ -398,9 +398,9 @@ class VmdkImage(Image):
             return
         try:
             if self.writable:
-                for start, ext in self.exts:
+                for dummy, ext in self.exts:
                     if ext.kind == "SPARSE":
-                        ext.finish(self._backing_reader(start))
+                        ext.finish()
                 for dummy, ext in self.exts:
                     if ext.host is not None:
                         ext.host.flush()
