@@ -546,3 +546,33 @@ def test_hostile_log_entries_refused(tmp_path, case, message):
     proc, took = u.cli_limited("check", "-r", "all", "-f", FMT, path)
     assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert u.sha(path) == before and took < 20
+
+
+def test_sector_bitmap_entries_interleaved(tmp_path):
+    """With 1 MiB blocks a sector bitmap entry follows every 4096 payload entries: blocks past the
+    first chunk map through the right BAT entries both ways."""
+    size = 5 * 1024 * MiB
+    path = qemu_create(tmp_path / "q.vhdx", size, block_size="1M")
+    helpers.qemu_io(FMT, path, "write -P 0x61 %d 4k" % (4096 * MiB - 4096), "write -P 0x62 %d 4k" % (4096 * MiB),
+                    "write -P 0x63 %d 512" % (size - 512))
+    u.write_engine(path, FMT, [(4097 * MiB + 5, b"\x64" * 3000), (4095 * MiB, b"\x65" * 512)])
+    helpers.qemu_io(FMT, path, "read -P 0x61 %d 4k" % (4096 * MiB - 4096), "read -P 0x62 %d 4k" % (4096 * MiB),
+                    "read -P 0x64 %d 3000" % (4097 * MiB + 5), "read -P 0x65 %d 512" % (4095 * MiB),
+                    "read -P 0x63 %d 512" % (size - 512))
+    img = u.open_image(path, FMT)
+    try:
+        assert img.ratio == 4096 and len(img.bat) == 5120 + 1
+        assert img.read(4096 * MiB - 4096, 8192) == b"\x61" * 4096 + b"\x62" * 4096
+        assert img.read(size - 512, 512) == b"\x63" * 512
+    finally:
+        img.close()
+    assert helpers.qemu_check(path, FMT)["rc"] == 0
+
+
+def test_qemu_writes_into_vdisk_image(tmp_path):
+    for sub in SUBFORMATS:
+        path = vdisk_create(tmp_path / ("v-%s.vhdx" % sub), 10 * MiB + 512, subformat=sub, block_state_zero="off")
+        helpers.qemu_io(FMT, path, "write -P 0x71 0 64k", "write -P 0x72 %d 512" % (10 * MiB))
+        data = u.read_all(path, FMT)
+        assert data[:65536] == b"\x71" * 65536 and data[10 * MiB:] == b"\x72" * 512
+        assert data == u.qemu_raw(path, FMT, tmp_path)
