@@ -190,6 +190,18 @@ class VhdxImage(Image):
             parts.append(bytes(n) if host is None else self.host.pread(n, host))
         return b"".join(parts)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Read straight into the caller's buffer (convert's workers reuse theirs)."""
+        view = view.cast("B") if view.format != "B" else view
+        self._check_range(offset, len(view))
+        pos = 0
+        for dummy, n, host in self._runs(offset, len(view)):
+            if host is None:
+                view[pos:pos + n] = bytes(n)
+            else:
+                self.host.pread_into(view[pos:pos + n], host)
+            pos += n
+
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end <= offset:
