@@ -335,6 +335,19 @@ def test_write_changes_cid_as_qemu(tmp_path, sub):
     assert_qemu_clean(path)
 
 
+def test_changed_parent_refused_like_qemu(tmp_path):
+    """A parent written after its child was made has a new CID: QEMU and vdisk refuse to read the
+    child's unallocated grains through it."""
+    base = u.create("qemu", tmp_path / "base.vmdk", FMT, "1M")
+    helpers.run("qemu-img", "create", "-f", FMT, "-b", "base.vmdk", "-F", FMT, tmp_path / "top.vmdk")
+    top = str(tmp_path / "top.vmdk")
+    assert u.read_all(top, FMT) == bytes(MiB)
+    engine_write(base, [(0, 512)])
+    assert "failed" in helpers.qemu_io(FMT, top, "read 0 512", check=False)
+    with pytest.raises(errors.CorruptImage, match="parentCID"):
+        u.read_all(top, FMT)
+
+
 @pytest.mark.parametrize("sub", SUBFORMATS)
 def test_info_like_qemu(tmp_path, sub):
     path = u.create("qemu", tmp_path / "q.vmdk", FMT, str(3 * MiB), subformat=sub)

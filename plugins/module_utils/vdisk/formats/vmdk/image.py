@@ -66,6 +66,7 @@ class VmdkImage(Image):
         self._desc_at = 0
         self._desc_room: Optional[int] = None
         self._cid_updated = False
+        self._cid_checked = False
         try:
             self._open()
         except BaseException:
@@ -264,6 +265,19 @@ class VmdkImage(Image):
         avail = max(0, min(n, self.virtual_size - offset))
         data = self.read_backing(offset, avail) if avail else b""
         return data + bytes(n - len(data))
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """Guest data from the parent, once its CID is checked against ``parentCID``: QEMU refuses
+        to read through a parent whose content changed after this image was made."""
+        if self.backing is not None and not self._cid_checked:
+            parent_cid = getattr(self.backing, "cid", None)
+            if parent_cid != self.parent_cid:
+                raise CorruptImage("the parent's CID %s does not match parentCID %x: the backing file changed "
+                                   "after this image was made" % ("(none)" if parent_cid is None else
+                                                                  "%x" % parent_cid, self.parent_cid),
+                                   path=self.path, field="parentCID")
+            self._cid_checked = True
+        return super().read_backing(offset, length)
 
     def write(self, offset: int, data) -> None:
         self._check_writable()
