@@ -576,3 +576,24 @@ def test_qemu_writes_into_vdisk_image(tmp_path):
         data = u.read_all(path, FMT)
         assert data[:65536] == b"\x71" * 65536 and data[10 * MiB:] == b"\x72" * 512
         assert data == u.qemu_raw(path, FMT, tmp_path)
+
+
+def test_4k_logical_sectors(tmp_path):
+    """A 4Kn disk (Hyper-V makes them; qemu-img 7.2 refuses to open them): the chunk ratio follows
+    the logical sector size, and vdisk reads back what it wrote."""
+    path = vdisk_create(tmp_path / "k.vhdx", 20 * MiB, block_size="1M")
+    meta = hdr.parse_region_table(read_at(path, hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE))[1].file_offset
+    u.poke(path, meta + hdr.METADATA_TABLE_SIZE + 32, struct.pack("<II", 4096, 4096))
+    assert helpers.qemu_img("info", "-f", FMT, path).returncode == 1
+    u.write_engine(path, FMT, [(5 * MiB + 3, b"\x44" * 10000), (20 * MiB - 4096, b"\x45" * 4096)])
+    img = u.open_image(path, FMT)
+    try:
+        assert img.ratio == 32768 and img.md.logical_sector_size == 4096
+        data = img.read(0, 20 * MiB)
+    finally:
+        img.close()
+    assert data[5 * MiB + 3:5 * MiB + 10003] == b"\x44" * 10000 and data[-4096:] == b"\x45" * 4096
+    assert data.count(0) == 20 * MiB - 14096
+    u.poke(path, meta + hdr.METADATA_TABLE_SIZE + 32, struct.pack("<I", 1024))
+    v = helpers.vdisk_cli("info", "-f", FMT, path)
+    assert v.returncode == 1 and "logical sector size 1024" in v.stderr
