@@ -244,17 +244,23 @@ class SparseExtent:
         if self._last_grain[0] == host_off:
             return self._last_grain[1]
         self.flush_out()
-        raw = self.host.pread(min(2 * self.gb + 12, max(0, self.file_size - host_off)), host_off)
-        data = raw
+        # at most two grains (QEMU's bound), and only what the marker says when there is one
+        avail = min(2 * self.gb + hdr.GRAIN_MARKER.size, max(0, self.file_size - host_off))
         if self.has_marker:
+            raw = self.host.pread(min(avail, 8192), host_off)
             if len(raw) < hdr.GRAIN_MARKER.size:
                 raise CorruptImage("grain marker at sector %d is truncated" % (host_off // SECTOR), path=self.path,
                                    field="grain")
             dummy_lba, size = hdr.GRAIN_MARKER.unpack_from(raw, 0)
-            data = raw[hdr.GRAIN_MARKER.size:hdr.GRAIN_MARKER.size + size]
-            if not size or size > len(raw) - hdr.GRAIN_MARKER.size:
+            if not size or size > avail - hdr.GRAIN_MARKER.size:
                 raise CorruptImage("grain at sector %d has an invalid compressed size %d" % (host_off // SECTOR, size),
                                    path=self.path, field="grain")
+            end = hdr.GRAIN_MARKER.size + size
+            if end > len(raw):
+                raw += self.host.pread(end - len(raw), host_off + len(raw))
+            data = raw[hdr.GRAIN_MARKER.size:end]
+        else:
+            data = self.host.pread(avail, host_off)
         try:
             d = zlib.decompressobj()
             grain = d.decompress(data, self.gb)
