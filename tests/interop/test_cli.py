@@ -219,3 +219,23 @@ def test_backing_file_outside_allowed_directories(tmp_path):
 def test_version_and_help():
     assert vdisk("--version").stdout.startswith("vdisk version ")
     assert "convert" in vdisk("--help").stdout
+
+
+@pytest.mark.parametrize("make", [
+    ["qemu-img", "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "img", "3G"],
+    ["qemu-img", "create", "-f", "vmdk", "-o", "subformat=monolithicFlat", "img", "1M"],
+    ["qemu-img", "create", "-f", "qcow2", "img", "1M"],
+])
+def test_info_human_nested_format_specific_data(tmp_path, make):
+    """Lists and objects under "Format specific information" as qemu-img prints them (vmdk extents,
+    qcow2 bitmaps with their flags)."""
+    qemu(*make, cwd=tmp_path)
+    if make[3] == "qcow2":
+        qemu("qemu-img", "bitmap", "--add", "img", "b0", cwd=tmp_path)
+        qemu("qemu-img", "bitmap", "--add", "--disable", "-g", "128k", "img", "b1", cwd=tmp_path)
+    for name in ("img", str(tmp_path / "img")):
+        mine = vdisk("info", name, cwd=tmp_path)
+        assert mine.returncode == 0, mine.stderr
+        assert mine.stdout == qemu("qemu-img", "info", name, cwd=tmp_path).stdout
+        theirs = json.loads(qemu("qemu-img", "info", "--output=json", name, cwd=tmp_path).stdout)
+        assert json.loads(vdisk("info", "--output=json", name, cwd=tmp_path).stdout) == theirs

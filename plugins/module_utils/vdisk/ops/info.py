@@ -68,16 +68,27 @@ _SPECIFIC_NAMES = {"compression-type": "compression type", "lazy-refcounts": "la
 
 
 def _specific_lines(data: Dict[str, Any], indent: str) -> List[str]:
-    lines = []
+    """QEMU's dump of a QAPI object: ``key: value``, nested objects and lists indented by four
+    spaces under ``key:``, list items as ``[i]:``."""
+    lines: List[str] = []
     for key, value in data.items():
-        name = _SPECIFIC_NAMES.get(key, key.replace("-", " "))
+        _dump_value(lines, "%s%s:" % (indent, _SPECIFIC_NAMES.get(key, key.replace("-", " "))), value, indent)
+    return lines
+
+
+def _dump_value(lines: List[str], label: str, value: Any, indent: str) -> None:
+    inner = indent + "    "
+    if isinstance(value, dict):
+        lines.append(label)
+        lines.extend(_specific_lines(value, inner))
+    elif isinstance(value, list):
+        lines.append(label)
+        for i, item in enumerate(value):
+            _dump_value(lines, "%s[%d]:" % (inner, i), item, inner)
+    else:
         if isinstance(value, bool):
             value = "true" if value else "false"
-        if isinstance(value, (list, dict)):
-            lines.append("%s%s:" % (indent, name))
-            continue
-        lines.append("%s%s: %s" % (indent, name, value))
-    return lines
+        lines.append("%s %s" % (label, value))
 
 
 def render_human(info: Dict[str, Any]) -> str:

@@ -694,6 +694,10 @@ class Qcow2Image(Image):
                                 "compression-type": hdr.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+            from .measure import bitmap_info
+            bitmaps = bitmap_info(self)
+            if bitmaps:
+                data["bitmaps"] = bitmaps
         data["refcount-bits"] = h.refcount_bits
         if h.version >= 3:
             data["corrupt"] = self.corrupt

@@ -133,7 +133,22 @@ def measure(size: Optional[int], options: Dict[str, Any], source: Optional[Measu
 
 
 def persistent_bitmaps(image) -> Optional[List[Tuple[str, int]]]:
-    """``(name, granularity)`` of the bitmaps in a qcow2 image's bitmap directory.
+    """``(name, granularity)`` of the bitmaps in a qcow2 image's bitmap directory (None for v2)."""
+    entries = bitmap_entries(image)
+    return None if entries is None else [(name, gran) for name, gran, dummy in entries]
+
+
+def bitmap_info(image) -> List[Dict[str, Any]]:
+    """The bitmaps as ``qemu-img info`` lists them: flags (in-use, auto), name, granularity."""
+    out = []
+    for name, gran, flags in bitmap_entries(image) or ():
+        names = [n for bit, n in ((1, "in-use"), (2, "auto")) if flags & bit]
+        out.append({"flags": names, "name": name, "granularity": gran})
+    return out
+
+
+def bitmap_entries(image) -> Optional[List[Tuple[str, int, int]]]:
+    """``(name, granularity, flags)`` of the bitmaps in a qcow2 image's bitmap directory.
 
     Version 2 images cannot carry bitmaps (None).  A directory whose autoclear bit was
     cleared by a program without bitmap support is stale: QEMU ignores it, and so do we.
@@ -151,18 +166,18 @@ def persistent_bitmaps(image) -> Optional[List[Tuple[str, int]]]:
         raise CorruptImage("invalid bitmap directory (%d bitmaps, %d bytes at offset %d)"
                            % (count, dir_size, dir_offset), path=image.path, field="bitmaps")
     raw = image.host.pread(dir_size, dir_offset)
-    out: List[Tuple[str, int]] = []
+    out: List[Tuple[str, int, int]] = []
     pos = 0
     for dummy in range(count):
         if pos + BITMAP_DIR_ENTRY.size > len(raw):
             raise CorruptImage("bitmap directory entry past the directory's end", path=image.path,
                                field="bitmaps")
-        dummy, dummy, dummy, dummy, gran_bits, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+        dummy, dummy, flags, dummy, gran_bits, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(raw, pos)
         name_at = pos + BITMAP_DIR_ENTRY.size + extra
         if name_at + name_size > len(raw) or not 9 <= gran_bits <= 31:
             raise CorruptImage("invalid bitmap directory entry at offset %d" % (dir_offset + pos),
                                path=image.path, field="bitmaps")
-        out.append((raw[name_at:name_at + name_size].decode("utf-8", "surrogateescape"), 1 << gran_bits))
+        out.append((raw[name_at:name_at + name_size].decode("utf-8", "surrogateescape"), 1 << gran_bits, flags))
         pos += _round_up(BITMAP_DIR_ENTRY.size + extra + name_size, 8)
     return out
 

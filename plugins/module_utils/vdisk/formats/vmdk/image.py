@@ -43,7 +43,8 @@ def extent_path(descriptor_path: str, name: str) -> str:
     if not os.path.isfile(real):
         raise PolicyError("extent file %r is not a regular file; refused" % name, path=descriptor_path,
                           field="extent")
-    return full
+    # named as QEMU names it: beside the descriptor as the user gave its path (info shows this)
+    return os.path.join(os.path.dirname(descriptor_path), name)
 
 
 class _DescriptorFile(HostFile):
