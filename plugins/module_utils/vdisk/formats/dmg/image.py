@@ -125,4 +125,3 @@ class DmgImage(Image):
     def close(self) -> None:
         if self.host.fd >= 0:
             self.host.close()
-

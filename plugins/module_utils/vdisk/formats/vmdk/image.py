@@ -47,6 +47,10 @@ def extent_path(descriptor_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(descriptor_path), name)
 
 
+def _hex(value: Optional[int]) -> str:
+    return "(none)" if value is None else "%x" % value
+
+
 class _DescriptorFile(HostFile):
     """The file the user named; its "disk size" counts the extent files too, as qemu-img's does."""
     others: List[HostFile] = []
@@ -273,9 +277,8 @@ class VmdkImage(Image):
         if self.backing is not None and not self._cid_checked:
             parent_cid = getattr(self.backing, "cid", None)
             if parent_cid != self.parent_cid:
-                raise CorruptImage("the parent's CID %s does not match parentCID %x: the backing file changed "
-                                   "after this image was made" % ("(none)" if parent_cid is None else
-                                                                  "%x" % parent_cid, self.parent_cid),
+                raise CorruptImage("the parent's CID %s does not match parentCID %s: the backing file changed "
+                                   "after this image was made" % (_hex(parent_cid), _hex(self.parent_cid)),
                                    path=self.path, field="parentCID")
             self._cid_checked = True
         return super().read_backing(offset, length)
