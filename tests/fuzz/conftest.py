@@ -1,0 +1,5 @@
+"""tests/fuzz: the fuzzer module importable as ``fuzz``."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
