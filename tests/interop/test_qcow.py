@@ -309,11 +309,16 @@ def test_bad_input_refused_like_qemu(tmp_path, offset, value, message):
     assert u.sha(path) == before
 
 
-def test_encrypted_refused_with_one_line(tmp_path):
+@pytest.mark.parametrize("offset,value,message", [
+    (36, struct.pack(">I", hdr.CRYPT_AES), "AES-encrypted"),
+    (40, struct.pack(">Q", (1 << 63) - 4), "L1 table offset 0x7ffffffffffffffc is invalid"),
+    (8, struct.pack(">QI", (1 << 63) - 4, 8), "Invalid backing file offset"),
+])
+def test_refused_with_one_line(tmp_path, offset, value, message):
     path = qemu_create(tmp_path / "q.qcow", "1M")
-    u.poke(path, 36, struct.pack(">I", hdr.CRYPT_AES))
+    u.poke(path, offset, value)
     v = u.vdisk("info", "-f", FMT, path)
-    assert v.returncode == 1 and "AES-encrypted" in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
+    assert v.returncode == 1 and message in v.stderr and len(v.stderr.splitlines()) == 1, v.stderr
 
 
 def test_hostile_entries(tmp_path):
@@ -328,6 +333,14 @@ def test_hostile_entries(tmp_path):
             img.write(0, b"x" * 512)
     finally:
         img.close()
+    u.poke(path, 48, struct.pack(">Q", 8))                  # the L2 table on top of the header
+    img = u.open_image(path, FMT, writable=True)
+    try:
+        with pytest.raises(errors.CorruptImage):
+            img.write(8192, b"x" * 512)
+    finally:
+        img.close()
+    u.poke(path, 48, struct.pack(">Q", l2))
     u.poke(path, l2, struct.pack(">Q", 4096 + 7))           # not sector aligned: QEMU returns EIO
     v = u.vdisk("convert", "-f", FMT, "-O", "raw", path, tmp_path / "o.raw")
     assert v.returncode == 1 and "not sector aligned" in v.stderr

@@ -111,6 +111,8 @@ def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> He
         raise FormatError("invalid encryption method in qcow header", path=path, field="crypt_method")
     if h.size > U64 - (1 << (h.cluster_bits + h.l2_bits)) or h.l1_size > MAX_L1_ENTRIES:
         raise FormatError("Image too large", path=path, field="size")
+    if h.l1_table_offset + 8 * h.l1_size > MAX_HOST_OFFSET:
+        raise FormatError("L1 table offset 0x%x is invalid" % h.l1_table_offset, path=path, field="l1_table_offset")
     if h.backing_file_offset:
         if h.backing_file_size > MAX_BACKING_NAME:
             raise FormatError("Backing file name too long", path=path, field="backing_file_size")

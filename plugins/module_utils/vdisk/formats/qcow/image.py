@@ -211,6 +211,11 @@ class QcowImage(Image):
         idx = first & (self.l2_size - 1)
         if l2_off is None:
             table = self._l2_table(l1i)
+            off = self._l1_entry(l1i)
+            if off < self._meta_end or off + self.l2_bytes > _align(self.file_end, 512):
+                raise CorruptImage("L2 table offset 0x%x (L1 index %d) overlaps the header or L1 table or lies "
+                                   "beyond the end of the file; not writing there" % (off, l1i), path=self.path,
+                                   field="L1 table")
             table[idx:idx + len(entries)] = array.array("Q", entries)
             self.host.pwrite(_pack(entries), self._l1_entry(l1i) + 8 * idx)
             return
@@ -230,6 +235,10 @@ class QcowImage(Image):
         """The place of a new L2 table for cluster *ci* if it has none (taken before its clusters, as QEMU)."""
         if self._l1_entry(ci >> self.header.l2_bits):
             return None
+        if self.header.l1_table_offset + 8 * self.l1_size > self.file_end:
+            # QEMU would write the entry past the end of the file, where new clusters then go too
+            raise CorruptImage("the L1 table lies beyond the end of the file; not allocating", path=self.path,
+                               field="l1_table_offset")
         return self._take(self.l2_bytes)
 
     # -- writes ----------------------------------------------------------------------------
