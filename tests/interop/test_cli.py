@@ -239,3 +239,15 @@ def test_info_human_nested_format_specific_data(tmp_path, make):
         assert mine.stdout == qemu("qemu-img", "info", name, cwd=tmp_path).stdout
         theirs = json.loads(qemu("qemu-img", "info", "--output=json", name, cwd=tmp_path).stdout)
         assert json.loads(vdisk("info", "--output=json", name, cwd=tmp_path).stdout) == theirs
+
+
+def test_commit_from_a_format_that_cannot_empty_itself(tmp_path):
+    """qed has no make_empty: qemu-img commits, says so, and keeps the overlay's data; so does vdisk."""
+    qemu("qemu-img", "create", "-f", "raw", "b.raw", "4M", cwd=tmp_path)
+    qemu("qemu-img", "create", "-f", "qed", "-b", "b.raw", "-F", "raw", "o.qed", cwd=tmp_path)
+    qemu("qemu-io", "-c", "write -P 7 0 64k", "o.qed", cwd=tmp_path)
+    r = vdisk("commit", "o.qed", cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "Image committed.", "")
+    assert qemu("qemu-img", "compare", "-f", "qed", "-F", "raw", "o.qed", "b.raw", cwd=tmp_path).returncode == 0
+    assert "o.qed" in qemu("qemu-img", "map", "o.qed", cwd=tmp_path).stdout      # still allocated in the overlay
+    assert qemu("qemu-img", "check", "o.qed", cwd=tmp_path).returncode == 0

@@ -242,6 +242,11 @@ class Image:
         """Drop data the guest no longer needs; optional, so the default does nothing."""
         self._check_writable()
 
+    def make_empty(self) -> None:
+        """After a commit, drop this overlay's data so the backing file shows through.  Optional, as
+        in QEMU: a format without it (qed, vdi, vpc, ...) keeps its data and the commit still succeeds."""
+        self._check_writable()
+
     # compressed output (convert -c): compress_block runs in worker threads, write_compressed in order
     compression_unit = 0     # bytes per compressed block (qcow2: the cluster size); 0: not supported
 
