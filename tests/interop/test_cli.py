@@ -251,3 +251,27 @@ def test_commit_from_a_format_that_cannot_empty_itself(tmp_path):
     assert qemu("qemu-img", "compare", "-f", "qed", "-F", "raw", "o.qed", "b.raw", cwd=tmp_path).returncode == 0
     assert "o.qed" in qemu("qemu-img", "map", "o.qed", cwd=tmp_path).stdout      # still allocated in the overlay
     assert qemu("qemu-img", "check", "o.qed", cwd=tmp_path).returncode == 0
+
+
+def test_check_reports_a_vhdx_bat_entry_past_the_end_as_qemu_does(tmp_path):
+    """A plain check opens a VHDX whose BAT is damaged and reports it (exit 2), as qemu-img check does."""
+    import struct
+    import uuid
+    qemu("qemu-img", "create", "-f", "vhdx", "v.vhdx", "64M", cwd=tmp_path)
+    qemu("qemu-io", "-c", "write -P 1 0 1M", "v.vhdx", cwd=tmp_path)
+    path = tmp_path / "v.vhdx"
+    data = path.read_bytes()
+    at = data.find(uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le, 192 * 1024)   # the BAT region
+    bat, = struct.unpack_from("<Q", data, at + 16)
+    entry, = struct.unpack_from("<Q", data, bat)
+    with open(str(path), "r+b") as f:
+        f.seek(bat)
+        f.write(struct.pack("<Q", (entry & 0xFFFFF) | (1 << 40)))       # block 0 at 1 TiB
+    before = path.read_bytes()
+    theirs = qemu("qemu-img", "check", "v.vhdx", cwd=tmp_path, check=False)
+    mine = vdisk("check", "v.vhdx", cwd=tmp_path)
+    assert theirs.returncode == mine.returncode == 2
+    assert mine.stdout == theirs.stdout
+    assert "points after end of file" in mine.stderr
+    assert path.read_bytes() == before
+    assert vdisk("info", "v.vhdx", cwd=tmp_path).returncode == 1      # other opens still refuse it

@@ -86,6 +86,7 @@ class Policy:
     force_share: bool = False   # -U: open without taking image locks (read-only opens only)
     lock: bool = True
     repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
+    check: bool = False         # opening for check: damage check reports is not refused at open
     sync: bool = True           # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
 
     def with_root(self, image_path: str) -> "Policy":

@@ -214,7 +214,7 @@ def cmd_check(argv: List[str]) -> int:
     p.add_argument("filename")
     args = p.parse_args(argv)
     from ..errors import UnsupportedFeature
-    policy = _policy(args, repair=bool(args.repair), follow_backing=False)
+    policy = _policy(args, repair=bool(args.repair), follow_backing=False, check=True)
     image = open_image(args.filename, args.fmt, writable=bool(args.repair), policy=policy, backing=False)
     try:
         try:

@@ -102,7 +102,7 @@ class VhdxImage(Image):
         if sys.byteorder != "little":
             self.bat.byteswap()
         self.bat_errors = self._check_bat(file_size)
-        if self.bat_errors and not self.policy.repair:
+        if self.bat_errors and not (self.policy.repair or self.policy.check):
             raise CorruptImage(self.bat_errors[0], path=self.path, field="BAT")
 
     @property
