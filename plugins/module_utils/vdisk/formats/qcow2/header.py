@@ -185,13 +185,14 @@ def parse_header(data: bytes, path: str, file_size: int) -> Header:
         raise FormatError("Reference count table offset invalid", path=path, field="refcount_table_offset")
     if l1_size > MAX_L1_SIZE // 8:
         raise FormatError("Active L1 table too large", path=path, field="l1_size")
-    if l1_size and (l1_off % cs or l1_off == 0 or l1_off >= MAX_HOST_OFFSET):
+    # a table's offset must be cluster-aligned even when it has no entries (QEMU refuses it too)
+    if l1_off % cs or (l1_size and (l1_off == 0 or l1_off >= MAX_HOST_OFFSET)):
         raise FormatError("Active L1 table offset invalid", path=path, field="l1_table_offset")
     if size > l1_size * h.l2_entries * cs:
         raise FormatError("L1 table is too small", path=path, field="l1_size")
     if nb_snap > MAX_SNAPSHOTS:
         raise FormatError("Snapshot table too large", path=path, field="nb_snapshots")
-    if nb_snap and (snap_off % cs or snap_off >= MAX_HOST_OFFSET):
+    if snap_off % cs or (nb_snap and snap_off >= MAX_HOST_OFFSET):
         raise FormatError("Snapshot table offset invalid", path=path, field="snapshots_offset")
     _parse_extensions(data, h, path)
     if bfo:
