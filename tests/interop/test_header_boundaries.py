@@ -1,0 +1,182 @@
+"""Header-boundary tests in the style of QEMU's iotest 080: every integer field of each format's
+header (offsets from the format's on-disk header struct) is overwritten with boundary values --
+0xffffffff, 0x7fffffff, 0, the original value plus one (misaligned), a huge value -- and vdisk
+``info`` and ``convert -O raw`` (and ``map`` in the slow cells) must each end in success or a one-line ``vdisk:`` error,
+within time and memory limits (forked children, tests/fuzz/fuzz.py), leaving the file unchanged;
+and when ``qemu-img info`` refuses the damaged image, vdisk refuses it too.
+
+Checksummed headers (VHD footer and dynamic header, VHDX headers and region table) get their
+checksum recomputed after the damage, so the value reaches the parser instead of the checksum
+test. One test per (format, value): it walks every field and reports all failures at once.
+The default run covers 0xffffffff and misaligned; the other values are marked slow.
+"""
+import os
+import shutil
+import struct
+import sys
+
+import pytest
+
+import helpers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz"))
+import fuzz  # noqa: E402  (tests/fuzz is not a package)
+
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.vhdx.crc32c import checksum as crc_sum  # noqa: E402
+
+KiB = 1024
+WALL = 15.0
+
+
+def _vpc_sum(buf, at):
+    return ~(sum(buf) - sum(buf[at:at + 4])) & 0xFFFFFFFF
+
+
+# field tables: (name, offset in the structure, width, endianness); structure base per format below
+QCOW2 = [("version", 4, 4), ("backing_file_offset", 8, 8), ("backing_file_size", 16, 4), ("cluster_bits", 20, 4),
+         ("size", 24, 8), ("crypt_method", 32, 4), ("l1_size", 36, 4), ("l1_table_offset", 40, 8),
+         ("refcount_table_offset", 48, 8), ("refcount_table_clusters", 56, 4), ("nb_snapshots", 60, 4),
+         ("snapshots_offset", 64, 8), ("incompatible_features", 72, 8), ("compatible_features", 80, 8),
+         ("autoclear_features", 88, 8), ("refcount_order", 96, 4), ("header_length", 100, 4)]
+QED = [("cluster_size", 4, 4), ("table_size", 8, 4), ("header_size", 12, 4), ("features", 16, 8),
+       ("compat_features", 24, 8), ("autoclear_features", 32, 8), ("l1_table_offset", 40, 8), ("image_size", 48, 8),
+       ("backing_filename_offset", 56, 4), ("backing_filename_size", 60, 4)]
+VDI = [("signature", 64, 4), ("version", 68, 4), ("header_size", 72, 4), ("image_type", 76, 4),
+       ("image_flags", 80, 4), ("offset_bmap", 340, 4), ("offset_data", 344, 4), ("cylinders", 348, 4),
+       ("heads", 352, 4), ("sectors", 356, 4), ("sector_size", 360, 4), ("disk_size", 368, 8),
+       ("block_size", 376, 4), ("block_extra", 380, 4), ("blocks_in_image", 384, 4), ("blocks_allocated", 388, 4)]
+VPC_FOOTER = [("features", 8, 4), ("version", 12, 4), ("data_offset", 16, 8), ("orig_size", 40, 8),
+              ("current_size", 48, 8), ("cylinders", 56, 2), ("heads", 58, 1), ("sectors", 59, 1), ("disk_type", 60, 4)]
+VPC_DYN = [("dyn.data_offset", 8, 8), ("dyn.table_offset", 16, 8), ("dyn.version", 24, 4),
+           ("dyn.max_table_entries", 28, 4), ("dyn.block_size", 32, 4)]
+PARALLELS = [("version", 16, 4), ("heads", 20, 4), ("cylinders", 24, 4), ("tracks", 28, 4), ("bat_entries", 32, 4),
+             ("nb_sectors", 36, 8), ("inuse", 44, 4), ("data_off", 48, 4), ("flags", 52, 4), ("ext_off", 56, 8)]
+VMDK = [("version", 4, 4), ("flags", 8, 4), ("capacity", 12, 8), ("granularity", 20, 8), ("desc_offset", 28, 8),
+        ("desc_size", 36, 8), ("num_gtes_per_gt", 44, 4), ("rgd_offset", 48, 8), ("gd_offset", 56, 8),
+        ("overhead", 64, 8), ("compress_algorithm", 77, 2)]
+VHDX_HEADER = [("hdr.sequence", 8, 8), ("hdr.log_version", 64, 2), ("hdr.version", 66, 2), ("hdr.log_length", 68, 4),
+               ("hdr.log_offset", 72, 8)]
+VHDX_REGION = [("rt.entry_count", 8, 4), ("rt.bat_offset", 32, 8), ("rt.bat_length", 40, 4), ("rt.bat_required", 44, 4),
+               ("rt.meta_offset", 64, 8), ("rt.meta_length", 72, 4)]
+
+
+def _fields(fmt, path):
+    """[(name, absolute offset, width, endian, fix-up)] for the image at *path*."""
+    size = os.path.getsize(path)
+    if fmt == "qcow2":
+        return [(n, o, w, ">", None) for n, o, w in QCOW2]
+    if fmt == "qed":
+        return [(n, o, w, "<", None) for n, o, w in QED]
+    if fmt == "vdi":
+        return [(n, o, w, "<", None) for n, o, w in VDI]
+    if fmt == "parallels":
+        return [(n, o, w, "<", None) for n, o, w in PARALLELS]
+    if fmt == "vmdk":
+        return [(n, o, w, "<", None) for n, o, w in VMDK]
+    if fmt == "vpc":
+        def fix_footer(buf, base):
+            struct.pack_into(">I", buf, base + 64, _vpc_sum(buf[base:base + 512], 64))
+        with open(path, "rb") as f:
+            dyn = struct.unpack(">Q", f.read(24)[16:24])[0]
+        out = [("copy." + n, o, w, ">", lambda b: fix_footer(b, 0)) for n, o, w in VPC_FOOTER]
+        out += [("end." + n, size - 512 + o, w, ">", lambda b: fix_footer(b, size - 512)) for n, o, w in VPC_FOOTER]
+
+        def fix_dyn(buf):
+            struct.pack_into(">I", buf, dyn + 36, _vpc_sum(buf[dyn:dyn + 1024], 36))
+        out += [(n, dyn + o, w, ">", fix_dyn) for n, o, w in VPC_DYN]
+        return out
+    if fmt == "vhdx":
+        def fix(base, length):
+            def fixer(buf):
+                struct.pack_into("<I", buf, base + 4, crc_sum(bytes(buf[base:base + length])))
+            return fixer
+        out = []
+        for base in (64 * KiB, 128 * KiB):
+            out += [("%s@%dK" % (n, base // KiB), base + o, w, "<", fix(base, 4 * KiB)) for n, o, w in VHDX_HEADER]
+        out += [(n, 192 * KiB + o, w, "<", fix(192 * KiB, 64 * KiB)) for n, o, w in VHDX_REGION]
+        return out
+    raise AssertionError(fmt)
+
+
+MAKERS = {
+    "qcow2": ["-o", "cluster_size=4096"], "qed": [], "vdi": [], "vpc": [], "parallels": [], "vmdk": [],
+    "vhdx": ["-o", "block_size=1M,log_size=1M"],
+}
+
+
+def _committed(fmt):
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import DRIVERS
+    return fmt in DRIVERS
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """One small image per format with data in it (qemu-img create + qemu-io writes)."""
+    d = tmp_path_factory.mktemp("seeds")
+    out = {}
+    for fmt, opts in MAKERS.items():
+        path = str(d / ("seed." + fmt))
+        helpers.run("qemu-img", "create", "-q", "-f", fmt, *opts, path, "2M")
+        helpers.qemu_io(fmt, path, "write -P 0x5a 0 64k", "write -P 0xa5 1M 4k")
+        out[fmt] = path
+    return out
+
+
+def _boundary(kind, old, width):
+    mask = (1 << (8 * width)) - 1
+    return {"0xffffffff": 0xFFFFFFFF, "0x7fffffff": 0x7FFFFFFF, "zero": 0, "misaligned": old + 1,
+            "huge": (1 << 62) if width == 8 else (1 << (8 * width - 1))}[kind] & mask
+
+
+DEFAULT = ("0xffffffff", "misaligned")
+KINDS = [(fmt, k) if k in DEFAULT else pytest.param(fmt, k, marks=pytest.mark.slow)
+         for fmt in MAKERS for k in ("0xffffffff", "misaligned", "0x7fffffff", "zero", "huge")]
+
+
+@pytest.mark.parametrize("fmt,kind", KINDS)
+def test_header_boundaries(fmt, kind, seeds, tmp_path):
+    if not _committed(fmt):
+        pytest.skip("no %s driver" % fmt)
+    fuzz.preload([fmt])
+    with open(seeds[fmt], "rb") as f:
+        original = f.read()
+    work = tmp_path / "img"
+    scratch = tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    path = str(work / "img")
+    problems = []
+    # map only in the slow cells: info and convert between them read every table
+    commands = ("info", "convert") if kind in DEFAULT else ("info", "map", "convert")
+    for name, off, width, endian, fixup in _fields(fmt, seeds[fmt]):
+        code = endian + {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
+        buf = bytearray(original)
+        old = struct.unpack_from(code, buf, off)[0]
+        new = _boundary(kind, old, width)
+        if new == old:
+            continue
+        struct.pack_into(code, buf, off, new)
+        if fixup:
+            fixup(buf)
+        with open(path, "wb") as f:
+            f.write(buf)
+        before = fuzz.tree_hash(str(work), ["img"])
+        statuses = []
+        for cmd in commands:
+            status, stderr, dummy = fuzz.run_child(fuzz._command(cmd, fmt, path, str(scratch), False), str(scratch),
+                                                   wall=WALL)
+            statuses.append(status)
+            problem = fuzz.verdict(cmd, status, stderr)
+            if problem:
+                problems.append("%s=%#x: %s %s" % (name, new, cmd, problem))
+            out = scratch / "out.raw"
+            if out.exists():
+                out.unlink()
+        if fuzz.tree_hash(str(work), ["img"]) != before:
+            problems.append("%s=%#x: the image changed" % (name, new))
+        # qemu-img refuses the damaged header: vdisk must not accept it silently
+        if all(s == 0 for s in statuses) and helpers.run("qemu-img", "info", "-f", fmt, path,
+                                                        check=False).returncode != 0:
+            problems.append("%s=%#x: qemu-img info refuses it, vdisk %s accept it" % (name, new, " and ".join(commands)))
+    shutil.rmtree(str(work), ignore_errors=True)
+    assert not problems, "\n".join(problems)
