@@ -214,7 +214,7 @@ def _seed_table():
                   "backing": backed("qcow2", "qcow2"), "vdisk-made": q("qcow2", tool="vdisk"),
                   "afl5": sample("afl5.img")},
         "qcow": {"default": q("qcow"), "backing": backed("qcow", "raw"), "small": q("qcow", tool="vdisk")},
-        "qed": {"default": q("qed"), "small": q("qed", "cluster_size=16k,table_size=1"), "backing": backed("qed", "raw")},
+        "qed": {"default": q("qed"), "small": q("qed", "cluster_size=16k"), "backing": backed("qed", "raw")},
         "vdi": {"dynamic": q("vdi"), "static": q("vdi", "static=on"), "vdisk-made": q("vdi", tool="vdisk")},
         "vpc": {"dynamic": q("vpc"), "fixed": q("vpc", "subformat=fixed"), "vdisk-made": q("vpc", tool="vdisk"),
                 "virtualpc": sample("virtualpc-dynamic.vhd"), "d2v": sample("d2v-zerofilled.vhd"),
@@ -332,6 +332,30 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         else:
             cut = rng.randrange(len(out))
             del out[cut:]
+    return bytes(out)
+
+
+def _vpc_sum(buf, at):
+    return ~(sum(buf) - sum(buf[at:at + 4])) & 0xFFFFFFFF
+
+
+def fix_checksums(data: bytes) -> bytes:
+    """Recompute the VHD footer/dynamic-header and VHDX header/region-table checksums, so most
+    mutants get past the checksum test to the parser behind it."""
+    out = bytearray(data)
+    n = len(out)
+    for base in (0, n - 512):
+        if base >= 0 and out[base:base + 8] == b"conectix":
+            struct.pack_into(">I", out, base + 64, _vpc_sum(out[base:base + 512], 64))
+            dyn = struct.unpack_from(">Q", out, base + 16)[0]
+            if dyn + 1024 <= n and out[dyn:dyn + 8] == b"cxsparse":
+                struct.pack_into(">I", out, dyn + 36, _vpc_sum(out[dyn:dyn + 1024], 36))
+    if out[:8] == b"vhdxfile":
+        from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.vhdx.crc32c import checksum
+        for base, sig, length in ((65536, b"head", 4096), (131072, b"head", 4096), (196608, b"regi", 65536),
+                                  (262144, b"regi", 65536)):
+            if base + length <= n and out[base:base + 4] == sig:
+                struct.pack_into("<I", out, base + 4, checksum(bytes(out[base:base + length])))
     return bytes(out)
 
 
@@ -538,6 +562,8 @@ def fuzz(seeds, seconds, seed, scratch, save=True, log=sys.stderr, **limits):
             shutil.copyfile(os.path.join(d, name), os.path.join(mdir, name))
         mutant_seed = rng.randrange(1 << 62)
         data = mutate(loaded[d], random.Random(mutant_seed))
+        if rng.random() < 0.7:
+            data = fix_checksums(data)
         with open(os.path.join(mdir, main_name), "wb") as f:
             f.write(data)
         probe = rng.random() < 0.15
