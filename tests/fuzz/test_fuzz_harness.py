@@ -1,0 +1,64 @@
+"""The fuzzer's own harness: a forked command's traceback, memory blow-up, CPU spin, stray stderr
+line and a change to the image are each reported as failures (so a quiet fuzz run means something)."""
+import os
+import time
+
+import pytest
+
+import fuzz
+
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.cli import main as cli_main
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(bytes(65536))
+    return str(path)
+
+
+def _with_info(monkeypatch, fn):
+    monkeypatch.setitem(cli_main.COMMANDS, "info", fn)
+
+
+def test_allowed_outcomes(image, tmp_path):
+    status, stderr, dummy = fuzz.run_child(["info", "-f", "raw", image], str(tmp_path))
+    assert status == 0 and fuzz.verdict("info", status, stderr) is None
+    status, stderr, dummy = fuzz.run_child(["info", "-f", "qcow2", image], str(tmp_path))
+    assert status == 1 and stderr.startswith("vdisk: info:") and fuzz.verdict("info", status, stderr) is None
+
+
+def test_traceback_is_a_failure(image, tmp_path, monkeypatch):
+    _with_info(monkeypatch, lambda args: 1 // 0)
+    status, stderr, dummy = fuzz.run_child(["info", image], str(tmp_path))
+    assert "ZeroDivisionError" in fuzz.verdict("info", status, stderr)
+
+
+def test_memory_limit(image, tmp_path, monkeypatch):
+    _with_info(monkeypatch, lambda args: len(bytearray(2 << 30)))
+    status, stderr, dummy = fuzz.run_child(["info", image], str(tmp_path))
+    assert "MemoryError" in fuzz.verdict("info", status, stderr)
+
+
+def test_cpu_and_wall_limits(image, tmp_path, monkeypatch):
+    def spin(args):
+        while True:
+            pass
+    _with_info(monkeypatch, spin)
+    t0 = time.monotonic()
+    status, stderr, dummy = fuzz.run_child(["info", image], str(tmp_path), cpu=1, wall=5)
+    assert time.monotonic() - t0 < 5.5
+    assert fuzz.verdict("info", status, stderr) in ("signal 24", "timeout")   # SIGXCPU or the wall clock
+
+
+def test_two_lines_and_changed_image(image, tmp_path, monkeypatch):
+    def noisy(args):
+        import sys
+        sys.stderr.write("vdisk: warning: one\nvdisk: info: two\n")
+        with open(args[-1], "r+b") as f:
+            f.write(b"x")
+        return 1
+    _with_info(monkeypatch, noisy)
+    d, name = os.path.split(image)
+    found = fuzz.run_mutant("raw", d, name, [name], str(tmp_path), commands=("info",))
+    assert found and "the image changed" in found[0][2] and "2 stderr lines" in found[0][2]
