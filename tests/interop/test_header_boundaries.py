@@ -180,3 +180,87 @@ def test_header_boundaries(fmt, kind, seeds, tmp_path):
             problems.append("%s=%#x: qemu-img info refuses it, vdisk %s accept it" % (name, new, " and ".join(commands)))
     shutil.rmtree(str(work), ignore_errors=True)
     assert not problems, "\n".join(problems)
+
+
+# -- table entries ------------------------------------------------------------------------------
+VHDX_BAT_GUID = bytes.fromhex("6677c22d23f600429d64115e9bfd4a08")
+
+
+def _u(buf, code, off):
+    return struct.unpack_from(code, buf, off)[0]
+
+
+def _tables(fmt, buf):
+    """[(name, offset of the first entry, entry width, endian)]: each format's tables, found
+    through the header as a reader finds them."""
+    out = []
+    if fmt == "qcow2":
+        l1 = _u(buf, ">Q", 40)
+        out += [("l1", l1, 8, ">"), ("reftable", _u(buf, ">Q", 48), 8, ">")]
+        l2 = _u(buf, ">Q", l1) & 0x00FFFFFFFFFFFE00
+        if l2:
+            out.append(("l2", l2, 8, ">"))
+    elif fmt == "qed":
+        l1 = _u(buf, "<Q", 40)
+        out.append(("l1", l1, 8, "<"))
+        if _u(buf, "<Q", l1):
+            out.append(("l2", _u(buf, "<Q", l1), 8, "<"))
+    elif fmt == "vdi":
+        out.append(("bmap", _u(buf, "<I", 340), 4, "<"))
+    elif fmt == "vpc":
+        dyn = _u(buf, ">Q", 16)
+        out.append(("bat", _u(buf, ">Q", dyn + 16), 4, ">"))
+    elif fmt == "parallels":
+        out.append(("bat", 64, 4, "<"))
+    elif fmt == "vmdk":
+        gd = _u(buf, "<Q", 56) * 512
+        out += [("gd", gd, 4, "<"), ("gt", _u(buf, "<I", gd) * 512, 4, "<")]
+    elif fmt == "vhdx":
+        base = 192 * KiB
+        for i in range(_u(buf, "<I", base + 8)):
+            entry = base + 16 + 32 * i
+            if bytes(buf[entry:entry + 16]) == VHDX_BAT_GUID:
+                out.append(("bat", _u(buf, "<Q", entry + 16), 8, "<"))
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(MAKERS))
+def test_table_entries(fmt, seeds, tmp_path):
+    """The first two entries of every table (L1/L2/refcount, block maps, BATs, grain directories)
+    set to 0xffffffff, a huge value, and their value plus one (misaligned)."""
+    if not _committed(fmt):
+        pytest.skip("no %s driver" % fmt)
+    fuzz.preload([fmt])
+    with open(seeds[fmt], "rb") as f:
+        original = f.read()
+    work = tmp_path / "img"
+    scratch = tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    path = str(work / "img")
+    problems = []
+    tables = _tables(fmt, original)
+    assert tables, "no table found in the %s seed" % fmt
+    for name, base, width, endian in tables:
+        code = endian + {4: "I", 8: "Q"}[width]
+        for index in (0, 1):
+            off = base + index * width
+            old = _u(original, code, off)
+            for new in sorted({0xFFFFFFFF, (1 << (8 * width - 2)) | 0x10000, (old + 1) & ((1 << (8 * width)) - 1)}):
+                buf = bytearray(original)
+                struct.pack_into(code, buf, off, new)
+                with open(path, "wb") as f:
+                    f.write(buf)
+                before = fuzz.tree_hash(str(work), ["img"])
+                for cmd in ("info", "convert", "check"):
+                    status, stderr, dummy = fuzz.run_child(fuzz._command(cmd, fmt, path, str(scratch), False),
+                                                           str(scratch), wall=WALL)
+                    problem = fuzz.verdict(cmd, status, stderr)
+                    if problem:
+                        problems.append("%s[%d]=%#x: %s %s" % (name, index, new, cmd, problem))
+                    out = scratch / "out.raw"
+                    if out.exists():
+                        out.unlink()
+                if fuzz.tree_hash(str(work), ["img"]) != before:
+                    problems.append("%s[%d]=%#x: the image changed" % (name, index, new))
+    assert not problems, "\n".join(problems)
