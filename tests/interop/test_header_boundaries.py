@@ -264,3 +264,63 @@ def test_table_entries(fmt, seeds, tmp_path):
                 if fuzz.tree_hash(str(work), ["img"]) != before:
                     problems.append("%s[%d]=%#x: the image changed" % (name, index, new))
     assert not problems, "\n".join(problems)
+
+
+# -- the VMDK descriptor ------------------------------------------------------------------------
+# (pattern, replacement) pairs applied to the embedded descriptor of a monolithicSparse image
+VMDK_DESCRIPTOR = [
+    (r"RW \d+ SPARSE", "RW 4294967295 SPARSE"), (r"RW \d+ SPARSE", "RW 2147483647 SPARSE"),
+    (r"RW \d+ SPARSE", "RW 0 SPARSE"), (r"RW \d+ SPARSE", "RW 9223372036854775807 SPARSE"),
+    (r"RW \d+ SPARSE", "RW 4097 SPARSE"), (r"RW \d+ SPARSE", "RW -1 SPARSE"),
+    (r"SPARSE \"[^\"]*\"", "SPARSE \"img\" 4294967295"), (r"SPARSE", "FLAT"), (r"SPARSE", "ZERO"),
+    (r"SPARSE \"[^\"]*\"", "SPARSE \"\""), (r"\"monolithicSparse\"", "\"vmfs\""),
+    (r"version=1", "version=4294967295"), (r"parentCID=\w+", "parentCID=0"), (r"CID=\w+", "CID=ffffffffff"),
+    (r"cylinders = \"\d+\"", "cylinders = \"4294967295\""), (r"heads = \"\d+\"", "heads = \"0\""),
+    (r"# Extent description\n", "# Extent description\n" + "RW 1 ZERO\n" * 200),
+]
+
+
+def test_vmdk_descriptor_fields(seeds, tmp_path):
+    """Numbers in the embedded VMDK descriptor set to boundary values, extent types swapped."""
+    import re
+    if not _committed("vmdk"):
+        pytest.skip("no vmdk driver")
+    fuzz.preload(["vmdk"])
+    with open(seeds["vmdk"], "rb") as f:
+        original = f.read()
+    desc_off, desc_size = struct.unpack_from("<QQ", original, 28)
+    start, end = desc_off * 512, (desc_off + desc_size) * 512
+    text = original[start:end].rstrip(b"\0").decode()
+    work = tmp_path / "img"
+    scratch = tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    path = str(work / "img")
+    problems = []
+    for pattern, repl in VMDK_DESCRIPTOR:
+        new_text, count = re.subn(pattern, lambda m, r=repl: r, text, count=1)
+        assert count == 1, pattern
+        blob = new_text.encode()
+        assert len(blob) <= end - start, pattern
+        buf = bytearray(original)
+        buf[start:end] = blob.ljust(end - start, b"\0")
+        with open(path, "wb") as f:
+            f.write(buf)
+        before = fuzz.tree_hash(str(work), ["img"])
+        statuses = []
+        for cmd in ("info", "convert"):
+            status, stderr, dummy = fuzz.run_child(fuzz._command(cmd, "vmdk", path, str(scratch), False),
+                                                   str(scratch), wall=WALL)
+            statuses.append(status)
+            problem = fuzz.verdict(cmd, status, stderr)
+            if problem:
+                problems.append("%r: %s %s" % (repl, cmd, problem))
+            out = scratch / "out.raw"
+            if out.exists():
+                out.unlink()
+        if fuzz.tree_hash(str(work), ["img"]) != before:
+            problems.append("%r: the image changed" % repl)
+        if all(s == 0 for s in statuses) and helpers.run("qemu-img", "info", "-f", "vmdk", path,
+                                                        check=False).returncode != 0:
+            problems.append("%r: qemu-img info refuses it, vdisk info and convert accept it" % repl)
+    assert not problems, "\n".join(problems)
