@@ -62,3 +62,24 @@ def test_two_lines_and_changed_image(image, tmp_path, monkeypatch):
     d, name = os.path.split(image)
     found = fuzz.run_mutant("raw", d, name, [name], str(tmp_path), commands=("info",))
     assert found and "the image changed" in found[0][2] and "2 stderr lines" in found[0][2]
+
+
+@pytest.mark.parametrize("companions", [[], ["base"]])
+def test_crasher_round_trip(companions, tmp_path, monkeypatch):
+    """A kept crasher (one file, or a tar with its backing file) unpacks to the same bytes for the replay."""
+    import test_crashers
+    monkeypatch.setattr(fuzz, "CRASHERS", str(tmp_path / "crashers"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "img").write_bytes(b"QFI\xfb" + bytes(1000))
+    for name in companions:
+        (src / name).write_bytes(b"base" * 100)
+    saved = fuzz.save_crasher("qcow2", "v", str(src), "img", ["img"] + companions, "info", "traceback: X",
+                              "Traceback\n", False, 1)
+    name = os.path.basename(saved)[:-4]
+    out = tmp_path / "out"
+    out.mkdir()
+    note, main, names = test_crashers.unpack(name, str(out))
+    assert (note["format"], main, names) == ("qcow2", "img", ["img"] + companions)
+    for n in names:
+        assert (out / n).read_bytes() == (src / n).read_bytes()
