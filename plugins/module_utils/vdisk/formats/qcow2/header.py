@@ -18,6 +18,9 @@ HEADER_V2_LENGTH = 72
 HEADER_V3_LENGTH = 104
 HEADER_V3_WRITTEN_LENGTH = 112          # with compression_type and its 7 bytes of padding
 EXTENSION_HEADER = struct.Struct(">II")
+BITMAPS_EXTENSION = struct.Struct(">IIQQ")     # nb_bitmaps, reserved, directory size, directory offset
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 U64 = struct.Struct(">Q")
 
 # header extension types
@@ -256,12 +259,36 @@ def _parse_extensions(data: bytes, h: Header, path: str) -> None:
         elif etype == EXT_DATA_FILE:
             h.data_file = payload.decode("utf-8", "replace")
         elif etype == EXT_BITMAPS:
+            _check_bitmaps_extension(payload, h, path)
             h.bitmaps_extension = payload
         elif etype == EXT_CRYPTO_HEADER:
             h.crypto_extension = payload
         else:
             h.unknown_extensions.append((etype, payload))
         off += (elen + 7) & ~7
+
+
+def _check_bitmaps_extension(payload: bytes, h: Header, path: str) -> None:
+    """Refuse a bitmaps extension QEMU refuses at open (its length always; the rest only when the
+    autoclear bit says the bitmaps are valid: without it they are ignored)."""
+    field = "bitmaps extension"
+    if len(payload) != BITMAPS_EXTENSION.size:
+        raise FormatError("bitmaps_ext: Invalid extension length", path=path, field=field)
+    if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        return
+    count, reserved, dir_size, dir_offset = BITMAPS_EXTENSION.unpack(payload)
+    if reserved:
+        raise FormatError("bitmaps_ext: Reserved field is not zero", path=path, field=field)
+    if count > MAX_BITMAPS:
+        raise FormatError("bitmaps_ext: Image has %d bitmaps, exceeding the QEMU supported maximum of %d"
+                          % (count, MAX_BITMAPS), path=path, field=field)
+    if count == 0:
+        raise FormatError("found bitmaps extension with zero bitmaps", path=path, field=field)
+    if dir_offset % h.cluster_size:
+        raise FormatError("bitmaps_ext: invalid bitmap directory offset", path=path, field=field)
+    if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise FormatError("bitmaps_ext: bitmap directory size (%d) exceeds the maximum supported size (%d)"
+                          % (dir_size, MAX_BITMAP_DIRECTORY_SIZE), path=path, field=field)
 
 
 def pack_header(h: Header) -> bytes:
