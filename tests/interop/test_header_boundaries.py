@@ -324,3 +324,74 @@ def test_vmdk_descriptor_fields(seeds, tmp_path):
                                                         check=False).returncode != 0:
             problems.append("%r: qemu-img info refuses it, vdisk info and convert accept it" % repl)
     assert not problems, "\n".join(problems)
+
+
+# -- qcow2 snapshot table and header extensions (iotest 080's other cases) ----------------------
+SNAPSHOT_FIELDS = [("snap.l1_table_offset", 0, 8), ("snap.l1_size", 8, 4), ("snap.id_str_size", 12, 2),
+                   ("snap.name_size", 14, 2), ("snap.vm_state_size", 32, 4), ("snap.extra_data_size", 36, 4),
+                   ("snap.vm_state_size_large", 40, 8), ("snap.disk_size", 48, 8)]
+BITMAP_EXT_FIELDS = [("bitmaps.nb_bitmaps", 0, 4), ("bitmaps.directory_size", 8, 8), ("bitmaps.directory_offset", 16, 8)]
+
+
+def _qcow2_substructures(buf):
+    """[(name, absolute offset, width)] of the first snapshot entry, every extension's length and
+    the bitmaps extension's fields."""
+    out = [(n, _u(buf, ">Q", 64) + o, w) for n, o, w in SNAPSHOT_FIELDS]
+    off = _u(buf, ">I", 100)
+    while off + 8 <= 4096:
+        kind, length = struct.unpack_from(">II", buf, off)
+        if kind == 0:
+            break
+        out.append(("ext.%08x.length" % kind, off + 4, 4))
+        if kind == 0x23852875:
+            out += [(n, off + 8 + o, w) for n, o, w in BITMAP_EXT_FIELDS]
+        off += 8 + (length + 7) // 8 * 8
+    return out
+
+
+@pytest.mark.parametrize("kind", [k if k in DEFAULT else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in ("0xffffffff", "misaligned", "0x7fffffff", "zero", "huge")])
+def test_qcow2_snapshot_and_extensions(kind, tmp_path):
+    path0 = str(tmp_path / "seed.qcow2")
+    helpers.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path0, "2M")
+    helpers.qemu_io("qcow2", path0, "write -P 0x5a 0 64k")
+    helpers.run("qemu-img", "snapshot", "-c", "s1", path0)
+    helpers.run("qemu-img", "bitmap", "--add", path0, "b0")
+    fuzz.preload(["qcow2"])
+    with open(path0, "rb") as f:
+        original = f.read()
+    work = tmp_path / "img"
+    scratch = tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    path = str(work / "img")
+    problems = []
+    fields = _qcow2_substructures(original)
+    assert any(n.startswith("bitmaps.") for n, dummy, dummy2 in fields)
+    for name, off, width in fields:
+        code = ">" + {2: "H", 4: "I", 8: "Q"}[width]
+        old = _u(original, code, off)
+        new = _boundary(kind, old, width)
+        if new == old:
+            continue
+        buf = bytearray(original)
+        struct.pack_into(code, buf, off, new)
+        with open(path, "wb") as f:
+            f.write(buf)
+        before = fuzz.tree_hash(str(work), ["img"])
+        statuses = []
+        for cmd in ("info", "convert", "check"):
+            status, stderr, dummy = fuzz.run_child(fuzz._command(cmd, "qcow2", path, str(scratch), False),
+                                                   str(scratch), wall=WALL)
+            statuses.append(status)
+            problem = fuzz.verdict(cmd, status, stderr)
+            if problem:
+                problems.append("%s=%#x: %s %s" % (name, new, cmd, problem))
+            out = scratch / "out.raw"
+            if out.exists():
+                out.unlink()
+        if fuzz.tree_hash(str(work), ["img"]) != before:
+            problems.append("%s=%#x: the image changed" % (name, new))
+        if statuses[0] == 0 and helpers.run("qemu-img", "info", "-f", "qcow2", path, check=False).returncode != 0:
+            problems.append("%s=%#x: qemu-img info refuses it, vdisk info accepts it" % (name, new))
+    assert not problems, "\n".join(problems)
