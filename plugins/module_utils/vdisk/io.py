@@ -324,6 +324,9 @@ class AtomicOutput:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        # checked again at the rename: something else may have put a symlink, directory or device there since
+        if os.path.lexists(self.path) and not stat.S_ISREG(os.lstat(self.path).st_mode):
+            raise ImageError("exists and is not a regular file; refusing to replace it", path=self.path)
         os.rename(self.tmp_path, self.path)
         if not sync:
             return

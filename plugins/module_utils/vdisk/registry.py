@@ -3,7 +3,8 @@ from collections.abc import Mapping
 from typing import Callable, Dict, Iterator, List, Tuple
 
 from .driver import Driver
-from .errors import FormatError, HostIOError
+from .errors import FormatError
+from .io import HostFile
 
 _LOADERS: Dict[str, Callable[[], Driver]] = {}
 
@@ -135,13 +136,16 @@ def probe_scores(header: bytes, filename: str) -> List[Tuple[int, str]]:
     return sorted((s for s in scores if s[0] > 0), reverse=True)
 
 
+def probe_header(path: str) -> bytes:
+    """The first bytes of *path*: opened without blocking (a FIFO must not hang the probe) and
+    refused unless it is a regular file (a device or FIFO is never guessed into a format)."""
+    with HostFile(path, lock=False) as host:
+        return host.pread(min(PROBE_BYTES, host.size()), 0)
+
+
 def probe_file(path: str) -> str:
     """Detect the format of the file at *path* from its first bytes."""
-    try:
-        with open(path, "rb") as f:
-            header = f.read(PROBE_BYTES)
-    except OSError as exc:
-        raise HostIOError("could not open: %s" % (exc.strerror or exc), path=path) from None
+    header = probe_header(path)
     scores = probe_scores(header, path)
     if not scores:
         return "raw"

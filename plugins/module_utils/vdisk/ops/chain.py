@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from ..driver import Image, Policy
 from ..errors import FormatError, ImageError, PolicyError
-from ..registry import get_driver, probe_file
+from ..registry import get_driver, probe_file, probe_header, probe_scores
 
 
 def open_image(path: str, fmt: Optional[str] = None, writable: bool = False,
@@ -33,7 +33,32 @@ def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy) -> 
         if not policy.probe:
             raise FormatError("the image format must be given (probing is disabled)", path=path, field="format")
         fmt = probe_file(path)
+    elif writable:
+        check_declared_format(path, fmt)
     return get_driver(fmt).open(path, writable=writable, policy=policy)
+
+
+# formats whose guest data is the file's bytes as they are (an ISO 9660 volume is a raw image with a
+# recognisable filesystem): declaring such a file raw is what writing to it takes, not a mismatch
+RAW_VIEWS = ("iso",)
+
+
+def check_declared_format(path: str, fmt: str) -> None:
+    """Refuse to write to *path* as *fmt* when its content says it is something else.
+
+    A guest can write a qcow2 header into its raw disk; a later write through a tool that
+    trusts the content would follow the backing file that header names, and a write through a
+    tool that trusts the declaration would corrupt a real image opened with the wrong ``-f``.
+    Either way the mismatch is an error for every command that writes (REFERENCE "B")."""
+    detected = [name for dummy, name in probe_scores(probe_header(path), path)
+                if name != "raw" and not (fmt == "raw" and name in RAW_VIEWS)]
+    if not detected or detected == [fmt]:
+        return
+    if fmt not in detected:
+        raise FormatError("declared format %s, but the file's content is a %s image; refusing to write "
+                          "to it" % (fmt, detected[0]), path=path, field="format")
+    raise FormatError("the file matches more than one format (%s); refusing to write to it"
+                      % ", ".join(detected), path=path, field="format")
 
 
 def attach_backing_chain(image: Image, policy: Policy) -> None:
