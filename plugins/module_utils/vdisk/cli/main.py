@@ -466,6 +466,21 @@ def cmd_measure(argv: List[str]) -> int:
     return 0
 
 
+# -- inspect -------------------------------------------------------------------------------
+@command("inspect")
+def cmd_inspect(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk inspect")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    _add_allow_path(p)
+    p.add_argument("filename")
+    args = p.parse_args(argv)
+    from ..ops.inspect import inspect_image, render_human, render_json
+    report = inspect_image(args.filename, args.fmt, policy=_policy(args))
+    _out(render_json(report) if args.output == "json" else render_human(report))
+    return 0 if report.safe else 1
+
+
 # -- validate / plan / apply (manifests) --------------------------------------------------
 def _manifest_command(name: str) -> Callable:
     def run(argv: List[str]) -> int:
@@ -495,6 +510,8 @@ Commands (qemu-img's syntax):
   map     [-f FMT] [--output=human|json] FILE
   measure [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SNAPSHOT] FILE) [--output=human|json]
   amend   [-f FMT] -o OPTS FILE
+  inspect [-f FMT] [--output=human|json] FILE
+          (detected format, files the image names, safety checks; exits 1 when one fails)
   validate|plan|apply [--output=human|json] [--allow-path DIR] MANIFEST.yml ...
           (plan exits 0: no changes, 2: changes pending, 1: error)
 
