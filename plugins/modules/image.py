@@ -85,6 +85,15 @@ options:
         (written beside it and renamed into place). Its content and snapshots are lost.
     type: bool
     default: false
+  allowed_paths:
+    description:
+      - Directories outside the image's own directory tree from which files the image names (backing
+        files) may be opened. By default only the image's own directory tree is allowed; a name
+        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
+        are refused whatever this says. See C(docs/security.md).
+    type: list
+    elements: path
+    default: []
 extends_documentation_fragment:
   - ansible.builtin.files
 attributes:
@@ -192,14 +201,22 @@ actions:
       after: {virtual-size: 42949672960}
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import apply_image
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec import image_spec
 
 SPEC_FIELDS = ("path", "state", "format", "size", "preallocation", "backing_file", "backing_format", "options",
                "allow_shrink", "recreate")
+
+
+def module_policy(allowed_paths):
+    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
+    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
 
 
 def main():
@@ -215,6 +232,7 @@ def main():
             options=dict(type="dict", default={}),
             allow_shrink=dict(type="bool", default=False),
             recreate=dict(type="bool", default=False),
+            allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
         add_file_common_args=True,
@@ -222,7 +240,7 @@ def main():
     params = module.params
     try:
         spec = image_spec({name: params[name] for name in SPEC_FIELDS})
-        result = apply_image(spec, check_mode=module.check_mode)
+        result = apply_image(spec, module_policy(params["allowed_paths"]), check_mode=module.check_mode)
     except ImageError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -75,6 +75,15 @@ options:
     type: str
     default: compare
     choices: [compare, skip, replace]
+  allowed_paths:
+    description:
+      - Directories outside the image's own directory tree from which files the source image names (its
+        backing files) may be opened. By default only the image's own directory tree is allowed; a name
+        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
+        are refused whatever this says. See C(docs/security.md).
+    type: list
+    elements: path
+    default: []
 extends_documentation_fragment:
   - ansible.builtin.files
 attributes:
@@ -134,8 +143,11 @@ actions:
   elements: dict
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError, InvalidOption
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply
@@ -161,6 +173,11 @@ def typed_options(fmt, options, dest):
         raise InvalidOption("%s (format %s)" % (exc.message, fmt), path=dest, field=exc.field) from None
 
 
+def module_policy(allowed_paths):
+    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
+    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -173,30 +190,32 @@ def main():
             snapshot=dict(type="str"),
             backing_file=dict(type="str"),
             on_exists=dict(type="str", default="compare", choices=["compare", "skip", "replace"]),
+            allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
         add_file_common_args=True,
     )
     p = module.params
     src, dest, fmt = p["src"], p["dest"], p["format"]
+    policy = module_policy(p["allowed_paths"])
     try:
         options = typed_options(fmt, p["options"] or {}, dest)
         if p["src_format"]:
             get_driver(p["src_format"])
         if p["compress"] and "compression" not in get_driver(fmt).capabilities:
             raise InvalidOption("format %s does not support compression" % fmt, path=dest, field="compress")
-        source = observe(src, p["src_format"])
+        source = observe(src, p["src_format"], policy)
         if not source.exists:
             raise ImageError("Could not open '%s': No such file or directory" % src, path=src, field="src")
-        target = observe(dest)
+        target = observe(dest, policy=policy)
         actions = plan_convert(
             source, target, fmt, options, p["on_exists"], p["compress"], p["backing_file"], p["src_format"],
             p["snapshot"],
-            same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"]))
+            same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"], policy))
         final = target
         if actions and not module.check_mode:
-            apply(actions)
-            final = observe(dest)
+            apply(actions, policy)
+            final = observe(dest, policy=policy)
     except ImageError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -34,6 +34,25 @@ options:
       - Backing files are opened only inside the image's directory tree.
     type: bool
     default: false
+  allowed_paths:
+    description:
+      - Directories outside the image's own directory tree from which its backing files may be opened.
+        By default only the image's own directory tree is allowed; a name with a protocol prefix or a
+        C(json:) specification, and a file that is not a regular file, are refused whatever this says.
+        See C(docs/security.md).
+    type: list
+    elements: path
+    default: []
+  safety_check:
+    description:
+      - Inspect the image as C(vdisk inspect) does before reading it and return the report in RV(safety), with
+        the detected format, the formats the content is valid as, every file the image names with the
+        policy's verdict, and the named checks.
+      - The task fails, with RV(safety) in its result, when a check fails (an image that names a file
+        outside the allowed directories, a polyglot, a declared format that is not the detected one,
+        a header beyond the format's limits, a device or FIFO).
+    type: bool
+    default: false
 attributes:
   check_mode:
     support: full
@@ -58,6 +77,13 @@ EXAMPLES = r"""
 - name: Show its virtual size
   ansible.builtin.debug:
     msg: "{{ disk.image['virtual-size'] | human_readable }}"
+
+- name: Vet an uploaded image before anything else touches it
+  vdisk.images.image_info:
+    path: /srv/uploads/tenant-disk.qcow2
+    format: qcow2
+    safety_check: true
+  register: vetted
 
 - name: Read an overlay and its backing files
   vdisk.images.image_info:
@@ -92,13 +118,34 @@ images:
   returned: when O(backing_chain=true)
   type: list
   elements: dict
+safety:
+  description:
+    - The C(vdisk inspect --output=json) report, keys C(filename), C(format), C(declared-format),
+      C(format-matches), C(references) (each C(image), C(kind), C(name), C(path), C(allowed), C(followed),
+      C(problem)), C(checks) (each C(name), C(passed), C(detail)) and C(safe).
+  returned: when O(safety_check=true)
+  type: dict
+  sample:
+    filename: /srv/uploads/tenant-disk.qcow2
+    format: qcow2
+    declared-format: qcow2
+    format-matches: [qcow2]
+    references: []
+    checks:
+      - {name: regular-file, passed: true, detail: a regular file}
+    safe: true
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import close_chain, open_image
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.info import chain_info, image_info
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.inspect import inspect_image
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver
 
 
@@ -108,15 +155,24 @@ def main():
             path=dict(type="path", required=True),
             format=dict(type="str"),
             backing_chain=dict(type="bool", default=False),
+            allowed_paths=dict(type="list", elements="path", default=[]),
+            safety_check=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
     params = module.params
     path = params["path"]
+    policy = Policy(allowed_dirs=tuple(os.path.realpath(d) for d in params["allowed_paths"] or ()))
+    safety = None
     try:
         if params["format"]:
             get_driver(params["format"])
-        image = open_image(path, params["format"], writable=False, backing=params["backing_chain"])
+        if params["safety_check"]:
+            safety = inspect_image(path, params["format"], policy).to_json()
+            if not safety["safe"]:
+                module.fail_json(msg="%s: failed safety checks: %s" % (
+                    path, ", ".join(c["name"] for c in safety["checks"] if not c["passed"])), safety=safety)
+        image = open_image(path, params["format"], writable=False, policy=policy, backing=params["backing_chain"])
         try:
             infos = chain_info(image) if params["backing_chain"] else [image_info(image)]
         finally:
@@ -128,6 +184,8 @@ def main():
     out = dict(changed=False, image=infos[0])
     if params["backing_chain"]:
         out["images"] = infos
+    if safety is not None:
+        out["safety"] = safety
     module.exit_json(**out)
 
 

@@ -38,6 +38,15 @@ options:
     type: str
     default: present
     choices: [present, absent, applied]
+  allowed_paths:
+    description:
+      - Directories outside the image's own directory tree from which files the image names (backing
+        files) may be opened. By default only the image's own directory tree is allowed; a name
+        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
+        are refused whatever this says. See C(docs/security.md).
+    type: list
+    elements: path
+    default: []
 attributes:
   check_mode:
     support: full
@@ -95,13 +104,21 @@ actions:
   elements: dict
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.content import snapshot_matches_active
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.observe import observe
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.plan import plan_snapshot
+
+
+def module_policy(allowed_paths):
+    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
+    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
 
 
 def main():
@@ -110,18 +127,20 @@ def main():
             path=dict(type="path", required=True),
             name=dict(type="str", required=True),
             state=dict(type="str", default="present", choices=["present", "absent", "applied"]),
+            allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
     )
     path, name, state = module.params["path"], module.params["name"], module.params["state"]
+    policy = module_policy(module.params["allowed_paths"])
     try:
-        observed = observe(path)
+        observed = observe(path, policy=policy)
         actions = plan_snapshot(observed, name, state,
-                                lambda: snapshot_matches_active(path, name, observed.format))
+                                lambda: snapshot_matches_active(path, name, observed.format, policy))
         final = observed
         if actions and not module.check_mode:
-            apply(actions)
-            final = observe(path)
+            apply(actions, policy)
+            final = observe(path, policy=policy)
     except ImageError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -93,3 +93,19 @@ def test_errors_write_nothing(tmp_path, src, run_module, args, word):
     failed, r = run_module(image_convert, args)
     assert failed and word in r["msg"]
     assert sorted(os.listdir(str(tmp_path))) == ["src.raw"]
+
+
+def test_allowed_paths(tmp_path, run_module):
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import apply_image
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec import image_spec
+    (tmp_path / "golden").mkdir()
+    (tmp_path / "vm").mkdir()
+    base, over = str(tmp_path / "golden" / "base.qcow2"), str(tmp_path / "vm" / "over.qcow2")
+    apply_image(image_spec({"path": base, "size": "1M"}))
+    apply_image(image_spec({"path": over, "backing_file": "../golden/base.qcow2", "backing_format": "qcow2"}))
+    dest = str(tmp_path / "vm" / "flat.raw")
+    failed, r = run_module(image_convert, {"src": over, "dest": dest, "format": "raw"})
+    assert failed and "outside the allowed directories" in r["msg"] and not os.path.exists(dest)
+    failed, r = run_module(image_convert, {"src": over, "dest": dest, "format": "raw",
+                                           "allowed_paths": [str(tmp_path / "golden")]})
+    assert not failed and r["changed"] and os.path.getsize(dest) == M

@@ -28,3 +28,22 @@ def test_info_errors(tmp_path, run_module):
     (tmp_path / "x.raw").write_bytes(b"\0" * 512)
     failed, r = run_module(image_info, {"path": str(tmp_path / "x.raw"), "format": "no_such_format"})
     assert failed and "no_such_format" in r["msg"]
+
+
+def test_safety_check_and_allowed_paths(tmp_path, run_module):
+    (tmp_path / "golden").mkdir()
+    (tmp_path / "vm").mkdir()
+    base, over = str(tmp_path / "golden" / "base.qcow2"), str(tmp_path / "vm" / "over.qcow2")
+    apply_image(image_spec({"path": base, "size": "1M"}))
+    apply_image(image_spec({"path": over, "backing_file": "../golden/base.qcow2", "backing_format": "qcow2"}))
+    # the backing file is outside the image's tree: refused, and the safety report says why
+    failed, r = run_module(image_info, {"path": over, "backing_chain": True})
+    assert failed and "outside the allowed directories" in r["msg"]
+    failed, r = run_module(image_info, {"path": over, "safety_check": True})
+    assert failed and "references" in r["msg"] and not r["safety"]["safe"]
+    assert [(x["kind"], x["allowed"]) for x in r["safety"]["references"]] == [("backing file", False)]
+    # widened: both pass, the report lists the followed backing file
+    allowed = {"allowed_paths": [str(tmp_path / "golden")]}
+    failed, r = run_module(image_info, dict(allowed, path=over, backing_chain=True, safety_check=True))
+    assert not failed and r["safety"]["safe"] and len(r["images"]) == 2
+    assert [(x["name"], x["followed"]) for x in r["safety"]["references"]] == [("../golden/base.qcow2", True)]
