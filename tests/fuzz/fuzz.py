@@ -378,19 +378,26 @@ def _command(cmd, fmt, path, scratch, probe):
 
 
 def run_child(argv, scratch, mem=MEM_LIMIT, cpu=CPU_LIMIT, wall=WALL_TIMEOUT):
-    """Run ``vdisk ARGV`` in a forked child under limits: (status, stderr text, seconds), status an
-    exit code, ``"signal N"`` or ``"timeout"``."""
+    """Run ``vdisk ARGV`` in a forked child under limits (*mem* bytes of address space beyond the
+    interpreter's, *cpu* seconds, *wall* seconds): (status, stderr text, seconds), status an exit
+    code, ``"signal N"`` or ``"timeout"``."""
     from ansible_collections.vdisk.images.plugins.module_utils.vdisk.cli.main import main
     err = os.path.join(scratch, "stderr")
     sys.stdout.flush()
     sys.stderr.flush()
+    with open(err, "wb"):
+        pass   # exists even when the child dies before it opens it
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:   # the child: never returns
         rc = 1
         try:
             os.setpgid(0, 0)
-            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+            # *mem* on top of what the (forked) interpreter already maps, so the budget is the
+            # command's own whatever the parent holds
+            with open("/proc/self/statm") as statm:
+                base = int(statm.read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (base + mem, base + mem))
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
             fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(fd, 2)
