@@ -17,7 +17,7 @@ AENV      = PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" ANSIBLE_NOCOLOR=1 NO_
 SANITY_ARGS ?=
 INTEGRATION_ARGS ?=
 
-.PHONY: all venv demo test test-slow qemu clean bench ansible-env sanity units integration molecule \
+.PHONY: all venv demo test test-slow qemu clean bench fuzz ansible-env sanity units integration molecule \
         test-ansible bench-ansible
 
 all: test
@@ -125,6 +125,12 @@ test-slow: venv qemu
 # vdisk against qemu-img on real guest disks (built once, cached outside the tree): docs/performance.md
 bench: venv qemu
 	$(PY) tests/bench/bench.py --vdisk "$(CURDIR)/$(VENV)/bin/vdisk" $(BENCH_ARGS)
+
+# the mutation fuzzer over every format (tests/fuzz/fuzz.py); a crasher is kept in tests/fuzz/crashers
+# and replayed by tests/fuzz/test_crashers.py. FUZZ_ARGS="--seconds 3600 --jobs 2 --formats vmdk,vhdx"
+FUZZ_ARGS ?= --seconds 600
+fuzz: venv qemu
+	$(PY) tests/fuzz/fuzz.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo .pytest_cache .hypothesis tests/output

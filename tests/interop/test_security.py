@@ -8,9 +8,8 @@ one-line error (``vdisk: <command>: ...``, exit 1), that the inputs are unchange
 file outside the policy was opened (nothing under ``outside/`` unless ``--allow-path`` allowed it,
 nothing else but the interpreter's own modules).
 
-VMDK cases (extent lines naming absolute and ``..`` paths, a FLAT extent naming /etc/passwd,
-a descriptor larger than 1 MiB, a streamOptimized grain inflating past one grain) and VHD/VHDX
-parent locators belong to those drivers' tests: see the report of issue 9.
+More VMDK descriptor cases (sizes, types, a descriptor over 1 MiB) are in test_vmdk.py and
+test_vmdk_descriptor_boundaries.py.
 """
 import hashlib
 import json
@@ -19,6 +18,7 @@ import resource
 import struct
 import subprocess
 import sys
+import uuid
 import zlib
 
 import pytest
@@ -374,13 +374,174 @@ ddb.adapterType = "ide"
     ("link.raw", "leaves the descriptor's directory"),       # a symlink inside the tree leading out
 ])
 def test_vmdk_extent_outside_the_tree(tree, extent, message):
+    """Refused by default, with the reason and the way out; ``--allow-path DIR`` lets an extent in
+    DIR be read (the secret is then the disk's content), never one elsewhere."""
     os.symlink("../outside/secret.raw", str(tree / "tree" / "link.raw"))
     desc = tree / "tree" / "d.vmdk"
     desc.write_text(VMDK_DESCRIPTOR % (extent % {"outside": tree / "outside"}))
     before = sha(desc)
     runs = audited(tree, ("info", desc), ("convert", "-O", "raw", desc, "out.raw"), ("check", desc),
-                   ("convert", "-O", "raw", "--allow-path", tree / "outside", desc, "out.raw"), ("inspect", desc))
-    for cmd, run in zip(("info", "convert", "check", "convert"), runs):
-        assert_refused(run, cmd, message)
-    assert runs[4]["rc"] == 1 and "FAIL header" in runs[4]["stdout"]
+                   ("inspect", desc))
+    for cmd, run in zip(("info", "convert", "check"), runs):
+        assert_refused(run, cmd, message, "--allow-path")
+    assert runs[3]["rc"] == 1 and "FAIL header" in runs[3]["stdout"] and "FAIL references" in runs[3]["stdout"]
     assert sha(desc) == before and not (tree / "tree" / "out.raw").exists()
+    allowed = audited(tree, ("convert", "-O", "raw", "--allow-path", tree / "outside", desc, "out.raw"),
+                      ("inspect", "--allow-path", tree / "outside", desc), allowed=[tree / "outside"])
+    if extent == "/etc/passwd":
+        assert_refused(allowed[0], "convert", message)
+        assert allowed[1]["rc"] == 1
+    else:
+        assert allowed[0]["rc"] == 0, allowed
+        assert sha(tree / "tree" / "out.raw") == sha(tree / "outside" / "secret.raw")
+        assert allowed[1]["rc"] == 0 and allowed[1]["stdout"].rstrip().endswith("result: safe"), allowed[1]
+
+
+def test_vmdk_decompression_bomb(tree):
+    """A compressed grain whose zlib stream inflates to 128 MiB: refused as qemu-img refuses it
+    (QEMU inflates into one grain's buffer), after inflating one grain and one byte."""
+    raw = tree / "two.raw"
+    raw.write_bytes(os.urandom(128 * 1024))
+    img = tree / "tree" / "bomb.vmdk"
+    qemu_img("convert", "-q", "-O", "vmdk", raw, img)        # monolithicSparse, 64 KiB grains 0 and 1
+    with open(img, "r+b") as f:
+        head = f.read(512)
+        rgd, gd = struct.unpack_from("<QQ", head, 48)
+        tables = []
+        for directory in (gd, rgd):
+            f.seek(directory * 512)
+            tables.append(struct.unpack("<I", f.read(4))[0])
+        f.seek(tables[0] * 512)
+        grain0 = struct.unpack("<I", f.read(4))[0]
+        comp = zlib.compressobj(9)
+        segment = comp.compress(bytes(8 * MiB)) + comp.flush(zlib.Z_FULL_FLUSH)
+        bomb = segment * 16 + comp.flush()
+        assert len(bomb) < 128 * 1024                        # fits in the two grains' room
+        f.seek(grain0 * 512)
+        f.write(bomb)
+        for table in tables:                                 # grain 1 unallocated in both directories
+            f.seek(table * 512 + 4)
+            f.write(bytes(4))
+        f.seek(77)
+        f.write(struct.pack("<H", 1))                        # compressAlgorithm: deflate
+    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(tree / "qemu.raw")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    before = sha(img)
+    runs = audited(tree, ("convert", "-O", "raw", img, "out.raw"), ("compare", img, raw), allowed=[raw])
+    assert_refused(runs[0], "convert", "inflates past the grain size")
+    assert runs[1]["rc"] == 2 and "inflates past the grain size" in runs[1]["stderr"], runs[1]
+    assert sha(img) == before and not (tree / "tree" / "out.raw").exists()
+
+
+# -- A. parent locators (VHD, VHDX) ------------------------------------------------------------
+def _vpc_checksum(buf, at):
+    return ~(sum(buf) - sum(buf[at:at + 4])) & 0xFFFFFFFF
+
+
+def differencing_vhd(path, locators):
+    """A qemu-img dynamic VHD turned into a differencing one whose parent locators (code, path) are
+    stored after the BAT, the footer moved behind them."""
+    qemu_img("create", "-q", "-f", "vpc", path, "8M")
+    with open(path, "r+b") as f:
+        footer, dyn = bytearray(f.read(512)), bytearray(f.read(1024))
+        end = f.seek(0, 2) - 512
+        blobs = b""
+        for i, (code, text) in enumerate(locators):
+            data = text.encode("utf-16-le" if code in (b"W2ru", b"W2ku") else "utf-8")
+            room = (len(data) + 511) // 512
+            struct.pack_into(">4sIIIQ", dyn, 576 + 24 * i, code, room, len(data), 0, end + len(blobs))
+            blobs += data.ljust(room * 512, b"\0")
+        struct.pack_into(">I", dyn, 36, _vpc_checksum(dyn, 36))
+        struct.pack_into(">I", footer, 60, 4)                # disk type: differencing
+        struct.pack_into(">I", footer, 64, _vpc_checksum(footer, 64))
+        f.seek(0)
+        f.write(footer + dyn)
+        f.seek(end)
+        f.write(blobs + footer)
+
+
+def _guid(text):
+    return uuid.UUID(text).bytes_le
+
+
+def differencing_vhdx(path, pairs):
+    """A qemu-img VHDX given a parent locator metadata item of (key, value) pairs and HasParent set."""
+    qemu_img("create", "-q", "-f", "vhdx", path, "8M")
+    with open(path, "r+b") as f:
+        f.seek(192 * 1024)
+        regions = f.read(64 * 1024)
+        for i in range(struct.unpack_from("<I", regions, 8)[0]):
+            guid, offset = struct.unpack_from("<16sQ", regions, 16 + 32 * i)
+            if guid == _guid("8B7CA206-4790-4B9A-B8FE-575F050F886E"):
+                meta = offset
+        f.seek(meta)
+        table = bytearray(f.read(64 * 1024))
+        count = struct.unpack_from("<H", table, 10)[0]
+        top = 64 * 1024
+        for i in range(count):
+            guid, offset, length = struct.unpack_from("<16sII", table, 32 + 32 * i)
+            top = max(top, offset + length)
+            if guid == _guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B"):
+                params = offset
+        body, entries, first = b"", b"", 20 + 12 * len(pairs)
+        for key, value in pairs:
+            k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
+            entries += struct.pack("<IIHH", first + len(body), first + len(body) + len(k), len(k), len(v))
+            body += k + v
+        item = struct.pack("<16sHH", _guid("B04AEFB7-D19E-4A81-B789-25B8E9445913"), 0, len(pairs)) + entries + body
+        at = (top + 4095) // 4096 * 4096
+        struct.pack_into("<16sIIII", table, 32 + 32 * count, _guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C"), at,
+                         len(item), 4, 0)
+        struct.pack_into("<H", table, 10, count + 1)
+        f.seek(meta)
+        f.write(table)
+        f.seek(meta + at)
+        f.write(item)
+        f.seek(meta + params + 4)
+        bits = struct.unpack("<I", f.read(4))[0]
+        f.seek(meta + params + 4)
+        f.write(struct.pack("<I", bits | 2))                 # HasParent
+
+
+LOCATED = ("../outside/secret.raw", "..\\outside\\secret.raw", "C:\\outside\\secret.raw")
+
+
+def test_vhd_parent_locators_never_followed(tree):
+    """A differencing VHD is read as qemu-img reads it, without its parent: the parent locators
+    (relative, absolute, a file: URL) are listed by inspect as refused, and never opened."""
+    img = tree / "tree" / "d.vhd"
+    differencing_vhd(img, [(b"W2ru", LOCATED[1]), (b"W2ku", LOCATED[2]), (b"MacX", "file:///etc/passwd"),
+                           (b"Wi2r", LOCATED[0])])
+    before = sha(img)
+    qemu_img("convert", "-O", "raw", img, tree / "qemu.raw")
+    runs = audited(tree, ("info", img), ("map", img), ("convert", "-O", "raw", img, "out.raw"),
+                   ("compare", img, tree / "qemu.raw"), ("inspect", "--output=json", img), allowed=[tree / "qemu.raw"])
+    assert [r["rc"] for r in runs[:4]] == [0, 0, 0, 0], runs
+    assert sha(tree / "tree" / "out.raw") == sha(tree / "qemu.raw")
+    report = json.loads(runs[4]["stdout"])
+    assert runs[4]["rc"] == 1 and not report["safe"]
+    refs = [(r["kind"], r["name"], r["allowed"], r["followed"]) for r in report["references"]]
+    assert refs == [("parent locator", LOCATED[1], False, False), ("parent locator", LOCATED[2], False, False),
+                    ("parent locator", "file:///etc/passwd", False, False),
+                    ("parent locator", LOCATED[0], False, False)]
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["references"]
+    assert sha(img) == before
+
+
+def test_vhdx_parent_locator_refused(tree):
+    """A differencing VHDX is refused as qemu-img refuses it; inspect lists its locator's paths."""
+    img = tree / "tree" / "d.vhdx"
+    differencing_vhdx(img, [("parent_linkage", "{83ea2ff0-4a37-4d4f-9a55-0c2b5b8b1d2a}"),
+                            ("relative_path", LOCATED[1]), ("absolute_win32_path", LOCATED[2])])
+    proc = subprocess.run(["qemu-img", "info", str(img)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "not supported" in proc.stderr, proc.stderr
+    before = sha(img)
+    runs = audited(tree, ("info", img), ("convert", "-O", "raw", img, "out.raw"), ("check", img),
+                   ("inspect", "--output=json", img))
+    for cmd, run in zip(("info", "convert", "check"), runs):
+        assert_refused(run, cmd, "differencing VHDX")
+    report = json.loads(runs[3]["stdout"])
+    assert [(r["name"], r["allowed"]) for r in report["references"]] == [(LOCATED[1], False), (LOCATED[2], False)]
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["header", "references"]
+    assert sha(img) == before and not (tree / "tree" / "out.raw").exists()

@@ -8,6 +8,7 @@ unless the policy allows it, and nothing is ever written.
 import dataclasses
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -27,6 +28,9 @@ CHECKS = (
                    "name, and a regular file"),
     ("backing-chain", "the backing chain opens: allowed files, recorded formats, no loop, depth within the limit"),
 )
+
+# a drive letter, a UNC or a volume path ("\\\\?\\Volume{...}"): what Windows tools store in parent locators
+_WINDOWS_ABSOLUTE = re.compile(r"^([A-Za-z]:|\\\\|//)")
 
 
 @dataclass
@@ -135,8 +139,14 @@ def _collect_references(report: Report, path: str, fmt: str, policy: Policy) -> 
         finally:
             image.close()
     for kind, name in named:
+        if kind == "parent locator" and _WINDOWS_ABSOLUTE.match(name):
+            report.references.append(Reference(path, kind, name, None, False, problem="parent locator %r is a "
+                                               "Windows absolute path (parent locators are never followed)" % name))
+            continue
+        # W2ru ".\\parent.vhd" is judged as the POSIX path it means
+        host_name = name.replace("\\", "/") if kind == "parent locator" else name
         try:
-            full = policy.resolve_reference(name, path, kind)
+            full = policy.resolve_reference(host_name, path, kind)
             report.references.append(Reference(path, kind, name, full, True))
         except ImageError as exc:
             report.references.append(Reference(path, kind, name, None, False, problem=exc.message))

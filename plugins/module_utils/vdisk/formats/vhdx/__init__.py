@@ -7,10 +7,10 @@ BAT), its default block sizes and its messages.
 """
 import struct
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, OptionSpec, Policy
-from ...errors import InvalidOption
+from ...errors import CorruptImage, InvalidOption
 from ...io import AtomicOutput, HostFile
 from . import header as hdr
 from .image import VhdxImage
@@ -52,6 +52,24 @@ class VhdxDriver(Driver):
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VhdxImage:
         return VhdxImage(self, path, writable, policy or Policy())
+
+    def references(self, path: str) -> List[Tuple[str, str]]:
+        """The paths of a differencing image's parent locator, as (kind, stored path), read without
+        opening the image (which refuses a parent): ``vdisk inspect`` lists them; nothing opens them."""
+        with HostFile(path, lock=False) as host:
+            size = host.size()
+            if host.pread(8, 0) != hdr.FILE_SIGNATURE:
+                return []
+            dummy, meta = hdr.parse_region_table(host.pread(hdr.REGION_TABLE_SIZE, hdr.REGION1_OFFSET), path)
+            items = hdr.parse_metadata_table(host.pread(hdr.METADATA_TABLE_SIZE, meta.file_offset), meta.length, path)
+            if hdr.PARENT_LOCATOR_GUID not in items:
+                return []
+            offset, length = items[hdr.PARENT_LOCATOR_GUID]
+            if meta.file_offset + offset + length > size:
+                raise CorruptImage("the parent locator lies past the end of the file", path=path,
+                                   field="parent locator")
+            pairs = hdr.parse_parent_locator(host.pread(length, meta.file_offset + offset), path)
+        return [("parent locator", value) for key, value in pairs if key in hdr.LOCATOR_PATH_KEYS and value]
 
     def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         layout = plan(size, options, path)

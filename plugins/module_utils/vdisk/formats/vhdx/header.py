@@ -96,6 +96,11 @@ REGION_ENTRY = struct.Struct("<16sQII")
 # signature reserved entry_count reserved2[20] / item_id offset length data_bits reserved
 METADATA_HEADER = struct.Struct("<8sHH20s")
 METADATA_ENTRY = struct.Struct("<16sIIII")
+# the parent locator item: locator type GUID, reserved, key-value count; then the entries: key
+# offset, value offset (from the start of the item), key length, value length (UTF-16LE bytes)
+LOCATOR_HEADER = struct.Struct("<16sHH")
+LOCATOR_ENTRY = struct.Struct("<IIHH")
+LOCATOR_PATH_KEYS = ("relative_path", "volume_path", "absolute_win32_path")
 # signature checksum entry_length tail sequence_number descriptor_count reserved log_guid
 # flushed_file_offset last_file_offset
 LOG_HEADER = struct.Struct("<4sIIIQII16sQQ")
@@ -345,3 +350,21 @@ def pack_log_entry(sequence: int, tail: int, log_guid: bytes, file_size: int,
         struct.pack_into("<I", buf, at + 4092, sequence & 0xFFFFFFFF)
     struct.pack_into("<I", buf, 4, checksum(buf, 4))
     return bytes(buf)
+
+
+def parse_parent_locator(buf: bytes, path: Optional[str] = None) -> List[Tuple[str, str]]:
+    """The ``(key, value)`` pairs of a parent locator item (*buf* is the whole item)."""
+    if len(buf) < LOCATOR_HEADER.size:
+        raise CorruptImage("the parent locator is truncated", path=path, field="parent locator")
+    dummy, dummy2, count = LOCATOR_HEADER.unpack_from(buf)
+    if LOCATOR_HEADER.size + count * LOCATOR_ENTRY.size > len(buf):
+        raise CorruptImage("the parent locator's %d entries do not fit in it" % count, path=path,
+                           field="parent locator")
+    out = []
+    for i in range(count):
+        koff, voff, klen, vlen = LOCATOR_ENTRY.unpack_from(buf, LOCATOR_HEADER.size + i * LOCATOR_ENTRY.size)
+        if koff + klen > len(buf) or voff + vlen > len(buf):
+            raise CorruptImage("parent locator entry %d lies outside the item" % i, path=path, field="parent locator")
+        out.append((buf[koff:koff + klen].decode("utf-16-le", "replace"),
+                    buf[voff:voff + vlen].decode("utf-16-le", "replace")))
+    return out

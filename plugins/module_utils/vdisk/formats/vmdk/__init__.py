@@ -56,6 +56,27 @@ class VmdkDriver(Driver):
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VmdkImage:
         return VmdkImage(self, path, writable, policy or Policy())
 
+    def references(self, path: str) -> List[Tuple[str, str]]:
+        """The extent files and the parent a VMDK names, as (kind, stored name), read from its
+        descriptor without opening them (``vdisk inspect``)."""
+        with HostFile(path, lock=False) as host:
+            size = host.size()
+            head = host.pread(min(size, SECTOR), 0)
+            if hdr.magic_of(head) == hdr.MAGIC:
+                h = hdr.SparseHeader.unpack(head.ljust(SECTOR, b"\0"))
+                at = h.desc_offset * SECTOR
+                if not h.desc_offset or not h.desc_size or h.desc_offset == hdr.GD_AT_END or at >= size:
+                    return []
+                raw = host.pread(min(h.desc_size * SECTOR, hdr.MAX_DESCRIPTOR, size - at), at)
+                own = h.capacity != 0       # a sparse extent with data: its descriptor's extent line is itself
+            elif size <= hdr.MAX_DESCRIPTOR:
+                raw, own = host.pread(size, 0), False
+            else:
+                return []
+        desc = hdr.parse_descriptor(raw, path)
+        out = [] if own else [("extent", e.filename) for e in desc.extents if e.type != "ZERO" and e.filename]
+        return out + ([("backing file", desc.parent_hint)] if desc.parent_hint else [])
+
     # -- create ----------------------------------------------------------------------------
     def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         sub = options.get("subformat") or "monolithicSparse"

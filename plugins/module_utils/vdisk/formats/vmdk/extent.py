@@ -264,9 +264,15 @@ class SparseExtent:
         try:
             d = zlib.decompressobj()
             grain = d.decompress(data, self.gb)
+            # a stream that inflates past one grain fails as it does in QEMU (uncompress() into a
+            # grain-sized buffer); one more byte is all that is inflated to find out
+            over = not d.eof and d.decompress(d.unconsumed_tail, 1)
         except zlib.error as exc:
             raise CorruptImage("compressed grain at sector %d cannot be inflated: %s" % (host_off // SECTOR, exc),
                                path=self.path, field="grain") from None
+        if over:
+            raise CorruptImage("compressed grain at sector %d inflates past the grain size (%d bytes)"
+                               % (host_off // SECTOR, self.gb), path=self.path, field="grain")
         self._last_grain = (host_off, grain)
         return grain
 

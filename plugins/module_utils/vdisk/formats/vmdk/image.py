@@ -2,9 +2,9 @@
 
 References: VMware "Virtual Disk Format 1.1" ("The Descriptor File", "Extent Descriptions");
 QEMU 7.2 block/vmdk.c (vmdk_open, vmdk_open_desc_file, vmdk_parse_extents) for what qemu-img opens
-and its messages.  Extent files are named relative to the descriptor's directory: an absolute
-name, a name leaving that directory, or one that is not a regular file is refused (DESIGN.md
-section 6), before anything is opened.
+and its messages.  Extent files are named relative to the descriptor's directory: a name that
+resolves (after symlinks) outside that directory tree and the policy's allowed directories, or
+one that is not a regular file, is refused (DESIGN.md section 6) before anything is opened.
 """
 import os
 import random
@@ -20,29 +20,27 @@ from .extent import FlatExtent, SparseExtent, ZeroExtent, compress_grain
 SECTOR = hdr.SECTOR
 
 
-def extent_path(descriptor_path: str, name: str) -> str:
-    """The host path of extent *name*: inside the descriptor's directory, or an error."""
+def extent_path(descriptor_path: str, name: str, allowed_dirs: Tuple[str, ...] = ()) -> str:
+    """The host path of extent *name*: inside the descriptor's directory tree or one of
+    *allowed_dirs* (the user's ``--allow-path``), after symlinks, and a regular file; or an error."""
     if not name or "\0" in name:
         raise PolicyError("empty extent file name", path=descriptor_path, field="extent")
-    if os.path.isabs(name):
-        raise PolicyError("extent file %r is an absolute path; refused" % name, path=descriptor_path,
-                          field="extent")
-    if ".." in name.replace("\\", "/").split("/"):
-        raise PolicyError("extent file %r leaves the descriptor's directory; refused" % name,
-                          path=descriptor_path, field="extent")
     base = os.path.dirname(os.path.abspath(descriptor_path))
-    full = os.path.join(base, name)
+    full = os.path.normpath(os.path.join(base, name))
     real = os.path.realpath(full)
-    root = os.path.realpath(base)
-    if not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
-        raise PolicyError("extent file %r leaves the descriptor's directory; refused" % name,
-                          path=descriptor_path, field="extent")
+    roots = [os.path.realpath(base)] + [os.path.realpath(d) for d in allowed_dirs]
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        how = "is an absolute path" if os.path.isabs(name) else "leaves the descriptor's directory"
+        raise PolicyError("extent file %r %s, outside the allowed directories; refused (pass --allow-path "
+                          "to allow it)" % (name, how), path=descriptor_path, field="extent")
     if not os.path.exists(real):
         raise ImageError("Could not open '%s': No such file or directory" % full, path=descriptor_path,
                          field="extent")
     if not os.path.isfile(real):
         raise PolicyError("extent file %r is not a regular file; refused" % name, path=descriptor_path,
                           field="extent")
+    if os.path.isabs(name):
+        return name
     # named as QEMU names it: beside the descriptor as the user gave its path (info shows this)
     return os.path.join(os.path.dirname(descriptor_path), name)
 
@@ -157,7 +155,7 @@ class VmdkImage(Image):
             if line.type == "ZERO":
                 ext = ZeroExtent(line.filename or "", line.sectors * SECTOR)
             else:
-                full = extent_path(self.path, line.filename or "")
+                full = extent_path(self.path, line.filename or "", self.policy.allowed_dirs)
                 host = HostFile(full, writable=self.writable, lock=self.lock, sync=self.policy.sync)
                 try:
                     if line.type in ("FLAT", "VMFS"):

@@ -3,7 +3,7 @@
 References: Microsoft's "Virtual Hard Disk Image Format Specification"; QEMU 7.2 block/vpc.c for
 qemu-img's options (``subformat``, ``force_size``), CHS rounding, limits and messages.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError
@@ -38,6 +38,22 @@ class VpcDriver(Driver):
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VpcImage:
         return VpcImage(self, path, writable, policy or Policy())
+
+    def references(self, path: str) -> List[Tuple[str, str]]:
+        """The parent locators of a differencing disk, as (kind, stored path), for ``vdisk inspect``.
+        They are never opened: like QEMU, vdisk reads a differencing disk without its parent."""
+        with self.open(path, False, Policy(lock=False)) as image:
+            if image.fixed or image.footer.disk_type != hdr.TYPE_DIFFERENCING:
+                return []
+            size = image.host.size()
+            out = []
+            for loc in hdr.parent_locators(image.dyn):
+                if loc.length > hdr.MAX_LOCATOR_DATA or loc.offset > size - loc.length:
+                    continue        # not a path vdisk reads (QEMU does not read them at all)
+                name = loc.decode(image.host.pread(loc.length, loc.offset))
+                if name:
+                    out.append(("parent locator", name))
+            return out
 
     def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         fixed = (options.get("subformat") or "dynamic") == "fixed"

@@ -10,7 +10,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ...errors import CorruptImage, FormatError, InvalidOption
 
@@ -57,6 +57,15 @@ DYN_HEADER_SIZE = DYN_HEADER.size        # 1024 (struct format above)
 DYN_FIELDS = ("cookie", "data_offset", "table_offset", "version", "max_table_entries", "block_size", "checksum",
               "parent_uuid", "parent_timestamp", "reserved", "parent_name", "parent_locators", "reserved2")
 DYN_CHECKSUM_AT = 36
+
+# a parent locator entry of a differencing disk: platform code, platform data space, platform data
+# length (bytes), reserved, platform data offset (bytes from the start of the file)
+PARENT_LOCATOR = struct.Struct(">4sIIIQ")
+PARENT_LOCATORS = 8
+MAX_LOCATOR_DATA = 64 * 1024            # a path; vdisk never reads more than this of one
+# how each platform code stores its path ("Mac " is an alias record, not a path)
+LOCATOR_ENCODINGS = {b"W2ru": "utf-16-le", b"W2ku": "utf-16-le", b"Wi2r": "latin-1", b"Wi2k": "latin-1",
+                     b"MacX": "utf-8"}
 
 
 def checksum(buf: bytes, skip_at: int) -> int:
@@ -220,3 +229,25 @@ def new_footer(size: int, chs: Tuple[int, int, int], fixed: bool, force_size: bo
 
 def bat_bytes(entries: int) -> int:
     return -(-entries * 4 // SECTOR) * SECTOR
+
+
+@dataclass(frozen=True)
+class ParentLocator:
+    code: bytes
+    length: int
+    offset: int
+
+    def decode(self, data: bytes) -> Optional[str]:
+        """The path this locator stores in *data*, or None for a platform code that is not a path."""
+        encoding = LOCATOR_ENCODINGS.get(self.code)
+        return data.decode(encoding, "replace").rstrip("\0") if encoding else None
+
+
+def parent_locators(d: "DynHeader") -> List[ParentLocator]:
+    """The used parent locator entries of a dynamic header (a differencing disk's links to its parent)."""
+    out = []
+    for i in range(PARENT_LOCATORS):
+        code, dummy, length, dummy2, offset = PARENT_LOCATOR.unpack_from(d.parent_locators, i * PARENT_LOCATOR.size)
+        if code != bytes(4) and length:
+            out.append(ParentLocator(code, length, offset))
+    return out
