@@ -345,7 +345,7 @@ def fix_checksums(data: bytes) -> bytes:
     out = bytearray(data)
     n = len(out)
     for base in (0, n - 512):
-        if base >= 0 and out[base:base + 8] == b"conectix":
+        if base >= 0 and n - base >= 512 and out[base:base + 8] == b"conectix":
             struct.pack_into(">I", out, base + 64, _vpc_sum(out[base:base + 512], 64))
             dyn = struct.unpack_from(">Q", out, base + 16)[0]
             if dyn + 1024 <= n and out[dyn:dyn + 8] == b"cxsparse":
@@ -632,10 +632,17 @@ def main(argv=None):
                 return 1 if failures else 0
             pid = os.fork()
             if pid == 0:
-                count, failures = fuzz(mine, args.seconds, seed + job, scratch, save=not args.no_save)
-                sys.stderr.write("fuzz: job %d: %d mutants, %d failures\n" % (job, count, len(failures)))
-                sys.stderr.flush()
-                os._exit(1 if failures else 0)
+                # a job never returns into main(): its finally would remove the other jobs' scratch
+                status = 2
+                try:
+                    count, failures = fuzz(mine, args.seconds, seed + job, scratch, save=not args.no_save)
+                    sys.stderr.write("fuzz: job %d: %d mutants, %d failures\n" % (job, count, len(failures)))
+                    status = 1 if failures else 0
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stderr.flush()
+                    os._exit(status)
             pids.append(pid)
         bad = 0
         for pid in pids:

@@ -83,3 +83,11 @@ def test_crasher_round_trip(companions, tmp_path, monkeypatch):
     assert (note["format"], main, names) == ("qcow2", "img", ["img"] + companions)
     for n in names:
         assert (out / n).read_bytes() == (src / n).read_bytes()
+
+
+@pytest.mark.parametrize("length", [8, 39, 511, 512, 600, 1535])
+def test_fix_checksums_on_truncated_mutants(length):
+    """A mutant cut short inside a VHD footer or dynamic header is returned as it is, not a harness crash."""
+    data = (b"conectix" + bytes(8) + (512).to_bytes(8, "big")).ljust(512, b"\1") + b"cxsparse"
+    data = data.ljust(2048, b"\2")[:length]
+    assert len(fuzz.fix_checksums(data)) == length
