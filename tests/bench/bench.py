@@ -7,7 +7,7 @@
 The disks (a Debian root file system from debootstrap, a bigger one with real files of this
 machine) are built once by build_disks.py and kept in its cache directory.  For each cell both
 tools run once untimed (warm-up: afterwards both read their input from the page cache; vdisk's
-output of that run is verified with qemu-img), then alternately vdisk, qemu-img, vdisk, ...
+output of that run is verified with qemu-img), then in alternating rounds, ABBA: vdisk, qemu-img, qemu-img, vdisk, ...
 for --rounds rounds.  Reported: the median wall time of each, the median of the per-round
 ratios vdisk/qemu-img, the target for that ratio, and the peak RSS of each (ru_maxrss of the
 child, from os.wait4).  Outputs are written to a scratch directory in the cache directory that
@@ -339,8 +339,11 @@ class Bench:
         result["mismatch"] = self.verify(cell, work, v_out, v, q)
         if result["mismatch"]:
             self.log("!!! %s: vdisk's result is WRONG: %s" % (cell.name, result["mismatch"]))
+        pair = (("vdisk", self.vdisk, v_stats), ("qemu-img", self.qemu_img, q_stats))
         for i in range(self.rounds):
-            for name, tool, stats in (("vdisk", self.vdisk, v_stats), ("qemu-img", self.qemu_img, q_stats)):
+            # ABBA order: neither tool always runs right after the other's output was removed (freed
+            # page cache is handed back to the host in the background, and a run that meets it pays)
+            for name, tool, stats in (pair if i % 2 == 0 else pair[::-1]):
                 _, _, r = self._one(name, tool, cell, work)
                 if r.rc != (v.rc if name == "vdisk" else q.rc):
                     result["error"] = failure(name, r, self.timeout) + " (round %d)" % (i + 1)
