@@ -96,6 +96,7 @@ def test_summarize():
     r = _result("compare", [1.0, 3.0, 2.0], [1.0, 1.0, 1.0])
     assert r["vdisk"]["median"] == 2.0 and r["qemu"]["median"] == 1.0
     assert r["ratio"] == 2.0 and r["verdict"] == "MISS"
+    assert r["best_ratio"] == 1.0          # fastest against fastest
     assert r["vdisk"]["peak_rss_kib"] == 4096
     errored = bench.summarize({"name": "backing", "threshold": None, "error": "vdisk: boom"})
     assert errored["ratio"] is None and errored["verdict"] == "-"
