@@ -107,7 +107,7 @@ class Policy:
         base = os.path.dirname(os.path.abspath(image_path))
         full = os.path.normpath(os.path.join(base, name))
         real = os.path.realpath(full)
-        if not any(_inside(real, d) for d in self.allowed_dirs):
+        if not any(inside_dir(real, d) for d in self.allowed_dirs):
             raise PolicyError("%s %r is outside the allowed directories (%s); pass --allow-path to allow it"
                               % (what, name, ", ".join(self.allowed_dirs) or "none"),
                               path=image_path, field=what)
@@ -121,7 +121,8 @@ def _has_protocol(name: str) -> bool:
     return bool(sep) and "/" not in head and len(head) > 1
 
 
-def _inside(path: str, directory: str) -> bool:
+def inside_dir(path: str, directory: str) -> bool:
+    """Whether the real path *path* is *directory* (resolved) or lies under it."""
     directory = os.path.realpath(directory)
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 

@@ -11,7 +11,7 @@ import random
 import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy
+from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, inside_dir
 from ...errors import CorruptImage, FormatError, ImageError, PolicyError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
@@ -28,8 +28,7 @@ def extent_path(descriptor_path: str, name: str, allowed_dirs: Tuple[str, ...] =
     base = os.path.dirname(os.path.abspath(descriptor_path))
     full = os.path.normpath(os.path.join(base, name))
     real = os.path.realpath(full)
-    roots = [os.path.realpath(base)] + [os.path.realpath(d) for d in allowed_dirs]
-    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+    if not any(inside_dir(real, d) for d in (base,) + tuple(allowed_dirs)):
         how = "is an absolute path" if os.path.isabs(name) else "leaves the descriptor's directory"
         raise PolicyError("extent file %r %s, outside the allowed directories; refused (pass --allow-path "
                           "to allow it)" % (name, how), path=descriptor_path, field="extent")
