@@ -65,19 +65,29 @@ class HostFile:
     """One open host file, the bottom of every image.  Reads and writes are positioned."""
 
     def __init__(self, path: str, writable: bool = False, lock: bool = True, create: bool = False,
-                 allow_nonregular: bool = False, sync: bool = True):
+                 allow_nonregular: bool = False, sync: bool = True, checked=None):
+        """*checked*: for a file an image names, the ``driver.ResolvedPath`` the policy checked
+        (``Policy.checked``): its real path is opened instead of *path* (kept for messages), without
+        following a symlink in its last component, and the descriptor is verified (``verify_fd``)."""
         self.path = path
         self.writable = writable
         self.sync = sync        # False: flush() leaves writeback to the kernel (qemu's cache=unsafe)
+        self.checked = checked
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below and cleared for regular files
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
         if create:
             flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        if checked is not None:
+            flags |= os.O_NOFOLLOW
         try:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path if checked is None else checked.real, flags, 0o644)
         except OSError as exc:
+            if checked is not None and exc.errno == errno.ELOOP:
+                raise checked.refused("became a symbolic link between the check and the open") from None
             raise HostIOError("could not open: %s" % (exc.strerror or exc), path=path) from None
         try:
+            if checked is not None:
+                checked.verify_fd(self.fd)
             mode = os.fstat(self.fd).st_mode
             if not allow_nonregular and not stat.S_ISREG(mode):
                 raise ImageError("not a regular file", path=path)

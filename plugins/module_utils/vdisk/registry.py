@@ -136,16 +136,17 @@ def probe_scores(header: bytes, filename: str) -> List[Tuple[int, str]]:
     return sorted((s for s in scores if s[0] > 0), reverse=True)
 
 
-def probe_header(path: str) -> bytes:
+def probe_header(path: str, checked=None) -> bytes:
     """The first bytes of *path*: opened without blocking (a FIFO must not hang the probe) and
-    refused unless it is a regular file (a device or FIFO is never guessed into a format)."""
-    with HostFile(path, lock=False) as host:
+    refused unless it is a regular file (a device or FIFO is never guessed into a format).
+    *checked*: the policy's ``ResolvedPath`` for a file an image names (``io.HostFile``)."""
+    with HostFile(path, lock=False, checked=checked) as host:
         return host.pread(min(PROBE_BYTES, host.size()), 0)
 
 
-def probe_file(path: str) -> str:
-    """Detect the format of the file at *path* from its first bytes."""
-    header = probe_header(path)
+def probe_file(path: str, checked=None) -> str:
+    """Detect the format of the file at *path* from its first bytes (*checked*: see probe_header)."""
+    header = probe_header(path, checked)
     scores = probe_scores(header, path)
     if not scores:
         return "raw"

@@ -25,7 +25,8 @@ class RawImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
+                             checked=policy.checked(path))
         self.virtual_size = self.host.size()
 
     def read(self, offset: int, length: int) -> bytes:

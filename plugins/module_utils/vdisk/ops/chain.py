@@ -4,10 +4,11 @@ The format is probed only when the caller gave none; a probed raw file is never
 allowed to become a format that names other files, and backing files are opened
 read-only, inside the allowed directories, with loop detection and a depth cap.
 """
+import dataclasses
 import os
 from typing import List, Optional
 
-from ..driver import Image, Policy
+from ..driver import Image, Policy, ResolvedPath
 from ..errors import FormatError, ImageError, PolicyError
 from ..registry import get_driver, probe_file, probe_header, probe_scores
 
@@ -62,8 +63,12 @@ def check_declared_format(path: str, fmt: str) -> None:
 
 
 def attach_backing_chain(image: Image, policy: Policy) -> None:
-    """Open the backing files of *image* read-only, recursively, and attach them."""
-    seen = {_identity(image.path)}
+    """Open the backing files of *image* read-only, recursively, and attach them.
+
+    Each name is resolved once (``Policy.resolve``); the driver opens the checked real path and
+    verifies the descriptor (``HostFile(checked=)``), and a loop is a file whose device and inode
+    are already in the chain."""
+    seen = {_identity(image)}
     current = image
     depth = 0
     while current.backing_filename:
@@ -71,28 +76,37 @@ def attach_backing_chain(image: Image, policy: Policy) -> None:
         if depth > policy.max_chain_depth:
             raise PolicyError("backing chain is longer than %d images" % policy.max_chain_depth,
                               path=image.path, field="backing file")
-        policy.resolve_reference(current.backing_filename, current.path)   # refuses what is not allowed
-        # the path as qemu-img shows it: relative to the directory of the overlay's path as given
-        name = current.backing_filename
-        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(current.path), name)
-        if not os.path.exists(full):
-            raise ImageError("Could not open backing file '%s': No such file or directory" % full,
+        ref = policy.resolve(current.backing_filename, current.path)   # refuses what is not allowed
+        if ref.ident is None:
+            # the path as qemu-img shows it: relative to the directory of the overlay's path as given
+            raise ImageError("Could not open backing file '%s': No such file or directory" % ref.display,
                              path=current.path, field="backing file")
-        ident = _identity(full)
-        if ident in seen:
+        if ref.ident in seen:
             raise PolicyError("backing chain loop: '%s' is already in the chain" % current.backing_filename,
                               path=current.path, field="backing file")
-        seen.add(ident)
+        seen.add(ref.ident)
         fmt = current.backing_format
         if fmt is None:
             # an image without a recorded backing format: probe, but never into a format naming files
-            fmt = probe_file(full)
+            fmt = probe_file(ref.display, checked=ref)
             if get_driver(fmt).names_other_files:
                 raise PolicyError("backing file '%s' has no recorded format and probes as %s, which can name "
                                   "other files; record the format (rebase -u -F)" % (current.backing_filename, fmt),
                                   path=current.path, field="backing format")
-        current.backing = _open_one(full, fmt, False, policy)
+        current.backing = open_reference(ref, fmt, False, policy)
         current = current.backing
+
+
+def open_reference(ref: ResolvedPath, fmt: str, writable: bool, policy: Policy) -> Image:
+    """Open the file an image names, resolved as *ref*, as *fmt*: the driver opens ``ref.display``
+    (the name qemu-img shows), its HostFile the checked real path, verified (``Policy.checked``)."""
+    opened = get_driver(fmt).open(ref.display, writable=writable, policy=dataclasses.replace(policy, opening=ref))
+    if getattr(getattr(opened, "host", None), "checked", None) is not ref:
+        opened.close()
+        raise PolicyError("format %s did not open %s %r as it was checked; refused" % (fmt, ref.what, ref.name),
+                          path=ref.image, field=ref.what)
+    opened.opened_as = ref
+    return opened
 
 
 def chain_of(image: Image) -> List[Image]:
@@ -112,6 +126,8 @@ def close_chain(image: Optional[Image]) -> None:
         image = nxt
 
 
-def _identity(path: str):
-    st = os.stat(path)
+def _identity(image: Image):
+    """Device and inode of the file *image* has open (of its path when it keeps no host file)."""
+    host = getattr(image, "host", None)
+    st = os.fstat(host.fd) if host is not None and getattr(host, "fd", -1) >= 0 else os.stat(image.path)
     return (st.st_dev, st.st_ino)

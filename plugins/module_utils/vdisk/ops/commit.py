@@ -4,16 +4,18 @@ from typing import Callable, List, Optional
 
 from ..driver import UNALLOCATED, Image, Policy
 from ..errors import ImageError
-from ..registry import get_driver
-from .chain import chain_of, close_chain, open_image
+from .chain import chain_of, close_chain, open_image, open_reference
 from .copy import copy_allocated_ranges
 
 
-def _same_file(a: str, b: str) -> bool:
+def _same_file(layer: Image, path: str) -> bool:
+    """Whether the user's *path* is the file the backing *layer* has open (checked and verified)."""
+    ref = layer.opened_as
     try:
-        return os.path.samefile(a, b)
+        st = os.stat(path)
     except OSError:
         return False
+    return ref is not None and ref.ident == (st.st_dev, st.st_ino)
 
 
 def commit(path: str, fmt: Optional[str] = None, base: Optional[str] = None, drop: bool = False,
@@ -30,7 +32,7 @@ def commit(path: str, fmt: Optional[str] = None, base: Optional[str] = None, dro
         if base is None:
             index = 1
         else:
-            matches = [i for i, layer in enumerate(layers[1:], 1) if _same_file(layer.path, base)]
+            matches = [i for i, layer in enumerate(layers[1:], 1) if _same_file(layer, base)]
             if not matches:
                 raise ImageError("'%s' is not in the backing chain of '%s'" % (base, path), path=path,
                                  field="base")
@@ -40,9 +42,13 @@ def commit(path: str, fmt: Optional[str] = None, base: Optional[str] = None, dro
         # the base is open read-only inside the chain: reopen it writable in its place
         parent = layers[index - 1]
         below = target.backing
-        target_path, target_fmt = target.path, target.driver.name
+        # the same resolved, checked file, verified again at this open: never the name reopened
+        ref, target_path, target_fmt = target.opened_as, target.path, target.driver.name
+        if ref is None:
+            raise ImageError("backing file '%s' was not opened through the path policy" % target_path, path=path,
+                             field="backing file")
         target.close()
-        writable = get_driver(target_fmt).open(target_path, writable=True, policy=policy)
+        writable = open_reference(ref, target_fmt, True, (policy or Policy()).with_root(path))
         writable.backing = below
         parent.backing = writable
         if writable.virtual_size < top.virtual_size:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from ..driver import Policy
 from ..errors import ImageError
 from ..registry import get_driver, probe_header, probe_scores
-from .chain import RAW_VIEWS, close_chain, open_image
+from .chain import RAW_VIEWS, close_chain, open_image, open_reference
 
 # the checks of a report, in order, with what each one asserts
 CHECKS = (
@@ -121,17 +121,19 @@ def inspect_image(path: str, fmt: Optional[str] = None, policy: Optional[Policy]
     return report
 
 
-def _collect_references(report: Report, path: str, fmt: str, policy: Policy) -> None:
-    """Add the files the image at *path* names, each with the policy's verdict (nothing is opened)."""
+def _collect_references(report: Report, path: str, fmt: str, policy: Policy, checked=None) -> None:
+    """Add the files the image at *path* names, each with the policy's verdict (nothing is opened).
+    *checked*: the ``ResolvedPath`` *path* was opened as, when an image named it (a backing file)."""
     refs = getattr(get_driver(fmt), "references", None)
     try:
-        named = refs(path) if refs else []
+        named = (refs(path) if checked is None else refs(path, checked=checked)) if refs else []
     except ImageError:
         named = []      # an unreadable header fails the "header" check
     if not refs:
+        bare = dataclasses.replace(policy, allowed_dirs=())
         try:
-            image = open_image(path, fmt, writable=False, policy=dataclasses.replace(policy, allowed_dirs=()),
-                               backing=False)
+            image = (open_image(path, fmt, writable=False, policy=bare, backing=False) if checked is None
+                     else open_reference(checked, fmt, False, bare))
         except ImageError:
             return
         try:
@@ -146,8 +148,9 @@ def _collect_references(report: Report, path: str, fmt: str, policy: Policy) -> 
         # W2ru ".\\parent.vhd" is judged as the POSIX path it means
         host_name = name.replace("\\", "/") if kind == "parent locator" else name
         try:
-            full = policy.resolve_reference(host_name, path, kind)
-            report.references.append(Reference(path, kind, name, full, True))
+            # the one rule the opens use (Policy.resolve): the verdict is on the path that would be opened
+            ref = policy.resolve(host_name, path, kind)
+            report.references.append(Reference(path, kind, name, ref.real, True))
         except ImageError as exc:
             report.references.append(Reference(path, kind, name, None, False, problem=exc.message))
 
@@ -170,7 +173,8 @@ def _check_chain(report: Report, path: str, fmt: str, policy: Policy) -> None:
             for ref in report.references:
                 if ref.image == layer.path and ref.kind == "backing file":
                     ref.followed = True
-            _collect_references(report, layer.backing.path, layer.backing.driver.name, policy.with_root(path))
+            _collect_references(report, layer.backing.path, layer.backing.driver.name, policy.with_root(path),
+                                checked=layer.backing.opened_as)
             layer = layer.backing
         report.check("backing-chain", True, "%d backing image(s), all allowed" % depth)
     finally:

@@ -21,7 +21,8 @@ class BochsImage(Image):
         super().__init__(path, False)
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for bochs
-        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False)
+        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False,
+                             checked=policy.checked(path))
         try:
             self._open()
         except BaseException:

@@ -20,7 +20,8 @@ class CloopImage(Image):
         super().__init__(path, False)
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for cloop
-        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False)
+        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False,
+                             checked=policy.checked(path))
         try:
             self._open()
         except BaseException:

@@ -25,7 +25,8 @@ class ParallelsImage(Image):
         self.driver = driver
         self.dirty = None          # qemu-img info shows no dirty flag for parallels
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
+                             checked=policy.checked(path))
         try:
             self._open(policy)
         except BaseException:

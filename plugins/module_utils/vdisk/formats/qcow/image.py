@@ -52,7 +52,8 @@ class QcowImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
+                             checked=policy.checked(path))
         try:
             self._open()
         except BaseException:

@@ -49,10 +49,10 @@ class Qcow2Driver(Driver):
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Qcow2Image:
         return Qcow2Image(self, path, writable, policy or Policy())
 
-    def references(self, path: str) -> List[Tuple[str, str]]:
+    def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The files the header of *path* names, as (kind, stored name), read without opening them:
         ``vdisk inspect`` lists them even when the image itself is refused (an external data file)."""
-        with HostFile(path, lock=False) as host:
+        with HostFile(path, lock=False, checked=checked) as host:
             size = host.size()
             first = host.pread(min(max(size, hdr.HEADER_V2_LENGTH), 1 << hdr.MAX_CLUSTER_BITS), 0)
         h = hdr.parse_header(first, path, size)

@@ -42,7 +42,8 @@ class Qcow2Image(Image):
         super().__init__(path, writable)
         self.driver = driver
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
+                             checked=policy.checked(path))
         try:
             self._open(policy)
         except BaseException:
@@ -72,6 +73,8 @@ class Qcow2Image(Image):
         self.dirty = bool(h.incompatible_features & hdr.INCOMPAT_DIRTY)
         self.corrupt = bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT)
         if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+            if h.data_file:     # the one path rule first (never opened: open it with checked= the result)
+                policy.resolve(h.data_file, self.path, "data file")
             raise UnsupportedFeature("images with an external data file are not supported yet", path=self.path,
                                      field="data_file")
         if self.writable and not policy.repair:

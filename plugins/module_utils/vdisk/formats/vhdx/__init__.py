@@ -53,10 +53,10 @@ class VhdxDriver(Driver):
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VhdxImage:
         return VhdxImage(self, path, writable, policy or Policy())
 
-    def references(self, path: str) -> List[Tuple[str, str]]:
+    def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The paths of a differencing image's parent locator, as (kind, stored path), read without
         opening the image (which refuses a parent): ``vdisk inspect`` lists them; nothing opens them."""
-        with HostFile(path, lock=False) as host:
+        with HostFile(path, lock=False, checked=checked) as host:
             size = host.size()
             if host.pread(8, 0) != hdr.FILE_SIGNATURE:
                 return []

@@ -36,7 +36,8 @@ class VhdxImage(Image):
         self.driver = driver
         self.policy = policy
         lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync)
+        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
+                             checked=policy.checked(path))
         self.session_guid = uuid.uuid4().bytes
         self.first_visible_write = True
         self.log_replayed = False

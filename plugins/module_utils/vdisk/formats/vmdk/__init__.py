@@ -56,10 +56,10 @@ class VmdkDriver(Driver):
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VmdkImage:
         return VmdkImage(self, path, writable, policy or Policy())
 
-    def references(self, path: str) -> List[Tuple[str, str]]:
+    def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The extent files and the parent a VMDK names, as (kind, stored name), read from its
         descriptor without opening them (``vdisk inspect``)."""
-        with HostFile(path, lock=False) as host:
+        with HostFile(path, lock=False, checked=checked) as host:
             size = host.size()
             head = host.pread(min(size, SECTOR), 0)
             if hdr.magic_of(head) == hdr.MAGIC:

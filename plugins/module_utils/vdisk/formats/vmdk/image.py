@@ -6,13 +6,12 @@ and its messages.  Extent files are named relative to the descriptor's directory
 resolves (after symlinks) outside that directory tree and the policy's allowed directories, or
 one that is not a regular file, is refused (DESIGN.md section 6) before anything is opened.
 """
-import os
 import random
 import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, inside_dir
-from ...errors import CorruptImage, FormatError, ImageError, PolicyError, UnsupportedFeature
+from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, ResolvedPath
+from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
 from . import header as hdr
 from .extent import FlatExtent, SparseExtent, ZeroExtent, compress_grain
@@ -20,28 +19,15 @@ from .extent import FlatExtent, SparseExtent, ZeroExtent, compress_grain
 SECTOR = hdr.SECTOR
 
 
-def extent_path(descriptor_path: str, name: str, allowed_dirs: Tuple[str, ...] = ()) -> str:
-    """The host path of extent *name*: inside the descriptor's directory tree or one of
-    *allowed_dirs* (the user's ``--allow-path``), after symlinks, and a regular file; or an error."""
-    if not name or "\0" in name:
-        raise PolicyError("empty extent file name", path=descriptor_path, field="extent")
-    base = os.path.dirname(os.path.abspath(descriptor_path))
-    full = os.path.normpath(os.path.join(base, name))
-    real = os.path.realpath(full)
-    if not any(inside_dir(real, d) for d in (base,) + tuple(allowed_dirs)):
-        how = "is an absolute path" if os.path.isabs(name) else "leaves the descriptor's directory"
-        raise PolicyError("extent file %r %s, outside the allowed directories; refused (pass --allow-path "
-                          "to allow it)" % (name, how), path=descriptor_path, field="extent")
-    if not os.path.exists(real):
-        raise ImageError("Could not open '%s': No such file or directory" % full, path=descriptor_path,
+def extent_path(descriptor_path: str, name: str, policy: Policy) -> ResolvedPath:
+    """Extent *name* of the descriptor at *descriptor_path*, resolved and checked by the one path rule
+    (``Policy.resolve``: inside the descriptor's directory or an allowed directory, after symlinks as
+    the kernel follows them, and a regular file); open ``display`` with ``checked=`` the result."""
+    ref = policy.resolve(name, descriptor_path, "extent")
+    if ref.ident is None:
+        raise ImageError("Could not open '%s': No such file or directory" % ref.display, path=descriptor_path,
                          field="extent")
-    if not os.path.isfile(real):
-        raise PolicyError("extent file %r is not a regular file; refused" % name, path=descriptor_path,
-                          field="extent")
-    if os.path.isabs(name):
-        return name
-    # named as QEMU names it: beside the descriptor as the user gave its path (info shows this)
-    return os.path.join(os.path.dirname(descriptor_path), name)
+    return ref
 
 
 def _hex(value: Optional[int]) -> str:
@@ -62,7 +48,8 @@ class VmdkImage(Image):
         self.driver = driver
         self.policy = policy
         self.lock = policy.lock and not (policy.force_share and not writable)
-        self.host = _DescriptorFile(path, writable=writable, lock=self.lock, sync=policy.sync)
+        self.host = _DescriptorFile(path, writable=writable, lock=self.lock, sync=policy.sync,
+                                    checked=policy.checked(path))
         self.exts: List[Tuple[int, Any]] = []       # (guest start, extent)
         self._desc_raw: Optional[bytes] = None      # the descriptor as read, where, and its room (None: a file)
         self._desc_at = 0
@@ -154,8 +141,9 @@ class VmdkImage(Image):
             if line.type == "ZERO":
                 ext = ZeroExtent(line.filename or "", line.sectors * SECTOR)
             else:
-                full = extent_path(self.path, line.filename or "", self.policy.allowed_dirs)
-                host = HostFile(full, writable=self.writable, lock=self.lock, sync=self.policy.sync)
+                ref = extent_path(self.path, line.filename or "", self.policy)
+                full = ref.display      # named as QEMU names it; the checked real path is what is opened
+                host = HostFile(full, writable=self.writable, lock=self.lock, sync=self.policy.sync, checked=ref)
                 try:
                     if line.type in ("FLAT", "VMFS"):
                         if (line.offset + line.sectors) * SECTOR >= 1 << 63:

@@ -39,10 +39,10 @@ class VpcDriver(Driver):
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VpcImage:
         return VpcImage(self, path, writable, policy or Policy())
 
-    def references(self, path: str) -> List[Tuple[str, str]]:
+    def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The parent locators of a differencing disk, as (kind, stored path), for ``vdisk inspect``.
         They are never opened: like QEMU, vdisk reads a differencing disk without its parent."""
-        with self.open(path, False, Policy(lock=False)) as image:
+        with self.open(path, False, Policy(lock=False, opening=checked)) as image:
             if image.fixed or image.footer.disk_type != hdr.TYPE_DIFFERENCING:
                 return []
             size = image.host.size()
