@@ -7,7 +7,6 @@ vdisk lays clusters out where QEMU would, but writes in the safe order: data fir
 L2 table or entries, then the L1 entry, so an interruption leaves at most unreferenced space.
 """
 import array
-import bisect
 import sys
 import zlib
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from ...driver import DATA, UNALLOCATED, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError
 from ...io import HostFile
+from ...overlap import MetadataMap
 from . import header as hdr
 
 L2_CACHE_TABLES = 64           # QEMU keeps 16; tables are at most 64 KiB
@@ -23,6 +23,11 @@ COMPRESS_LEVEL = 6             # zlib's Z_DEFAULT_COMPRESSION, as QEMU deflates 
 
 # a run's mapping in _pieces: a host offset (int), or one of these markers
 _UNALLOC = "unallocated"
+
+# the metadata guest data must not overwrite (QEMU's qcow driver has no such check; vdisk's own names)
+OL_HEADER = "header"
+OL_L1 = "L1 table"
+OL_L2 = "L2 table"
 
 
 def _table(raw: bytes) -> array.array:
@@ -79,12 +84,9 @@ class QcowImage(Image):
         # the file is kept (the rest is zeros), so a hostile l1_size costs no memory
         inside = max(0, min(self.l1_size, (size - h.l1_table_offset) // 8)) if h.l1_table_offset < size else 0
         self.l1 = _table(self.host.pread(inside * 8, h.l1_table_offset)) if inside else array.array("Q")
-        # where the header, backing name and L1 table end (qemu-img writes the L1 in whole sectors)
-        self._meta_end = max(hdr.HEADER_SIZE, _align(h.l1_table_offset + 8 * self.l1_size, 512),
-                             h.backing_file_offset + h.backing_file_size if h.backing_file_offset else 0)
         self._l2_cache: "OrderedDict[int, array.array]" = OrderedDict()
         self._zcache: Tuple[int, bytes] = (-1, b"")
-        self._l2_offsets: Optional[List[int]] = None      # sorted, built on the first write in place
+        self._metadata: Optional[MetadataMap] = None      # built on the first write in place
         self.compression_unit = self.cs
 
     # -- tables ----------------------------------------------------------------------------
@@ -188,22 +190,31 @@ class QcowImage(Image):
         """*n* bytes at the end of the file rounded up to *align* (default: a cluster).  QEMU sees the
         file's length in whole sectors, so even compressed data starts at a sector boundary."""
         off = _align(self.file_end, align or self.cs)
+        self._metadata_map().check(off, n, self.path)     # a table an entry places past the end of the file
         self.file_end = off + n
         return off
 
+    def _metadata_map(self) -> MetadataMap:
+        """The header and backing file name, the L1 table (qemu-img writes it in whole sectors) and
+        the L2 tables it points to."""
+        if self._metadata is None:
+            h = self.header
+            ranges = [(OL_HEADER, 0, hdr.HEADER_SIZE), (OL_L1, h.l1_table_offset,
+                                                        _align(h.l1_table_offset + 8 * self.l1_size, 512) -
+                                                        h.l1_table_offset)]
+            if h.backing_file_offset:
+                ranges.append((OL_HEADER, h.backing_file_offset, h.backing_file_size))
+            ranges.extend((OL_L2, off, self.l2_bytes) for off in self.l1 if off)
+            self._metadata = MetadataMap.from_ranges(ranges, (OL_HEADER, OL_L1, OL_L2))
+        return self._metadata
+
     def _check_host(self, host: int, ci: int) -> None:
-        """A data cluster vdisk is about to write into must lie inside the file and overlap neither
-        the header and L1 table nor an L2 table (QEMU would write there; vdisk refuses)."""
-        end = host + self.cs
-        if self._l2_offsets is None:
-            self._l2_offsets = sorted(off for off in self.l1 if off)
-        # the last L2 table starting before the cluster's end must end before the cluster's start
-        i = bisect.bisect_left(self._l2_offsets, end) - 1
-        if host < self._meta_end or end > _align(self.file_end, self.cs) or (
-                i >= 0 and self._l2_offsets[i] + self.l2_bytes > host):
-            raise CorruptImage("cluster offset 0x%x of cluster %d overlaps the image's metadata or lies beyond "
-                               "the end of the file; not writing there" % (host, ci), path=self.path,
-                               field="L2 table")
+        """A data cluster vdisk is about to write into must lie inside the file and overlap no
+        metadata (QEMU would write there; vdisk refuses)."""
+        self._metadata_map().check(host, self.cs, self.path, field="L2 table")
+        if host + self.cs > _align(self.file_end, self.cs):
+            raise CorruptImage("cluster offset 0x%x of cluster %d lies beyond the end of the file; not writing "
+                               "there" % (host, ci), path=self.path, field="L2 table")
 
     def _set_entries(self, first: int, entries: List[int], l2_off: Optional[int]) -> None:
         """Point clusters ``first..`` (inside one L2 table) at *entries*; *l2_off* is the place taken
@@ -213,10 +224,10 @@ class QcowImage(Image):
         if l2_off is None:
             table = self._l2_table(l1i)
             off = self._l1_entry(l1i)
-            if off < self._meta_end or off + self.l2_bytes > _align(self.file_end, 512):
-                raise CorruptImage("L2 table offset 0x%x (L1 index %d) overlaps the header or L1 table or lies "
-                                   "beyond the end of the file; not writing there" % (off, l1i), path=self.path,
-                                   field="L1 table")
+            self._metadata_map().check(off, self.l2_bytes, self.path, ignore=(OL_L2,), field="L1 table")
+            if off + self.l2_bytes > _align(self.file_end, 512):
+                raise CorruptImage("L2 table offset 0x%x (L1 index %d) lies beyond the end of the file; not "
+                                   "writing there" % (off, l1i), path=self.path, field="L1 table")
             table[idx:idx + len(entries)] = array.array("Q", entries)
             self.host.pwrite(_pack(entries), self._l1_entry(l1i) + 8 * idx)
             return
@@ -225,8 +236,8 @@ class QcowImage(Image):
         self.host.pwrite(_pack(table), l2_off)
         self.host.flush()              # the table before the L1 entry that makes it visible
         self._l2_cache[l2_off] = table
-        if self._l2_offsets is not None:
-            bisect.insort(self._l2_offsets, l2_off)
+        if self._metadata is not None:
+            self._metadata.add(OL_L2, l2_off, self.l2_bytes)
         if l1i >= len(self.l1):
             self.l1.extend([0] * (l1i + 1 - len(self.l1)))
         self.l1[l1i] = l2_off
@@ -385,7 +396,7 @@ class QcowImage(Image):
         self.host.truncate(self.header.l1_table_offset + l1_bytes)
         self.l1 = array.array("Q")
         self._l2_cache.clear()
-        self._l2_offsets = None
+        self._metadata = None
         self._zcache = (-1, b"")
         self.file_end = self.header.l1_table_offset + l1_bytes
 

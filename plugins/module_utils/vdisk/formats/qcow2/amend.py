@@ -119,6 +119,7 @@ def expand_zero_clusters(img) -> None:
                 continue
             off = entry & hdr.OFFSET_MASK
             if off:
+                img.check_overlap(off, cs)
                 img.host.pwrite(zeros, off)       # preallocated zero cluster: make the zeros real
                 new = off | (entry & hdr.OFLAG_COPIED)
             elif has_backing:

@@ -39,6 +39,7 @@ class _Checker:
         self.lost: List[Tuple[int, int]] = []       # guest ranges whose references were dropped
         self.l2_fixes: Dict[int, Dict[int, Tuple[int, int]]] = {}   # l2 offset -> {index: (entry, bitmap)}
         self.l1_fixes: Dict[int, int] = {}
+        self.snapshot_l1_fixes: Dict[int, int] = {}                  # host offset of a snapshot L1 entry -> value
         self.bad_snapshots: List[int] = []                           # indexes of unusable snapshot entries
         self.contiguous: Dict[int, Tuple[int, bool]] = {}  # active L2 offset -> (first cluster, COPIED) of its run
 
@@ -79,8 +80,19 @@ class _Checker:
         self.count(l1_offset, l1_size * 8)
         span = self.img.l2e * cs
         for l1i, entry in enumerate(l1):
+            if not entry:
+                continue
             off = entry & hdr.OFFSET_MASK
             if not off:
+                # flags without a table: reads see no L2 table, but qemu-img's check takes the entry for
+                # one at offset 0 (the header) and reports corruption; the repair clears the entry
+                self.corruption("ERROR l1_entry=%x (L1 index: 0x%x): L2 table offset is 0 but the entry is not; "
+                                "L1 entry corrupted" % (entry, l1i))
+                if self.fix_refs:
+                    if active:
+                        self.l1_fixes[l1i] = 0
+                    else:
+                        self.snapshot_l1_fixes[l1_offset + 8 * l1i] = 0
                 continue
             bad = None
             if off % cs:
@@ -260,7 +272,7 @@ class _Checker:
         # the table's size is what its entries take
         size = 0
         for s in snaps:
-            size += 40 + len(s.extra) + len(s.id.encode()) + len(s.name.encode())
+            size += 40 + len(s.extra) + len(s.stored_id()) + len(s.stored_name())
             size = (size + 7) & ~7
         self.count(h.snapshots_offset, min(size, MAX_TABLE_SIZE))
         for number, s in enumerate(snaps):
@@ -397,7 +409,7 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     res.image_end_offset = end * cs
     if not repair:
         return
-    if repair == "all" and (res.corruptions or ck.l1_fixes or ck.l2_fixes or copied_fixes):
+    if repair == "all" and (res.corruptions or ck.l1_fixes or ck.snapshot_l1_fixes or ck.l2_fixes or copied_fixes):
         # drop what cannot be valid, recount, write a fresh refcount structure, then fix COPIED against it
         _apply_table_fixes(ck, img, {})
         if ck.bad_snapshots:
@@ -516,6 +528,8 @@ def _apply_table_fixes(ck: _Checker, img, copied_fixes) -> None:
             img.host.pwrite(U64.pack(entry), where + idx * es)
     for l1i, entry in ck.l1_fixes.items():
         img.host.pwrite(U64.pack(entry), h.l1_table_offset + l1i * 8)
+    for where, entry in ck.snapshot_l1_fixes.items():
+        img.host.pwrite(U64.pack(entry), where)
     img.host.flush()
     raw = img.host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
     img.l1 = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]

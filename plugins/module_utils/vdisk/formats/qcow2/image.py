@@ -13,11 +13,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
+from ...overlap import MetadataMap, MetadataOverlap
 from . import header as hdr
 from .check import check as check_image
 from .compress import decompress_cluster
 from . import compressed_write, snapshots
 from .amend import amend as amend_options
+from . import metadata
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
 
@@ -85,6 +87,8 @@ class Qcow2Image(Image):
         self.l1: List[int] = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
         self._l2_cache: "OrderedDict[int, bytearray]" = OrderedDict()
         self._compressed_cache: Tuple[int, bytes] = (-1, b"")
+        self._metadata: Optional[MetadataMap] = None      # built on the first overlap check
+        self._metadata_of: Tuple[Any, Any] = (None, None)   # the refcounts and L1 list it was built from
         self.refcounts: Optional[Refcounts] = Refcounts(self) if self.writable else None
         self._set_dirty_on_write = self.writable and bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
         self._snapshots: Optional[List[Snapshot]] = None
@@ -110,6 +114,33 @@ class Qcow2Image(Image):
 
     def _write_incompat(self) -> None:
         self.host.pwrite(U64.pack(self.header.incompatible_features), 72)
+
+    # -- metadata overlap checks (QEMU's qcow2_pre_write_overlap_check) ------------------
+    def metadata_map(self) -> MetadataMap:
+        """Where the metadata lies; rebuilt when the refcount structure or the L1 list is replaced."""
+        m = self._metadata
+        if m is None or self._metadata_of[0] is not self.refcounts or self._metadata_of[1] is not self.l1:
+            m = self._metadata = metadata.build(self)
+            self._metadata_of = (self.refcounts, self.l1)
+        return m
+
+    def forget_metadata_map(self) -> None:
+        self._metadata = None
+
+    def note_metadata(self, kind: str, offset: int, length: int, old: int = 0) -> None:
+        """A table was added (and the one at *old* dropped) in place: keep a built map current."""
+        m = self._metadata
+        if m is not None:
+            if old:
+                m.discard(kind, old, length)
+            m.add(kind, offset, length)
+
+    def check_overlap(self, offset: int, length: int, ignore: Tuple[str, ...] = ()) -> None:
+        """Refuse a write (or an allocation) over metadata: the image is marked corrupt, as QEMU does."""
+        try:
+            self.metadata_map().check(offset, length, self.path, ignore)
+        except MetadataOverlap as exc:
+            raise metadata.signal_corruption(self, exc) from None
 
     def write_header(self) -> None:
         """Rewrite cluster 0 (header, extensions, backing file name) from ``self.header``."""
@@ -350,6 +381,8 @@ class Qcow2Image(Image):
     def _prepare_write(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        if self.corrupt:
+            raise CorruptImage("qcow2: Image is corrupt; cannot be written", path=self.path, field="corrupt bit")
         if self._set_dirty_on_write and not self.dirty:
             self.header.incompatible_features |= hdr.INCOMPAT_DIRTY
             self._write_incompat()
@@ -366,6 +399,7 @@ class Qcow2Image(Image):
         new = self.refcounts.alloc(1)
         self.host.pwrite(bytes(content), new)
         self.l1[l1i] = new | hdr.OFLAG_COPIED
+        self.note_metadata(metadata.ACTIVE_L2, new, self.cs, old)
         self.host.pwrite(U64.pack(self.l1[l1i]), self.header.l1_table_offset + l1i * 8)
         self._l2_cache[new] = content
         self._trim_cache()
@@ -412,6 +446,8 @@ class Qcow2Image(Image):
         l2_off, table = self._writable_l2(l1i)
         # classify every cluster: written in place, or given a new host cluster
         plan = []   # (ci, in_place_host or None, entry, bitmap)
+        # guest data in an external data file cannot overwrite this file's metadata (QEMU skips that check)
+        overlaps = None if self.header.incompatible_features & hdr.INCOMPAT_DATA_FILE else self.metadata_map().find
         for ci in range(first_ci, last_ci + 1):
             entry, bitmap = self._entry(table, ci % l2e)
             off = entry & hdr.OFFSET_MASK
@@ -420,6 +456,8 @@ class Qcow2Image(Image):
                 if off % cs:
                     raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
                                        % (off, l2_off, ci % l2e), path=self.path, field="L2 table")
+                if overlaps is not None and overlaps(off, cs) is not None:
+                    self.check_overlap(off, cs)
                 in_place = off
             plan.append((ci, in_place, entry, bitmap))
         releases = []
@@ -530,6 +568,7 @@ class Qcow2Image(Image):
 
     def _write_l2_span(self, l2_off: int, table: bytearray, first: int, last: int) -> None:
         es = 16 if self.ext else 8
+        self.check_overlap(l2_off, self.cs, (metadata.ACTIVE_L2,))
         self.host.pwrite(bytes(table[first * es:(last + 1) * es]), l2_off + first * es)
 
     # -- compressed clusters ------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Set
 
 from ...errors import CorruptImage, ImageError
 from .header import MAX_HOST_OFFSET, MAX_REFTABLE_SIZE, REFT_OFFSET_MASK, REFT_RESERVED, U64
+from .metadata import REFCOUNT_BLOCK
 
 
 _ARRAY_CODES = {16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
@@ -234,6 +235,7 @@ class Refcounts:
             self._ensure_block(missing[0])   # takes space; look again
         if (first + count) * self.cs > MAX_HOST_OFFSET:
             raise ImageError("image file would exceed the maximum host offset", path=self.owner.path)
+        self._check_free_space(first, count)
         self.change(first, count, +1)
         if first == self.free_hint:
             self.free_hint = first + count
@@ -256,6 +258,7 @@ class Refcounts:
                 if self.block_offset(bi):
                     return
             where = self.find_free(1)
+            self._check_free_space(where, 1)
             wb = where // self.epb
             if wb == bi:
                 block = bytearray(self.cs)
@@ -277,6 +280,7 @@ class Refcounts:
         self.host.pwrite(bytes(block), offset)       # the block first ...
         self.blocks[bi] = block
         self.table[bi] = offset
+        self.owner.note_metadata(REFCOUNT_BLOCK, offset, self.cs)
         self.host.pwrite(U64.pack(offset), self.owner.header.refcount_table_offset + bi * 8)  # ... then its entry
 
     def _grow_table(self, min_entries: int) -> None:
@@ -295,6 +299,7 @@ class Refcounts:
         if clusters * self.cs > MAX_REFTABLE_SIZE:
             raise ImageError("refcount table would exceed %d bytes" % MAX_REFTABLE_SIZE, path=self.owner.path,
                              field="refcount table")
+        self._check_free_space(where, clusters)
         new_table = self.table + [0] * (clusters * per_cluster - len(self.table))
         old_table = self.table
         self.table = new_table
@@ -313,7 +318,13 @@ class Refcounts:
         self.host.pwrite(b"".join(U64.pack(e) for e in self.table), where * self.cs)
         h.refcount_table_clusters = clusters
         self.owner.write_reftable_pointer()
+        self.owner.forget_metadata_map()          # the table moved: its old place is no longer metadata
         self.free(old_offset, old_clusters * self.cs)
+
+    def _check_free_space(self, first: int, count: int) -> None:
+        """Clusters the refcounts call free must not hold metadata (a refcount of 0 on a table would
+        otherwise hand it out): QEMU's overlap check on the write that follows, made before it."""
+        self.owner.check_overlap(first * self.cs, count * self.cs)
 
     def used_end(self) -> int:
         """Host offset just past the last cluster with a non-zero refcount."""

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, Optional
 from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...io import HostFile
+from ...overlap import MetadataMap
 from . import header as hdr
 from .header import SECTOR
 
@@ -49,6 +50,9 @@ class VdiImage(Image):
             self.bmap.byteswap()
         used = [e for e in self.bmap if e < hdr.DISCARDED]
         self.max_used = max(used) if used else -1
+        # guest data never goes over the header or the block map (a hostile offset_data)
+        self.metadata = MetadataMap.from_ranges([("header", 0, hdr.HEADER_SIZE),
+                                                 ("block map", h.offset_bmap, h.bmap_bytes)])
 
     # -- mapping ------------------------------------------------------------------------
     def _block_host(self, index: int) -> Optional[int]:
@@ -99,7 +103,7 @@ class VdiImage(Image):
                 self._allocate_data(idx, pos % self.bs, chunk)
                 allocated.append(idx)
             else:
-                self._guard(host, self.bs)
+                self.metadata.check(host, self.bs, self.path, field="offset_data")
                 self.host.pwrite(chunk, host + pos % self.bs)
             pos = stop
         if allocated:
@@ -114,17 +118,9 @@ class VdiImage(Image):
                 pos = 0
                 while pos < n:
                     k = min(4 * 1024 * 1024, n - pos)
-                    self._guard(host + pos, k)
+                    self.metadata.check(host + pos, k, self.path, field="offset_data")
                     self.host.pwrite(bytes(k), host + pos)
                     pos += k
-
-    def _guard(self, host: int, length: int) -> None:
-        """Refuse to write guest data over the header or the block map (a hostile offset_data)."""
-        h = self.header
-        meta_end = max(hdr.HEADER_SIZE, h.offset_bmap + h.bmap_bytes)
-        if host < meta_end and length > 0:
-            raise CorruptImage("data block at host offset 0x%x overlaps the header or block map" % host,
-                               path=self.path, field="offset_data")
 
     def _allocate_data(self, idx: int, offset_in_block: int, chunk: memoryview) -> None:
         h = self.header
@@ -135,7 +131,7 @@ class VdiImage(Image):
         if new >= hdr.DISCARDED:
             raise ImageError("no block index left to allocate", path=self.path, field="blocks_allocated")
         host = h.offset_data + new * self.bs
-        self._guard(host, self.bs)
+        self.metadata.check(host, self.bs, self.path, field="offset_data")
         # 1. the data.  A whole block is written as it is; a part of one past the end of the file is
         # written where it goes and the file extended over the rest, which reads as zeros (a hole);
         # only inside the file are the block's other bytes written as zeros

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, Optional
 from ...driver import DATA, ZERO, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, FormatError, ImageError
 from ...io import HostFile
+from ...overlap import MetadataMap
 from . import header as hdr
 from .header import SECTOR
 
@@ -88,6 +89,10 @@ class VpcImage(Image):
             raise CorruptImage("block-vpc: free_data_block_offset points after the end of file. The image has "
                                "been truncated.", path=self.path, field="BAT")
         self.free = free                         # where the next block goes (the footer is there)
+        # guest data never goes over the footer copy, the dynamic header or the BAT (a hostile BAT entry)
+        self.metadata = MetadataMap.from_ranges([("footer copy", 0, hdr.FOOTER_SIZE),
+                                                 ("dynamic header", doff, hdr.DYN_HEADER_SIZE),
+                                                 ("BAT", self.bat_offset, bat_end - self.bat_offset)])
         self.bitmaps: Dict[int, bytearray] = {}  # sector bitmaps of blocks written through this image
 
     # -- mapping ------------------------------------------------------------------------
@@ -163,16 +168,9 @@ class VpcImage(Image):
                 self.write(start + pos, bytes(k))
                 pos += k
 
-    def _guard(self, host: int, length: int) -> None:
-        """Refuse to write guest data over the footer copy, the dynamic header or the BAT."""
-        meta_end = max(hdr.SECTOR + hdr.DYN_HEADER_SIZE, -(-(self.bat_offset + len(self.bat) * 4) // SECTOR) * SECTOR)
-        if host < meta_end:
-            raise CorruptImage("a BAT entry points into the image's metadata (host offset 0x%x)" % host,
-                               path=self.path, field="BAT")
-
     def _write_block(self, idx: int, in_block: int, chunk: memoryview) -> None:
         base = self.bat[idx] * SECTOR
-        self._guard(base, self.bitmap_size + self.bs)
+        self.metadata.check(base, self.bitmap_size + self.bs, self.path, field="BAT")
         self.host.pwrite(chunk, base + self.bitmap_size + in_block)
         bitmap = self.bitmaps.get(idx)
         if bitmap is None:
@@ -196,7 +194,7 @@ class VpcImage(Image):
         if start // SECTOR >= hdr.BAT_UNUSED:
             raise ImageError("the image file cannot grow beyond what its BAT can address", path=self.path,
                              field="BAT")
-        self._guard(start, 1)
+        self.metadata.check(start, 1, self.path, field="BAT")
         size = self.bitmap_size + self.bs
         file_size = self.host.size()
         # bitmap (every sector in use, as qemu-img writes it) and data; the rest of the block is written
