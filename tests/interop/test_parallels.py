@@ -291,3 +291,16 @@ def test_mutations_format_extension(tmp_path):
     good = u.sample("parallels-with-bitmap", tmp_path)
     out = u.mutation_run(good, FMT, [(0, 64), (2 * MiB, 256)], 7, 20, tmp_path, cli_every=5)
     assert out["error"] > 0
+
+
+def test_write_over_bat_refused_by_the_overlap_check(tmp_path):
+    # 512-byte clusters: BAT entry 1 means host sector 1, inside the BAT (entries 0..2047 at 64..8256)
+    path = qemu_create(tmp_path / "q.prl", MiB, cluster_size="512")
+    u.poke(path, hdr.bat_offset(0), struct.pack("<I", 1))
+    with open(path, "rb") as f:
+        before = f.read()
+    with pytest.raises(errors.CorruptImage, match=r"Preventing invalid write on metadata \(overlaps with BAT\)"):
+        u.write_engine(path, FMT, [(0, b"\xee" * 512)])
+    with open(path, "rb") as f:
+        after = f.read()
+    assert after[hdr.HEADER_SIZE:] == before[hdr.HEADER_SIZE:]     # the BAT and data as they were

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from ...driver import DATA, UNALLOCATED, CheckResult, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...io import HostFile
+from ...overlap import MetadataMap
 from . import header as hdr
 from .header import SECTOR
 
@@ -52,6 +53,9 @@ class ParallelsImage(Image):
         if top:
             data_end = max(data_end, top * self.mult + self.tracks)
         self.data_end = data_end            # sectors
+        # guest data never goes over the header or the BAT (a hostile BAT entry): the shared overlap check
+        self.metadata = MetadataMap.from_ranges([("header", 0, hdr.HEADER_SIZE),
+                                                 ("BAT", hdr.HEADER_SIZE, 4 * h.bat_entries)])
         self.unclean = h.inuse == hdr.INUSE_MAGIC
         self.bitmaps: List[hdr.DirtyBitmap] = []
         if h.ext_off:
@@ -129,7 +133,7 @@ class ParallelsImage(Image):
             if self.host_offset(idx):
                 stop = min(end, (idx + 1) * self.cs)
                 host = self.host_offset(idx) + pos % self.cs
-                self._guard(host, stop - pos)
+                self.metadata.check(host, stop - pos, self.path, field="BAT")
                 self.host.pwrite(view[pos - offset:stop - offset], host)
                 pos = stop
                 continue
@@ -139,12 +143,6 @@ class ParallelsImage(Image):
                 last += 1
             self._allocate(idx, last, pos, view[pos - offset:min(end, (last + 1) * self.cs) - offset])
             pos = min(end, (last + 1) * self.cs)
-
-    def _guard(self, host: int, length: int) -> None:
-        """Refuse to write guest data over the header or the BAT (a hostile BAT entry)."""
-        if host < hdr.bat_offset(self.header.bat_entries):
-            raise CorruptImage("BAT entry points into the image header or BAT (host offset 0x%x); run check -r all"
-                               % host, path=self.path, field="BAT")
 
     def _allocate(self, first: int, last: int, offset: int, data: memoryview) -> None:
         count = last - first + 1
