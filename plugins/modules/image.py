@@ -207,6 +207,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt import Terminated, signals_raise
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import apply_image
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec import image_spec
 
@@ -239,8 +240,11 @@ def main():
     )
     params = module.params
     try:
-        spec = image_spec({name: params[name] for name in SPEC_FIELDS})
-        result = apply_image(spec, module_policy(params["allowed_paths"]), check_mode=module.check_mode)
+        with signals_raise():      # killed (SIGTERM, SIGHUP): a new image's temporary file is removed
+            spec = image_spec({name: params[name] for name in SPEC_FIELDS})
+            result = apply_image(spec, module_policy(params["allowed_paths"]), check_mode=module.check_mode)
+    except Terminated as exc:
+        module.fail_json(msg="%s: %s" % (params["path"], exc))
     except ImageError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -149,6 +149,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError, InvalidOption
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt import Terminated, signals_raise
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.content import converted_content_matches
@@ -199,23 +200,26 @@ def main():
     src, dest, fmt = p["src"], p["dest"], p["format"]
     policy = module_policy(p["allowed_paths"])
     try:
-        options = typed_options(fmt, p["options"] or {}, dest)
-        if p["src_format"]:
-            get_driver(p["src_format"])
-        if p["compress"] and "compression" not in get_driver(fmt).capabilities:
-            raise InvalidOption("format %s does not support compression" % fmt, path=dest, field="compress")
-        source = observe(src, p["src_format"], policy)
-        if not source.exists:
-            raise ImageError("Could not open '%s': No such file or directory" % src, path=src, field="src")
-        target = observe(dest, policy=policy)
-        actions = plan_convert(
-            source, target, fmt, options, p["on_exists"], p["compress"], p["backing_file"], p["src_format"],
-            p["snapshot"],
-            same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"], policy))
-        final = target
-        if actions and not module.check_mode:
-            apply(actions, policy)
-            final = observe(dest, policy=policy)
+        with signals_raise():      # killed (SIGTERM, SIGHUP): the temporary output is removed
+            options = typed_options(fmt, p["options"] or {}, dest)
+            if p["src_format"]:
+                get_driver(p["src_format"])
+            if p["compress"] and "compression" not in get_driver(fmt).capabilities:
+                raise InvalidOption("format %s does not support compression" % fmt, path=dest, field="compress")
+            source = observe(src, p["src_format"], policy)
+            if not source.exists:
+                raise ImageError("Could not open '%s': No such file or directory" % src, path=src, field="src")
+            target = observe(dest, policy=policy)
+            actions = plan_convert(
+                source, target, fmt, options, p["on_exists"], p["compress"], p["backing_file"], p["src_format"],
+                p["snapshot"],
+                same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"], policy))
+            final = target
+            if actions and not module.check_mode:
+                apply(actions, policy)
+                final = observe(dest, policy=policy)
+    except Terminated as exc:
+        module.fail_json(msg="%s: %s" % (dest, exc))
     except ImageError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

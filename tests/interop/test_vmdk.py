@@ -120,9 +120,11 @@ def test_create_size_0_refused(tmp_path):
     ({"adapter_type": "scsi"}, "adapter type"),
     ({"compat6": "on", "hwversion": "7"}, "compat6 cannot be enabled with hwversion set"),
     ({"subformat": "monolithicFlat", "zeroed_grain": "on"}, "Flat image can't enable zeroed grain"),
-    ({"backing_fmt": "qcow2", "backing_file": "x.vmdk"}, "Must be vmdk"),
+    ({"backing_fmt": "qcow2", "backing_file": "b.qcow2"}, "Must be vmdk"),
 ])
 def test_create_refused_like_qemu(tmp_path, opts, message):
+    if "backing_file" in opts:      # opened at create, as qemu-img opens it: it must exist
+        helpers.qemu_img("create", "-q", "-f", "qcow2", tmp_path / opts["backing_file"], "1M", check=True)
     args = ["create", "-f", FMT, "-o", u.options_text(opts), tmp_path / "x.vmdk", "1M"]
     proc = u.vdisk(*args)
     assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

@@ -118,3 +118,69 @@ def test_locks_are_released_on_close_for_qemu(image):
     host = vio.HostFile(image, writable=True)
     host.close()
     helpers.qemu_io("raw", image, "write -P 0x11 0 4k")
+
+
+def _open_with_another_writer_at(image, monkeypatch, k):
+    """Open *image* writable (A), with a second writer's whole open (B) run just before A's *k*-th lock
+    call (F_OFD_SETLK/F_OFD_GETLK): every interleaving of the two lock sequences is tried in turn.
+    Returns ``(a, b, calls)``: the HostFiles that got the lock (None where refused), A's lock calls."""
+    real = vio.fcntl.fcntl
+    lock_cmds = {getattr(vio.fcntl, "F_OFD_GETLK", 36), getattr(vio.fcntl, "F_OFD_SETLK", 37)}
+    state = {"calls": 0, "b": None, "done": False, "inside": False}
+
+    def hooked(fd, cmd, *args):
+        if cmd in lock_cmds and not state["inside"]:
+            if state["calls"] == k and not state["done"]:
+                state["inside"] = True
+                try:
+                    state["b"] = vio.HostFile(image, writable=True)
+                except ImageInUse:
+                    state["b"] = None
+                finally:
+                    state["inside"] = False
+                    state["done"] = True
+            state["calls"] += 1
+        return real(fd, cmd, *args)
+
+    monkeypatch.setattr(vio.fcntl, "fcntl", hooked)
+    try:
+        try:
+            a = vio.HostFile(image, writable=True)
+        except ImageInUse:
+            a = None
+    finally:
+        monkeypatch.setattr(vio.fcntl, "fcntl", real)
+    return a, state["b"], state["calls"], state["done"]
+
+
+def test_two_writers_never_both_get_the_lock_at_any_interleaving(image, monkeypatch):
+    """Taking the lock is lock-then-check (QEMU's raw_apply_lock_bytes, raw_check_lock_bytes): a writer
+    that opens at any point of another's locking never leaves both holding it."""
+    k = 0
+    while True:
+        a, b, calls, inserted = _open_with_another_writer_at(image, monkeypatch, k)
+        try:
+            if not inserted:
+                break
+            assert (a is None) != (b is None), "interleaving %d: a=%s b=%s" % (k, a is not None, b is not None)
+        finally:
+            for host in (a, b):
+                if host is not None:
+                    host.close()
+        k += 1
+    assert k >= 6          # every lock call of A had B's open inserted before it
+    vio.HostFile(image, writable=True).close()      # nothing left locked
+
+
+def test_a_refused_writer_leaves_no_lock_behind(image):
+    holder = vio.HostFile(image, writable=True)
+    try:
+        with pytest.raises(ImageInUse) as info:
+            vio.HostFile(image, writable=True)
+        _one_line(info.value)
+        assert 'failed to get "write" lock' in str(info.value) or 'failed to get shared "write" lock' \
+            in str(info.value)
+    finally:
+        holder.close()
+    # the refused opener released what it took: qemu can take the image now
+    helpers.qemu_io("raw", image, "write -P 0x11 0 4k")

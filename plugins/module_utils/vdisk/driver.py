@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
-from .units import parse_bool, parse_size
+from .units import parse_bool, parse_int, parse_size
 
 # extent kinds
 DATA = "data"                # guest data stored in this layer
 ZERO = "zero"                # reads as zeros, decided by this layer (zero flag, hole in a raw file)
 UNALLOCATED = "unallocated"  # not in this layer: falls through to the backing file (or zeros)
+
+# QEMU's snapshot name buffer (QEMUSnapshotInfo.name in block/snapshot.h): qemu-img keeps the
+# first 255 bytes of a longer name it is given
+MAX_SNAPSHOT_NAME = 255
 
 # capability names
 CAPABILITIES = ("create", "write", "snapshots", "backing", "compression", "check", "repair", "resize",
@@ -57,11 +61,7 @@ class OptionSpec:
         if self.type == "bool":
             return parse_bool(value, self.name)
         if self.type == "int":
-            try:
-                return int(str(value), 0)
-            except ValueError:
-                raise InvalidOption("invalid value %r for %s: expected a number" % (value, self.name),
-                                    field=self.name) from None
+            return parse_int(value, self.name)
         text = str(value)
         if self.choices and text not in self.choices:
             raise InvalidOption("invalid value %r for %s: expected one of %s"

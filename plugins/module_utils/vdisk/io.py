@@ -5,7 +5,9 @@ locks on single bytes.  For each permission bit *i* an opener uses it holds a
 shared lock on byte ``100 + i``; for each permission it refuses to share, a
 shared lock on byte ``200 + i``.  A permission it wants conflicts with anyone's
 lock on ``200 + i``; a permission it refuses to share conflicts with anyone's
-lock on ``100 + i``.
+lock on ``100 + i``.  The locks are taken first and checked second, as QEMU does (``take_locks``).
+A file about to be replaced or deleted is held under a writer's locks until that is done
+(``DestinationLock``, used by ``AtomicOutput`` and ``remove_file``).
 """
 import errno
 import fcntl
@@ -13,6 +15,7 @@ import mmap
 import os
 import stat
 import struct
+import sys
 from typing import Iterator, Optional, Tuple
 
 from .errors import HostIOError, ImageError, ImageInUse
@@ -51,7 +54,65 @@ def _fallocate_fn():
 
 
 def _io_error(path: str, what: str, exc: OSError) -> HostIOError:
-    return HostIOError("%s failed: %s" % (what, exc.strerror or exc), path=path)
+    # a temporary output is reported under its destination's name: the user never named the hidden file
+    return HostIOError("%s failed: %s" % (what, exc.strerror or exc), path=destination_of(path))
+
+
+# -- image locks ----------------------------------------------------------------------------
+_WRITER_LOCKS = (_ALL_PERMS, (PERM_WRITE, PERM_RESIZE))     # what a writer takes, what it refuses to share
+_READER_LOCKS = ((PERM_CONSISTENT_READ,), (PERM_WRITE,))
+_NO_OFD_LOCKS = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def take_locks(fd: int, wanted, unshared, path: str) -> bool:
+    """Take QEMU's lock bytes on *fd* for the permissions *wanted* and those *unshared*, then check that
+    no other open file holds a conflicting one; on a conflict the locks taken are released and
+    :class:`ImageInUse` names *path*.  Lock first, check second (QEMU's ``raw_apply_lock_bytes`` then
+    ``raw_check_lock_bytes``): of two openers arriving together at least one sees the other's locks,
+    where checking first lets both through.  ``F_OFD_GETLK`` does not report the caller's own locks
+    on the same open file description, so the check sees only other openers.  Returns False where the
+    file system has no OFD locks (nothing is locked then, as QEMU degrades)."""
+    taken = []
+    try:
+        for offset in [_LOCK_BASE_PERM + p for p in wanted] + [_LOCK_BASE_SHARED + p for p in unshared]:
+            _setlk(fd, fcntl.F_RDLCK, offset)
+            taken.append(offset)
+        for perm in wanted:
+            _check_free(fd, _LOCK_BASE_SHARED + perm, perm, "", path)
+        for perm in unshared:
+            _check_free(fd, _LOCK_BASE_PERM + perm, perm, "shared ", path)
+    except OSError as exc:
+        _release(fd, taken)
+        if exc.errno in _NO_OFD_LOCKS:
+            return False    # file system without OFD locks: QEMU degrades the same way
+        raise ImageInUse("image is in use: failed to lock (%s); is another process using the image?"
+                         % exc.strerror, path=path) from None
+    except BaseException:
+        _release(fd, taken)
+        raise
+    return True
+
+
+def _release(fd: int, offsets) -> None:
+    for offset in offsets:
+        try:
+            _setlk(fd, fcntl.F_UNLCK, offset)
+        except OSError:
+            pass        # closing the descriptor drops them anyway
+
+
+def _setlk(fd: int, kind: int, offset: int) -> None:
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+
+
+def _check_free(fd: int, offset: int, perm: int, shared: str, path: str) -> None:
+    try:
+        raw = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    except OSError:
+        return
+    if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
+        raise ImageInUse('image is in use: failed to get %s"%s" lock; is another process using the image?'
+                         % (shared, _PERM_NAMES[perm]), path=path)
 
 
 # Writes reach the kernel in pieces of at most this size. A large aligned write makes the page cache
@@ -103,38 +164,11 @@ class HostFile:
     # -- locking ------------------------------------------------------------------------
     def _lock(self) -> None:
         if self.writable:
-            wanted = _ALL_PERMS
-            unshared = (PERM_WRITE, PERM_RESIZE)
+            wanted, unshared = _WRITER_LOCKS
         else:
             # a reader needs consistent data: nobody may write meanwhile (qemu-img info does the same)
-            wanted = (PERM_CONSISTENT_READ,)
-            unshared = (PERM_WRITE,)
-        for perm in wanted:
-            self._check_free(_LOCK_BASE_SHARED + perm, perm, "")
-        for perm in unshared:
-            self._check_free(_LOCK_BASE_PERM + perm, perm, "shared ")
-        try:
-            for perm in wanted:
-                self._setlk(fcntl.F_RDLCK, _LOCK_BASE_PERM + perm)
-            for perm in unshared:
-                self._setlk(fcntl.F_RDLCK, _LOCK_BASE_SHARED + perm)
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
-                return  # file system without OFD locks: QEMU degrades the same way
-            raise ImageInUse("image is in use: failed to lock (%s); is another process using the image?"
-                             % exc.strerror, path=self.path) from None
-
-    def _setlk(self, kind: int, offset: int) -> None:
-        fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-
-    def _check_free(self, offset: int, perm: int, shared: str) -> None:
-        try:
-            raw = fcntl.fcntl(self.fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-        except OSError:
-            return
-        if _FLOCK.unpack(raw)[0] != fcntl.F_UNLCK:
-            raise ImageInUse('image is in use: failed to get %s"%s" lock; is another process using the image?'
-                             % (shared, _PERM_NAMES[perm]), path=self.path)
+            wanted, unshared = _READER_LOCKS
+        take_locks(self.fd, wanted, unshared, self.path)
 
     # -- I/O --------------------------------------------------------------------------
     def size(self) -> int:
@@ -307,28 +341,200 @@ class HostFile:
         self.close()
 
 
+# -- outputs --------------------------------------------------------------------------------
+_TMP_SUFFIX = ".vdisk-tmp"
+_TMP_RANDOM_BYTES = 4                               # 8 hex digits
+_NOT_REGULAR = "exists and is not a regular file; refusing to replace it"
+_TEMPORARIES = {}                                   # absolute temporary path -> its AtomicOutput (this process)
+
+
+def destination_of(path: str) -> str:
+    """The destination that *path*, a temporary output of this process under way, stands for (the name
+    errors show and a VMDK descriptor gives its extents), or *path* itself."""
+    if not _TEMPORARIES or not isinstance(path, str):
+        return path
+    out = _TEMPORARIES.get(path) or _TEMPORARIES.get(os.path.abspath(path))
+    return out.path if out is not None else path
+
+
+class DestinationLock:
+    """QEMU's writer locks held on a file that is about to be replaced or deleted, until that is done.
+
+    The one rule for every path that replaces or deletes an existing image (``AtomicOutput``,
+    ``remove_file``): take the locks a writer takes (every permission, write and resize not shared),
+    so a file a running QEMU holds is refused with qemu-img's message naming it, and a QEMU starting
+    meanwhile is refused in turn.  The file is opened read-only (shared lock bytes need no more), so
+    replacing a read-only file the directory lets one replace still works."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+        self.ident = None       # (st_dev, st_ino) of the file locked
+
+    def ensure(self) -> None:
+        """Hold the lock of the file now at the path (none when there is none): locks it, or locks it
+        again when something else was put there since."""
+        for _ in range(16):
+            try:
+                st = os.lstat(self.path)
+            except FileNotFoundError:
+                self.release()
+                return
+            if not stat.S_ISREG(st.st_mode):
+                self.release()
+                raise ImageError(_NOT_REGULAR, path=self.path)
+            if self.fd >= 0 and (st.st_dev, st.st_ino) == self.ident:
+                return
+            self._acquire()
+        raise HostIOError("keeps changing while it is being replaced", path=self.path)
+
+    def _acquire(self) -> None:
+        self.release()
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ImageError(_NOT_REGULAR, path=self.path) from None
+            raise HostIOError("could not open it to check that no other process uses it: %s"
+                              % (exc.strerror or exc), path=self.path) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(_NOT_REGULAR, path=self.path)
+            take_locks(fd, _WRITER_LOCKS[0], _WRITER_LOCKS[1], self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.ident = fd, (st.st_dev, st.st_ino)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd, self.ident = self.fd, -1, None
+            os.close(fd)    # drops the locks
+
+
+def remove_file(path: str) -> bool:
+    """Delete the regular file *path* under its write lock: a file another process holds (a running VM's
+    disk) is refused with :class:`ImageInUse`.  Returns False when there was no file."""
+    lock = DestinationLock(path)
+    try:
+        lock.ensure()
+        if lock.fd < 0:
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise HostIOError("could not delete: %s" % (exc.strerror or exc), path=path) from None
+        return True
+    finally:
+        lock.release()
+
+
+def _shorten(name: str, room: int) -> str:
+    """*name* cut to at most *room* bytes, on a character boundary where the name is UTF-8."""
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    raw = raw[:max(room, 0)]
+    for drop in range(min(4, len(raw) + 1)):
+        part = raw[:len(raw) - drop]
+        try:
+            part.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return os.fsdecode(part)
+    return os.fsdecode(raw)
+
+
+def _name_max(directory: str) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, TypeError):
+        return 255
+
+
 class AtomicOutput:
     """A new file written beside *path* under a temporary name and renamed into place on commit.
 
-    Refuses to replace something that is not a regular file (a directory, device or symlink).
+    Refuses to replace something that is not a regular file (a directory, device or symlink), and a
+    file another process holds (``DestinationLock``: taken here, held until the rename or the abort).
+    The temporary name is ``.NAME.RANDOM.vdisk-tmp`` within the file system's NAME_MAX (NAME shortened
+    as needed); errors name *path*, never the temporary file (``destination_of``).  An output whose
+    path is the temporary file of an output under way in this process (convert has a driver create
+    its output there) is written in place, and that output renames it.
     """
 
     def __init__(self, path: str, overwrite: bool = True):
         self.path = path
+        self.nested = False
+        self.tmp_ident = None
+        self._lock = None
+        outer = _TEMPORARIES.get(os.path.abspath(path))
+        if outer is not None:
+            self.nested = True
+            self.tmp_path = outer.tmp_path
+            try:
+                fd = os.open(self.tmp_path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    st = os.fstat(fd)
+                    if (st.st_dev, st.st_ino) != outer.tmp_ident:    # not the file the output made: never truncated
+                        raise HostIOError("the temporary file was replaced while it was being written",
+                                          path=outer.path)
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise HostIOError("could not create: %s" % (exc.strerror or exc), path=outer.path) from None
+            return
         if os.path.lexists(path):
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode):
-                raise ImageError("exists and is not a regular file; refusing to replace it", path=path)
+                raise ImageError(_NOT_REGULAR, path=path)
             if not overwrite:
                 raise ImageError("file exists", path=path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise HostIOError("directory does not exist: %s" % directory, path=path)
-        import tempfile
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".vdisk-tmp",
-                                             dir=directory)
-        os.close(fd)
-        os.chmod(self.tmp_path, 0o644 & ~_umask())
+        self._lock = DestinationLock(path)
+        try:
+            self._lock.ensure()         # a disk a running VM holds is refused before anything is written
+            self._create_temporary(directory)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _create_temporary(self, directory: str) -> None:
+        room = _name_max(directory) - len("..") - 2 * _TMP_RANDOM_BYTES - len(_TMP_SUFFIX)
+        prefix = _shorten(os.path.basename(self.path), room)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            name = os.path.join(directory, ".%s.%s%s" % (prefix, os.urandom(_TMP_RANDOM_BYTES).hex(), _TMP_SUFFIX))
+            self.tmp_path = name
+            _TEMPORARIES[name] = self       # before it exists: an interruption from here on removes it
+            try:
+                fd = os.open(name, flags, 0o644)        # the mode less the umask, as any new file
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                self.tmp_ident = (st.st_dev, st.st_ino)
+                return
+            except FileExistsError:
+                _TEMPORARIES.pop(name, None)
+            except OSError as exc:
+                _TEMPORARIES.pop(name, None)
+                raise HostIOError("could not create: %s" % (exc.strerror or exc), path=self.path) from None
+            except BaseException:
+                _TEMPORARIES.pop(name, None)
+                if os.path.lexists(name):
+                    os.unlink(name)
+                raise
+        raise HostIOError("could not create a temporary file beside it", path=self.path)
 
     def commit(self, sync: bool = True) -> None:
         """Flush the temporary file and rename it over the destination.
@@ -336,16 +542,26 @@ class AtomicOutput:
         Without *sync* (qemu-img convert's default cache=unsafe) a new file is renamed into place
         without waiting for the disk; replacing an existing file always waits, so a crash can
         never leave the old content lost and the new one incomplete."""
-        if sync or os.path.lexists(self.path):
-            fd = os.open(self.tmp_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        # checked again at the rename: something else may have put a symlink, directory or device there since
-        if os.path.lexists(self.path) and not stat.S_ISREG(os.lstat(self.path).st_mode):
-            raise ImageError("exists and is not a regular file; refusing to replace it", path=self.path)
-        os.rename(self.tmp_path, self.path)
+        if self.nested:
+            return      # the output under way flushes and renames
+        try:
+            if sync or os.path.lexists(self.path):
+                fd = os.open(self.tmp_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise HostIOError("flush failed: %s" % (exc.strerror or exc), path=self.path) from None
+        # checked again at the rename: something else may have put a symlink, directory, device or another
+        # file there since; the file replaced is the one whose lock is held
+        self._lock.ensure()
+        try:
+            os.rename(self.tmp_path, self.path)
+        except OSError as exc:
+            raise HostIOError("could not rename the new file into place: %s" % (exc.strerror or exc),
+                              path=self.path) from None
+        self._finish()
         if not sync:
             return
         try:
@@ -358,16 +574,42 @@ class AtomicOutput:
             pass
 
     def abort(self) -> None:
+        """Remove the temporary file and release the destination.  Called while an exception is handled,
+        it makes that exception name the destination instead of the temporary file."""
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            _name_destination(exc, self.tmp_path, destination_of(self.tmp_path))
+        if self.nested:
+            return      # the output under way removes it
         try:
             os.unlink(self.tmp_path)
         except OSError:
             pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if _TEMPORARIES.get(self.tmp_path) is self:
+            del _TEMPORARIES[self.tmp_path]
+        if self._lock is not None:
+            self._lock.release()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _name_destination(exc: BaseException, tmp: str, dest: str) -> None:
+    """Rewrite *exc* (an error met while writing the temporary file *tmp*) to name *dest* instead."""
+    if tmp == dest:
+        return
+    if isinstance(exc, ImageError):
+        if exc.path and (exc.path == tmp or os.path.abspath(exc.path) == tmp):
+            exc.path = dest
+        message = exc.message.replace(tmp, dest).replace(os.path.basename(tmp), os.path.basename(dest))
+        if message != exc.message:
+            exc.message = message
+            exc.args = (message,) + tuple(exc.args[1:])
+    elif isinstance(exc, OSError):
+        if exc.filename == tmp:
+            exc.filename = dest
+        if getattr(exc, "filename2", None) == tmp:
+            exc.filename2 = dest
 
 
 def is_zero(data) -> bool:

@@ -22,6 +22,36 @@ _SUFFIXES = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": TiB * 1
 _SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
 _HINT = ("Optional suffix k, M, G, T, P or E means kilobytes, megabytes, gigabytes, "
          "terabytes, petabytes and exabytes")
+# Every number a user gives (sizes, numeric options) is parsed here or in parse_int: a number
+# with more significant digits than this is too large for any field (2**64 has 20), so it is
+# refused before int() sees it -- int() of a long decimal string is quadratic, and over Python's
+# 4300-digit limit it raises ValueError instead of a one-line error naming the field.
+MAX_DIGITS = 32
+# digits of a fraction that can change a size: the value is floor(fraction * unit) with unit
+# at most 2**60, whose multiples of 2**-60 end within 60 decimal places; later digits never do
+_FRACTION_DIGITS = 64
+
+
+def shown(value) -> str:
+    """*value* as an error message shows it: repr, cut short (a 5000-digit number is not echoed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return "a %d-bit number" % value.bit_length()
+    text = repr(value)
+    length = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= 40 else "%s...%s (%d characters)" % (text[:24], text[-1], length)
+
+
+def _too_large(what: str, text) -> InvalidOption:
+    return InvalidOption("invalid %s %s: too large; must be between 0 and %d" % (what, shown(text), INT64_MAX),
+                         field=what)
+
+
+def _digits(digits: str, what: str, text) -> str:
+    """*digits* without leading zeros, or the "too large" error when more than MAX_DIGITS remain."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > MAX_DIGITS:
+        raise _too_large(what, text)
+    return significant
 
 
 def parse_size(text, what: str = "size") -> int:
@@ -33,25 +63,47 @@ def parse_size(text, what: str = "size") -> int:
     else:
         match = _SIZE_RE.match(str(text))
         if not match:
-            raise InvalidOption("invalid %s %r; %s" % (what, text, _HINT), field=what)
+            raise InvalidOption("invalid %s %s; %s" % (what, shown(text), _HINT), field=what)
         number, suffix = match.groups()
         unit = _SUFFIXES[suffix.upper()]
         if number[:2].lower() == "0x":
             if suffix and unit != 1:
-                raise InvalidOption("invalid %s %r: hexadecimal with a suffix" % (what, text), field=what)
-            value = int(number, 16)
+                raise InvalidOption("invalid %s %s: hexadecimal with a suffix" % (what, shown(text)), field=what)
+            value = int(_digits(number[2:], what, text), 16)
         elif "." in number:
             if unit == 1:
-                raise InvalidOption("invalid %s %r; a fraction needs a suffix. %s" % (what, text, _HINT),
+                raise InvalidOption("invalid %s %s; a fraction needs a suffix. %s" % (what, shown(text), _HINT),
                                     field=what)
             whole, dummy, frac = number.partition(".")
+            frac = frac[:_FRACTION_DIGITS]
             # exact integer arithmetic: no float rounding for huge sizes
-            value = int(whole or "0") * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
+            value = int(_digits(whole, what, text)) * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
         else:
-            value = int(number) * unit
+            value = int(_digits(number, what, text)) * unit
     if value < 0 or value > INT64_MAX:
-        raise InvalidOption("invalid %s %r: must be between 0 and %d" % (what, text, INT64_MAX), field=what)
+        if value.bit_length() > 128:
+            raise _too_large(what, text)
+        raise InvalidOption("invalid %s %s: must be between 0 and %d" % (what, shown(text), INT64_MAX), field=what)
     return value
+
+
+def parse_int(value, what: str) -> int:
+    """A numeric option (``refcount_bits=16``, ``0x10``): Python's integer literals, at most MAX_DIGITS digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:
+            raise InvalidOption("invalid value %s for %s: too large" % (shown(value), what), field=what)
+        return value
+    text = str(value).strip()
+    body = text.lstrip("+-")
+    if body[:2].lower() in ("0x", "0o", "0b"):
+        body = body[2:]
+    if len(body.replace("_", "").lstrip("0")) > MAX_DIGITS:
+        raise InvalidOption("invalid value %s for %s: too large" % (shown(text), what), field=what)
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise InvalidOption("invalid value %s for %s: expected a number" % (shown(value), what),
+                            field=what) from None
 
 
 def parse_relative_size(text: str, what: str = "size") -> Tuple[str, int]:

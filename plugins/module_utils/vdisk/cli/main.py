@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 from .. import __version__
 from ..driver import Policy, merge_option_strings
 from ..errors import ImageError
+from ..interrupt import Terminated, signals_raise
 from ..ops.chain import close_chain, open_image
 from ..registry import DRIVERS, get_driver
 from ..units import parse_relative_size, parse_size
@@ -102,7 +103,7 @@ def cmd_create(argv: List[str]) -> int:
     size = parse_size(args.size, "size") if args.size is not None else None
     notes: List[str] = []
     used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
-                  notes=notes)
+                  notes=notes, unsafe=args.unsafe)
     if notes:     # what vdisk did beyond qemu-img, in one line
         sys.stderr.write("vdisk: create: %s\n" % "; ".join(notes))
     _out(describe(args.filename, args.fmt, used), args.quiet)
@@ -154,6 +155,16 @@ def cmd_map(argv: List[str]) -> int:
 
 
 # -- convert -------------------------------------------------------------------------------
+def _strtol(text: str) -> int:
+    """A count as qemu-img reads it (strtol): the leading digits, 0 without any; a long number is
+    out of every range checked here (never int() of thousands of digits)."""
+    match = re.match(r"\s*([+-]?)0*([0-9]*)", text)
+    digits = match.group(2) if match else ""
+    if len(digits) > 18:
+        return -(1 << 63) if match.group(1) == "-" else (1 << 63) - 1
+    return int(match.group(1) + digits) if digits else 0
+
+
 @command("convert")
 def cmd_convert(argv: List[str]) -> int:
     p = _Parser(prog="vdisk convert")
@@ -170,7 +181,7 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-S", dest="sparse")
     p.add_argument("-C", action="store_true", dest="copy_offload")
     p.add_argument("-n", action="store_true", dest="existing")
-    p.add_argument("-m", dest="coroutines", type=int)
+    p.add_argument("-m", dest="coroutines", type=_strtol)
     p.add_argument("-W", action="store_true", dest="out_of_order")
     p.add_argument("-l", dest="snapshot")
     p.add_argument("-U", "--force-share", action="store_true")
@@ -391,9 +402,13 @@ def cmd_amend(argv: List[str]) -> int:
             return 0
         typed = {}
         for name, value in options.items():
+            spec = None
             try:
-                typed[name] = image.driver.option(name).parse(value)
+                spec = image.driver.option(name)
+                typed[name] = spec.parse(value)
             except ImageError:
+                if spec is not None and spec.amendable and spec.type in ("int", "size"):
+                    raise       # a number it takes is checked first, as qemu's option parser does
                 typed[name] = value   # the driver's amend names what it refuses
         image.amend(typed)
     finally:
@@ -536,7 +551,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("vdisk: Command not found: %s\n" % name)
         return 1
     try:
-        return fn(rest)
+        with signals_raise():      # SIGTERM, SIGHUP: unwind and clean up as on SIGINT
+            return fn(rest)
+    except Terminated as exc:
+        sys.stderr.write("vdisk: %s: %s\n" % (name, exc))
+        return exc.exit_status
     except UsageError as exc:
         sys.stderr.write("vdisk: %s: %s\n" % (name, " ".join(str(exc).split())))
         return 1

@@ -5,10 +5,12 @@ names the file, the image (``images[INDEX]`` and the path as written) and the fi
 without problems gives one :class:`Entry` per image, in dependency order: an image comes after
 the images of the manifests that are its backing file or its source.
 """
+import errno
 import grp
 import os
 import pwd
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -17,10 +19,17 @@ from ..schema import manifest_schema
 from ..schema.validator import validate
 from ..state.image import backing_path
 from ..state.spec import ImageSpec, image_spec
+from ..units import shown
 from .yamlload import YAMLSyntaxError, load_yaml
 
 # file attributes: manifest (and role) fields the state layer leaves to the caller
 ATTRIBUTES = ("owner", "group", "mode")
+# a manifest larger than this is refused before it is read (docs/manifest.md); so is one nested
+# deeper than MAX_DEPTH levels (a manifest needs five: the document, images, an image, its
+# options, a list in them)
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_ID = 0xFFFFFFFE          # uid_t and gid_t; 0xFFFFFFFF (-1) means "unchanged" to chown
 
 
 @dataclass
@@ -94,16 +103,24 @@ def load_manifests(paths: Sequence[str], allow_paths: Sequence[str] = (), pyyaml
 def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], problems: List[Problem],
               allowed: List[str]) -> List[Entry]:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_manifest(path)
+    except _TooLarge as exc:
+        problems.append(Problem(path, str(exc)))
+        return []
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(path, "could not read the manifest: %s" % (getattr(exc, "strerror", None) or exc)))
         return []
     try:
         doc = load_yaml(text, path)
+        too_deep = _too_deep(doc)
     except YAMLSyntaxError as exc:
         message = exc.message.split(": ", 1)[1] if exc.line else exc.message
         problems.append(Problem(path, "invalid YAML: %s" % message, line=exc.line))
+        return []
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        problems.append(Problem(path, "the manifest's structure is too deep (nested more than %d levels)" % MAX_DEPTH))
         return []
     found = validate(doc, schema)
     images = doc.get("images") if isinstance(doc, dict) else None
@@ -123,8 +140,11 @@ def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], pro
         return []
     base = os.path.dirname(os.path.abspath(path))
     roots = [os.path.realpath(base)] + [os.path.realpath(d) for d in allow_paths]
-    for extra in (doc.get("allow_paths") or []) if not bad_defaults and isinstance(doc.get("allow_paths"), list) else []:
-        if isinstance(extra, str):
+    for number, extra in enumerate((doc.get("allow_paths") or []) if not bad_defaults and
+                                   isinstance(doc.get("allow_paths"), list) else []):
+        if isinstance(extra, str) and "\0" in extra:
+            problems.append(Problem(path, "the directory name contains a NUL byte", field="allow_paths[%d]" % number))
+        elif isinstance(extra, str):
             roots.append(os.path.realpath(os.path.join(base, os.path.expanduser(extra))))
     allowed.extend(roots)
     defaults = dict(doc.get("defaults") or {})
@@ -171,7 +191,59 @@ def _check_defaults(path: str, base: str, defaults: Dict[str, Any], problems: Li
 
 def _name(fields: Any) -> Optional[str]:
     value = fields.get("path") if isinstance(fields, dict) else None
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return None
+    # as messages show it: on one line, a NUL or a newline in it escaped
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
+class _TooLarge(Exception):
+    """The manifest is over MAX_MANIFEST_BYTES."""
+
+
+def read_manifest(path: str) -> str:
+    """The manifest's text, reading at most MAX_MANIFEST_BYTES + 1 bytes.
+
+    A regular file over the limit is refused from its size, unread.  Anything else named as a
+    manifest (a pipe, ``/dev/stdin``, a device) is opened without blocking -- a FIFO nobody writes
+    to reads as empty instead of hanging the open -- then read to its end or past the limit."""
+    limit = MAX_MANIFEST_BYTES
+    over = "the manifest is larger than %s%%s; refused" % (
+        "%d MiB" % (limit >> 20) if limit % (1 << 20) == 0 else "%d bytes" % limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+            raise _TooLarge(over % (" (%d bytes)" % st.st_size))
+        os.set_blocking(fd, True)       # a pipe with a writer is read to its end
+        chunks: List[bytes] = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise _TooLarge(over % "")
+    finally:
+        os.close(fd)
+    # as open(encoding="utf-8") reads it: universal newlines
+    return b"".join(chunks).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _too_deep(doc: Any) -> bool:
+    """Whether *doc* nests lists and mappings deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def _dotted(location: Sequence[Any]) -> str:
@@ -184,6 +256,9 @@ def _dotted(location: Sequence[Any]) -> str:
 def _attributes(attrs: Dict[str, Any]) -> Dict[str, Any]:
     """owner/group as given; mode as an int (an octal string such as '0640', or a number as YAML read it)."""
     out = {k: v for k, v in attrs.items() if v is not None}
+    for name in ("owner", "group"):
+        if isinstance(out.get(name), str) and "\0" in out[name]:
+            raise ValueError(name, "the %s name contains a NUL byte" % ("user" if name == "owner" else name))
     mode = out.get("mode")
     if isinstance(mode, str):
         if not re.match(r"^0?[0-7]{3,4}$", mode):
@@ -197,13 +272,19 @@ def _attributes(attrs: Dict[str, Any]) -> Dict[str, Any]:
 
 def resolve_owner(value: Any, group: bool = False) -> int:
     """A user (or group) name or number as a numeric id; an unknown name is an :class:`ImageError`."""
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        return int(value)
+    what, kind = ("group", "group") if group else ("owner", "user")
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value) if len(value.lstrip("0")) <= 10 else MAX_ID + 1
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_ID:
+            raise ImageError("%s id %s is out of range (0 to %d)" % (kind, shown(value), MAX_ID), field=what)
+        return value
+    if "\0" in str(value):
+        raise ImageError("the %s name contains a NUL byte" % kind, field=what)
     try:
         return grp.getgrnam(value).gr_gid if group else pwd.getpwnam(value).pw_uid
     except KeyError:
-        raise ImageError("unknown %s '%s'" % ("group" if group else "user", value),
-                         field="group" if group else "owner") from None
+        raise ImageError("unknown %s '%s'" % (kind, value), field=what) from None
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:

@@ -8,7 +8,7 @@ Applying re-plans each image just before running its actions (its dependencies e
 stops at the first failure and reports what was done and what was not.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..driver import Policy
@@ -81,8 +81,10 @@ def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImageP
         if spec.state == "present" and (not observed.exists or spec.recreate):
             if spec.source:
                 source = _dependency(spec.source, spec.source_format, earlier, policy)
-            if spec.backing_file and spec.size is None:
-                backing = _dependency(backing_path(spec) or "", spec.backing_format, earlier, policy)
+            if spec.backing_file and not spec.source:
+                # its size, and that it exists; read without image locks, as qemu-img create opens it
+                backing = _dependency(backing_path(spec) or "", spec.backing_format, earlier,
+                                      replace(policy, force_share=True))
         actions = plan(spec, observed, source, backing)
         result.before = properties(observed)
         result.after = predict(result.before, actions)

@@ -12,6 +12,7 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ImageError
+from ..units import MAX_DIGITS
 
 
 class YAMLSyntaxError(ImageError):
@@ -53,6 +54,12 @@ def _load_pyyaml(text: str, path: Optional[str]) -> Any:
                     raise YAMLSyntaxError("duplicate key '%s'" % key, path, key_node.start_mark.line + 1)
                 seen.add(key)
             return super().construct_mapping(node, deep)
+
+        def construct_yaml_int(self, node):
+            text = self.construct_scalar(node)
+            return text if _too_long(text) else super().construct_yaml_int(node)
+
+    _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
     try:
         return yaml.load(text, Loader=_Loader)  # nosec: a SafeLoader subclass
@@ -329,6 +336,16 @@ def _plain_end(text: str, pos: int) -> int:
     return i
 
 
+def _too_long(number: str) -> bool:
+    """An integer with more significant digits than any field takes: it is kept as its text, so
+    the field's own parser (units.parse_size, parse_int) refuses it as too large, naming the field
+    (int() of it would take quadratic time, or raise ValueError past Python's 4300 digits)."""
+    body = number.replace("_", "").lstrip("+-")
+    if body[:2].lower() in ("0x", "0o", "0b"):
+        body = body[2:]
+    return len(body.lstrip("0")) > MAX_DIGITS
+
+
 def _scalar(raw: str) -> Any:
     """Resolve a plain scalar as PyYAML's YAML 1.1 resolver does."""
     if raw in _NULL:
@@ -338,6 +355,8 @@ def _scalar(raw: str) -> Any:
     if raw in _FALSE:
         return False
     plain = raw.replace("_", "")
+    if (_INT.match(raw) or _OCT.match(raw) or _HEX.match(raw)) and _too_long(plain):
+        return raw
     if _INT.match(raw):
         return int(plain)
     if _OCT.match(raw):

@@ -134,10 +134,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             options["backing_file"] = backing
             options["backing_fmt"] = backing_fmt
         typed = driver.parse_options(options)
-        tmp = AtomicOutput(dest)
+        tmp = AtomicOutput(dest)        # holds dest's write lock (a disk a VM uses is refused) until the rename
         try:
-            os.unlink(tmp.tmp_path)
-            driver.create(tmp.tmp_path, size, typed, sync=sync)
+            driver.create(tmp.tmp_path, size, typed, sync=sync)     # written in place (io.AtomicOutput, nested)
             out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False, sync=sync))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:

@@ -1,8 +1,9 @@
 """qemu-img create: options, size rules, backing files."""
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional
 
-from ..driver import Policy
+from ..driver import Image, Policy
 from ..errors import ImageError, InvalidOption, UnsupportedFeature
 from ..io import HostFile
 from ..registry import PROBE_BYTES, get_driver, probe_scores
@@ -12,13 +13,16 @@ from .chain import close_chain, open_image
 
 def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
            backing_file: Optional[str] = None, backing_fmt: Optional[str] = None,
-           policy: Optional[Policy] = None, notes: Optional[List[str]] = None) -> Dict[str, Any]:
+           policy: Optional[Policy] = None, notes: Optional[List[str]] = None, unsafe: bool = False) -> Dict[str, Any]:
     """Create an image as ``qemu-img create`` does; returns the options actually used.
 
     *options* are raw ``-o`` values; ``-b``/``-F`` may come as arguments or options.
-    A backing file named by the user is opened (inside its own directory) to take its
-    size when none is given and, when no format is given, to detect and record its
-    format, so it is never probed again; *notes* receives a line saying so.
+    A backing file is opened, as qemu-img opens it (relative to the new image's directory, with
+    its own backing chain, read-only, without image locks): a missing or unreadable one is
+    refused before anything is written.  Its size is taken when none is given and, when no format
+    is given, its format is detected and recorded, so it is never probed again; *notes* receives a
+    line saying so.  *unsafe* (``-u``) records the backing file without opening it: then a size
+    and the backing format must be given.
     """
     driver = get_driver(fmt)
     raw = dict(options)
@@ -35,27 +39,20 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
     if backing:
         if "backing" not in driver.capabilities:
             raise InvalidOption("format %s does not support backing files" % fmt, path=path, field="backing_file")
-        full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-        if not os.path.exists(full):
-            if size is None:
-                raise ImageError("Could not open backing file '%s': No such file or directory" % full, path=path,
-                                 field="backing_file")
-        else:
-            if not typed.get("backing_fmt"):
-                detected = _detect_format(full, path)
-                typed["backing_fmt"] = detected
-                if notes is not None:
-                    notes.append("backing file '%s' detected as %s; recorded as its backing format"
-                                 % (backing, detected))
-            if size is None:
-                base_policy = Policy(allowed_dirs=tuple((policy or Policy()).allowed_dirs) +
-                                     (os.path.dirname(os.path.realpath(full)),),
-                                     lock=(policy or Policy()).lock)
-                base = open_image(full, typed["backing_fmt"], policy=base_policy)
-                try:
+        if not unsafe:
+            base = _open_backing(path, backing, typed.get("backing_fmt"), policy)
+            try:
+                if not typed.get("backing_fmt"):
+                    typed["backing_fmt"] = _detected_format(base, backing, path)
+                    if notes is not None:
+                        notes.append("backing file '%s' detected as %s; recorded as its backing format"
+                                     % (backing, typed["backing_fmt"]))
+                if size is None:
                     size = base.virtual_size
-                finally:
-                    close_chain(base)
+            finally:
+                close_chain(base)
+        elif not typed.get("backing_fmt"):
+            raise InvalidOption("Backing file specified without backing format", path=path, field="backing_fmt")
     if size is None:
         raise InvalidOption("Image creation needs a size parameter", path=path, field="size")
     size = round_up(size, 512)
@@ -67,15 +64,32 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
     return typed
 
 
-def _detect_format(full: str, path: str) -> str:
-    """The backing file's format by probing, refusing a file that two formats claim equally."""
-    with HostFile(full) as f:       # refuses FIFOs and devices without blocking on them
-        header = f.pread(min(PROBE_BYTES, f.size()), 0)
-    scores = probe_scores(header, full)
-    if len(scores) > 1 and scores[0][0] == scores[1][0]:
-        raise ImageError("backing file '%s' could be %s or %s; name its format with -F"
-                         % (full, scores[0][1], scores[1][1]), path=path, field="backing_fmt")
-    return scores[0][1] if scores else "raw"
+def _open_backing(path: str, backing: str, fmt: Optional[str], policy: Optional[Policy]) -> Image:
+    """The backing file *backing* of a new image at *path*, opened with its chain through ``open_image``.
+
+    The name is taken relative to the new image's directory as qemu-img takes it (``sub/v.qcow2 -b
+    base.qcow2`` opens ``sub/base.qcow2``); the user named it, so its directory is allowed
+    (``Policy.with_root``) and the files it names are held to the policy from there.  Opened
+    read-only and without image locks (qemu-img's force-share): a running VM's base is usable."""
+    display = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
+    try:
+        return open_image(display, fmt, policy=dataclasses.replace(policy or Policy(), force_share=True))
+    except ImageError as exc:
+        # qemu-img: "v.qcow2: Could not open 'nope.qcow2': No such file or directory"
+        why = exc.message if exc.path is None or (exc.path == display and display in exc.message) else str(exc)
+        raise exc.__class__(why, path=path, field="backing_file") from None
+
+
+def _detected_format(base: Image, backing: str, path: str) -> str:
+    """The format *base* was probed as, refusing a file that two formats claim equally."""
+    host = getattr(base, "host", None)
+    if host is not None:
+        header = host.pread(min(PROBE_BYTES, host.size()), 0)
+        scores = probe_scores(header, base.path)
+        if len(scores) > 1 and scores[0][0] == scores[1][0]:
+            raise ImageError("backing file '%s' could be %s or %s; name its format with -F"
+                             % (backing, scores[0][1], scores[1][1]), path=path, field="backing_fmt")
+    return base.driver.name
 
 
 def _create_reserved(driver, path: str, size: int, typed: Dict[str, Any], notes: Optional[List[str]]) -> None:

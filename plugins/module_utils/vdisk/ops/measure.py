@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from ..driver import MeasureSource, Policy
 from ..errors import InvalidOption
 from ..registry import get_driver
-from ..units import parse_size
+from ..units import MAX_DIGITS, parse_size, shown
 from .chain import close_chain, open_image
 from .convert import parse_snapshot_param
 from .status import allocated_bytes, guest_length
@@ -21,6 +21,7 @@ from .status import allocated_bytes, guest_length
 FILE_OPTIONS = {"nocow": "bool", "extent_size_hint": "size"}
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
+UINT64_MAX = (1 << 64) - 1
 _NUMBER_RE = re.compile(r"^\s*(?:0[xX]([0-9a-fA-F]+)|0([0-7]+)|([0-9]+))$")
 
 
@@ -96,15 +97,20 @@ def _typed(name: str, kind: str, value: str) -> Any:
         number = _c_number(value)
         if number is None:
             raise InvalidOption("Parameter '%s' expects a number" % name, field=name)
+        if number > UINT64_MAX:
+            raise InvalidOption("Value %s is too large for parameter '%s'" % (shown(value), name), field=name)
         return number
     return value
 
 
 def _c_number(text: str) -> Optional[int]:
-    """An unsigned number as C's strtoull with base 0 reads it: decimal, 0x hex, 0 octal."""
+    """An unsigned number as C's strtoull with base 0 reads it: decimal, 0x hex, 0 octal (one
+    longer than MAX_DIGITS significant digits reads as 2**64, over every limit, as strtoull's ERANGE)."""
     match = _NUMBER_RE.match(text)
     if not match:
         return None
+    if len("".join(d for d in match.groups() if d).lstrip("0")) > MAX_DIGITS:
+        return UINT64_MAX + 1
     hex_digits, octal_digits, decimal = match.groups()
     if hex_digits is not None:
         return int(hex_digits, 16)

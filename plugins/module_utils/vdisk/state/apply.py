@@ -9,7 +9,8 @@ import os
 from typing import Any, Dict, Iterable, Optional
 
 from ..driver import Policy
-from ..errors import HostIOError, ImageError, ImageInUse, InvalidOption
+from ..errors import ImageError, InvalidOption
+from ..io import remove_file
 from ..ops.chain import close_chain, open_image
 from . import plan as p
 
@@ -32,8 +33,8 @@ def apply_action(action: p.Action, policy: Optional[Policy] = None) -> None:
 def _create(action: p.Action, policy: Optional[Policy]) -> None:
     from ..ops.create import create
     params = action.params
-    if action.kind == p.REPLACE:
-        _refuse_if_in_use(action.path, policy)
+    # replacing: io.AtomicOutput takes the destination's write lock (refused while a VM holds it) and keeps
+    # it until the new image is renamed into place
     if params.get("source"):
         _convert(action, policy)
         return
@@ -45,8 +46,6 @@ def _create(action: p.Action, policy: Optional[Policy]) -> None:
 def _convert(action: p.Action, policy: Optional[Policy]) -> None:
     from ..ops.convert import convert
     params = action.params
-    if os.path.lexists(action.path):
-        _refuse_if_in_use(action.path, policy)
     backing = params.get("backing_file")
     convert([params["source"]], action.path, params.get("source_format"), params["format"],
             _raw_options(params), compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
@@ -62,26 +61,10 @@ def _raw_options(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _delete(action: p.Action, policy: Optional[Policy]) -> None:
-    _refuse_if_in_use(action.path, policy)
-    try:
-        os.unlink(action.path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise HostIOError("could not delete: %s" % (exc.strerror or exc), path=action.path) from None
-
-
-def _refuse_if_in_use(path: str, policy: Optional[Policy]) -> None:
-    """Take the image's write locks once: a disk a running VM holds must not be replaced or deleted."""
-    if not os.path.isfile(path):
-        return
-    try:
-        image = open_image(path, None, writable=True, policy=policy, backing=False)
-    except ImageInUse:
-        raise
-    except ImageError:
-        return      # not readable as an image (corrupt, unknown): nothing holds it as a disk
-    close_chain(image)
+    """Delete the file under its write lock: a disk a running VM holds is refused (io.remove_file)."""
+    if os.path.islink(action.path) or (os.path.lexists(action.path) and not os.path.isfile(action.path)):
+        raise ImageError("exists and is not a regular file; refusing to delete it", path=action.path)
+    remove_file(action.path)
 
 
 def _resize(action: p.Action, policy: Optional[Policy]) -> None:

@@ -4,7 +4,7 @@ The entry points the ``image`` module and the manifest applier call; everything 
 comes from :mod:`.plan`.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 from ..driver import Policy
@@ -59,8 +59,9 @@ def plan_image(spec: ImageSpec, policy: Optional[Policy] = None) -> Result:
         must_make = not observed.exists or spec.recreate
         if must_make and spec.source:
             source = observe(spec.source, spec.source_format, policy)
-        if must_make and spec.backing_file and spec.size is None:
-            backing = observe(backing_path(spec) or "", spec.backing_format, policy)
+        if must_make and spec.backing_file and not spec.source:
+            # its size, and that it exists; read without image locks, as qemu-img create opens it
+            backing = observe(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
     actions = plan(spec, observed, source, backing)
     before = properties(observed)
     return Result(actions, before, predict(before, actions), observed)

@@ -12,7 +12,7 @@ from ..errors import ImageError, InvalidOption
 from ..registry import get_driver
 from ..units import format_size, round_up
 from .observe import ObservedImage, normalize_option
-from .spec import ImageSpec
+from .spec import ImageSpec, check_snapshot_name
 
 # action kinds, in the order they run on one image
 CREATE, CONVERT, REPLACE, DELETE = "create", "convert", "replace", "delete"
@@ -131,6 +131,11 @@ def _make(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedIma
         if fmt:
             after["backing-filename-format"] = fmt
     actions: List[Action] = []
+    if spec.backing_file and backing is not None and not backing.exists and not spec.source:
+        # qemu-img create opens the backing file (-u aside): a missing one is refused, size or not
+        why = "" if spec.size is not None else " (needed for the size of the new image)"
+        raise ImageError("Could not open backing file %s: No such file or directory%s" % (spec.backing_file, why),
+                         path=path, field="backing_file")
     if spec.source:
         if source is None or not source.exists:
             raise ImageError("source image %s does not exist" % spec.source, path=path, field="source")
@@ -149,12 +154,8 @@ def _make(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedIma
         size = spec.size
         if size is None and kind == REPLACE and not spec.backing_file:
             size = observed.virtual_size
-        if size is None and spec.backing_file:
-            if backing is not None and backing.exists:
-                size = round_up(backing.virtual_size or 0, 512)
-            elif backing is not None:
-                raise ImageError("backing file %s does not exist (needed for the size of the new image)"
-                                 % spec.backing_file, path=path, field="backing_file")
+        if size is None and spec.backing_file and backing is not None:
+            size = round_up(backing.virtual_size or 0, 512)
         if size is None:
             raise InvalidOption("size is needed to create the image (or a backing_file or source to take it "
                                 "from)", path=path, field="size")
@@ -259,6 +260,7 @@ def plan_snapshot(observed: ObservedImage, name: str, state: str,
     if state not in SNAPSHOT_STATES:
         raise InvalidOption("invalid state %r: expected one of %s" % (state, ", ".join(SNAPSHOT_STATES)),
                             path=path, field="state")
+    check_snapshot_name(name, path, "name")
     if "snapshots" not in get_driver(observed.format).capabilities:
         raise InvalidOption("format %s does not support internal snapshots" % observed.format, path=path,
                             field="format")

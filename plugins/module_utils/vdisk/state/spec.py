@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..driver import MAX_SNAPSHOT_NAME
 from ..errors import ImageError, InvalidOption
 from ..registry import get_driver
 from ..units import parse_bool, parse_size, round_up
@@ -57,6 +58,8 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
         raw[name] = value
     where = raw.get("path")
     where = str(where) if where else None
+    if where and "\0" in where:
+        raise InvalidOption("the file name contains a NUL byte", path=where.replace("\0", "\\0"), field="path")
     for name in raw:
         if name not in FIELDS:
             raise InvalidOption("unknown field '%s' (known: %s)" % (name, ", ".join(FIELDS)), path=where, field=name)
@@ -80,7 +83,7 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
     spec.options = _options(driver, raw.get("options"), path)
     if "preallocation" in raw:
         spec.preallocation = _preallocation(driver, raw["preallocation"], path)
-    spec.backing_file = _text(raw, "backing_file", path)
+    spec.backing_file = _file_name(raw, "backing_file", path)
     spec.backing_format = _text(raw, "backing_format", path)
     if spec.backing_format and not spec.backing_file:
         raise InvalidOption("backing_format needs backing_file", path=path, field="backing_format")
@@ -93,7 +96,7 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
     if (spec.snapshots or spec.prune_snapshots) and "snapshots" not in driver.capabilities:
         raise InvalidOption("format %s does not support internal snapshots" % spec.format, path=path,
                             field="snapshots")
-    src = _text(raw, "source", path)
+    src = _file_name(raw, "source", path)
     spec.source = _join(base_dir, src) if src else None
     spec.source_format = _text(raw, "source_format", path)
     if spec.source_format:
@@ -130,6 +133,14 @@ def _text(raw: Mapping[str, Any], name: str, path: str) -> Optional[str]:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise InvalidOption("expected a string, got %r" % (value,), path=path, field=name)
     return str(value)
+
+
+def _file_name(raw: Mapping[str, Any], name: str, path: str) -> Optional[str]:
+    """A field naming a file: text without NUL bytes (no file name holds one; os.path refuses them)."""
+    value = _text(raw, name, path)
+    if value is not None and "\0" in value:
+        raise InvalidOption("the file name contains a NUL byte", path=path, field=name)
+    return value
 
 
 def _choice(raw: Mapping[str, Any], name: str, choices, default: str, path: str) -> str:
@@ -186,7 +197,19 @@ def _snapshot_names(value: Any, path: str) -> List[str]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item):
             raise InvalidOption("invalid snapshot name %r" % (item,), path=path, field="snapshots")
+        check_snapshot_name(str(item), path, "snapshots")
         if str(item) in names:
             raise InvalidOption("snapshot '%s' listed twice" % item, path=path, field="snapshots")
         names.append(str(item))
     return names
+
+
+def check_snapshot_name(name: str, path: Optional[str], field: str) -> None:
+    """Refuse a snapshot name no image can keep: qemu-img keeps only its first MAX_SNAPSHOT_NAME bytes (so
+    the name asked for would never be found, and every run would make it again), and a NUL byte ends it."""
+    if "\0" in name:
+        raise InvalidOption("snapshot name contains a NUL byte", path=path, field=field)
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_SNAPSHOT_NAME:
+        raise InvalidOption("snapshot name '%s...' is %d bytes long: at most %d (qemu-img keeps only the first %d)"
+                            % (name[:20], size, MAX_SNAPSHOT_NAME, MAX_SNAPSHOT_NAME), path=path, field=field)

@@ -3,6 +3,7 @@ import struct
 from dataclasses import dataclass
 from typing import List
 
+from ...driver import MAX_SNAPSHOT_NAME
 from ...errors import CorruptImage
 
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")   # up to and including extra_data_size (40 bytes)
@@ -24,6 +25,15 @@ class Snapshot:
     disk_size: int
     icount: int = -1
     extra: bytes = b""          # the whole extra-data area, preserved (may hold fields we do not know)
+    # id and name as stored: bytes that are not UTF-8 (shown as U+FFFD) are written back unchanged
+    raw_id: bytes = b""
+    raw_name: bytes = b""
+
+    def stored_id(self) -> bytes:
+        return _stored(self.raw_id, self.id)
+
+    def stored_name(self) -> bytes:
+        return _stored(self.raw_name, self.name)
 
     def to_info(self) -> dict:
         """SnapshotInfo with qemu-img's keys."""
@@ -34,6 +44,21 @@ class Snapshot:
         if self.icount >= 0:
             info["icount"] = self.icount
         return info
+
+
+def _stored(raw: bytes, text: str) -> bytes:
+    """The bytes to store for *text*: the bytes it was read from while it still reads as them."""
+    if raw and raw.decode("utf-8", "replace") == text:
+        return raw
+    return text.encode("utf-8")
+
+
+def name_bytes(name: str) -> bytes:
+    """What a new snapshot named *name* stores: its first MAX_SNAPSHOT_NAME bytes, as qemu-img keeps
+    them (pstrcpy into QEMUSnapshotInfo.name), also when that cuts a character in two (its first
+    bytes then show as U+FFFD, in qemu-img as in vdisk).  A name from the command line holding
+    bytes that are not UTF-8 (decoded with surrogateescape) keeps those bytes."""
+    return name.encode("utf-8", "surrogateescape")[:MAX_SNAPSHOT_NAME]
 
 
 def parse_snapshot_table(data: bytes, count: int, path: str, virtual_size: int) -> List[Snapshot]:
@@ -67,5 +92,6 @@ def parse_snapshot_table(data: bytes, count: int, path: str, virtual_size: int) 
             raise CorruptImage("snapshot table truncated at entry %d" % index, path=path, field="snapshots")
         off = (off + 7) & ~7
         out.append(Snapshot(l1_off, l1_size, ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
-                            date_sec, date_nsec, vm_clock, vm_state, disk_size, icount, bytes(extra)))
+                            date_sec, date_nsec, vm_clock, vm_state, disk_size, icount, bytes(extra),
+                            bytes(ident), bytes(name)))
     return out

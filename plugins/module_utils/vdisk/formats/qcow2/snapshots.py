@@ -10,6 +10,7 @@ refcount structure -- past the end of the file, and switches to it with a single
 write of the header fields that point to them.  Interrupted before that write, the
 image is the old one (the new clusters are not even counted); after it, the new one.
 """
+import re
 import struct
 import time
 from array import array
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ...errors import CorruptImage, ImageError
 from . import header as hdr
-from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot
+from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot, name_bytes
 
 U64 = struct.Struct(">Q")
 EXTRA_V3 = struct.Struct(">QQq")   # vm_state_size_large, disk_size, icount
@@ -27,7 +28,7 @@ def pack_snapshot_table(snaps: List[Snapshot]) -> bytes:
     """Serialize snapshot entries (id, name and unknown extra data preserved), each padded to 8."""
     out = bytearray()
     for s in snaps:
-        ident, name = s.id.encode("utf-8"), s.name.encode("utf-8")
+        ident, name = s.stored_id(), s.stored_name()
         # refresh the fields vdisk knows and keep the rest; a new entry gets QEMU's 24 bytes
         known = EXTRA_V3.pack(s.vm_state_size, s.disk_size, s.icount)
         extra = bytearray(s.extra) if s.extra else bytearray(24)
@@ -199,14 +200,30 @@ def create_snapshot(img, name: str) -> Snapshot:
     snaps = list(img.snapshots_table())
     if len(snaps) >= hdr.MAX_SNAPSHOTS:
         raise ImageError("too many snapshots", path=img.path, field="snapshot")
-    ids = [int(s.id) for s in snaps if s.id.isdigit()]
-    new_id = str(max(ids) + 1 if ids else 1)
+    new_id = str((max([_strtoul(s.id) for s in snaps], default=0) + 1) & ULONG_MAX)
+    raw = name_bytes(name)      # at most 255 bytes, as qemu-img keeps them
     h = img.header
     now = time.time()
-    snap = Snapshot(h.l1_table_offset, h.l1_size, new_id, name, int(now), int((now % 1) * 1e9), 0, 0,
-                    img.virtual_size, 0, b"")
+    snap = Snapshot(h.l1_table_offset, h.l1_size, new_id, raw.decode("utf-8", "replace"), int(now),
+                    int((now % 1) * 1e9), 0, 0, img.virtual_size, 0, b"", new_id.encode(), raw)
     switch_state(img, snaps + [snap], list(img.l1), img.virtual_size)
     return snap
+
+
+ULONG_MAX = (1 << 64) - 1
+_STRTOUL = re.compile(r"[ \t\n\v\f\r]*([+-]?)0*([0-9]*)")
+
+
+def _strtoul(text: str) -> int:
+    """An id as QEMU's find_new_snapshot_id() reads it: strtoul(id, NULL, 10) -- the leading decimal
+    digits, 0 without any, ULONG_MAX past it (ERANGE), negated modulo 2**64 after a minus sign.
+    Ids are text in the image (up to 65535 bytes): never int() of all of it."""
+    sign, digits = _STRTOUL.match(text).groups()
+    if not digits:
+        return 0
+    if len(digits) > 20 or int(digits) > ULONG_MAX:
+        return ULONG_MAX
+    return (-int(digits) & ULONG_MAX) if sign == "-" else int(digits)
 
 
 def apply_snapshot(img, name: str) -> None:

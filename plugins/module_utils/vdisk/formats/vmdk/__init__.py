@@ -8,19 +8,17 @@ behind markers, then the grain tables, the directory and a footer (``gdOffset`` 
 """
 import os
 import random
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError, InvalidOption
-from ...io import AtomicOutput, HostFile
+from ...io import AtomicOutput, HostFile, destination_of
 from . import header as hdr
 from .extent import _pack32
 from .image import VmdkImage
 
 SECTOR = hdr.SECTOR
 DEFAULT_TOOLS_VERSION = "2147483647"
-_TMP_NAME = re.compile(r"^\.(.+)\.[^.]+\.vdisk-tmp$")     # io.AtomicOutput's temporary names
 
 
 class VmdkDriver(Driver):
@@ -112,10 +110,8 @@ class VmdkDriver(Driver):
             # a descriptor; a descriptor without extents trips an assertion): refused here
             raise InvalidOption("a vmdk image cannot be empty (size 0)", path=path, field="size")
         cid = random.getrandbits(32)
-        final = os.path.basename(path)
-        m = _TMP_NAME.match(final)
-        if m:
-            final = m.group(1)      # convert writes beside the destination: extents take the final name
+        # convert has the image created in its temporary output: extents take the destination's name
+        final = os.path.basename(destination_of(path))
         stem, dot, ext = final.rpartition(".")
         prefix, postfix = (stem, "." + ext) if dot else (final, "")
         directory = os.path.dirname(os.path.abspath(path))
@@ -148,12 +144,18 @@ class VmdkDriver(Driver):
         text = desc(lines)
         if len(text) > hdr.MAX_DESCRIPTOR:
             raise InvalidOption("descriptor too large", path=path, field="backing_file")
-        for name, psize in pieces:
-            if flat:
-                self._write_file(os.path.join(directory, name), [], psize, sync)
-            else:
-                self._write_file(os.path.join(directory, name), *self._sparse_image(psize, zeroed, None), sync=sync)
-        self._write_file(path, [(0, text)], 0, sync)
+        out = AtomicOutput(path)    # first: a descriptor a running VM holds is refused before any extent is replaced
+        try:
+            for name, psize in pieces:
+                if flat:
+                    self._write_file(os.path.join(directory, name), [], psize, sync)
+                else:
+                    self._write_file(os.path.join(directory, name), *self._sparse_image(psize, zeroed, None),
+                                     sync=sync)
+            self._write_file(path, [(0, text)], 0, sync, out)
+        except BaseException:
+            out.abort()
+            raise
 
     def _parent_cid(self, path: str, backing: str) -> int:
         full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
@@ -170,9 +172,11 @@ class VmdkDriver(Driver):
             return parent.cid
 
     @staticmethod
-    def _write_file(path: str, parts: List[Tuple[int, bytes]], length: int, sync: bool) -> None:
-        """A new file of *length* bytes (holes) holding *parts* ``(offset, bytes)``, renamed into place."""
-        out = AtomicOutput(path)
+    def _write_file(path: str, parts: List[Tuple[int, bytes]], length: int, sync: bool,
+                    out: Optional[AtomicOutput] = None) -> None:
+        """A new file of *length* bytes (holes) holding *parts* ``(offset, bytes)``, renamed into place
+        (through *out* when the caller made it)."""
+        out = out or AtomicOutput(path)
         try:
             with HostFile(out.tmp_path, writable=True) as host:
                 for off, data in parts:
