@@ -374,7 +374,7 @@ class DestinationLock:
     def ensure(self) -> None:
         """Hold the lock of the file now at the path (none when there is none): locks it, or locks it
         again when something else was put there since."""
-        for _ in range(16):
+        for dummy in range(16):
             try:
                 st = os.lstat(self.path)
             except FileNotFoundError:
@@ -512,7 +512,7 @@ class AtomicOutput:
         room = _name_max(directory) - len("..") - 2 * _TMP_RANDOM_BYTES - len(_TMP_SUFFIX)
         prefix = _shorten(os.path.basename(self.path), room)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        for _ in range(100):
+        for dummy in range(100):
             name = os.path.join(directory, ".%s.%s%s" % (prefix, os.urandom(_TMP_RANDOM_BYTES).hex(), _TMP_SUFFIX))
             self.tmp_path = name
             _TEMPORARIES[name] = self       # before it exists: an interruption from here on removes it
