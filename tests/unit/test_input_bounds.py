@@ -18,7 +18,8 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow2 i
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow2.snapshot_table import (
     parse_snapshot_table)
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest import load, yamlload
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import load_manifests, resolve_owner
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import load_manifests
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.batch import resolve_owner
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import close_chain, open_image
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.create import create
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.measure import parse_measure_options

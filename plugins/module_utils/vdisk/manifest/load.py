@@ -6,9 +6,7 @@ without problems gives one :class:`Entry` per image, in dependency order: an ima
 the images of the manifests that are its backing file or its source.
 """
 import errno
-import grp
 import os
-import pwd
 import re
 import stat
 from dataclasses import dataclass, field
@@ -19,7 +17,6 @@ from ..schema import manifest_schema
 from ..schema.validator import validate
 from ..state.image import backing_path
 from ..state.spec import ImageSpec, image_spec
-from ..units import shown
 from .yamlload import YAMLSyntaxError, load_yaml
 
 # file attributes: manifest (and role) fields the state layer leaves to the caller
@@ -29,7 +26,6 @@ ATTRIBUTES = ("owner", "group", "mode")
 # options, a list in them)
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 64
-MAX_ID = 0xFFFFFFFE          # uid_t and gid_t; 0xFFFFFFFF (-1) means "unchanged" to chown
 
 
 @dataclass
@@ -100,6 +96,28 @@ def load_manifests(paths: Sequence[str], allow_paths: Sequence[str] = (), pyyaml
     return Loaded(list(paths), ordered, problems, tuple(dict.fromkeys(allowed)))
 
 
+def load_data(images: Any, defaults: Optional[Dict[str, Any]] = None, base_dir: Optional[str] = None,
+              allow_paths: Sequence[str] = (), name: str = "images") -> Loaded:
+    """Validate a manifest given as data -- its ``images`` list and ``defaults`` -- as
+    :func:`load_manifests` validates a file (the same schema, checks and messages; problems name
+    *name* where they would name the file).  Relative paths are relative to *base_dir* (default:
+    the current directory), which is allowed as a manifest's directory is; so are *allow_paths*."""
+    problems: List[Problem] = []
+    allowed: List[str] = [os.path.realpath(d) for d in allow_paths]
+    doc: Dict[str, Any] = {"version": 1, "images": images}
+    if defaults:
+        doc["defaults"] = defaults
+    base = os.path.abspath(base_dir or os.getcwd())
+    if _too_deep(doc):
+        problems.append(Problem(name, "the manifest's structure is too deep (nested more than %d levels)" % MAX_DEPTH))
+        entries: List[Entry] = []
+    else:
+        entries = _load_doc(name, doc, base, manifest_schema(), allow_paths, problems, allowed)
+    _check_duplicates(entries, problems)
+    ordered = _order(entries, problems)
+    return Loaded([name], ordered, problems, tuple(dict.fromkeys(allowed)))
+
+
 def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], problems: List[Problem],
               allowed: List[str]) -> List[Entry]:
     try:
@@ -122,6 +140,12 @@ def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], pro
     if too_deep:
         problems.append(Problem(path, "the manifest's structure is too deep (nested more than %d levels)" % MAX_DEPTH))
         return []
+    return _load_doc(path, doc, os.path.dirname(os.path.abspath(path)), schema, allow_paths, problems, allowed)
+
+
+def _load_doc(path: str, doc: Any, base: str, schema: Dict[str, Any], allow_paths: Sequence[str],
+              problems: List[Problem], allowed: List[str]) -> List[Entry]:
+    """Validate one manifest's data (*path* names it in problems; relative paths are relative to *base*)."""
     found = validate(doc, schema)
     images = doc.get("images") if isinstance(doc, dict) else None
     images = images if isinstance(images, list) else []
@@ -138,7 +162,6 @@ def _load_one(path: str, schema: Dict[str, Any], allow_paths: Sequence[str], pro
             problems.append(Problem(path, problem.message, field=_dotted(where) or None))
     if found and not isinstance(doc, dict):
         return []
-    base = os.path.dirname(os.path.abspath(path))
     roots = [os.path.realpath(base)] + [os.path.realpath(d) for d in allow_paths]
     for number, extra in enumerate((doc.get("allow_paths") or []) if not bad_defaults and
                                    isinstance(doc.get("allow_paths"), list) else []):
@@ -268,23 +291,6 @@ def _attributes(attrs: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(out.get("mode"), int) and not 0 <= out["mode"] <= 0o7777:
         raise ValueError("mode", "invalid mode %o" % out["mode"])
     return out
-
-
-def resolve_owner(value: Any, group: bool = False) -> int:
-    """A user (or group) name or number as a numeric id; an unknown name is an :class:`ImageError`."""
-    what, kind = ("group", "group") if group else ("owner", "user")
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value) if len(value.lstrip("0")) <= 10 else MAX_ID + 1
-    if isinstance(value, int):
-        if not 0 <= value <= MAX_ID:
-            raise ImageError("%s id %s is out of range (0 to %d)" % (kind, shown(value), MAX_ID), field=what)
-        return value
-    if "\0" in str(value):
-        raise ImageError("the %s name contains a NUL byte" % kind, field=what)
-    try:
-        return grp.getgrnam(value).gr_gid if group else pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise ImageError("unknown %s '%s'" % (kind, value), field=what) from None
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:

@@ -8,9 +8,9 @@ from typing import Any, Dict, List, Sequence
 
 from ..state.plan import (AMEND, CONVERT, CREATE, DELETE, GROW, REPLACE, SHRINK, SNAPSHOT_APPLY, SNAPSHOT_CREATE,
                           SNAPSHOT_DELETE, Action)
+from ..state.batch import ATTRIBUTES, ImagePlan, Report
 from ..units import format_size
 from .load import Loaded, Problem
-from .run import ATTRIBUTES, ImagePlan, Report
 
 GREEN, YELLOW, RED, BOLD, RESET = "\033[32m", "\033[33m", "\033[31m", "\033[1m", "\033[0m"
 JSON_VERSION = 1
