@@ -102,16 +102,25 @@ test-ansible: sanity units integration molecule
 bench-ansible: ansible-env
 	@$(IN_COLL) $(CURDIR)/$(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
 
-# today's demo, then playbooks/demo.yml twice (the images role on localhost; the second run changes nothing)
+# today's demo, then playbooks/demo.yml with --check --diff on an empty directory (writes nothing), then twice
+# (the images role on localhost; the second run changes nothing); the collection from this tree
 demo: venv $(ASTAMP)
 	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" PYTHON="$(CURDIR)/$(PY)" bash scripts/demo.sh
 	@rm -rf demo/manifest && mkdir -p demo/manifest && cp docs/examples/manifest.yml demo/manifest/
 	@printf '\n\033[1m$$ vdisk apply demo/manifest/manifest.yml\033[0m\n'; $(VENV)/bin/vdisk apply demo/manifest/manifest.yml
 	@printf '\n\033[1m$$ vdisk plan demo/manifest/manifest.yml   (again: nothing to do)\033[0m\n'; $(VENV)/bin/vdisk plan demo/manifest/manifest.yml
 	@if [ -f plugins/modules/image.py ]; then \
+	  root=$$(mktemp -d $(CURDIR)/tests/output/demo-XXXXXX) && $(PY) tests/ansible/collection_tree.py $$root >/dev/null && \
+	  export ANSIBLE_COLLECTIONS_PATH=$$root && \
+	  printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml --check --diff   (an empty directory: nothing written)\033[0m\n'; \
+	  rm -rf demo/ansible-check && mkdir demo/ansible-check && \
+	  $(AENV) ansible-playbook playbooks/demo.yml --check --diff -e vdisk_demo_dir=$(CURDIR)/demo/ansible-check \
+	    >demo/ansible-check.log 2>&1; rc=$$?; cat demo/ansible-check.log; [ $$rc = 0 ] || exit $$rc; \
+	  [ -z "$$(ls -A demo/ansible-check)" ] || { echo "demo: --check wrote into demo/ansible-check" >&2; exit 1; }; \
 	  for run in first second; do printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml (%s run)\033[0m\n' $$run; \
 	    $(AENV) ansible-playbook playbooks/demo.yml >demo/ansible-$$run.log 2>&1; rc=$$?; \
 	    cat demo/ansible-$$run.log; [ $$rc = 0 ] || exit $$rc; done; \
+	  rm -rf $$root; \
 	  grep -q 'changed=0 ' demo/ansible-second.log || { echo "demo: the second run changed something" >&2; exit 1; }; \
 	else echo "demo: plugins/modules/image.py does not exist yet: playbooks/demo.yml skipped"; fi
 

@@ -22,7 +22,7 @@ def fields():
 def role_options():
     with open(os.path.join(REPO, "roles/images/meta/argument_specs.yml")) as f:
         specs = load_yaml(f.read(), "argument_specs.yml")
-    return specs["argument_specs"]["main"]["options"]["vdisk_images"]["options"]
+    return specs["argument_specs"]["main"]["options"]["images_list"]["options"]
 
 
 def test_role_and_manifest_accept_the_same_fields():
