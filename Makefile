@@ -98,7 +98,7 @@ molecule: ansible-env qemu
 
 test-ansible: sanity units integration molecule
 
-# a no-change playbook run over 20 images against a stat loop over the same files (docs/performance.md)
+# a no-change playbook run over 60 images (the images role) against a stat loop over the same files (docs/performance.md)
 bench-ansible: ansible-env
 	@$(IN_COLL) $(CURDIR)/$(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
 
