@@ -18,16 +18,16 @@ and what was not done.
 import grp
 import os
 import pwd
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..driver import Policy
 from ..errors import HostIOError, ImageError
 from ..units import shown
 from .apply import apply_action
-from .image import backing_path, policy_for
+from .image import plan_one, policy_for
 from .observe import ObservedImage, observe
-from .plan import CONVERT, CREATE, REPLACE, Action, plan, predict, properties
+from .plan import CONVERT, CREATE, REPLACE, Action, predict, properties
 from .spec import ImageSpec
 
 ATTRIBUTES = "attributes"
@@ -99,16 +99,8 @@ def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImageP
             return result
     policy = policy_for(spec, policy)
     try:
-        observed = observe(spec.path, None, policy)
-        source = backing = None
-        if spec.state == "present" and (not observed.exists or spec.recreate):
-            if spec.source:
-                source = _dependency(spec.source, spec.source_format, earlier, policy)
-            if spec.backing_file and not spec.source:
-                # its size, and that it exists; read without image locks, as qemu-img create opens it
-                backing = _dependency(backing_path(spec) or "", spec.backing_format, earlier,
-                                      replace(policy, force_share=True))
-        actions = plan(spec, observed, source, backing)
+        observed, actions = plan_one(spec, policy,
+                                     lambda path, fmt, pol: _dependency(path, fmt, earlier, pol))
         result.before = properties(observed)
         result.after = predict(result.before, actions)
         attributes = _plan_attributes(entry, observed, actions)

@@ -5,7 +5,7 @@ comes from :mod:`.plan`.
 """
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..driver import Policy
 from .apply import apply
@@ -50,19 +50,30 @@ def policy_for(spec: ImageSpec, policy: Optional[Policy] = None) -> Policy:
     return policy
 
 
-def plan_image(spec: ImageSpec, policy: Optional[Policy] = None) -> Result:
-    """Observe the image (and, when it must be made, its source or backing file) and plan."""
-    policy = policy_for(spec, policy)
+# how a planner observes the source or backing file of an image it must make: (path, format, policy)
+Dependency = Callable[[str, Optional[str], Policy], ObservedImage]
+
+
+def plan_one(spec: ImageSpec, policy: Policy, dependency: Optional[Dependency] = None
+             ) -> Tuple[ObservedImage, List[Action]]:
+    """The one "observe, then plan one image": observe the image and, when it must be made, its
+    source or backing file (through *dependency*: the batch planner predicts images made earlier in
+    its run; default: observe the file), and plan.  *policy* is already :func:`policy_for` the spec."""
+    dependency = dependency or observe
     observed = observe(spec.path, None, policy)
     source = backing = None
-    if spec.state == "present":
-        must_make = not observed.exists or spec.recreate
-        if must_make and spec.source:
-            source = observe(spec.source, spec.source_format, policy)
-        if must_make and spec.backing_file and not spec.source:
+    if spec.state == "present" and (not observed.exists or spec.recreate):
+        if spec.source:
+            source = dependency(spec.source, spec.source_format, policy)
+        if spec.backing_file and not spec.source:
             # its size, and that it exists; read without image locks, as qemu-img create opens it
-            backing = observe(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
-    actions = plan(spec, observed, source, backing)
+            backing = dependency(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
+    return observed, plan(spec, observed, source, backing)
+
+
+def plan_image(spec: ImageSpec, policy: Optional[Policy] = None) -> Result:
+    """Plan one image (the ``image`` module): :func:`plan_one` on its own, errors raised."""
+    observed, actions = plan_one(spec, policy_for(spec, policy))
     before = properties(observed)
     return Result(actions, before, predict(before, actions), observed)
 
