@@ -344,7 +344,6 @@ class HostFile:
 # -- outputs --------------------------------------------------------------------------------
 _TMP_SUFFIX = ".vdisk-tmp"
 _TMP_RANDOM_BYTES = 4                               # 8 hex digits
-_NOT_REGULAR = "exists and is not a regular file; refusing to replace it"
 _TEMPORARIES = {}                                   # absolute temporary path -> its AtomicOutput (this process)
 
 
@@ -366,8 +365,9 @@ class DestinationLock:
     meanwhile is refused in turn.  The file is opened read-only (shared lock bytes need no more), so
     replacing a read-only file the directory lets one replace still works."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verb: str = "replace"):
         self.path = path
+        self.refusal = "exists and is not a regular file; refusing to %s it" % verb
         self.fd = -1
         self.ident = None       # (st_dev, st_ino) of the file locked
 
@@ -382,7 +382,7 @@ class DestinationLock:
                 return
             if not stat.S_ISREG(st.st_mode):
                 self.release()
-                raise ImageError(_NOT_REGULAR, path=self.path)
+                raise ImageError(self.refusal, path=self.path)
             if self.fd >= 0 and (st.st_dev, st.st_ino) == self.ident:
                 return
             self._acquire()
@@ -397,13 +397,13 @@ class DestinationLock:
             return
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise ImageError(_NOT_REGULAR, path=self.path) from None
+                raise ImageError(self.refusal, path=self.path) from None
             raise HostIOError("could not open it to check that no other process uses it: %s"
                               % (exc.strerror or exc), path=self.path) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ImageError(_NOT_REGULAR, path=self.path)
+                raise ImageError(self.refusal, path=self.path)
             take_locks(fd, _WRITER_LOCKS[0], _WRITER_LOCKS[1], self.path)
         except BaseException:
             os.close(fd)
@@ -419,9 +419,9 @@ class DestinationLock:
 def remove_file(path: str) -> bool:
     """Delete the regular file *path* under its write lock: a file another process holds (a running VM's
     disk) is refused with :class:`ImageInUse`.  Returns False when there was no file."""
-    lock = DestinationLock(path)
+    lock = DestinationLock(path, "delete")
     try:
-        lock.ensure()
+        lock.ensure()       # a symlink, directory or device is refused here, as AtomicOutput refuses it
         if lock.fd < 0:
             return False
         try:
@@ -491,12 +491,8 @@ class AtomicOutput:
             except OSError as exc:
                 raise HostIOError("could not create: %s" % (exc.strerror or exc), path=outer.path) from None
             return
-        if os.path.lexists(path):
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(_NOT_REGULAR, path=path)
-            if not overwrite:
-                raise ImageError("file exists", path=path)
+        if not overwrite and os.path.lexists(path):
+            raise ImageError("file exists", path=path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise HostIOError("directory does not exist: %s" % directory, path=path)
