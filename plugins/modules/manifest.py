@@ -169,7 +169,8 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import I
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt import Terminated, signals_raise
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import load_data, load_manifests
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.render import report_dict
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.batch import apply_all, plan_all, widen
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.batch import apply_all, plan_all
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import widen
 
 
 def _action(entry, action):

@@ -5,12 +5,13 @@ from typing import List, Optional
 from ..driver import Policy
 from ..state import batch
 from ..state.batch import ImagePlan, Report
+from ..state.image import widen
 from .load import Loaded
 
 
 def base_policy(loaded: Loaded, policy: Optional[Policy] = None) -> Policy:
     """The open policy of a run: the manifests' directories and the allowed paths."""
-    return batch.widen(policy, loaded.allowed_dirs)
+    return widen(policy, loaded.allowed_dirs)
 
 
 def plan_all(loaded: Loaded, policy: Optional[Policy] = None) -> List[ImagePlan]:

@@ -72,14 +72,6 @@ class Report:
         return self.failed is None
 
 
-def widen(policy: Optional[Policy], allowed_dirs: Sequence[str] = ()) -> Policy:
-    """*policy* (default: the engine's) with *allowed_dirs* (real paths) allowed as well."""
-    policy = policy or Policy()
-    return Policy(allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs),
-                  follow_backing=policy.follow_backing, probe=policy.probe, max_chain_depth=policy.max_chain_depth,
-                  lock=policy.lock, sync=policy.sync)
-
-
 def plan_all(entries: Sequence[Entry], policy: Optional[Policy] = None) -> List[ImagePlan]:
     """The plan of every image of *entries* (in dependency order); one that cannot be planned carries ``error``."""
     policy = policy or Policy()

@@ -5,7 +5,7 @@ comes from :mod:`.plan`.
 """
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..driver import Policy
 from .apply import apply
@@ -40,14 +40,17 @@ def backing_path(spec: ImageSpec) -> Optional[str]:
 
 def policy_for(spec: ImageSpec, policy: Optional[Policy] = None) -> Policy:
     """*policy* widened to the directory of the backing file the spec names: the user named it."""
-    policy = policy or Policy()
     base = backing_path(spec)
-    if base:
-        directory = os.path.dirname(os.path.realpath(base))
-        policy = Policy(allowed_dirs=tuple(policy.allowed_dirs) + (directory,), follow_backing=policy.follow_backing,
-                        probe=policy.probe, max_chain_depth=policy.max_chain_depth, lock=policy.lock,
-                        sync=policy.sync)
-    return policy
+    return widen(policy, (os.path.dirname(os.path.realpath(base)),)) if base else (policy or Policy())
+
+
+def widen(policy: Optional[Policy], allowed_dirs: Sequence[str] = ()) -> Policy:
+    """*policy* (default: the engine's) with *allowed_dirs* (real paths) allowed as well; what an open
+    was doing (force_share, repair, the reference being opened) is not carried over."""
+    policy = policy or Policy()
+    return Policy(allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs),
+                  follow_backing=policy.follow_backing, probe=policy.probe, max_chain_depth=policy.max_chain_depth,
+                  lock=policy.lock, sync=policy.sync)
 
 
 # how a planner observes the source or backing file of an image it must make: (path, format, policy)
