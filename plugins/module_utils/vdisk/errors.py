@@ -55,3 +55,12 @@ class ReadOnlyImage(ImageError):
 
 class HostIOError(ImageError):
     """The host file system failed (ENOSPC, EIO, permission denied...)."""
+
+
+class MissingPackage(ImageError):
+    """An operation needs a Python package that is not installed; the message names it (one line)."""
+
+    def __init__(self, what: str, package: str, path: Optional[str] = None, field: Optional[str] = None):
+        super().__init__("%s needs the Python package %s (pip install %s)" % (what, package, package),
+                         path=path, field=field)
+        self.package = package
