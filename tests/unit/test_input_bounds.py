@@ -17,7 +17,8 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import I
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow2 import snapshots as qsnap
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow2.snapshot_table import (
     parse_snapshot_table)
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest import load, yamlload
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest import load
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.marked_yaml import load_marked
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import load_manifests
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.batch import resolve_owner
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import close_chain, open_image
@@ -114,14 +115,23 @@ def test_measure_options_too_large():
         one_short_line(info.value, name)
 
 
-@pytest.mark.parametrize("pyyaml", [True, False], ids=["pyyaml", "subset"])
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_loader(request, monkeypatch):
+    """Manifests read with libyaml's loader, or with PyYAML's pure-Python one."""
+    yaml = pytest.importorskip("yaml")
+    if request.param == "python":
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    elif not hasattr(yaml, "CSafeLoader"):
+        pytest.skip("this PyYAML is built without libyaml")
+    return request.param
+
+
 @pytest.mark.parametrize("field,text", [
     ("size", "size: %s" % HUGE), ("size", 'size: "%s"' % HUGE), ("size", "size: 0x%s" % ("f" * 5000)),
     ("size", "size: 0%s" % ("7" * 5000)),
     ("cluster_size", "size: 1M, options: {cluster_size: %s}" % HUGE),
     ("refcount_bits", "size: 1M, options: {refcount_bits: %s}" % HUGE)], ids=short)
-def test_manifest_numbers_too_large(tmp_path, monkeypatch, pyyaml, field, text):
-    monkeypatch.setattr(yamlload, "have_pyyaml", lambda: pyyaml)
+def test_manifest_numbers_too_large(tmp_path, yaml_loader, field, text):
     path = tmp_path / "m.yml"
     path.write_text("version: 1\nimages:\n  - {path: a.qcow2, %s}\n" % text)
     loaded = load_manifests([str(path)])
@@ -131,9 +141,8 @@ def test_manifest_numbers_too_large(tmp_path, monkeypatch, pyyaml, field, text):
     one_short_line(problem, str(path), "too large")
 
 
-@pytest.mark.parametrize("pyyaml", [True, False], ids=["pyyaml", "subset"])
-def test_manifest_short_numbers_stay_numbers(pyyaml):
-    assert yamlload.load_yaml("a: 12\nb: 0x10\nc: '12'\n", pyyaml=pyyaml) == {"a": 12, "b": 16, "c": "12"}
+def test_manifest_short_numbers_stay_numbers(yaml_loader):
+    assert load_marked("a: 12\nb: 0x10\nc: '12'\n", 64, 1000) == {"a": 12, "b": 16, "c": "12"}
 
 
 def test_owner_ids_out_of_range():
@@ -338,13 +347,57 @@ def test_dev_zero_manifest_is_bounded():
     one_short_line(loaded.problems[0], "/dev/zero", "16 MiB")
 
 
-@pytest.mark.parametrize("pyyaml", [True, False], ids=["pyyaml", "subset"])
 @pytest.mark.parametrize("depth", [100, 5000])
-def test_deep_manifest_names_the_file(tmp_path, monkeypatch, pyyaml, depth):
-    monkeypatch.setattr(yamlload, "have_pyyaml", lambda: pyyaml)
+def test_deep_manifest_names_the_file(tmp_path, yaml_loader, depth):
     path = tmp_path / "m.yml"
     path.write_text("version: 1\nimages:\n  - {path: a.qcow2, size: 1M, options: {x: %s%s}}\n"
                     % ("[" * depth, "]" * depth))
     loaded = load_manifests([str(path)])
     assert len(loaded.problems) == 1, [str(p) for p in loaded.problems]
     one_short_line(loaded.problems[0], str(path), "deep")
+
+
+def test_billion_laughs_manifest_is_refused_fast(tmp_path, yaml_loader):
+    lines = ["version: 1", 'lol0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += ["lol%d: &l%d [%s]" % (i, i, ", ".join(["*l%d" % (i - 1)] * 10)) for i in range(1, 10)]
+    lines += ["images:", "  - {path: a.qcow2, size: 1M, options: {x: *l9}}"]
+    path = tmp_path / "m.yml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.monotonic()
+    loaded = load_manifests([str(path)])
+    assert time.monotonic() - start < 10
+    assert len(loaded.problems) == 1 and loaded.entries == []
+    one_short_line(loaded.problems[0], str(path), "aliases", "refused")
+
+
+def test_many_aliases_within_bounds_are_fine(tmp_path):
+    text = "version: 1\nbase: &base {size: 1M, options: {cluster_size: 64K}}\nimages:\n" + "".join(
+        "  - {<<: *base, path: d%d.qcow2}\n" % i for i in range(300))
+    text = text.replace("base: &base", "defaults: {format: qcow2}\nx-base: &base")
+    path = tmp_path / "m.yml"
+    path.write_text(text)
+    loaded = load_manifests([str(path)])
+    # x-base is not a manifest field, but every image is read and checked
+    assert [str(p).split(": ", 2)[2] for p in loaded.problems] == [
+        "x-base: unknown field 'x-base' (known: version, defaults, allow_paths, images)"]
+    assert len(loaded.entries) == 300
+
+
+@pytest.mark.parametrize("field", ["path", "backing_file", "source", "allow_paths"])
+def test_lone_surrogate_in_a_manifest_file_name(tmp_path, field, monkeypatch):
+    """A YAML escape such as \\ud800 gives text no file name can hold: a problem, not a traceback."""
+    yaml = pytest.importorskip("yaml")
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)     # libyaml refuses the escape by itself
+    image = {"path": '"a.qcow2"', "size": "1M"}
+    top = ""
+    if field == "allow_paths":
+        top = 'allow_paths: ["x\\ud800"]\n'
+    else:
+        image[field] = '"x\\ud800.qcow2"'
+    if field == "backing_file":
+        image["backing_format"] = "qcow2"
+    path = tmp_path / "m.yml"
+    path.write_text("version: 1\n%simages:\n  - {%s}\n" % (top, ", ".join("%s: %s" % kv for kv in image.items())))
+    loaded = load_manifests([str(path)])
+    assert len(loaded.problems) == 1, [str(p) for p in loaded.problems]
+    one_short_line(loaded.problems[0], str(path), field, "\\ud800", "no file name can hold")

@@ -2,12 +2,12 @@
 import json
 import os
 
-import pytest
+import jsonschema
+import yaml
 
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import ATTRIBUTES
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.yamlload import load_yaml
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.schema import SCHEMA_FILE, manifest_schema
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.schema.validator import validate
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import ATTRIBUTES, PATH_IN_DEFAULTS
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.schema import (
+    SCHEMA_FILE, manifest_schema, manifest_validator)
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec import FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +21,7 @@ def fields():
 
 def role_options():
     with open(os.path.join(REPO, "roles/images/meta/argument_specs.yml")) as f:
-        specs = load_yaml(f.read(), "argument_specs.yml")
+        specs = yaml.safe_load(f)
     return specs["argument_specs"]["main"]["options"]["images_list"]["options"]
 
 
@@ -47,26 +47,14 @@ def test_state_layer_takes_the_same_fields():
     assert set(fields()) == set(FIELDS) | set(ATTRIBUTES)
 
 
-def test_schema_is_draft7_and_the_subset_validator_agrees_with_jsonschema():
-    jsonschema = pytest.importorskip("jsonschema")
-    schema = manifest_schema()
-    jsonschema.Draft7Validator.check_schema(schema)
-    docs = [
-        {"version": 1, "images": []},
-        {"version": 1, "defaults": {"format": "raw"}, "images": [{"path": "a", "size": "1G", "mode": "0600"}]},
-        {"version": 1, "images": [{"path": "a", "size": "8X"}]},
-        {"version": 1, "images": [{"size": 1}]},
-        {"version": 1, "defaults": {"path": "x"}, "images": [{"path": "a", "colour": 1}]},
-        {"version": 2, "images": [{"path": "a", "snapshots": "x", "compress": "yes"}], "extra": 1},
-        [1, 2],
-    ]
-    checker = jsonschema.Draft7Validator(schema)
-    for doc in docs:
-        ours = sorted(tuple(str(x) for x in p.location) for p in validate(doc, schema))
-        theirs = sorted(tuple(str(x) for x in e.absolute_path) + ((e.message.split("'")[1],)
-                        if e.validator in ("required", "additionalProperties") else ())
-                        for e in checker.iter_errors(doc))
-        assert ours == theirs, doc
+def test_schema_is_draft7():
+    jsonschema.Draft7Validator.check_schema(manifest_schema())
+    assert isinstance(manifest_validator(), jsonschema.Draft7Validator)
+
+
+def test_data_checks_say_what_the_schema_says():
+    """load_data checks ``path`` in defaults without jsonschema, with the schema's own message."""
+    assert manifest_schema()["properties"]["defaults"]["not"]["x-error"] == PATH_IN_DEFAULTS
 
 
 def test_docs_publish_the_schema():
@@ -84,10 +72,3 @@ def test_example_manifest_is_valid():
     loaded = load_manifests([os.path.join(REPO, "docs/examples/manifest.yml")])
     assert loaded.valid, [str(p) for p in loaded.problems]
     assert [e.name for e in loaded.entries][0] == "golden/base.qcow2"
-
-
-def test_example_manifest_reads_the_same_without_pyyaml():
-    pytest.importorskip("yaml")
-    with open(os.path.join(REPO, "docs/examples/manifest.yml")) as f:
-        text = f.read()
-    assert load_yaml(text, "manifest.yml", pyyaml=False) == load_yaml(text, "manifest.yml", pyyaml=True)
