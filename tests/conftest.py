@@ -55,3 +55,6 @@ def pytest_sessionstart(session):
 def pytest_report_header(config):
     return "vdisk crash-test seed: %s (VDISK_CRASH_SEED), model examples: %s (VDISK_MODEL_EXAMPLES)" % (
         os.environ.get("VDISK_CRASH_SEED", "20261125"), os.environ.get("VDISK_MODEL_EXAMPLES", "default"))
+
+# the local http server of the download tests, as the fixture ``server``
+from http_server import server  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position

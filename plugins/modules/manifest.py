@@ -18,10 +18,16 @@ description:
     deleted, in dependency order (backing files and sources first, whatever the order of the list).
   - Check mode predicts the images this run makes, so an overlay sized by a base made in the same run, or
     snapshots of an image not made yet, are planned on an empty directory without writing anything.
-  - The images are validated as C(vdisk validate) validates a manifest file, with the same messages; every
-    problem is reported at once and nothing is changed.
+  - The images are validated with the engine's checks of C(vdisk validate) (formats, create options, sizes,
+    paths, duplicates, dependencies), naming the image and the field; every problem is reported at once and
+    nothing is changed. Their structure is checked by the module's argument spec; the manifest file's JSON
+    Schema is applied to O(src) only.
   - Applying stops at the first failed action and reports what was done, what failed and what was not done.
   - Runs on the managed host with the bundled vdisk engine and the Python standard library; qemu-img is not needed.
+    O(src) also needs the Python packages PyYAML and jsonschema there (to read and check the file); without
+    them the module fails with one line naming the package.
+requirements:
+  - PyYAML and jsonschema on the managed host, only with O(src).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -29,8 +35,11 @@ options:
     description:
       - The images, each a dict with the fields of a manifest's C(images) entry (C(path), C(state),
         C(format), C(size), C(preallocation), C(options), C(backing_file), C(backing_format),
-        C(snapshots), C(prune_snapshots), C(source), C(source_format), C(compress), C(allow_shrink),
-        C(recreate), C(owner), C(group), C(mode)). See C(docs/manifest.md).
+        C(snapshots), C(prune_snapshots), C(source), C(source_checksum), C(source_format), C(compress),
+        C(allow_shrink), C(recreate), C(owner), C(group), C(mode)). See C(docs/manifest.md).
+      - C(source) is a local image, or an C(http://) or C(https://) URL that the managed host downloads
+        when the image is made, verified against C(source_checksum) (V(sha256:HEX) or V(sha512:HEX),
+        required with a URL) before anything is converted. Planning (check mode included) never downloads.
       - Required unless O(src) is given; mutually exclusive with it.
     type: list
     elements: dict
@@ -56,6 +65,15 @@ options:
     description:
       - Path of a manifest file on the managed host, used instead of O(images) and O(defaults).
       - Relative paths in it are relative to its directory.
+    type: path
+  cache:
+    description:
+      - Download cache directory on the managed host for URL sources, as C(vdisk apply --cache); made when
+        missing. Files are kept by checksum (C(sha256-HEX)), re-verified each time they are used, and
+        downloaded only when missing or corrupted.
+      - Check mode predicts the size of an image made from a URL source from the cache; without the file
+        in the cache that size is unknown (V(null)) until it is downloaded.
+      - Without it, each download goes to a hidden temporary file beside the image, removed once converted.
     type: path
 attributes:
   check_mode:
@@ -93,6 +111,16 @@ EXAMPLES = r"""
         source: downloads/appliance.vmdk
         source_format: vmdk
         compress: true
+
+- name: An image made from a cloud image downloaded over https, kept in a download cache
+  vdisk.images.manifest:
+    dir: /srv/images
+    cache: /var/cache/vdisk
+    images:
+      - path: golden/debian-12.qcow2
+        source: https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-generic-amd64.qcow2
+        source_checksum: "sha512:{{ debian_image_sha512 }}"
+        size: 20G
 
 - name: Apply a manifest file kept on the managed host
   vdisk.images.manifest:
@@ -170,6 +198,7 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt impor
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.load import load_data, load_manifests
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.render import report_dict
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.batch import apply_all, plan_all
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.download import DownloadSettings
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import widen
 
 
@@ -185,6 +214,7 @@ def main():
             dir=dict(type="path"),
             allowed_paths=dict(type="list", elements="path", default=[]),
             src=dict(type="path"),
+            cache=dict(type="path"),
         ),
         required_one_of=[("images", "src")],
         mutually_exclusive=[("images", "src"), ("dir", "src")],
@@ -203,19 +233,23 @@ def main():
         module.fail_json(msg="\n".join(problems), problems=problems)
 
     policy = widen(None, loaded.allowed_dirs)
+    downloads = DownloadSettings(cache_dir=params["cache"])
     try:
-        with signals_raise():      # killed (SIGTERM, SIGHUP): a new image's temporary file is removed
-            plans = plan_all(loaded.entries, policy)
+        with signals_raise():      # killed (SIGTERM, SIGHUP): a new image's (or download's) temporary file is removed
+            plans = plan_all(loaded.entries, policy, downloads)
             errors = ["%s: %s" % (p.entry.label, p.error) for p in plans if p.error]
             if errors:
                 module.fail_json(msg="\n".join(errors), problems=errors)
-            report = None if module.check_mode else apply_all(loaded.entries, policy, plans)
+            report = None if module.check_mode else apply_all(loaded.entries, policy, plans, downloads)
     except Terminated as exc:
         module.fail_json(msg="interrupted: %s" % exc)
     except (ImageError, OSError) as exc:
         module.fail_json(msg=str(exc))
 
-    actions = [_action(p.entry, a) for p in plans for a in p.actions]
+    if report is None:
+        actions = [_action(p.entry, a) for p in plans for a in p.actions]
+    else:       # what ran: an image made from a URL source is planned again, with its size, once downloaded
+        actions = [_action(e, a) for e, a in report.done]
     images = [{"image": p.entry.name, "path": p.entry.spec.path, "changed": p.changed, "before": p.before,
                "after": p.after} for p in plans]
     out = dict(changed=bool(actions), actions=actions, images=images)

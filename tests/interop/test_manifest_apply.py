@@ -98,7 +98,7 @@ def test_apply_every_action_kind(tmp_path):
         0, "No changes: 10 images are as the manifests describe.\n", "")
     proc = vdisk("apply", "--output=json", manifest)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"format_version": 1, "ok": True, "done": [],
-                                                                "failed": None, "not_done": []}
+                                                                "failed": None, "not_done": [], "diagnostics": []}
 
 
 def test_drift_made_outside_vdisk_shows_up(tmp_path):
@@ -120,7 +120,7 @@ def test_drift_made_outside_vdisk_shows_up(tmp_path):
     proc = vdisk("plan", manifest)
     assert proc.returncode == 1
     assert proc.stderr == (
-        "vdisk: plan: %s: images[2] (c.qcow2): allow_shrink: the image is 48 MiB, larger than the requested "
+        "vdisk: plan: %s: line 5: images[2] (c.qcow2): allow_shrink: the image is 48 MiB, larger than the requested "
         "16 MiB; shrinking loses the data past the new end: set allow_shrink: true to shrink it\n" % manifest)
     os.unlink(str(tmp_path / "c.qcow2"))
     proc = vdisk("plan", manifest)

@@ -127,7 +127,7 @@ def test_a_field_named_by_its_message_is_not_repeated():
      "expected a string or an integer, got 1.5"),
     ("{size: 1M}", 3, "path", "path is required"),
     ("{path: a.qcow2, sise: 1M}", 3, "sise", "unknown field 'sise' (known: path, state, format, size, "
-     "preallocation, options, backing_file, backing_format, snapshots, prune_snapshots, source, source_format, "
+     "preallocation, options, backing_file, backing_format, snapshots, prune_snapshots, source, source_checksum, source_format, "
      "compress, allow_shrink, recreate, owner, group, mode)"),
     ("5", 3, None, "expected a mapping, got 5"),
 ])
@@ -152,7 +152,7 @@ def test_one_mistake_one_problem_worded_for_users(tmp_path, image, line, field, 
     ("version: true\nimages: []\n", 1, "version", "invalid value true: expected one of 1"),
     ("version: 1\nimages: []\ndefaults: {colour: red}\n", 3, "defaults.colour",
      "unknown field 'colour' (known: path, state, format, size, preallocation, options, backing_file, "
-     "backing_format, snapshots, prune_snapshots, source, source_format, compress, allow_shrink, recreate, owner, "
+     "backing_format, snapshots, prune_snapshots, source, source_checksum, source_format, compress, allow_shrink, recreate, owner, "
      "group, mode)"),
     ("images: []\n", 1, "version", "version is required"),
 ])

@@ -79,7 +79,7 @@ def test_plan_json_snapshot(tmp_path, capsys):
     out, err = capsys.readouterr()
     data = json.loads(out)
     assert data["changes"] and data["summary"] == {"create": 3, "update": 3, "replace": 1, "delete": 1,
-                                                   "unchanged": 2}
+                                                   "unchanged": 2, "error": 0}
     uid, gid = os.getuid(), os.getgid()
     text = out.replace(str(tmp_path), "<dir>").replace('"owner": %d' % uid, '"owner": "<uid>"').replace(
         '"group": %d' % gid, '"group": "<gid>"')
@@ -109,13 +109,17 @@ def test_plan_refuses_destruction_without_consent(tmp_path, capsys):
         """))
     assert main(["plan", str(manifest)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.splitlines() == [
-        "vdisk: plan: %s: images[0] (a.qcow2): allow_shrink: the image is 64 MiB, larger than the requested 32 MiB; "
-        "shrinking loses the data past the new end: set allow_shrink: true to shrink it" % manifest,
-        "vdisk: plan: %s: images[1] (b.img): format: the image is raw, not qcow2; the image is not changed: set "
-        "recreate: true to replace it with a new image (its content is lost)" % manifest,
-        "vdisk: plan: %s: images[2] (c.qcow2): not planned: a.qcow2 (which it depends on) has an error" % manifest,
+    assert err.splitlines() == [
+        "vdisk: plan: %s: line 4: images[0] (a.qcow2): allow_shrink: the image is 64 MiB, larger than the requested "
+        "32 MiB; shrinking loses the data past the new end: set allow_shrink: true to shrink it" % manifest,
+        "vdisk: plan: %s: line 5: images[1] (b.img): format: the image is raw, not qcow2; the image is not changed: "
+        "set recreate: true to replace it with a new image (its content is lost)" % manifest,
+        "vdisk: plan: %s: line 6: images[2] (c.qcow2): not planned: a.qcow2 (which it depends on) has an error"
+        % manifest,
     ]
+    # the plan shows the same errors in place, and counts them
+    assert out.splitlines()[:2] == ["! a.qcow2", "    error: " + err.splitlines()[0].split("(a.qcow2): ", 1)[1]]
+    assert out.endswith("Plan: 0 to create, 0 to update, 0 to replace, 0 to delete; 0 unchanged; 3 errors.\n")
 
 
 def test_plan_no_changes(tmp_path, capsys):
@@ -135,8 +139,8 @@ def test_apply_changes_nothing_when_an_image_cannot_be_planned(tmp_path, capsys)
     manifest.write_text("version: 1\nimages:\n  - {path: new.qcow2, size: 1M}\n  - {path: a.qcow2, size: 1M}\n")
     assert main(["apply", str(manifest)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("vdisk: apply: %s: images[1] (a.qcow2): allow_shrink: " % manifest)
-    assert sorted(os.listdir(str(tmp_path))) == ["a.qcow2", "m.yml"]
+    assert out == "" and err.startswith("vdisk: apply: %s: line 4: images[1] (a.qcow2): allow_shrink: " % manifest)
+    assert sorted(os.listdir(str(tmp_path))) == [".m.yml.lock", "a.qcow2", "m.yml"]
 
 
 def test_color_only_on_a_terminal(monkeypatch):

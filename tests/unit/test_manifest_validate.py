@@ -108,7 +108,7 @@ def test_every_problem_at_once_cli(tmp_path, capsys):
         "(suffixes k, M, G, T, P, E)" % path,
         "vdisk: validate: %s: line 7: images[1] (b.qcow2): colour: unknown field 'colour' (known: path, state, "
         "format, size, preallocation, options, backing_file, backing_format, snapshots, prune_snapshots, source, "
-        "source_format, compress, allow_shrink, recreate, owner, group, mode)" % path,
+        "source_checksum, source_format, compress, allow_shrink, recreate, owner, group, mode)" % path,
         unknown,
         "vdisk: validate: %s: line 13: images[3] (d.qcow2): cluster_sise: Invalid parameter 'cluster_sise' for "
         "format qcow2 (known: cluster_size, compat, compression_type, data_file, data_file_raw, encrypt.format, "
@@ -136,7 +136,7 @@ def test_top_level_and_defaults(tmp_path):
         "%s: line 1: version: invalid value 2: expected one of 1" % (tmp_path / "manifest.yml"),
         "%s: line 2: defaults.size: must be at least 0, got -1" % (tmp_path / "manifest.yml"),
         "%s: line 2: defaults: path is not taken in defaults: every image names its own" % (tmp_path / "manifest.yml"),
-        "%s: line 3: imgs: unknown field 'imgs' (known: version, defaults, allow_paths, images)"
+        "%s: line 3: imgs: unknown field 'imgs' (known: version, defaults, allow_paths, images, x-*)"
         % (tmp_path / "manifest.yml"),
     ]
     assert problems(tmp_path, "- just a list\n") == [

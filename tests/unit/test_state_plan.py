@@ -237,3 +237,129 @@ def test_plan_convert_missing_source():
     with pytest.raises(ImageError) as exc:
         plan_convert(ObservedImage(path="/d/missing.raw"), ABSENT, "qcow2", {})
     assert "missing.raw" in str(exc.value)
+
+
+# -- http(s) sources ------------------------------------------------------------------------------
+URL = "https://images.example/debian.qcow2"
+SHA256 = "sha256:" + "ab" * 32
+
+
+def url_spec(**fields):
+    return image_spec(dict({"path": "a.qcow2", "source": URL, "source_checksum": SHA256}, **fields), base_dir="/d")
+
+
+def test_url_source_is_kept_apart_from_local_files():
+    spec = image_spec({"path": "a.qcow2", "source": URL, "source_checksum": "sha256:" + "AB" * 32,
+                       "source_format": "qcow2", "compress": True}, base_dir="/d")
+    assert spec.source is None and spec.source_url == URL
+    assert spec.source_checksum == SHA256           # normalised: lowercase hex
+    assert spec.source_format == "qcow2" and spec.compress
+    sha512 = image_spec({"path": "a.qcow2", "source": "http://h:8080/x.raw", "source_checksum": "sha512:" + "0F" * 64})
+    assert sha512.source_checksum == "sha512:" + "0f" * 64 and sha512.source_url == "http://h:8080/x.raw"
+
+
+@pytest.mark.parametrize("fields,field,message", [
+    ({"source": URL}, "source_checksum", "source_checksum is required for a URL source"),
+    ({"source": URL, "source_checksum": "sha256:" + "ab" * 31}, "source_checksum", "64 hex digits"),
+    ({"source": URL, "source_checksum": "sha256:" + "xy" * 32}, "source_checksum", "invalid checksum"),
+    ({"source": URL, "source_checksum": "md5:" + "ab" * 16}, "source_checksum", "invalid checksum"),
+    ({"source": URL, "source_checksum": "sha512:" + "ab" * 32}, "source_checksum", "128 hex digits"),
+    ({"source": URL, "source_checksum": "ab" * 32}, "source_checksum", "invalid checksum"),
+    ({"source": "ftp://h/x.qcow2", "source_checksum": SHA256}, "source", "unsupported URL scheme 'ftp'"),
+    ({"source": "file:///etc/x.qcow2", "source_checksum": SHA256}, "source", "unsupported URL scheme 'file'"),
+    ({"source": "https:///x.qcow2", "source_checksum": SHA256}, "source", "names no host"),
+    ({"source": "https://u:secret@h/x.qcow2", "source_checksum": SHA256}, "source", "credentials"),
+    ({"source": "https://h:99999/x.qcow2", "source_checksum": SHA256}, "source", "invalid URL"),
+    ({"source": "https://h/x y.qcow2", "source_checksum": SHA256}, "source", "percent-encode"),
+    ({"source": "local.qcow2", "source_checksum": SHA256}, "source_checksum",
+     "source_checksum applies to a URL source"),
+    ({"source_checksum": SHA256}, "source_checksum", "source_checksum applies to a URL source"),
+])
+def test_url_source_errors_name_the_field(fields, field, message):
+    with pytest.raises(InvalidOption) as exc:
+        image_spec(dict({"path": "a.qcow2"}, **fields), base_dir="/d")
+    assert exc.value.field == field and exc.value.path == "/d/a.qcow2"
+    assert message in str(exc.value) and field in str(exc.value)
+
+
+def test_url_source_not_downloaded_has_an_unknown_size():
+    spec = url_spec(size="8G", snapshots=["clean"])
+    actions = plan(spec, ABSENT)        # planning never downloads: no local copy
+    assert [a.kind for a in actions] == ["convert", "snapshot_create"]      # the grow is decided once downloaded
+    convert = actions[0]
+    assert convert.params["source"] == URL and convert.params["source_url"] == URL
+    assert convert.params["source_checksum"] == SHA256 and convert.params["source_file"] is None
+    assert convert.after["virtual-size"] is None
+    assert URL in convert.description and "download" in convert.description
+    after = predict(properties(ABSENT), actions)
+    assert after["virtual-size"] is None and after["snapshots"] == ["clean"]
+
+
+def test_url_source_planned_from_its_local_copy():
+    copy = ObservedImage(path="/cache/sha256-ab", exists=True, format="qcow2", virtual_size=2 * M)
+    actions = plan(url_spec(size="8M", compress=True), ABSENT, source=copy)
+    assert [a.kind for a in actions] == ["convert", "grow"]
+    assert actions[0].params["source_file"] == "/cache/sha256-ab" and actions[0].params["source_format"] == "qcow2"
+    assert actions[0].params["compress"] and actions[0].after["virtual-size"] == 2 * M
+    assert actions[1].after["virtual-size"] == 8 * M
+    with pytest.raises(InvalidOption) as exc:       # a download larger than the size asked for: refused
+        plan(url_spec(size="1M"), ABSENT, source=copy)
+    assert exc.value.field == "allow_shrink"
+
+
+def test_url_source_ignored_once_the_image_exists():
+    assert plan(url_spec(), qcow2()) == []
+
+
+def test_images_made_from_an_unknown_size_have_an_unknown_size():
+    made = ObservedImage(path="/d/base.qcow2", exists=True, format="qcow2", virtual_size=None)     # predicted
+    overlay = image_spec({"path": "a.qcow2", "backing_file": "base.qcow2"}, base_dir="/d")
+    (create,) = plan(overlay, ABSENT, backing=made)
+    assert create.kind == "create" and create.after["virtual-size"] is None and create.params["size"] is None
+    assert "not known yet" in create.description
+    copy = image_spec({"path": "a.raw", "format": "raw", "source": "base.qcow2", "size": "1G"}, base_dir="/d")
+    (convert,) = plan(copy, ABSENT, source=made)
+    assert convert.kind == "convert" and convert.after["virtual-size"] is None
+    # an existing overlay on it: its size is left alone until the backing file's is known
+    assert plan(overlay, qcow2(backing="base.qcow2"), backing=made) == []
+
+
+# -- overlay drift: an overlay without size keeps its backing file's size --------------------------
+def overlay_kinds(observed_size, backing_size, **fields):
+    spec = image_spec(dict({"path": "a.qcow2", "backing_file": "base.qcow2"}, **fields), base_dir="/d")
+    base = ObservedImage(path="/d/base.qcow2", exists=True, format="qcow2", virtual_size=backing_size)
+    return [a.kind for a in plan(spec, qcow2(size=observed_size, backing="base.qcow2"), backing=base)]
+
+
+@pytest.mark.parametrize("observed_size,backing_size,fields,expected", [
+    (64 * M, 64 * M, {}, []),
+    (64 * M, 128 * M, {}, ["grow"]),                         # the backing file grew
+    (64 * M, 64 * M - 100, {}, []),                          # as images store it: a multiple of 512
+    (128 * M, 64 * M, {"allow_shrink": True}, ["shrink"]),   # the overlay was grown outside vdisk
+    (64 * M, 128 * M, {"size": "64M"}, []),                  # a size given wins
+    (64 * M, 128 * M, {"snapshots": ["s"]}, ["grow", "snapshot_create"]),
+])
+def test_overlay_keeps_its_backing_file_size(observed_size, backing_size, fields, expected):
+    assert overlay_kinds(observed_size, backing_size, **fields) == expected
+
+
+def test_overlay_larger_than_its_backing_file_is_refused_without_allow_shrink():
+    with pytest.raises(InvalidOption) as exc:
+        overlay_kinds(128 * M, 64 * M)
+    assert exc.value.field == "allow_shrink" and exc.value.path == "/d/a.qcow2"
+    assert "larger than its backing file's 64 MiB" in str(exc.value)
+
+
+def test_overlay_grow_diff():
+    spec = image_spec({"path": "a.qcow2", "backing_file": "base.qcow2"}, base_dir="/d")
+    base = ObservedImage(path="/d/base.qcow2", exists=True, format="qcow2", virtual_size=96 * M)
+    (grow,) = plan(spec, qcow2(backing="base.qcow2"), backing=base)
+    assert (grow.before, grow.after, grow.params["size"]) == ({"virtual-size": 64 * M}, {"virtual-size": 96 * M},
+                                                              96 * M)
+    assert "backing file" in grow.description
+
+
+def test_overlay_with_a_missing_backing_file_is_left_alone():
+    spec = image_spec({"path": "a.qcow2", "backing_file": "base.qcow2"}, base_dir="/d")
+    assert plan(spec, qcow2(backing="base.qcow2"), backing=ObservedImage(path="/d/base.qcow2")) == []
+    assert plan(spec, qcow2(backing="base.qcow2")) == []        # not observed at all

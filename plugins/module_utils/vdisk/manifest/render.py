@@ -33,13 +33,15 @@ _SYMBOLS = {"create": ("+", GREEN), "delete": ("-", RED), "replace": ("-/+", RED
 
 def summary(plans: Sequence[ImagePlan]) -> Dict[str, int]:
     """How many images each kind of change touches, and how many are unchanged."""
-    counts = {"create": 0, "update": 0, "replace": 0, "delete": 0, "unchanged": 0}
+    counts = {"create": 0, "update": 0, "replace": 0, "delete": 0, "unchanged": 0, "error": 0}
     for item in plans:
-        counts[image_change(item) if item.actions else "unchanged"] += 1
+        counts["error" if item.error else image_change(item) if item.actions else "unchanged"] += 1
     return counts
 
 
 def _value(key: str, value: Any) -> str:
+    if value is None and key == "virtual-size":
+        return "size known after the download"      # an image made from a URL not yet in the cache
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -105,11 +107,16 @@ def _paint(text: str, code: str, color: bool) -> str:
     return "%s%s%s" % (code, text, RESET) if color else text
 
 
-def render_plan_human(plans: Sequence[ImagePlan], color: bool = False) -> str:
-    """The plan as text: one block per changed image, then a summary line."""
+def render_plan_human(plans: Sequence[ImagePlan], color: bool = False, errors: int = 0) -> str:
+    """The plan as text: one block per changed image and per image that cannot be planned, then a
+    summary line; *errors* counts every problem (the manifests' and the images')."""
     names = _names(plans)
     lines: List[str] = []
     for item in plans:
+        if item.error:
+            lines.append(_paint("! %s" % item.entry.name, RED + BOLD if color else RED, color))
+            lines.append("    error: %s" % item.error)
+            continue
         if not item.actions:
             continue
         symbol, code = _SYMBOLS[image_change(item)]
@@ -117,11 +124,13 @@ def render_plan_human(plans: Sequence[ImagePlan], color: bool = False) -> str:
         for action in item.actions:
             lines.append("    %s" % action_text(action, names))
     counts = summary(plans)
-    if not lines:
+    if not lines and not errors:
         return no_changes(counts["unchanged"])
-    lines.append("")
-    lines.append("Plan: %d to create, %d to update, %d to replace, %d to delete; %d unchanged." % (
-        counts["create"], counts["update"], counts["replace"], counts["delete"], counts["unchanged"]))
+    if lines:
+        lines.append("")
+    lines.append("Plan: %d to create, %d to update, %d to replace, %d to delete; %d unchanged%s." % (
+        counts["create"], counts["update"], counts["replace"], counts["delete"], counts["unchanged"],
+        "; %d error%s" % (errors, "" if errors == 1 else "s") if errors else ""))
     return "\n".join(lines)
 
 
@@ -130,18 +139,20 @@ def no_changes(count: int) -> str:
     return "No changes: %d image%s as the manifests describe." % (count, " is" if count == 1 else "s are")
 
 
-def plan_dict(plans: Sequence[ImagePlan]) -> Dict[str, Any]:
-    """The plan for ``--output=json``."""
+def plan_dict(plans: Sequence[ImagePlan], found: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    """The plan for ``--output=json``: every image planned, and the *found* :func:`diagnostics`."""
     names = _names(plans)
     images = []
     for item in plans:
         entry = item.entry
         images.append({"manifest": entry.manifest, "index": entry.index, "name": entry.name,
-                       "path": entry.spec.path, "change": image_change(item) if item.actions else "none",
+                       "path": entry.spec.path,
+                       "change": "error" if item.error else image_change(item) if item.actions else "none",
+                       "error": item.error,
                        "actions": [dict(a.to_dict(), summary=action_text(a, names)) for a in item.actions],
                        "before": item.before, "after": item.after})
     return {"format_version": JSON_VERSION, "changes": any(p.actions for p in plans), "summary": summary(plans),
-            "images": images}
+            "images": images, "diagnostics": list(found)}
 
 
 def render_json(data: Dict[str, Any]) -> str:
@@ -172,8 +183,8 @@ def render_report_human(report: Report, color: bool = False) -> str:
     return "\n".join(lines)
 
 
-def report_dict(report: Report) -> Dict[str, Any]:
-    """The apply report for ``--output=json``."""
+def report_dict(report: Report, found: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    """The apply report for ``--output=json``, with the *found* :func:`diagnostics` that stopped it."""
     names = _names(report.plans)
 
     def one(entry, action):
@@ -184,16 +195,32 @@ def report_dict(report: Report) -> Dict[str, Any]:
     failed = None
     if report.failed is not None:
         failed = dict(one(report.failed[0], report.failed[1]), error=report.failed[2])
-    return {"format_version": JSON_VERSION, "ok": report.ok, "done": [one(e, a) for e, a in report.done],
-            "failed": failed, "not_done": [one(e, a) for e, a in report.not_done]}
+    ok = report.ok and not found
+    return {"format_version": JSON_VERSION, "ok": ok, "done": [one(e, a) for e, a in report.done],
+            "failed": failed, "not_done": [one(e, a) for e, a in report.not_done], "diagnostics": list(found)}
 
 
 def validate_dict(loaded: Loaded) -> Dict[str, Any]:
     """``vdisk validate --output=json``."""
     return {"format_version": JSON_VERSION, "valid": loaded.valid, "manifests": loaded.manifests,
-            "images": len(loaded.entries), "problems": [p.to_dict() for p in loaded.problems]}
+            "images": len(loaded.entries), "problems": [p.to_dict() for p in loaded.problems],
+            "diagnostics": diagnostics(loaded, [])}
 
 
-def problem_lines(problems: Sequence[Problem]) -> List[str]:
-    """One line per problem."""
-    return [str(p) for p in problems]
+def plan_problem(plan: ImagePlan) -> Problem:
+    """An image that cannot be planned, as a :class:`Problem` of its manifest (with the image's line)."""
+    entry, message, field = plan.entry, plan.error or "", plan.error_field
+    if field and message.startswith(field + ": "):
+        message = message[len(field) + 2:]
+    return Problem(entry.manifest, message, entry.index, entry.name, field, getattr(entry, "line", None))
+
+
+def diagnostics(loaded: Loaded, plans: Sequence[ImagePlan]) -> List[Dict[str, Any]]:
+    """Every problem of the manifests and every image that cannot be planned, in manifest order (by
+    manifest, then line), as ``--output=json`` lists them: severity, manifest, index, path (the
+    image's path as written), field, line, message, and text (the one line stderr shows)."""
+    problems = list(loaded.problems) + [plan_problem(p) for p in plans if p.error]
+    position = {name: number for number, name in enumerate(loaded.manifests)}
+    problems.sort(key=lambda p: (position.get(p.manifest, len(position)), p.line or 0))
+    return [{"severity": getattr(p, "severity", "error"), "manifest": p.manifest, "index": p.index, "path": p.image,
+             "field": p.field, "line": p.line, "message": p.message, "text": str(p)} for p in problems]

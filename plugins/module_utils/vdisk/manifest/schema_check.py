@@ -6,6 +6,7 @@ each error becomes a :class:`SchemaProblem` worded for users instead -- "expecte
 failed ``pattern`` or ``not`` -- located by the keys and list indexes that lead to the value.
 """
 import datetime
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
@@ -82,9 +83,12 @@ def _problems(error: Any) -> List[SchemaProblem]:
     where = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = list(error.schema.get("properties", {}))
-        return [SchemaProblem(where + (key,), "unknown field '%s' (known: %s)" % (key, ", ".join(known)),
+        patterns = list(error.schema.get("patternProperties", {}))
+        shown = known + ["%s*" % p.lstrip("^") for p in patterns]     # '^x-' -> 'x-*' (extension keys)
+        return [SchemaProblem(where + (key,), "unknown field '%s' (known: %s)" % (key, ", ".join(shown)),
                               where + (key,))
-                for key in error.instance if key not in known]
+                for key in error.instance
+                if key not in known and not any(re.search(p, str(key)) for p in patterns)]
     if error.validator == "required" and isinstance(error.instance, dict):
         name = _missing(error)
         return [SchemaProblem(where + (name,), "%s is required" % name, where)]

@@ -20,6 +20,14 @@ SCHEMA = {
     'type': 'object',
     'additionalProperties': False,
     'required': ['version', 'images'],
+    'patternProperties': {
+        '^x-': {
+            'description': (
+                'Extension keys, ignored: a place for YAML anchors that images merge '
+                '(<<: *name).'
+            ),
+        },
+    },
     'properties': {
         'version': {
             'description': 'Manifest format version.',
@@ -142,10 +150,21 @@ SCHEMA = {
                 'source': {
                     'description': (
                         'Image whose content a new image gets (converted) when the '
-                        'file is made.'
+                        'file is made: a local file, or an http or https URL (with '
+                        'source_checksum), downloaded when applying.'
                     ),
                     'type': 'string',
                     'minLength': 1,
+                },
+                'source_checksum': {
+                    'description': (
+                        'Checksum of the file at a URL source, required with one: '
+                        'sha256:HEX or sha512:HEX. The download is verified before it '
+                        'is converted.'
+                    ),
+                    'x-error': 'expected sha256:HEX (64 hex digits) or sha512:HEX (128 hex digits)',
+                    'type': 'string',
+                    'pattern': '^(sha256:[0-9a-fA-F]{64}|sha512:[0-9a-fA-F]{128})$',
                 },
                 'source_format': {
                     'description': 'Format of source; probed when omitted.',
@@ -181,7 +200,8 @@ SCHEMA = {
                 'mode': {
                     'description': (
                         'Permissions of the image file: an octal string such as '
-                        "'0640', or a number."
+                        "'0640', or an octal number with a leading 0 (0640); a decimal "
+                        'number such as 640 is refused.'
                     ),
                     'type': ['string', 'integer'],
                 },

@@ -4,6 +4,7 @@ New files (create, convert, replace) are written beside their destination and re
 place, so an image is either the old one or the complete new one.  In-place changes (amend,
 resize, snapshots) are each crash-safe in the engine (QEMU's write ordering); a plan interrupted
 between two of them is completed by the next run, because planning starts from what is on disk.
+An image made from an http(s) source is converted from the verified download (``state.download``).
 """
 from typing import Any, Dict, Iterable, Optional
 
@@ -11,42 +12,67 @@ from ..driver import Policy
 from ..errors import ImageError, InvalidOption
 from ..io import remove_file
 from ..ops.chain import close_chain, open_image
+from . import download
 from . import plan as p
 
 
-def apply(actions: Iterable[p.Action], policy: Optional[Policy] = None) -> None:
+def apply(actions: Iterable[p.Action], policy: Optional[Policy] = None,
+          downloads: Optional[download.DownloadSettings] = None) -> None:
     """Execute *actions* (from :func:`plan.plan`, :func:`plan.plan_snapshot` or
-    :func:`plan.plan_convert`) in order; errors are :class:`ImageError`."""
+    :func:`plan.plan_convert`) in order; errors are :class:`ImageError`.  *downloads*: how a URL
+    source is fetched (its cache, progress)."""
     for action in actions:
-        apply_action(action, policy)
+        apply_action(action, policy, downloads)
 
 
-def apply_action(action: p.Action, policy: Optional[Policy] = None) -> None:
+def apply_action(action: p.Action, policy: Optional[Policy] = None,
+                 downloads: Optional[download.DownloadSettings] = None) -> None:
     """Execute one action."""
     handler = _HANDLERS.get(action.kind)
     if handler is None:
         raise InvalidOption("unknown action %r" % action.kind, path=action.path)
-    handler(action, policy)
+    if handler in (_create, _convert):
+        handler(action, policy, downloads)
+    else:
+        handler(action, policy)
 
 
-def _create(action: p.Action, policy: Optional[Policy]) -> None:
+def _create(action: p.Action, policy: Optional[Policy], downloads: Optional[download.DownloadSettings]) -> None:
     from ..ops.create import create
     params = action.params
     # replacing: io.AtomicOutput takes the destination's write lock (refused while a VM holds it) and keeps
     # it until the new image is renamed into place
     if params.get("source"):
-        _convert(action, policy)
+        _convert(action, policy, downloads)
         return
     options = _raw_options(params)
     create(action.path, params["format"], params.get("size"), options, params.get("backing_file"),
            params.get("backing_format"), policy)
 
 
-def _convert(action: p.Action, policy: Optional[Policy]) -> None:
+def _convert(action: p.Action, policy: Optional[Policy], downloads: Optional[download.DownloadSettings]) -> None:
+    params = action.params
+    url = params.get("source_url")
+    if not url:
+        _convert_from(action, params["source"], policy)
+        return
+    checksum = params["source_checksum"]
+    local = params.get("source_file")
+    if local and download.verify_file(local, checksum):
+        # the copy the plan was made with (the batch fetched it, or the cache holds it), unchanged since
+        _convert_from(action, local, policy)
+        return
+    with download.fetch(url, checksum, action.path, downloads) as local:
+        download.observe_download(local, url, params.get("source_format"), policy)
+        _convert_from(action, local, policy)
+
+
+def _convert_from(action: p.Action, source: str, policy: Optional[Policy]) -> None:
+    """Convert the local file *source* into the action's new image."""
     from ..ops.convert import convert
     params = action.params
     backing = params.get("backing_file")
-    convert([params["source"]], action.path, params.get("source_format"), params["format"],
+    convert([source], action.path, params.get("source_format"), params["format"],
             _raw_options(params), compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
             policy=policy, backing=backing or None,
             backing_fmt=(params.get("backing_format") or None) if backing else None)

@@ -14,7 +14,13 @@ check mode on an empty directory included.  File attributes (owner, group, mode)
 action, ``attributes``.  Applying re-plans each image just before running its actions (its
 dependencies exist by then), stops at the first failure and reports what was done, what failed
 and what was not done.
+
+An image made from an http(s) source (``state.download``) is planned from the download cache when
+it holds the file (*downloads*), else with its size unknown; applying fetches and verifies the file
+first, then plans the image again from it, so its size (a grow, or the refusal to shrink) is known
+before anything is converted.
 """
+import contextlib
 import grp
 import os
 import pwd
@@ -24,8 +30,10 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 from ..driver import Policy
 from ..errors import HostIOError, ImageError
 from ..units import shown
+from . import download
 from .apply import apply_action
-from .image import plan_one, policy_for
+from .download import DownloadSettings
+from .image import LocalCopy, plan_one, policy_for, widen
 from .observe import ObservedImage, observe
 from .plan import CONVERT, CREATE, REPLACE, Action, predict, properties
 from .spec import ImageSpec
@@ -53,6 +61,7 @@ class ImagePlan:
     before: Dict[str, Any] = field(default_factory=dict)
     after: Dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None
+    error_field: Optional[str] = None     # the spec field the error is about, when it names one
 
     @property
     def changed(self) -> bool:
@@ -72,17 +81,34 @@ class Report:
         return self.failed is None
 
 
-def plan_all(entries: Sequence[Entry], policy: Optional[Policy] = None) -> List[ImagePlan]:
-    """The plan of every image of *entries* (in dependency order); one that cannot be planned carries ``error``."""
-    policy = policy or Policy()
+def plan_all(entries: Sequence[Entry], policy: Optional[Policy] = None,
+             downloads: Optional[DownloadSettings] = None) -> List[ImagePlan]:
+    """The plan of every image of *entries* (in dependency order); one that cannot be planned carries ``error``.
+    *downloads*: its cache directory holds the URL sources already downloaded (nothing is downloaded)."""
+    policy = with_cache(policy, downloads)
+    lookup = cache_lookup(downloads)
     plans: List[ImagePlan] = []
     for entry in entries:
-        plans.append(plan_entry(entry, plans, policy))
+        plans.append(plan_entry(entry, plans, policy, lookup))
     return plans
 
 
-def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImagePlan:
-    """Plan one image; *earlier* are the plans of the images before it (its dependencies among them)."""
+def with_cache(policy: Optional[Policy], downloads: Optional[DownloadSettings]) -> Policy:
+    """*policy* (default: the engine's) with the download cache directory allowed: images are converted from it."""
+    if downloads is None or not downloads.cache_dir:
+        return policy or Policy()
+    return widen(policy, (os.path.realpath(downloads.cache_dir),))
+
+
+def cache_lookup(downloads: Optional[DownloadSettings]) -> LocalCopy:
+    """Where a planner finds a URL source: the verified file in the download cache, if any."""
+    return lambda url, checksum: download.cached(checksum, downloads)
+
+
+def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy,
+               local_copy: Optional[LocalCopy] = None) -> ImagePlan:
+    """Plan one image; *earlier* are the plans of the images before it (its dependencies among them);
+    *local_copy* finds the verified local file of a URL source (none: its size is not known)."""
     spec = entry.spec
     result = ImagePlan(entry)
     for position in entry.depends:
@@ -92,7 +118,7 @@ def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImageP
     policy = policy_for(spec, policy)
     try:
         observed, actions = plan_one(spec, policy,
-                                     lambda path, fmt, pol: _dependency(path, fmt, earlier, pol))
+                                     lambda path, fmt, pol: _dependency(path, fmt, earlier, pol), local_copy)
         result.before = properties(observed)
         result.after = predict(result.before, actions)
         attributes = _plan_attributes(entry, observed, actions)
@@ -101,6 +127,7 @@ def plan_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy) -> ImageP
             result.after.update(attributes.after)
         result.actions = actions
     except ImageError as exc:
+        result.error_field = exc.field
         result.error = exc.message if exc.field is None or exc.message.startswith(exc.field + ":") else \
             "%s: %s" % (exc.field, exc.message)
     return result
@@ -167,14 +194,15 @@ def _make_parent(path: str) -> None:
 
 
 def apply_all(entries: Sequence[Entry], policy: Optional[Policy] = None,
-              plans: Optional[List[ImagePlan]] = None) -> Report:
+              plans: Optional[List[ImagePlan]] = None, downloads: Optional[DownloadSettings] = None) -> Report:
     """Apply every image's plan in dependency order, stopping at the first failure.
 
     *plans* (from :func:`plan_all`) are made when not given; when any image cannot be planned,
-    nothing is applied (the run fails on that image's error, every action not done).
+    nothing is applied (the run fails on that image's error, every action not done).  *downloads*:
+    how URL sources are fetched (cache directory, progress).
     """
-    policy = policy or Policy()
-    report = Report(plans=plans if plans is not None else plan_all(entries, policy))
+    policy = with_cache(policy, downloads)
+    report = Report(plans=plans if plans is not None else plan_all(entries, policy, downloads))
     errors = [item for item in report.plans if item.error]
     if errors:
         report.failed = (errors[0].entry, None, errors[0].error)
@@ -182,32 +210,60 @@ def apply_all(entries: Sequence[Entry], policy: Optional[Policy] = None,
         return report
     fresh: List[ImagePlan] = []
     for position, entry in enumerate(entries):
-        # planned again now: the images it depends on exist as this run left them
-        current = plan_entry(entry, fresh, policy)
-        fresh.append(current)
-        if current.error is None:
-            image_policy = policy_for(entry.spec, policy)
-            for number, action in enumerate(current.actions):
-                try:
-                    if action.kind == ATTRIBUTES:
-                        _apply_attributes(action)
-                    else:
-                        if action.kind in (CREATE, CONVERT, REPLACE):
-                            _make_parent(action.path)
-                        apply_action(action, image_policy)
-                except (ImageError, OSError) as exc:
-                    report.failed = (entry, action, _text(exc))
-                    report.not_done.extend((entry, a) for a in current.actions[number + 1:])
-                    break
-                report.done.append((entry, action))
-            current.actions = []        # done: later images see it as it is on disk now
-        else:
-            report.failed = (entry, None, current.error)
+        fresh.append(_apply_entry(entry, fresh, policy, downloads, report))
         if report.failed is not None:
             for later in report.plans[position + 1:]:
                 report.not_done.extend((later.entry, a) for a in later.actions)
             break
     return report
+
+
+def _apply_entry(entry: Entry, earlier: List[ImagePlan], policy: Policy, downloads: Optional[DownloadSettings],
+                 report: Report) -> ImagePlan:
+    """Plan one image again (the images it depends on exist as this run left them) and run its actions;
+    a URL source is fetched first and the image planned from the verified file.  Returns the plan,
+    its actions cleared: later images see the image as it is on disk now."""
+    current = plan_entry(entry, earlier, policy, cache_lookup(downloads))
+    fetching = next((a for a in current.actions if a.params.get("source_url")), None)
+    with contextlib.ExitStack() as stack:
+        if current.error is None and fetching is not None:
+            url, checksum = fetching.params["source_url"], fetching.params["source_checksum"]
+            try:
+                _make_parent(entry.spec.path)       # the download is written beside the image
+                local = stack.enter_context(download.fetch(url, checksum, entry.spec.path, downloads))
+            except (ImageError, OSError) as exc:
+                report.failed = (entry, fetching, _text(exc))
+                report.not_done.extend((entry, a) for a in current.actions if a is not fetching)
+                return current
+            planned = current.actions
+            current = plan_entry(entry, earlier, policy,
+                                 lambda u, c: local if (u, c) == (url, checksum) else None)
+            if current.error is not None:       # e.g. the download is larger than the size asked for
+                report.not_done.extend((entry, a) for a in planned)
+        if current.error is not None:
+            report.failed = (entry, None, current.error)
+            return current
+        _run_actions(entry, current.actions, policy_for(entry.spec, policy), downloads, report)
+    current.actions = []
+    return current
+
+
+def _run_actions(entry: Entry, actions: List[Action], policy: Policy, downloads: Optional[DownloadSettings],
+                 report: Report) -> None:
+    """Run one image's actions in order; the first failure is the report's, the actions after it not done."""
+    for number, action in enumerate(actions):
+        try:
+            if action.kind == ATTRIBUTES:
+                _apply_attributes(action)
+            else:
+                if action.kind in (CREATE, CONVERT, REPLACE):
+                    _make_parent(action.path)
+                apply_action(action, policy, downloads)
+        except (ImageError, OSError) as exc:
+            report.failed = (entry, action, _text(exc))
+            report.not_done.extend((entry, a) for a in actions[number + 1:])
+            return
+        report.done.append((entry, action))
 
 
 def _text(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..driver import Policy
 from .apply import apply
+from .download import observe_download
 from .observe import ObservedImage, observe
 from .plan import Action, plan, predict, properties
 from .spec import ImageSpec
@@ -55,22 +56,33 @@ def widen(policy: Optional[Policy], allowed_dirs: Sequence[str] = ()) -> Policy:
 
 # how a planner observes the source or backing file of an image it must make: (path, format, policy)
 Dependency = Callable[[str, Optional[str], Policy], ObservedImage]
+# where the verified local copy of a URL source is, when there is one: (url, checksum) -> path or None
+LocalCopy = Callable[[str, str], Optional[str]]
 
 
-def plan_one(spec: ImageSpec, policy: Policy, dependency: Optional[Dependency] = None
-             ) -> Tuple[ObservedImage, List[Action]]:
-    """The one "observe, then plan one image": observe the image and, when it must be made, its
-    source or backing file (through *dependency*: the batch planner predicts images made earlier in
-    its run; default: observe the file), and plan.  *policy* is already :func:`policy_for` the spec."""
+def plan_one(spec: ImageSpec, policy: Policy, dependency: Optional[Dependency] = None,
+             local_copy: Optional[LocalCopy] = None) -> Tuple[ObservedImage, List[Action]]:
+    """The one "observe, then plan one image": observe the image and what its plan depends on, and plan.
+
+    When the image must be made: its source (a URL source through *local_copy*: the download cache
+    when planning, the fetched file when applying; none, and its size is not known yet) or its
+    backing file.  When it exists with a backing file and no ``size``: the backing file, whose size
+    it keeps.  Dependencies are observed through *dependency* (the batch planner predicts images
+    made earlier in its run; default: observe the file).  *policy* is already :func:`policy_for` the spec."""
     dependency = dependency or observe
     observed = observe(spec.path, None, policy)
     source = backing = None
-    if spec.state == "present" and (not observed.exists or spec.recreate):
-        if spec.source:
-            source = dependency(spec.source, spec.source_format, policy)
-        if spec.backing_file and not spec.source:
-            # its size, and that it exists; read without image locks, as qemu-img create opens it
-            backing = dependency(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
+    made = spec.state == "present" and (not observed.exists or spec.recreate)
+    if made and spec.source:
+        source = dependency(spec.source, spec.source_format, policy)
+    if made and spec.source_url:
+        copy = local_copy(spec.source_url, spec.source_checksum or "") if local_copy is not None else None
+        if copy is not None:
+            source = observe_download(copy, spec.source_url, spec.source_format, policy)
+    from_source = spec.source or spec.source_url
+    if spec.state == "present" and spec.backing_file and not from_source and (made or spec.size is None):
+        # its size, and that it exists; read without image locks, as qemu-img create opens it
+        backing = dependency(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
     return observed, plan(spec, observed, source, backing)
 
 

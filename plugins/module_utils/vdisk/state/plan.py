@@ -80,10 +80,15 @@ def plan(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedImag
          backing: Optional[ObservedImage] = None) -> List[Action]:
     """The actions that bring the image at ``spec.path`` from *observed* to *spec*.
 
-    *source* is the observed ``spec.source`` and *backing* the observed backing file named by
-    the spec (both only needed when the image is made: they give its size).  Raises
-    :class:`InvalidOption` for what needs the user's consent: shrinking (``allow_shrink``) and a
-    format or fixed-option mismatch (``recreate``), and for a new image without a size.
+    *source* is the observed ``spec.source`` -- for a ``spec.source_url``, the verified local copy
+    of the download when there is one (None: not downloaded yet) -- and *backing* the observed
+    backing file named by the spec.  They give the size of an image that is made; an existing
+    overlay without ``size`` keeps its backing file's size, so a backing file grown since, or an
+    overlay resized outside vdisk, is drift.  A virtual size of None is not known yet (a download,
+    or an image the run makes from one): nothing is decided from it, and the new image's size shows
+    as None.  Raises :class:`InvalidOption` for what needs the user's consent: shrinking
+    (``allow_shrink``) and a format or fixed-option mismatch (``recreate``), and for a new image
+    without a size.
     """
     path = spec.path
     if spec.state == "absent":
@@ -108,64 +113,123 @@ def plan(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedImag
     amend = _amend(spec, observed)
     if amend is not None:
         actions.append(amend)
-    resize = _resize(spec, observed.virtual_size or 0)
+    if spec.size is not None:
+        resize = _resize(spec, observed.virtual_size or 0, spec.size)
+    else:       # an overlay without size keeps its backing file's (drift when either was resized)
+        resize = _resize(spec, observed.virtual_size or 0, backing_size(spec, backing), of_backing=True)
     if resize is not None:
         actions.append(resize)
     actions.extend(_snapshot_creates(spec, observed.snapshot_names))
     return actions
 
 
+def backing_size(spec: ImageSpec, backing: Optional[ObservedImage]) -> Optional[int]:
+    """The size an overlay without ``size`` has: its backing file's (as images store it, a multiple
+    of 512), or None when there is no backing file or its size is not known."""
+    if not spec.backing_file or backing is None or not backing.exists or backing.virtual_size is None:
+        return None
+    return round_up(backing.virtual_size, 512)
+
+
 def _make(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedImage],
           backing: Optional[ObservedImage], kind: str, why: str = "") -> List[Action]:
     """Create (or replace) the file: from the source, or empty of the spec's size."""
-    path = spec.path
-    before = properties(observed)
-    after: Dict[str, Any] = {"path": path, "state": "present", "format": spec.format,
+    after: Dict[str, Any] = {"path": spec.path, "state": "present", "format": spec.format,
                              "options": dict(spec.options)}
     params: Dict[str, Any] = {"format": spec.format, "options": dict(spec.options),
                               "preallocation": spec.preallocation, "backing_file": spec.backing_file,
                               "backing_format": spec.backing_format}
+    from_source = bool(spec.source or spec.source_url)
     if spec.backing_file:
         after["backing-filename"] = spec.backing_file
         fmt = spec.backing_format or (backing.format if backing is not None and backing.exists else None)
         if fmt:
             after["backing-filename-format"] = fmt
-    actions: List[Action] = []
-    if spec.backing_file and backing is not None and not backing.exists and not spec.source:
+    if spec.backing_file and backing is not None and not backing.exists and not from_source:
         # qemu-img create opens the backing file (-u aside): a missing one is refused, size or not
-        why = "" if spec.size is not None else " (needed for the size of the new image)"
-        raise ImageError("Could not open backing file %s: No such file or directory%s" % (spec.backing_file, why),
-                         path=path, field="backing_file")
-    if spec.source:
-        if source is None or not source.exists:
-            raise ImageError("source image %s does not exist" % spec.source, path=path, field="source")
-        size = round_up(source.virtual_size or 0, 512)
-        after["virtual-size"] = size
-        params.update(source=spec.source, source_format=spec.source_format or source.format,
-                      compress=spec.compress)
-        what = "convert %s (%s) into a new %s image %s%s" % (spec.source, source.format, spec.format, path,
-                                                             ", compressed" if spec.compress else "")
-        actions.append(Action(kind if kind == REPLACE else CONVERT, path, _why(what, why, kind), before, after,
-                              params))
-        resize = _resize(spec, size)
-        if resize is not None:
-            actions.append(resize)
+        needed = "" if spec.size is not None else " (needed for the size of the new image)"
+        raise ImageError("Could not open backing file %s: No such file or directory%s" % (spec.backing_file, needed),
+                         path=spec.path, field="backing_file")
+    made = _Made(spec, properties(observed), after, params, kind, why)
+    if from_source:
+        actions = _convert_source(made, source)
     else:
-        size = spec.size
-        if size is None and kind == REPLACE and not spec.backing_file:
-            size = observed.virtual_size
-        if size is None and spec.backing_file and backing is not None:
-            size = round_up(backing.virtual_size or 0, 512)
-        if size is None:
-            raise InvalidOption("size is needed to create the image (or a backing_file or source to take it "
-                                "from)", path=path, field="size")
-        params["size"] = spec.size if spec.size is not None else size
-        after["virtual-size"] = size
-        what = "create %s image %s of %s%s" % (spec.format, path, format_size(size),
-                                               " on backing file %s" % spec.backing_file if spec.backing_file else "")
-        actions.append(Action(kind, path, _why(what, why, kind), before, after, params))
+        actions = [_create_empty(made, observed, backing)]
     actions.extend(_snapshot_creates(spec, []))
     return actions
+
+
+@dataclass
+class _Made:
+    """What every way of making the image shares: the spec, the diff so far, the parameters, the kind."""
+    spec: ImageSpec
+    before: Dict[str, Any]
+    after: Dict[str, Any]
+    params: Dict[str, Any]
+    kind: str
+    why: str
+
+    def action(self, kind: str, what: str) -> Action:
+        return Action(kind, self.spec.path, _why(what, self.why, self.kind), self.before, self.after, self.params)
+
+
+def _convert_source(made: _Made, source: Optional[ObservedImage]) -> List[Action]:
+    """Convert the source into the new image, then grow it to the spec's size.  A URL source not
+    downloaded yet (*source* None), or a source the run makes from one, has no known size: neither
+    has the new image, and the grow (or the refusal to shrink) is planned once it is downloaded."""
+    spec, params = made.spec, made.params
+    url = spec.source_url
+    if url:
+        params.update(source=url, source_url=url, source_checksum=spec.source_checksum,
+                      source_file=source.path if source is not None else None)
+    elif source is None or not source.exists:
+        raise ImageError("source image %s does not exist" % spec.source, path=spec.path, field="source")
+    else:
+        params["source"] = spec.source
+    size = None if source is None or source.virtual_size is None else round_up(source.virtual_size, 512)
+    source_format = spec.source_format or (source.format if source is not None else None)
+    params.update(source_format=source_format, compress=spec.compress)
+    made.after["virtual-size"] = size
+    into = "a new %s image %s%s" % (spec.format, spec.path, ", compressed" if spec.compress else "")
+    if url and source is None:
+        what = "download %s (%s) and convert it into %s; its size is known once it is downloaded" % (
+            url, _short(spec.source_checksum or ""), into)
+    elif url:
+        what = "convert %s (%s, %s) into %s" % (url, source_format, _short(spec.source_checksum or ""), into)
+    else:
+        what = "convert %s (%s) into %s" % (spec.source, source_format or "format not known yet", into)
+    actions = [made.action(made.kind if made.kind == REPLACE else CONVERT, what)]
+    resize = _resize(spec, size, spec.size) if size is not None else None
+    if resize is not None:
+        actions.append(resize)
+    return actions
+
+
+def _short(checksum: str) -> str:
+    """A checksum as descriptions show it: the algorithm and the first 12 hex digits."""
+    algorithm, _sep, digits = checksum.partition(":")
+    return "%s:%s..." % (algorithm, digits[:12]) if len(digits) > 12 else checksum
+
+
+def _create_empty(made: _Made, observed: ObservedImage, backing: Optional[ObservedImage]) -> Action:
+    """Create the image empty: of the spec's size, else (replacing) the old image's, else its backing
+    file's; that of a backing file made from a download in the same run is not known yet."""
+    spec = made.spec
+    size = spec.size
+    if size is None and made.kind == REPLACE and not spec.backing_file:
+        size = observed.virtual_size
+    size_of_backing = size is None and bool(spec.backing_file) and backing is not None
+    if size_of_backing:
+        size = backing_size(spec, backing)
+    if size is None and not size_of_backing:
+        raise InvalidOption("size is needed to create the image (or a backing_file or source to take it "
+                            "from)", path=spec.path, field="size")
+    made.params["size"] = spec.size if spec.size is not None else size
+    made.after["virtual-size"] = size
+    shown = format_size(size) if size is not None else "its backing file's size (not known yet)"
+    what = "create %s image %s of %s%s" % (spec.format, spec.path, shown,
+                                           " on backing file %s" % spec.backing_file if spec.backing_file else "")
+    return made.action(made.kind, what)
 
 
 def _why(what: str, why: str, kind: str) -> str:
@@ -215,20 +279,26 @@ def _amend(spec: ImageSpec, observed: ObservedImage) -> Optional[Action]:
                   {"options": options, "format": spec.format})
 
 
-def _resize(spec: ImageSpec, current: int) -> Optional[Action]:
-    if spec.size is None or spec.size == current:
+def _resize(spec: ImageSpec, current: int, wanted: Optional[int], of_backing: bool = False) -> Optional[Action]:
+    """Grow (or, with ``allow_shrink``, shrink) the image from *current* to *wanted* bytes (None: any
+    size).  *of_backing*: *wanted* is the backing file's size, which an overlay without ``size`` keeps."""
+    if wanted is None or wanted == current:
         return None
-    before, after = {"virtual-size": current}, {"virtual-size": spec.size}
-    change = "%s -> %s" % (format_size(current), format_size(spec.size))
-    params = {"size": spec.size, "format": spec.format, "preallocation": spec.preallocation or "off"}
-    if spec.size > current:
-        return Action(GROW, spec.path, "grow %s: %s" % (spec.path, change), before, after, params)
+    before, after = {"virtual-size": current}, {"virtual-size": wanted}
+    change = "%s -> %s" % (format_size(current), format_size(wanted))
+    params = {"size": wanted, "format": spec.format, "preallocation": spec.preallocation or "off"}
+    if wanted > current:
+        what = "grow %s: %s%s" % (spec.path, change, " (the size of its backing file)" if of_backing else "")
+        return Action(GROW, spec.path, what, before, after, params)
     if not spec.allow_shrink:
-        raise InvalidOption("the image is %s, larger than the requested %s; shrinking loses the data past the new "
-                            "end: set allow_shrink: true to shrink it" % (format_size(current), format_size(spec.size)),
+        requested = "its backing file's %s (an overlay without size keeps its backing file's size)" % \
+            format_size(wanted) if of_backing else "the requested %s" % format_size(wanted)
+        raise InvalidOption("the image is %s, larger than %s; shrinking loses the data past the new end: set "
+                            "allow_shrink: true to shrink it" % (format_size(current), requested),
                             path=spec.path, field="allow_shrink")
     params["preallocation"] = "off"
-    return Action(SHRINK, spec.path, "shrink %s: %s" % (spec.path, change), before, after, params)
+    what = "shrink %s: %s%s" % (spec.path, change, " (the size of its backing file)" if of_backing else "")
+    return Action(SHRINK, spec.path, what, before, after, params)
 
 
 def _snapshot_creates(spec: ImageSpec, existing: List[str]) -> List[Action]:

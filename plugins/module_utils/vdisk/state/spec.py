@@ -11,9 +11,11 @@ from ..driver import MAX_SNAPSHOT_NAME
 from ..errors import ImageError, InvalidOption
 from ..registry import get_driver
 from ..units import parse_bool, parse_size, round_up
+from .download import check_url, is_url, parse_checksum
 
 FIELDS = ("path", "state", "format", "size", "preallocation", "options", "backing_file", "backing_format",
-          "snapshots", "prune_snapshots", "source", "source_format", "compress", "allow_shrink", "recreate")
+          "snapshots", "prune_snapshots", "source", "source_checksum", "source_format", "compress", "allow_shrink",
+          "recreate")
 STATES = ("present", "absent")
 DEFAULT_FORMAT = "qcow2"
 # create options that have their own field: accepting them in `options` too would give two answers
@@ -34,9 +36,11 @@ class ImageSpec:
     backing_format: Optional[str] = None
     snapshots: List[str] = field(default_factory=list)
     prune_snapshots: bool = False
-    source: Optional[str] = None               # content of a new image comes from here (convert)
+    source: Optional[str] = None               # content of a new image comes from this local file (convert)
+    source_url: Optional[str] = None           # ... or from this http(s) URL, downloaded (state.download)
+    source_checksum: Optional[str] = None      # "sha256:hex" or "sha512:hex" (lowercase) of source_url's file
     source_format: Optional[str] = None        # None: probed
-    compress: bool = False                     # compressed clusters when converting from source
+    compress: bool = False                     # compressed clusters when converting from a source
     allow_shrink: bool = False
     recreate: bool = False
 
@@ -47,7 +51,8 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
 
     Relative ``path`` and ``source`` are taken relative to *base_dir* (the manifest's directory;
     default: the current directory); ``backing_file`` is kept as given, since the image stores it
-    relative to its own directory.  ``None`` values count as not given.
+    relative to its own directory.  A ``source`` that is an http(s) URL becomes ``source_url`` (with
+    its required ``source_checksum``), so that path checks never see it.  ``None`` values count as not given.
     """
     raw: Dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
     for name, value in fields.items():
@@ -96,19 +101,36 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
     if (spec.snapshots or spec.prune_snapshots) and "snapshots" not in driver.capabilities:
         raise InvalidOption("format %s does not support internal snapshots" % spec.format, path=path,
                             field="snapshots")
-    src = _file_name(raw, "source", path)
-    spec.source = _join(base_dir, src) if src else None
+    _source(spec, raw, base_dir)
     spec.source_format = _text(raw, "source_format", path)
     if spec.source_format:
         _wrap(lambda: get_driver(spec.source_format), path, "source_format")
-    if spec.source_format and not spec.source:
+    made_from_source = bool(spec.source or spec.source_url)
+    if spec.source_format and not made_from_source:
         raise InvalidOption("source_format needs source", path=path, field="source_format")
-    if spec.compress and not spec.source:
+    if spec.compress and not made_from_source:
         raise InvalidOption("compress applies to an image made from a source: set source too", path=path,
                             field="compress")
     if spec.compress and "compression" not in driver.capabilities:
         raise InvalidOption("format %s does not support compression" % spec.format, path=path, field="compress")
     return spec
+
+
+def _source(spec: ImageSpec, raw: Mapping[str, Any], base_dir: Optional[str]) -> None:
+    """``source`` (a local file, or an http(s) URL with its ``source_checksum``) into *spec*."""
+    path = spec.path
+    src = _file_name(raw, "source", path)
+    checksum = _text(raw, "source_checksum", path)
+    if src and is_url(src):
+        spec.source_url = _wrap(lambda: check_url(src), path, "source")
+        if checksum is None:
+            raise InvalidOption("source_checksum is required for a URL source (sha256:HEX or sha512:HEX)",
+                                path=path, field="source_checksum")
+        spec.source_checksum = _wrap(lambda: parse_checksum(checksum), path, "source_checksum")
+        return
+    if checksum is not None:
+        raise InvalidOption("source_checksum applies to a URL source", path=path, field="source_checksum")
+    spec.source = _join(base_dir, src) if src else None
 
 
 def _join(base_dir: Optional[str], name: str) -> str:
