@@ -74,6 +74,6 @@ def parse_timeout(value: Optional[str]) -> float:
         seconds = float(value or 0)
     except ValueError:
         raise ValueError("invalid --lock-timeout %r: expected seconds" % value) from None
-    if not seconds >= 0 or seconds == float("inf"):
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):      # NaN, negative, endless
         raise ValueError("invalid --lock-timeout %r: expected seconds, 0 or more" % value)
     return seconds

@@ -129,9 +129,7 @@ def _import_yaml() -> Any:
 @functools.lru_cache(maxsize=None)
 def _loader_class(base: type, yaml: Any) -> type:
     """The safe loader *base* with the marking constructors (made once per base)."""
-    loader = type("MarkedLoader", (_Marking, base), {"ConstructorError": yaml.constructor.ConstructorError,
-                                                     "MappingNode": yaml.MappingNode,
-                                                     "SequenceNode": yaml.SequenceNode})
+    loader = type("MarkedLoader", (_Marking, base), {"ConstructorError": yaml.constructor.ConstructorError})
     loader.add_constructor("tag:yaml.org,2002:map", _Marking.construct_marked_mapping)
     loader.add_constructor("tag:yaml.org,2002:seq", _Marking.construct_marked_sequence)
     loader.add_constructor(_INT_TAG, _Marking.construct_bounded_int)
@@ -141,11 +139,9 @@ def _loader_class(base: type, yaml: Any) -> type:
 class _Marking:
     """Constructors mixed into PyYAML's safe loader (the yaml classes they need are set by _loader_class)."""
     ConstructorError: Any = None
-    MappingNode: Any = None
-    SequenceNode: Any = None
 
     def construct_marked_mapping(self, node: Any) -> Any:
-        if not isinstance(node, self.MappingNode):
+        if node.id != "mapping":
             raise self.ConstructorError(None, None, "expected a mapping node, but found %s" % node.id,
                                         node.start_mark)
         mapping = MarkedDict(_line(node))
@@ -167,7 +163,7 @@ class _Marking:
                 mapping.int_texts.pop(key, None)
 
     def construct_marked_sequence(self, node: Any) -> Any:
-        if not isinstance(node, self.SequenceNode):
+        if node.id != "sequence":
             raise self.ConstructorError(None, None, "expected a sequence node, but found %s" % node.id,
                                         node.start_mark)
         items = MarkedList(_line(node))

@@ -185,8 +185,8 @@ def _drift(saved: Dict[str, Any], plan: ImagePlan, now: Dict[str, Dict[str, Any]
         else:
             image = _image_changes(saved.get("before") or {}, _plain(plan.before)) if path == plan.entry.spec.path \
                 else []
-            out.append("%s changed since the plan was made (%s)" % (path, ", ".join(image) or
-                                                                  _what_changed(before, after)))
+            what = ", ".join(image) or _what_changed(before, after)
+            out.append("%s changed since the plan was made (%s)" % (path, what))
     if not out and _actions(plan) != saved["actions"]:
         out.append("its actions differ from the plan's")
     return out

@@ -145,8 +145,8 @@ def test_validation_messages_are_those_of_vdisk_validate(tmp_path, run_module):
         "version: 1\nimages:\n  - {path: a.qcow2, size: lots}\n  - {path: b.qcow2, bogus: 1}\n"
         "  - {path: /elsewhere/c.qcow2, size: 1M}\n  - {path: d.qcow2, size: 1M}\n  - {path: ./d.qcow2, size: 1M}\n")
     problems = load_manifests([str(tmp_path / "m.yml")]).problems
-    assert [(p.index, p.field, p.line) for p in problems] == [(0, "size", 3), (1, "bogus", 4), (2, "path", 5),
-                                                             (4, "path", 7)]
+    expected = [(0, "size", 3), (1, "bogus", 4), (2, "path", 5), (4, "path", 7)]
+    assert [(p.index, p.field, p.line) for p in problems] == expected
     # the data is checked by the same code, without the file's lines (and without the JSON schema, which
     # needs jsonschema on the managed host: the engine's spec check names the same image and field)
     failed, r = run_module(manifest, {"images": images, "dir": str(tmp_path)}, check_mode=True)
