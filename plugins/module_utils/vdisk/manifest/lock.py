@@ -8,6 +8,7 @@ the file itself stays (removing it would let a third apply lock a new file while
 still holds the old one).  It records the holder's pid for the refusal message.
 """
 import fcntl
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -74,6 +75,6 @@ def parse_timeout(value: Optional[str]) -> float:
         seconds = float(value or 0)
     except ValueError:
         raise ValueError("invalid --lock-timeout %r: expected seconds" % value) from None
-    if seconds != seconds or seconds < 0 or seconds == float("inf"):      # NaN, negative, endless
+    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
         raise ValueError("invalid --lock-timeout %r: expected seconds, 0 or more" % value)
     return seconds
