@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.lock import apply_lock, lock_path
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.units import format_size
 
 M = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -401,3 +402,39 @@ def test_unquoted_decimal_mode_is_refused_with_its_line(tmp_path):
     assert proc.returncode == 1 and not (tmp_path / "a.qcow2").exists()
     assert proc.stderr == ("vdisk: plan: %s: line 5: images[0] (a.qcow2): mode: 640 is read as a decimal number: "
                            "write '0640' (quoted) or 0640 for an octal mode\n" % manifest)
+
+
+# -- http sources through the CLI: --cache, progress, a saved plan --------------------------------------
+def test_cli_downloads_with_progress_and_cache(tmp_path, server):
+    import hashlib
+    origin = tmp_path / "origin.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", origin, "8M")
+    helpers.qemu_io("qcow2", str(origin), "write -P 5 0 1M")
+    data = origin.read_bytes()
+    url = server.serve("/cloud.qcow2", data)
+    checksum = "sha256:" + hashlib.sha256(data).hexdigest()
+    fleet, cache = tmp_path / "fleet", tmp_path / "cache"
+    fleet.mkdir()
+    manifest = write(fleet / "m.yml", """
+        version: 1
+        images:
+          - {path: cloud.qcow2, source: %s, source_checksum: %s, size: 16M}
+        """ % (url, checksum))
+    proc = vdisk("plan", "--cache", cache, manifest)
+    assert proc.returncode == 2 and "convert: qcow2, size known after the download; content from %s" % url \
+        in proc.stdout, proc.stdout
+    assert server.requests == []                             # plan never downloads
+    proc = vdisk("apply", "--cache", cache, manifest)
+    assert proc.returncode == 0, proc.stderr
+    # not a terminal (a CI log): one line as the download starts, one as it ends
+    assert proc.stderr == "vdisk: downloading %s (%s)\nvdisk: downloaded %s\n" % (url, format_size(len(data)), url)
+    assert info(fleet / "cloud.qcow2")["virtual-size"] == 16 * M
+    assert sorted(os.listdir(str(cache))) == ["sha256-" + checksum[7:]]
+    # a second image from the cache, through a saved plan: the plan knows the size, nothing is downloaded
+    os.unlink(str(fleet / "cloud.qcow2"))
+    proc = vdisk("plan", "--cache", cache, "--out", tmp_path / "p.plan", manifest)
+    assert proc.returncode == 2 and "convert: qcow2, 8 MiB; content from %s" % url in proc.stdout, proc.stdout
+    proc = vdisk("apply", tmp_path / "p.plan")
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests == ["/cloud.qcow2"]
+    assert helpers.qemu_check(str(fleet / "cloud.qcow2"))["rc"] == 0

@@ -77,3 +77,21 @@ def test_lock_file_that_cannot_be_made(tmp_path):
     with pytest.raises(ImageError, match="could not open the apply lock file"):
         with apply_lock(str(tmp_path / "m.yml")):
             pass
+
+
+def test_download_progress_on_a_terminal_and_in_a_log():
+    import io
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.manifest.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        show = _Progress(stream)
+        for done in (0, 1 << 20, 2 << 20):
+            show("http://h/x", done, 2 << 20)
+    assert tty.getvalue() == ("\rvdisk: downloading http://h/x: 0 B of 2 MiB (0%)"
+                              "\rvdisk: downloading http://h/x: 1 MiB of 2 MiB (50%)"
+                              "\rvdisk: downloading http://h/x: 2 MiB of 2 MiB (100%)\n")
+    assert log.getvalue() == "vdisk: downloading http://h/x (2 MiB)\nvdisk: downloaded http://h/x\n"
