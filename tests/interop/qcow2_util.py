@@ -38,6 +38,7 @@ _ensure_importable()
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk import errors  # noqa: E402
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy  # noqa: E402
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.qcow2 import compress as _compress  # noqa: E402
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import (  # noqa: E402
     close_chain, open_image)
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver  # noqa: E402
@@ -47,11 +48,8 @@ MiB = 1024 * 1024
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
-try:  # the same probe as the engine: zstd only on Pythons that ship compression.zstd
-    from compression import zstd as _zstd  # type: ignore  # noqa: F401
-    HAVE_ZSTD = True
-except ImportError:
-    HAVE_ZSTD = False
+# the engine's own probe: compression.zstd (Python 3.14+) or the backports.zstd package
+HAVE_ZSTD = _compress.zstd_available()
 
 
 def run(*args, check=True, **kw):

@@ -478,12 +478,6 @@ def test_cli_info_refuses_locked_image(qemu_io_holding):
     assert_cli_error(cli(*args), args)
 
 
-@pytest.mark.skipif(u.HAVE_ZSTD, reason="this Python has a zstd module")
-def test_cli_create_zstd_without_module(tmp_path):
-    args = ["create", "-f", "qcow2", "-o", "compression_type=zstd", tmp_path / "z.qcow2", "16M"]
-    assert_cli_error(cli(*args), args)
-
-
 # -- bad requests on a good image -----------------------------------------------------------
 def test_requests_beyond_the_end_are_refused(tmp_path):
     path = good_image(tmp_path)

@@ -238,18 +238,6 @@ def test_reopen_and_write_again(tmp_path):
     u.qemu_compare(path, _raw(tmp_path, model, "expected.raw"))
 
 
-@pytest.mark.skipif(u.HAVE_ZSTD, reason="this Python has a zstd module")
-def test_zstd_without_module_is_a_clear_error(tmp_path):
-    path = tmp_path / "z.qcow2"
-    with pytest.raises(errors.ImageError) as exc:
-        u.vdisk_create(path, 16 * MiB, compression_type="zstd")
-    assert isinstance(exc.value, errors.UnsupportedFeature), type(exc.value)
-    text = str(exc.value)
-    assert "\n" not in text and "zstd" in text, text
-    assert not path.exists(), "a failed create left a file behind"
-    assert not [p for p in os.listdir(tmp_path)], "a failed create left a temporary file: %s" % os.listdir(tmp_path)
-
-
 def _cross_product():
     out = []
     for cs in ("512", "4k", "64k", "2M"):

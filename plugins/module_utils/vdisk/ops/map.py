@@ -39,7 +39,8 @@ def _entry(start, length, depth, present, zero, data, offset, image) -> Dict[str
     entry = {"start": start, "length": length, "depth": depth, "present": present, "zero": zero, "data": data}
     if offset is not None:
         entry["offset"] = offset
-    entry["_file"] = image.path
+    # the file the offset points into: a qcow2 image's external data file holds its guest data
+    entry["_file"] = getattr(image, "data_path", image.path) if offset is not None else image.path
     return entry
 
 

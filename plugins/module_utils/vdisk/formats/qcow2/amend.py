@@ -1,16 +1,17 @@
 """qcow2 option amendment (qemu-img amend): compat up/downgrade, lazy_refcounts, refcount_bits,
-backing file, size.  Options only meaningful at creation are refused, as QEMU does."""
+backing file, size, the external data file's name and data_file_raw=off.  Options only meaningful
+at creation are refused, as QEMU does."""
 import struct
 from typing import Any, Dict
 
-from ...errors import ImageError, InvalidOption, UnsupportedFeature
+from ...errors import ImageError, InvalidOption
 from . import header as hdr
 from .check import count_references, rebuild_refcounts
 from .refcount import Refcounts
 
-AMENDABLE = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt", "size")
-CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type", "data_file_raw",
-               "encryption", "encrypt.format")
+AMENDABLE = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt", "size", "data_file",
+             "data_file_raw")
+CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type", "encryption", "encrypt.format")
 U64 = struct.Struct(">Q")
 
 
@@ -20,11 +21,10 @@ def amend(img, options: Dict[str, Any]) -> None:
         if name in CREATE_ONLY:
             raise InvalidOption("Invalid parameter '%s': this option is only supported for image creation" % name,
                                 path=img.path, field=name)
-        if name not in AMENDABLE and name != "data_file":
+        if name not in AMENDABLE:
             raise InvalidOption("Invalid parameter '%s'" % name, path=img.path, field=name)
-    if "data_file" in options:
-        raise UnsupportedFeature("external data files are not supported yet", path=img.path, field="data_file")
     h = img.header
+    _check_data_file_options(img, options)
     new_version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}[str(options["compat"])] if "compat" in options \
         else h.version
     lazy = options.get("lazy_refcounts")
@@ -64,10 +64,39 @@ def amend(img, options: Dict[str, Any]) -> None:
         img.host.pwrite(U64.pack(h.compatible_features), 80)
         img._set_dirty_on_write = bool(lazy)
         img.host.flush()
+    _amend_data_file(img, options)
     if "size" in options and options["size"] is not None:
         img.resize(int(options["size"]), shrink=True)
     if new_version < h.version:
         downgrade(img)
+
+
+def _check_data_file_options(img, options: Dict[str, Any]) -> None:
+    """What qemu-img amend allows: renaming the data file of an image that has one, and clearing
+    data_file_raw (setting it would need the data file to be a raw image already)."""
+    if options.get("data_file") and img.data_file is None:
+        raise InvalidOption("data-file can only be set for images that use an external data file", path=img.path,
+                            field="data_file")
+    if options.get("data_file_raw") and not img.data_raw:
+        raise InvalidOption("data-file-raw cannot be set on existing images", path=img.path, field="data_file_raw")
+
+
+def _amend_data_file(img, options: Dict[str, Any]) -> None:
+    """Record a new data file name (not opened: the image is left to name a file that is not there,
+    as with qemu-img) and clear data_file_raw; the header is rewritten once."""
+    h = img.header
+    changed = False
+    if options.get("data_file") and options["data_file"] != h.data_file:
+        h.data_file = str(options["data_file"])
+        changed = True
+    if options.get("data_file_raw") is False and h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW:
+        h.autoclear_features &= ~hdr.AUTOCLEAR_DATA_FILE_RAW
+        img.data_raw = False
+        changed = True
+    if changed:
+        img.flush()
+        img.write_header()
+        img.host.flush()
 
 
 def downgrade(img) -> None:
@@ -83,6 +112,8 @@ def downgrade(img) -> None:
                          field="compat")
     if h.bitmaps_extension is not None:
         raise ImageError("Cannot downgrade an image with persistent bitmaps", path=img.path, field="compat")
+    if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+        raise ImageError("Cannot downgrade an image with a data file", path=img.path, field="compat")
     expand_zero_clusters(img)
     h.version = 2
     h.header_length = hdr.HEADER_V2_LENGTH

@@ -7,6 +7,10 @@ Repair (``-r leaks``) lowers leaked refcounts in place; ``-r all`` also drops
 references that cannot be valid (unaligned, past the end of the file, into the
 header), fixes the COPIED flags and rebuilds the refcount structure in a new area
 at the end of the file, switching the header to it only once it is complete.
+
+With an external data file, data clusters live in that file and are not refcounted
+(qcow2.txt, incompatible bit 2): they are counted as allocated (and fragmented) but
+add no references, and their COPIED flag must be set (QEMU takes their refcount as one).
 """
 import struct
 import sys
@@ -179,9 +183,50 @@ class _Checker:
             self.contiguous[l2_off] = (c0, bool(flags))
         return True
 
+    def _walk_l2_data_file(self, words, l2_off: int, l1i: int, active: bool) -> None:
+        """An L2 table of an image with an external data file: nothing it maps is in this file."""
+        img, cs = self.img, self.cs
+        n = img.l2e
+        step = 2 if img.ext else 1
+        nb_guest = -(-img.virtual_size // cs)
+        res = self.res
+        next_contig = None
+        for idx in range(n):
+            entry = words[idx * step]
+            bitmap = words[idx * step + 1] if img.ext else 0
+            guest = (l1i * n + idx) * cs
+            if entry & hdr.OFLAG_COMPRESSED:
+                self.corruption("ERROR compressed cluster %d with data file, entry=0x%x" % (l1i * n + idx, entry))
+                if active and self.fix_refs:
+                    self._drop(l2_off, idx, guest)
+                continue
+            off = entry & hdr.OFFSET_MASK
+            mapped = bool(off or entry & hdr.OFLAG_COPIED)
+            if img.ext and bitmap & 0xFFFFFFFF & (bitmap >> 32 | (0 if mapped else 0xFFFFFFFF)):
+                self.corruption("ERROR invalid cluster entry found (L2 offset: 0x%x, L2 index: 0x%x)" % (l2_off, idx))
+                if active and self.fix_refs:
+                    self._drop(l2_off, idx, guest)
+                continue
+            if not mapped or (entry & hdr.OFLAG_ZERO and not off and not img.ext):
+                continue
+            if off % cs:
+                self.corruption("ERROR offset=%x: Data cluster is not properly aligned; L2 entry corrupted." % off)
+                if active and self.fix_refs:
+                    self._drop(l2_off, idx, guest)
+                continue
+            if active and l1i * n + idx < nb_guest:
+                res.allocated_clusters += 1
+                if next_contig is not None and off != next_contig:
+                    res.fragmented_clusters += 1
+                next_contig = off + cs
+
     def walk_l2(self, l2_off: int, l1i: int, active: bool) -> None:
         img, cs = self.img, self.cs
         raw = img.host.pread(cs, l2_off)
+        if img.data_file is not None:
+            words = struct.unpack(">%dQ" % (img.l2e * (2 if img.ext else 1)), raw)
+            self._walk_l2_data_file(words, l2_off, l1i, active)
+            return
         if self._walk_l2_contiguous(raw, l2_off, l1i, active):
             return
         ext = img.ext
@@ -479,6 +524,9 @@ def _check_copied(ck: _Checker, img, refcounts) -> Dict[Tuple[str, int, int], in
         l2raw = img.host.pread(cs, off)
         words = struct.unpack(">%dQ" % (n * (2 if x_ext else 1)), l2raw)
         entries = words[::2] if x_ext else words
+        if img.data_file is not None:
+            _check_copied_data_file(ck, entries, off, fixes)
+            continue
         if _copied_flags_agree(entries, refcounts, img.cb, ck.nb_clusters):
             continue
         for idx in range(n):
@@ -494,6 +542,18 @@ def _check_copied(ck: _Checker, img, refcounts) -> Dict[Tuple[str, int, int], in
                 ck.corruption("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d" % (e, rc))
                 fixes[("l2", off, idx)] = (e | hdr.OFLAG_COPIED) if want else (e & ~hdr.OFLAG_COPIED)
     return fixes
+
+
+def _check_copied_data_file(ck: _Checker, entries, l2_off: int, fixes) -> None:
+    """Data-file clusters are not refcounted and count as referenced once: COPIED must be set on
+    every entry with an offset (one without an offset and without COPIED is unallocated)."""
+    for idx, e in enumerate(entries):
+        if e & hdr.OFLAG_COMPRESSED or not e & hdr.OFFSET_MASK or e & hdr.OFLAG_COPIED:
+            continue
+        if idx in ck.l2_fixes.get(l2_off, {}):
+            continue
+        ck.corruption("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=1" % e)
+        fixes[("l2", l2_off, idx)] = e | hdr.OFLAG_COPIED
 
 
 def _copied_flags_agree(entries, refcounts, cb: int, limit: int) -> bool:

@@ -1,4 +1,5 @@
 """The qcow2 driver: create options, probing, create and open."""
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, Image, MeasureSource, OptionSpec, Policy
@@ -6,7 +7,7 @@ from ...errors import InvalidOption, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
 from . import header as hdr
 from . import measure as sizing
-from .compress import zstd_available
+from .compress import zstd_module
 from .image import Qcow2Image
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -34,7 +35,7 @@ class Qcow2Driver(Driver):
         OptionSpec("extended_l2", "bool", False, "Extended L2 tables"),
         OptionSpec("compression_type", "enum", "zlib",
                    "Compression method used for image cluster compression", ("zlib", "zstd")),
-        OptionSpec("data_file", "str", None, "File name of an external data file (not supported yet)"),
+        OptionSpec("data_file", "str", None, "File name of an external data file"),
         OptionSpec("data_file_raw", "bool", False, "The external data file must stay valid as a raw image"),
         OptionSpec("encryption", "bool", False, "Encrypt the image (not supported)"),
         OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks' "
@@ -76,13 +77,10 @@ class Qcow2Driver(Driver):
         """Validate create options the way qemu-img does and return the new image's header."""
         opts = {spec.name: spec.default for spec in self.create_options}
         opts.update({k: v for k, v in options.items() if v is not None})
-        for unsupported in ("data_file", "encrypt.format"):
-            if opts.get(unsupported):
-                raise UnsupportedFeature("option %s is not supported yet" % unsupported, field=unsupported)
+        if opts.get("encrypt.format"):
+            raise UnsupportedFeature("option encrypt.format is not supported yet", field="encrypt.format")
         if opts.get("encryption"):
             raise UnsupportedFeature("encrypted qcow2 images are not supported", field="encryption")
-        if opts.get("data_file_raw"):
-            raise InvalidOption("data_file_raw requires data_file", field="data_file_raw")
         version = COMPAT_VALUES[str(opts["compat"])]
         cluster_size = int(opts["cluster_size"])
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
@@ -113,9 +111,7 @@ class Qcow2Driver(Driver):
             if version < 3:
                 raise InvalidOption("Non-zlib compression type is only supported with compatibility level 1.1 "
                                     "and above (use compat=1.1 or greater)", field="compression_type")
-            if not zstd_available():
-                raise UnsupportedFeature("compression_type=zstd needs a Python with the compression.zstd module "
-                                         "(3.14+)", field="compression_type")
+            zstd_module()   # refuse now (MissingPackage) rather than at the first compressed write
             h.compression_type = hdr.COMPRESSION_ZSTD
             h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
         if version < 3:
@@ -128,6 +124,7 @@ class Qcow2Driver(Driver):
                                     "extended_l2 is on", field="preallocation")
         elif opts.get("backing_fmt"):
             raise InvalidOption("Backing format cannot be used without backing file", field="backing_fmt")
+        _set_data_file(h, opts)
         cs = cluster_size
         clusters = -(-size // cs)
         h.l1_size = -(-clusters // h.l2_entries)
@@ -141,12 +138,20 @@ class Qcow2Driver(Driver):
         size = -(-size // 512) * 512
         h = self.build_header(size, options)
         prealloc = options.get("preallocation") or "off"
+        policy = Policy(lock=False)
         out = AtomicOutput(path)
         try:
+            if h.data_file:
+                # the operator named the data file: made before the image that names it, and allowed
+                data_path = data_file_path(path, h.data_file)
+                create_data_file(data_path, size, sync)
+                policy = Policy(lock=False, allowed_dirs=(os.path.dirname(os.path.realpath(data_path)),))
+                if h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW and prealloc == "off":
+                    prealloc = "metadata"       # a raw data file needs every cluster mapped (as qemu-img)
             with HostFile(out.tmp_path, writable=True) as host:
                 write_empty_image(host, h)
             if prealloc != "off":
-                image = Qcow2Image(self, out.tmp_path, True, Policy(lock=False))
+                image = Qcow2Image(self, out.tmp_path, True, policy)
                 try:
                     preallocate(image, 0, size, prealloc)
                 finally:
@@ -155,6 +160,44 @@ class Qcow2Driver(Driver):
         except BaseException:
             out.abort()
             raise
+
+
+def _set_data_file(h: hdr.Header, opts: Dict[str, Any]) -> None:
+    """The external data file options (qcow2.txt incompatible bit 2, autoclear bit 1), checked as
+    qemu-img checks them."""
+    if opts.get("data_file_raw") and not opts.get("data_file"):
+        raise InvalidOption("data-file-raw requires data-file", field="data_file_raw")
+    if not opts.get("data_file"):
+        return
+    if h.version < 3:
+        raise InvalidOption("External data files are only supported with compatibility level 1.1 and above (use "
+                            "version=v3 or greater)", field="data_file")
+    if opts.get("data_file_raw") and h.backing_file:
+        raise InvalidOption("Backing file and data-file-raw cannot be used at the same time", field="data_file_raw")
+    h.data_file = str(opts["data_file"])
+    h.incompatible_features |= hdr.INCOMPAT_DATA_FILE
+    if opts.get("data_file_raw"):
+        h.autoclear_features |= hdr.AUTOCLEAR_DATA_FILE_RAW
+
+
+def data_file_path(image_path: str, name: str) -> str:
+    """Where the data file named *name* of the image at *image_path* lies: relative names are
+    relative to the image's directory, as backing files are (qemu-img 7.2 takes them relative to
+    its working directory; the two agree when it runs in the image's directory)."""
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image_path), name)
+
+
+def create_data_file(path: str, size: int, sync: bool) -> None:
+    """A new, empty (sparse) data file of the disk's size at *path*, replacing one that is there
+    (as qemu-img does), written beside it and renamed into place like every new file."""
+    out = AtomicOutput(path)
+    try:
+        with HostFile(out.tmp_path, writable=True, lock=False) as host:
+            host.truncate(size)
+        out.commit(sync)
+    except BaseException:
+        out.abort()
+        raise
 
 
 def write_empty_image(host: HostFile, h: hdr.Header) -> None:
@@ -218,13 +261,16 @@ def preallocate(image: Qcow2Image, offset: int, length: int, mode: str) -> None:
     count = last - first + 1
     # with a backing file, reserved clusters must not hide it: allocated but every subcluster unallocated
     bitmap = (0 if image.backing_filename else 0xFFFFFFFF) if image.ext else 0
-    host = image.refcounts.alloc(count)
+    # data-file clusters sit at their guest offsets, unrefcounted; the data file keeps the disk's size
+    host = image._alloc_data(first, count)
+    target = image._data()
+    end = min(host + count * cs, image.virtual_size) if image.data_file is not None else host + count * cs
     if mode == "falloc":
-        image.host.fallocate(host, count * cs)
+        target.fallocate(host, end - host)
     elif mode == "full":
-        image.host.write_zeroes_full(host, count * cs)
-    if image.host.size() < host + count * cs:
-        image.host.truncate(host + count * cs)
+        target.write_zeroes_full(host, end - host)
+    if target.size() < end:
+        target.truncate(end)
     ci = first
     while ci <= last:
         l1i = ci // image.l2e

@@ -5,12 +5,19 @@ Write ordering follows QEMU's: new clusters are refcounted before data is writte
 into them, data is written before the L2 entry that points to it, a new L2 table
 is complete before the L1 entry that points to it, and references are dropped
 last, so an interruption leaves at most leaked clusters.
+
+External data file (qcow2.txt, incompatible feature bit 2): guest clusters live in a
+second file, each at its guest offset, and are not refcounted; the qcow2 file holds only
+metadata.  Offset 0 is then a valid data offset, so an L2 entry is allocated when it has an
+offset *or* COPIED (QEMU's rule: every data-file cluster has refcount one, so COPIED is set).
+With data_file_raw (autoclear bit 1) the data file is also a valid raw image of the disk:
+zeroing and discarding zero the data file too, so both views always read the same.
 """
 import struct
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy
+from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, ResolvedPath
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
 from ...overlap import MetadataMap, MetadataOverlap
@@ -46,10 +53,18 @@ class Qcow2Image(Image):
         lock = policy.lock and not (policy.force_share and not writable)
         self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
                              checked=policy.checked(path))
+        self.data_file: Optional[ResolvedPath] = None    # the external data file, as the policy resolved it
+        self.data_raw = False                             # data_file_raw: the data file is a raw image too
+        self._data_host: Optional[HostFile] = None        # opened on first use (see _data)
+        # a writer always locks the data file: it is a named file, not the temporary output a caller
+        # may have locked itself (convert and create open their new image with lock=False)
+        self._data_lock = lock or writable
+        self._data_sync = policy.sync
+        self._data_mark = 0                               # OFLAG_COPIED with a data file (see _mapped)
         try:
             self._open(policy)
         except BaseException:
-            self.host.close()
+            self._close_files()
             raise
 
     # -- open -------------------------------------------------------------------------
@@ -75,10 +90,9 @@ class Qcow2Image(Image):
         self.dirty = bool(h.incompatible_features & hdr.INCOMPAT_DIRTY)
         self.corrupt = bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT)
         if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
-            if h.data_file:     # the one path rule first (never opened: open it with checked= the result)
-                policy.resolve(h.data_file, self.path, "data file")
-            raise UnsupportedFeature("images with an external data file are not supported yet", path=self.path,
-                                     field="data_file")
+            self._resolve_data_file(policy)
+        elif h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW:
+            raise FormatError("data-file-raw requires a data file", path=self.path, field="data_file_raw")
         if self.writable and not policy.repair:
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
@@ -92,6 +106,7 @@ class Qcow2Image(Image):
         self.refcounts: Optional[Refcounts] = Refcounts(self) if self.writable else None
         self._set_dirty_on_write = self.writable and bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
         self._snapshots: Optional[List[Snapshot]] = None
+        self._preallocation_guess: Optional[bool] = None
         if self.writable and self.dirty and not policy.repair:
             # not closed cleanly (lazy refcounts, or an interrupted metadata update): repair first, as QEMU
             # does on a read-write open
@@ -104,6 +119,57 @@ class Qcow2Image(Image):
             # unknown autoclear bits must be cleared before the image is modified
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             self.host.pwrite(U64.pack(h.autoclear_features), 88)
+
+    # -- the external data file ---------------------------------------------------------
+    def _resolve_data_file(self, policy: Policy) -> None:
+        """Check the data file the header names against the policy (the one path rule).
+
+        A writer opens it at once, so its locks are held before anything is written; a reader
+        opens it on the first access to guest data, so ``info`` never opens it (as qemu-img
+        since CVE-2024-4467) and shows an image whose data file is missing."""
+        h = self.header
+        if not h.data_file:
+            raise FormatError("'data-file' is required for this image", path=self.path, field="data_file")
+        self.data_file = policy.resolve(h.data_file, self.path, "data file")
+        self.data_raw = bool(h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
+        self._data_mark = hdr.OFLAG_COPIED
+        if self.writable:
+            self._data()
+
+    def _data(self) -> HostFile:
+        """The file guest data clusters live in: the data file (opened through its checked
+        reference: real path, O_NOFOLLOW, descriptor verified) or the image file itself."""
+        if self.data_file is None:
+            return self.host
+        if self._data_host is None:
+            ref = self.data_file
+            if ref.ident is None:
+                raise ImageError("Could not open '%s': No such file or directory" % ref.display, path=self.path,
+                                 field="data file")
+            self._data_host = HostFile(ref.display, writable=self.writable, lock=self._data_lock,
+                                       sync=self._data_sync, checked=ref)
+        return self._data_host
+
+    def open_data_file(self) -> None:
+        """Open the data file now (``check`` fails on a missing one, as qemu-img check does)."""
+        self._data()
+
+    @property
+    def data_path(self) -> str:
+        """The name of the file that holds guest data (``map`` shows it), as qemu-img shows it."""
+        return self.data_file.display if self.data_file is not None else self.path
+
+    def _mapped(self, entry: int) -> bool:
+        """Whether a (non-compressed) L2 entry points to a host cluster: an offset, or with a data
+        file COPIED (offset 0 is the data file's first cluster)."""
+        return bool(entry & hdr.OFFSET_MASK or entry & self._data_mark)
+
+    def _zero_data_file(self, offset: int, length: int) -> None:
+        """Make a guest range read as zeros in a raw data file too (data_file_raw)."""
+        host = self._data()
+        length = min(length, max(0, host.size() - offset))   # past its end it reads zeros already
+        if length > 0 and not host.punch_hole(offset, length):
+            host.write_zeroes_full(offset, length)
 
     # -- header updates ---------------------------------------------------------------
     def write_reftable_pointer(self) -> None:
@@ -203,15 +269,16 @@ class Qcow2Image(Image):
         if off and off % cs:
             raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
                                % (off, l2_off, idx), path=self.path, field="L2 table")
+        mapped = self._mapped(entry)
         if not self.ext:
             if entry & hdr.OFLAG_ZERO:
                 return [(cstart, cs, K_ZERO, off or None, entry)]
-            if off:
+            if mapped:
                 return [(cstart, cs, K_DATA, off, entry)]
             return [(cstart, cs, K_UNALLOC, None, entry)]
         alloc = bitmap & ALL_ALLOC
         zero = bitmap >> 32
-        if alloc & zero or (alloc and not off):
+        if alloc & zero or (alloc and not mapped):
             raise CorruptImage("Invalid cluster entry found (L2 offset: 0x%x, L2 index: 0x%x)" % (l2_off, idx),
                                path=self.path, field="L2 table")
         if alloc == ALL_ALLOC:
@@ -225,7 +292,7 @@ class Qcow2Image(Image):
         for i in range(hdr.SUBCLUSTERS):
             bit = 1 << i
             kind = K_DATA if alloc & bit else K_ZERO if zero & bit else K_UNALLOC
-            host = off + i * sc if off else None   # QEMU reports the offset of allocated clusters' subclusters
+            host = off + i * sc if mapped else None   # QEMU reports the offset of allocated clusters' subclusters
             if runs and runs[-1][2] == kind:
                 s, n, k, h0, e = runs[-1]
                 runs[-1] = (s, n + sc, k, h0, e)
@@ -254,8 +321,8 @@ class Qcow2Image(Image):
             if off % cs:
                 raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
                                    % (off, l2_off, base + i), path=self.path, field="L2 table")
-            kind = K_ZERO if e & hdr.OFLAG_ZERO else K_DATA if off else K_UNALLOC
-            host = off or None
+            kind = K_ZERO if e & hdr.OFLAG_ZERO else K_DATA if off or e & self._data_mark else K_UNALLOC
+            host = off if kind == K_DATA else off or None
             if cur and cur[2] == kind and (cur[3] is None if host is None else
                                            cur[3] is not None and cur[3] + cur[1] == host):
                 cur[1] += cs
@@ -320,6 +387,9 @@ class Qcow2Image(Image):
     def _compressed_cluster(self, entry: int) -> bytes:
         if self._compressed_cache[0] == entry:
             return self._compressed_cache[1]
+        if self.data_file is not None:
+            raise CorruptImage("compressed cluster in an image with an external data file (the feature forbids "
+                               "them)", path=self.path, field="L2 table")
         coff, clen = self._compressed_location(entry)
         if coff >= hdr.MAX_HOST_OFFSET or coff + clen > self.host.size() + 512:
             raise CorruptImage("compressed cluster at host offset 0x%x is beyond the end of the file" % coff,
@@ -335,7 +405,7 @@ class Qcow2Image(Image):
         for g, n, kind, host, entry in self._segments(offset, length):
             o = g - offset
             if kind == K_DATA:
-                out[o:o + n] = self.host.pread(n, host)
+                out[o:o + n] = self._data().pread(n, host)
             elif kind == K_UNALLOC:
                 if self.backing is not None:
                     out[o:o + n] = self.read_backing(g, n)
@@ -351,7 +421,7 @@ class Qcow2Image(Image):
         for g, n, kind, host, entry in self._segments(offset, length):
             o = g - offset
             if kind == K_DATA:
-                self.host.pread_into(view[o:o + n], host)
+                self._data().pread_into(view[o:o + n], host)
             elif kind == K_UNALLOC and self.backing is not None:
                 view[o:o + n] = self.read_backing(g, n)
             elif kind == K_COMPRESSED:
@@ -365,10 +435,14 @@ class Qcow2Image(Image):
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end <= offset:
             return
+        self._data()        # as qemu-img map: a missing data file is an error even where nothing is mapped
+        look_into_data_file = self.data_file is None or self._metadata_preallocated()
         for g, n, kind, host, _entry in self._segments(offset, end - offset):
-            if kind == K_DATA:
+            if kind == K_DATA and not look_into_data_file:
+                yield Extent(g, n, DATA, host)
+            elif kind == K_DATA:
                 # a data cluster over a hole of the host file reads as zeros (QEMU reports zero:true)
-                for hs, hn, is_data in self.host.data_extents(host, n):
+                for hs, hn, is_data in self._data().data_extents(host, n):
                     yield Extent(g + hs - host, hn, DATA, hs, False, not is_data)
             elif kind == K_ZERO:
                 yield Extent(g, n, ZERO, host)
@@ -376,6 +450,24 @@ class Qcow2Image(Image):
                 yield Extent(g, n, UNALLOCATED, host)
             else:
                 yield Extent(g, n, DATA, None, True)
+
+    def _metadata_preallocated(self) -> bool:
+        """QEMU's guess whether the image was preallocated (qcow2_detect_metadata_preallocation):
+        the refcounts count at least max(10/9 of, 2 more than) the clusters the qcow2 file has
+        allocated on the host.  Only then does its block status look into the data file for holes,
+        so only then does ``map`` report them as zeros; vdisk makes the same guess, so the maps agree."""
+        if self._preallocation_guess is None:
+            cs = self.cs
+            real = self.host.allocated_bytes() // cs
+            threshold = max(real * 10 // 9, real + 2)
+            counts = self.refcounts if self.refcounts is not None else Refcounts(self)
+            used = 0
+            for cluster in range(-(-self.host.size() // cs)):
+                used += bool(counts.get(cluster))
+                if used >= threshold:
+                    break
+            self._preallocation_guess = used >= threshold
+        return self._preallocation_guess
 
     # -- writing ----------------------------------------------------------------------
     def _prepare_write(self, offset: int, length: int) -> None:
@@ -417,6 +509,8 @@ class Qcow2Image(Image):
 
     def _release(self, kind: str, host: Optional[int], entry: int) -> None:
         """Drop this layer's reference to the host cluster behind an entry being replaced."""
+        if self.data_file is not None:
+            return      # data-file clusters are not refcounted
         if kind == K_COMPRESSED:
             coff, clen = self._compressed_location(entry)
             self.refcounts.free(coff, clen)
@@ -452,7 +546,7 @@ class Qcow2Image(Image):
             entry, bitmap = self._entry(table, ci % l2e)
             off = entry & hdr.OFFSET_MASK
             in_place = None
-            if off and entry & hdr.OFLAG_COPIED and not entry & hdr.OFLAG_COMPRESSED:
+            if self._mapped(entry) and entry & hdr.OFLAG_COPIED and not entry & hdr.OFLAG_COMPRESSED:
                 if off % cs:
                     raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
                                        % (off, l2_off, ci % l2e), path=self.path, field="L2 table")
@@ -473,7 +567,7 @@ class Qcow2Image(Image):
             while j < len(plan) and plan[j][1] is None:
                 j += 1
             count = j - i
-            host = self.refcounts.alloc(count)
+            host = self._alloc_data(plan[i][0], count)
             segments = []          # (host offset, buffer): whole clusters are written from *data* itself
             run = None             # (host offset, data start, data end) of consecutive whole clusters
             for k in range(i, j):
@@ -494,15 +588,16 @@ class Qcow2Image(Image):
                 new_bitmap = 0
                 if self.ext:
                     new_bitmap = self._bitmap_after_cow(entry_k, bitmap_k, a - cstart, b - cstart)
-                if entry_k & (hdr.OFFSET_MASK | hdr.OFLAG_COMPRESSED):
+                if entry_k & (hdr.OFFSET_MASK | hdr.OFLAG_COMPRESSED) and self.data_file is None:
                     old_runs = self._cluster_runs(table, ci_k % l2e, cstart, l2_off)
                     releases.append(old_runs[0] if old_runs[0][2] == K_COMPRESSED else
                                     (cstart, cs, K_DATA, entry_k & hdr.OFFSET_MASK or None, entry_k))
                 plan[k] = (ci_k, new_host, (new_host | hdr.OFLAG_COPIED), new_bitmap)
             if run:
                 segments.append((run[0], data[run[1]:run[2]]))
+            target = self._data()
             for seg_host, seg in segments:
-                self.host.pwrite(seg, seg_host)
+                target.pwrite(seg, seg_host)
             for k in range(i, j):
                 ci_k, new_host, new_entry, new_bitmap = plan[k]
                 self._set_entry(table, ci_k % l2e, new_entry, new_bitmap)
@@ -511,6 +606,14 @@ class Qcow2Image(Image):
         for _s, _n, kind, host, entry in releases:
             if kind == K_COMPRESSED or host:
                 self._release(kind, host, entry)
+
+    def _alloc_data(self, first_cluster: int, count: int) -> int:
+        """Host offset for *count* new guest clusters from *first_cluster* on: in a data file each
+        sits at its guest offset, unrefcounted (QEMU's do_alloc_cluster_offset); otherwise the
+        refcount allocator hands out a contiguous run of the image file."""
+        if self.data_file is not None:
+            return first_cluster << self.cb
+        return self.refcounts.alloc(count)
 
     def _bitmap_after_cow(self, entry: int, bitmap: int, a: int, b: int) -> int:
         """Subcluster bitmap of a newly allocated cluster: the written and previously-data subclusters
@@ -521,13 +624,14 @@ class Qcow2Image(Image):
         touched = 0
         for s in range(a // sc, (b - 1) // sc + 1):
             touched |= 1 << s
-        alloc = bitmap & ALL_ALLOC if entry & hdr.OFFSET_MASK else 0
+        alloc = bitmap & ALL_ALLOC if self._mapped(entry) else 0
         zero = (bitmap >> 32) & ~touched
         return ((alloc | touched) & ALL_ALLOC) | (zero << 32)
 
     def _write_cluster_in_place(self, table, ci, host, entry, bitmap, offset, end, data) -> None:
         cs, cb, l2e = self.cs, self.cb, self.l2e
         cstart = ci << cb
+        target = self._data()
         a = max(offset, cstart)
         b = min(end, cstart + cs)
         if not self.ext:
@@ -535,10 +639,10 @@ class Qcow2Image(Image):
                 # a preallocated zero cluster: the rest of it must become real zeros
                 content = bytearray(cs)
                 content[a - cstart:b - cstart] = data[a - offset:b - offset]
-                self.host.pwrite(content, host)
+                target.pwrite(content, host)
                 self._set_entry(table, ci % l2e, host | hdr.OFLAG_COPIED)
             else:
-                self.host.pwrite(data[a - offset:b - offset], host + a - cstart)
+                target.pwrite(data[a - offset:b - offset], host + a - cstart)
             return
         sc = self.sc
         alloc = bitmap & ALL_ALLOC
@@ -548,14 +652,14 @@ class Qcow2Image(Image):
             s0 = cstart + s * sc
             sa, sb = max(a, s0), min(b, s0 + sc)
             if alloc & bit:
-                self.host.pwrite(data[sa - offset:sb - offset], host + sa - cstart)
+                target.pwrite(data[sa - offset:sb - offset], host + sa - cstart)
                 continue
             if sa == s0 and sb == s0 + sc:
                 content = bytearray(data[sa - offset:sb - offset])
             else:
                 content = bytearray(sc) if zero & bit else bytearray(self._read_sub_old(s0, sc))
                 content[sa - s0:sb - s0] = data[sa - offset:sb - offset]
-            self.host.pwrite(content, host + s * sc)
+            target.pwrite(content, host + s * sc)
             alloc |= bit
             zero &= ~bit
         self._set_entry(table, ci % l2e, entry, (alloc & ALL_ALLOC) | (zero << 32))
@@ -576,6 +680,10 @@ class Qcow2Image(Image):
         return compressed_write.compress_for_cluster(data, self.cs, self.header.compression_type)
 
     def write_compressed(self, offset: int, blocks) -> None:
+        if self.data_file is not None:
+            # qcow2.txt: an image with an external data file has no compressed clusters (qemu-img: ENOTSUP)
+            raise UnsupportedFeature("Operation not supported: compressed clusters are not allowed with an "
+                                     "external data file", path=self.path, field="data_file")
         compressed_write.write_compressed(self, offset, blocks)
 
     # -- zeroing and discarding -------------------------------------------------------
@@ -592,6 +700,8 @@ class Qcow2Image(Image):
             return
         if offset < a:
             self.write(offset, bytes(a - offset))
+        if self.data_raw:
+            self._zero_data_file(a, b - a)       # first, as QEMU: the raw view reads zeros there too
         if self.header.version < 3:
             self._zero_v2(a, b - a, unmap)
         else:
@@ -632,6 +742,8 @@ class Qcow2Image(Image):
         if end != self.virtual_size:
             end = end // self.cs * self.cs
         if start < end:
+            if self.data_raw:
+                self._zero_data_file(start, end - start)
             self._change_entries(start, end - start, "discard", True)
 
     def _change_entries(self, offset: int, length: int, op: str, unmap: bool) -> None:
@@ -675,7 +787,7 @@ class Qcow2Image(Image):
                         mask |= 1 << s
                     alloc = bitmap & ALL_ALLOC & ~mask
                     zero = (bitmap >> 32) | mask
-                    if op == "discard" and not self._has_backing and not off:
+                    if op == "discard" and not self._has_backing and not self._mapped(entry):
                         zero = bitmap >> 32   # nothing there to discard
                     self._set_entry(table, idx, entry, alloc | ((zero & ALL_ALLOC) << 32))
                     continue
@@ -692,14 +804,14 @@ class Qcow2Image(Image):
 
     def _new_entry(self, op, unmap, entry, bitmap, off, compressed, copied):
         """New (entry, bitmap, release) of a whole cluster for zero/discard."""
-        allocated = compressed or bool(off)
+        allocated = compressed or self._mapped(entry)
         release = None
         if compressed:
             release = (K_COMPRESSED, None, entry)
         elif off and (unmap or not copied or op != "zero"):
             release = (K_DATA, off, entry)
         if op == "zero":
-            keep = off and copied and not unmap and not compressed
+            keep = allocated and copied and not unmap and not compressed
             if self.ext:
                 return (off | hdr.OFLAG_COPIED if keep else 0), ALL_ZERO, release
             return ((off | hdr.OFLAG_COPIED | hdr.OFLAG_ZERO) if keep else hdr.OFLAG_ZERO), 0, release
@@ -741,6 +853,9 @@ class Qcow2Image(Image):
             if bitmaps:
                 data["bitmaps"] = bitmaps
         data["refcount-bits"] = h.refcount_bits
+        if h.data_file:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = bool(h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
         if h.version >= 3:
             data["corrupt"] = self.corrupt
             data["extended-l2"] = self.ext
@@ -752,16 +867,23 @@ class Qcow2Image(Image):
         return out
 
     # -- snapshots --------------------------------------------------------------------
-    def create_snapshot(self, name: str) -> None:
+    def _check_snapshots_possible(self, name: str) -> None:
         self._check_writable()
+        if self.data_file is not None:
+            # qcow2.txt: no internal snapshots with an external data file (qemu-img: ENOTSUP)
+            raise UnsupportedFeature("snapshot '%s': internal snapshots are not supported with an external data "
+                                     "file (Operation not supported)" % name, path=self.path, field="snapshot")
+
+    def create_snapshot(self, name: str) -> None:
+        self._check_snapshots_possible(name)
         snapshots.create_snapshot(self, name)
 
     def apply_snapshot(self, name: str) -> None:
-        self._check_writable()
+        self._check_snapshots_possible(name)
         snapshots.apply_snapshot(self, name)
 
     def delete_snapshot(self, name: str) -> None:
-        self._check_writable()
+        self._check_snapshots_possible(name)
         snapshots.delete_snapshot(self, name)
 
     def select_snapshot(self, ident: Optional[str] = None, name: Optional[str] = None) -> None:
@@ -832,6 +954,8 @@ class Qcow2Image(Image):
             raise ImageError("The image size is too large for file format 'qcow2'", path=self.path, field="size")
         if size > old:
             self.grow_l1(entries)
+            if self.data_file is not None:
+                self._data().truncate(size)     # the data file follows the disk's size, as in QEMU
             self.set_size_field(size)
             # what lies between the old end and the end of its cluster, or what a longer backing file
             # holds past the old end, must read as zeros now
@@ -840,6 +964,8 @@ class Qcow2Image(Image):
             zero_end = max(tail, backing_end)
             if zero_end > old:
                 self.write_zeroes(old, zero_end - old)
+            if self.data_raw and preallocation == "off":
+                preallocation = "metadata"      # a raw data file maps every cluster, the new ones too
             if preallocation != "off":
                 from .driver import preallocate
                 preallocate(self, old, size - old, preallocation)
@@ -852,13 +978,18 @@ class Qcow2Image(Image):
             if first < old:
                 self._change_entries(first, old - first, "full-discard", True)
             self.set_size_field(size)
-        self.host.flush()
+            if self.data_file is not None:
+                self._data().truncate(size)
+        self.flush()
 
     # -- backing file and options -----------------------------------------------------
     def set_backing(self, path: Optional[str], fmt: Optional[str]) -> None:
         """Rewrite the header with a new backing file name and format (nothing else changes)."""
         self._check_writable()
         h = self.header
+        if path and self.data_raw:
+            raise ImageError("Backing file and data-file-raw cannot be used at the same time", path=self.path,
+                             field="backing_file")
         h.backing_file = path or None
         h.backing_format = (fmt or None) if path else None
         self.write_header()
@@ -877,6 +1008,7 @@ class Qcow2Image(Image):
         self.host.flush()
 
     def check(self, repair: Optional[str] = None):
+        self.open_data_file()       # qemu-img check opens it too: a missing data file is an error
         if repair:
             self._check_writable()
         result = check_image(self, repair)
@@ -896,14 +1028,21 @@ class Qcow2Image(Image):
 
     def flush(self) -> None:
         if self.writable:
+            if self._data_host is not None:
+                self._data_host.flush()         # guest data before the metadata that points to it
             self.host.flush()
+
+    def _close_files(self) -> None:
+        if self._data_host is not None:
+            self._data_host.close()
+        self.host.close()
 
     def close(self) -> None:
         if self.host.fd < 0:
             return
         try:
             if self.writable:
-                self.host.flush()
+                self.flush()
                 if self.dirty and self._set_dirty_on_write:
                     # refcounts are always kept up to date here, so a clean close may clear the bit
                     self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
@@ -911,4 +1050,4 @@ class Qcow2Image(Image):
                     self.host.flush()
                     self.dirty = False
         finally:
-            self.host.close()
+            self._close_files()
