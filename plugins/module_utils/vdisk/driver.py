@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
+from .io import NamedDevice, named_device
 from .units import parse_bool, parse_int, parse_size
 
 # extent kinds
@@ -132,8 +133,22 @@ class Policy:
     repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
     check: bool = False         # opening for check: damage check reports is not refused at open
     sync: bool = True           # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
-    # the named file a driver is opening (set by ops.chain for the driver's open): see checked()
-    opening: Optional[ResolvedPath] = None
+    # the image the caller names may be a block device: set by the CLI only, whose arguments the user
+    # typed (named_device); never extends to the files an image names
+    block_devices: bool = False
+    # the file a driver is opening (set by ops.chain for the driver's open): see checked()
+    opening: Optional[Any] = None       # a ResolvedPath, or the NamedDevice of the user's own image
+
+    def named_device(self, path: str) -> Optional[NamedDevice]:
+        """The one rule for block devices: the grant to open *path* as a block device, or None.
+
+        Only the image a command was asked to open (``ops.chain.open_image``, and ``convert``'s
+        destination) can get one, and only when the caller is the command line (``block_devices``):
+        the user named that device, as they name it to qemu-img.  A file an image names (backing
+        file, data file, VMDK extent) is resolved by :meth:`resolve`, which refuses every device;
+        ``io.HostFile`` opens a device only with this grant, and ``io.DestinationLock`` never
+        replaces or deletes one."""
+        return named_device(path) if self.block_devices else None
 
     def with_root(self, image_path: str) -> "Policy":
         """The policy for a chain opened at *image_path*: its directory tree becomes allowed."""
@@ -182,9 +197,10 @@ class Policy:
         """The real path :meth:`resolve` checks (and the only one to open) for *name*, or an error."""
         return self.resolve(name, image_path, what).real
 
-    def checked(self, path: str) -> Optional[ResolvedPath]:
+    def checked(self, path: str) -> Optional[Any]:
         """What a driver passes as ``HostFile(path, checked=...)`` for the file it opens at *path*:
-        the resolved reference when ops.chain is opening a file an image named, else None (a file
+        the resolved reference when ops.chain is opening a file an image named, the
+        :meth:`named_device` grant when it is opening the user's block device, else None (a file
         the user named is opened as named)."""
         ref = self.opening
         if ref is not None and path != ref.display:

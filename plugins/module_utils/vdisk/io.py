@@ -8,6 +8,10 @@ lock on ``200 + i``; a permission it refuses to share conflicts with anyone's
 lock on ``100 + i``.  The locks are taken first and checked second, as QEMU does (``take_locks``).
 A file about to be replaced or deleted is held under a writer's locks until that is done
 (``DestinationLock``, used by ``AtomicOutput`` and ``remove_file``).
+
+A block device is opened only with a :class:`NamedDevice` grant (``HostFile(checked=grant)``), which
+``driver.Policy.named_device`` makes for the image the user named on the command line; it is written
+in place, never created, truncated, replaced or deleted.
 """
 import errno
 import fcntl
@@ -16,9 +20,10 @@ import os
 import stat
 import struct
 import sys
+from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
-from .errors import HostIOError, ImageError, ImageInUse
+from .errors import HostIOError, ImageError, ImageInUse, PolicyError, UnsupportedFeature
 
 # QEMU's BlockPermission bits, in lock-byte order
 PERM_CONSISTENT_READ = 0
@@ -56,6 +61,70 @@ def _fallocate_fn():
 def _io_error(path: str, what: str, exc: OSError) -> HostIOError:
     # a temporary output is reported under its destination's name: the user never named the hidden file
     return HostIOError("%s failed: %s" % (what, exc.strerror or exc), path=destination_of(path))
+
+
+# -- block devices the user named ---------------------------------------------------------
+# <linux/fs.h>: the device's size in bytes (fstat says 0); make a byte range read as zeros (the device's
+# write-zeroes command where it has one, else the kernel writes zeros; the range leaves the page cache)
+BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F
+# BLKZEROOUT takes whole logical blocks: the range is cut to this alignment (a multiple of every logical
+# block size in use) and the ends are written as zero bytes; at most ZEROOUT_PIECE per call, so an
+# interrupt is handled between calls
+ZEROOUT_ALIGN = 4096
+ZEROOUT_PIECE = 256 * 1024 * 1024
+NOT_NAMED_DEVICE = "is a block device; vdisk opens a block device only as the image named on its command line"
+
+
+@dataclass(frozen=True)
+class NamedDevice:
+    """Permission to open one block device: the image the user named on the command line.
+
+    ``HostFile`` opens a block device only when given one of these as *checked*, and only
+    ``driver.Policy.named_device`` makes one (for the command's own image argument, never for a
+    file an image names).  As for ``driver.ResolvedPath``, the path checked is the path opened:
+    ``real`` (``/dev/vg/lv`` is a symlink to ``/dev/dm-N``), without following a symlink, and the
+    descriptor must be the same device node (``verify_fd``).
+    """
+    display: str                    # the path as the user gave it (messages)
+    real: str                       # the device node it resolves to: the path opened
+    ident: Tuple[int, int]          # (st_dev, st_ino) of the node
+    rdev: int                       # the device number
+    what = "block device"
+
+    @property
+    def image(self) -> str:         # what ``Policy.checked`` names in a refusal, as for ResolvedPath
+        return self.display
+
+    def verify_fd(self, fd: int) -> None:
+        """Refuse a descriptor that is not the device node that was checked."""
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or (st.st_dev, st.st_ino) != self.ident or st.st_rdev != self.rdev:
+            raise self.refused("changed between the check and the open")
+
+    def refused(self, why: str) -> PolicyError:
+        return PolicyError("block device %s; refused" % why, path=self.display)
+
+
+def named_device(path: str) -> Optional[NamedDevice]:
+    """The grant for *path* when it is a block device (or a symlink to one), else None.  Only
+    ``driver.Policy.named_device`` calls this: it decides whether the caller may have it."""
+    real = os.path.realpath(path)
+    try:
+        st = os.lstat(real)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return NamedDevice(path, real, (st.st_dev, st.st_ino), st.st_rdev)
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of the block device open as *fd*: ``BLKGETSIZE64``, else the offset of its end."""
+    try:
+        return struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
 
 
 # -- image locks ----------------------------------------------------------------------------
@@ -129,7 +198,10 @@ class HostFile:
                  allow_nonregular: bool = False, sync: bool = True, checked=None):
         """*checked*: for a file an image names, the ``driver.ResolvedPath`` the policy checked
         (``Policy.checked``): its real path is opened instead of *path* (kept for messages), without
-        following a symlink in its last component, and the descriptor is verified (``verify_fd``)."""
+        following a symlink in its last component, and the descriptor is verified (``verify_fd``).
+        A :class:`NamedDevice` there is the only way to open a block device (the image the user
+        named); opened for writing, it is opened ``O_EXCL``, so a device the kernel holds (mounted,
+        a device-mapper, RAID or swap member) is refused, and a mount is refused while vdisk writes."""
         self.path = path
         self.writable = writable
         self.sync = sync        # False: flush() leaves writeback to the kernel (qemu's cache=unsafe)
@@ -140,19 +212,27 @@ class HostFile:
             flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         if checked is not None:
             flags |= os.O_NOFOLLOW
+        device = isinstance(checked, NamedDevice)
+        if device and writable:
+            flags |= os.O_EXCL      # on a block device (no O_CREAT): exclusive, EBUSY while the kernel holds it
         try:
             self.fd = os.open(path if checked is None else checked.real, flags, 0o644)
         except OSError as exc:
             if checked is not None and exc.errno == errno.ELOOP:
                 raise checked.refused("became a symbolic link between the check and the open") from None
+            if device and exc.errno == errno.EBUSY:
+                raise ImageInUse("block device is in use by the kernel (mounted, or part of a device-mapper, "
+                                 "RAID or swap device); refusing to write to it", path=path) from None
             raise HostIOError("could not open: %s" % (exc.strerror or exc), path=path) from None
         try:
             if checked is not None:
                 checked.verify_fd(self.fd)
             mode = os.fstat(self.fd).st_mode
-            if not allow_nonregular and not stat.S_ISREG(mode):
-                raise ImageError("not a regular file", path=path)
             self.is_block_device = stat.S_ISBLK(mode)
+            if self.is_block_device and not device and not allow_nonregular:
+                raise PolicyError(NOT_NAMED_DEVICE, path=path)
+            if not (stat.S_ISREG(mode) or self.is_block_device or allow_nonregular):
+                raise ImageError("not a regular file", path=path)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if lock:
                 self._lock()
@@ -173,7 +253,7 @@ class HostFile:
     # -- I/O --------------------------------------------------------------------------
     def size(self) -> int:
         if self.is_block_device:
-            return os.lseek(self.fd, 0, os.SEEK_END)
+            return device_size(self.fd)     # fstat gives 0 for a device
         return os.fstat(self.fd).st_size
 
     def allocated_bytes(self) -> int:
@@ -247,7 +327,13 @@ class HostFile:
         except OSError as exc:
             raise _io_error(self.path, "write at offset %d" % offset, exc) from None
 
+    def _not_resized(self) -> None:
+        """A block device keeps its size: never truncated or extended (qemu-img's message)."""
+        if self.is_block_device:
+            raise UnsupportedFeature("Cannot resize device files", path=self.path)
+
     def truncate(self, size: int) -> None:
+        self._not_resized()
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
@@ -257,6 +343,7 @@ class HostFile:
         """Reserve host space (preallocation=falloc); extends the file as needed."""
         if length <= 0:
             return
+        self._not_resized()     # glibc's emulation would write a byte into every block of a device
         try:
             os.posix_fallocate(self.fd, offset, length)
         except OSError as exc:
@@ -284,6 +371,30 @@ class HostFile:
             n = min(len(zeros), end - offset)
             self.pwrite(zeros[:n] if n < len(zeros) else zeros, offset)
             offset += n
+
+    def zero_device_range(self, offset: int, length: int) -> bool:
+        """Make a range of a block device read as zeros through the kernel (``BLKZEROOUT``), the
+        unaligned ends written as zero bytes.  False (nothing written) for a regular file, a range
+        too short to hold an aligned block, or where the kernel refuses: the caller writes zeros."""
+        start = -(-offset // ZEROOUT_ALIGN) * ZEROOUT_ALIGN
+        end = (offset + length) // ZEROOUT_ALIGN * ZEROOUT_ALIGN
+        if not self.is_block_device or end <= start:
+            return False
+        pos = start
+        try:
+            while pos < end:
+                n = min(ZEROOUT_PIECE, end - pos)
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", pos, n))
+                pos += n
+        except OSError:
+            if pos == start:
+                return False
+            self.write_zeroes_full(pos, end - pos)      # the kernel stopped part way: the rest by hand
+        if start > offset:
+            self.pwrite(bytes(start - offset), offset)
+        if offset + length > end:
+            self.pwrite(bytes(offset + length - end), end)
+        return True
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range, keeping the file size; returns False where the host cannot."""
@@ -367,9 +478,18 @@ class DestinationLock:
 
     def __init__(self, path: str, verb: str = "replace"):
         self.path = path
+        self.verb = verb
         self.refusal = "exists and is not a regular file; refusing to %s it" % verb
         self.fd = -1
         self.ident = None       # (st_dev, st_ino) of the file locked
+
+    def _refused(self) -> ImageError:
+        """What is at the path is not a regular file: never replaced or deleted.  A block device says so
+        (vdisk writes one only in place: ``convert`` onto the device the user named)."""
+        if named_device(self.path) is not None:
+            return ImageError("exists and is a block device, not a regular file; refusing to %s it" % self.verb,
+                              path=self.path)
+        return ImageError(self.refusal, path=self.path)
 
     def ensure(self) -> None:
         """Hold the lock of the file now at the path (none when there is none): locks it, or locks it
@@ -382,7 +502,7 @@ class DestinationLock:
                 return
             if not stat.S_ISREG(st.st_mode):
                 self.release()
-                raise ImageError(self.refusal, path=self.path)
+                raise self._refused()
             if self.fd >= 0 and (st.st_dev, st.st_ino) == self.ident:
                 return
             self._acquire()
@@ -397,13 +517,13 @@ class DestinationLock:
             return
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise ImageError(self.refusal, path=self.path) from None
+                raise self._refused() from None
             raise HostIOError("could not open it to check that no other process uses it: %s"
                               % (exc.strerror or exc), path=self.path) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ImageError(self.refusal, path=self.path)
+                raise self._refused()
             take_locks(fd, _WRITER_LOCKS[0], _WRITER_LOCKS[1], self.path)
         except BaseException:
             os.close(fd)

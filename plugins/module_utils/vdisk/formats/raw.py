@@ -1,8 +1,12 @@
-"""raw: the guest disk byte for byte in a host file; holes are zeros."""
+"""raw: the guest disk byte for byte in a host file; holes are zeros.
+
+The host file may also be the block device the user named (``Policy.named_device``): it is read
+and written in place and keeps its size, as QEMU's host_device driver keeps it.
+"""
 from typing import Any, Dict, Iterator, Optional
 
 from ..driver import DATA, ZERO, Driver, Extent, Image, MeasureSource, OptionSpec, Policy
-from ..errors import ImageError, InvalidOption
+from ..errors import ImageError, InvalidOption, UnsupportedFeature
 from ..io import AtomicOutput, HostFile
 
 PREALLOCATION_MODES = ("off", "falloc", "full")
@@ -55,6 +59,8 @@ class RawImage(Image):
         self._check_writable()
         if unmap and self.host.punch_hole(offset, length):
             return
+        if self.host.zero_device_range(offset, length):     # a block device: zeroed by the kernel
+            return
         super().write_zeroes(offset, length, unmap)
 
     def discard(self, offset: int, length: int) -> None:
@@ -76,6 +82,10 @@ class RawImage(Image):
         old = self.virtual_size
         if size < old and not shrink:
             raise ImageError("Use the --shrink option to perform a shrink operation", path=self.path)
+        if self.host.is_block_device:
+            if size != old:     # qemu-img: "Image resized." to the device's own size, this otherwise
+                raise UnsupportedFeature("Cannot resize device files", path=self.path)
+            return
         if size > old:
             preallocate(self.host, old, size - old, preallocation)
         else:

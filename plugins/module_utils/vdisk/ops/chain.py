@@ -3,23 +3,36 @@
 The format is probed only when the caller gave none; a probed raw file is never
 allowed to become a format that names other files, and backing files are opened
 read-only, inside the allowed directories, with loop detection and a depth cap.
+The image the command line names may be a block device (``Policy.named_device``); the
+files an image names never are.
 """
 import dataclasses
 import os
 from typing import List, Optional
 
 from ..driver import Image, Policy, ResolvedPath
-from ..errors import FormatError, ImageError, PolicyError
+from ..io import NamedDevice
+from ..errors import FormatError, ImageError, PolicyError, UnsupportedFeature
 from ..registry import get_driver, probe_file, probe_header, probe_scores
 
 
 def open_image(path: str, fmt: Optional[str] = None, writable: bool = False,
-               policy: Optional[Policy] = None, backing: bool = True) -> Image:
-    """Open *path* (format *fmt*, probed when None) and, if *backing*, its whole backing chain."""
-    policy = (policy or Policy()).with_root(path)
+               policy: Optional[Policy] = None, backing: bool = True, replacing: bool = False) -> Image:
+    """Open *path* (format *fmt*, probed when None) and, if *backing*, its whole backing chain.
+
+    *path* may be a block device where the policy grants it (``Policy.named_device``: the user
+    named it on the command line).  A device is written only as raw, and its directory (``/dev``)
+    is no image tree: the files it names come from the allowed directories alone (and are never
+    devices).  *replacing*: the caller is about to overwrite all of it (convert onto a device
+    without -n, qemu-img's "create" of a host device), so the format of its old content is not
+    held against *fmt*."""
+    policy = policy or Policy()
     if not os.path.exists(path):
         raise ImageError("Could not open '%s': No such file or directory" % path, path=path)
-    image = _open_one(path, fmt, writable, policy)
+    device = policy.named_device(path)
+    if device is None:
+        policy = policy.with_root(path)
+    image = _open_one(path, fmt, writable, policy, device, replacing)
     if backing and policy.follow_backing:
         try:
             attach_backing_chain(image, policy)
@@ -29,13 +42,21 @@ def open_image(path: str, fmt: Optional[str] = None, writable: bool = False,
     return image
 
 
-def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy) -> Image:
+def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy, device: Optional[NamedDevice] = None,
+              replacing: bool = False) -> Image:
+    """Open the one image *path*; *device* is its grant when it is the user's block device."""
     if fmt is None:
         if not policy.probe:
             raise FormatError("the image format must be given (probing is disabled)", path=path, field="format")
-        fmt = probe_file(path)
-    elif writable:
-        check_declared_format(path, fmt)
+        fmt = probe_file(path, checked=device)
+    elif writable and not replacing:
+        check_declared_format(path, fmt, checked=device)
+    if device is not None:
+        if writable and fmt != "raw":
+            # the format drivers grow their files as they allocate; a device has a fixed size
+            raise UnsupportedFeature("image format %s cannot be written on a block device; vdisk writes only "
+                                     "raw data onto a block device" % fmt, path=path, field="format")
+        policy = dataclasses.replace(policy, opening=device)    # the drivers' HostFile(checked=) gets the grant
     return get_driver(fmt).open(path, writable=writable, policy=policy)
 
 
@@ -44,14 +65,15 @@ def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy) -> 
 RAW_VIEWS = ("iso",)
 
 
-def check_declared_format(path: str, fmt: str) -> None:
+def check_declared_format(path: str, fmt: str, checked: Optional[NamedDevice] = None) -> None:
     """Refuse to write to *path* as *fmt* when its content says it is something else.
 
     A guest can write a qcow2 header into its raw disk; a later write through a tool that
     trusts the content would follow the backing file that header names, and a write through a
     tool that trusts the declaration would corrupt a real image opened with the wrong ``-f``.
-    Either way the mismatch is an error for every command that writes (REFERENCE "B")."""
-    detected = [name for dummy, name in probe_scores(probe_header(path), path)
+    Either way the mismatch is an error for every command that writes (REFERENCE "B").
+    *checked*: the grant of the user's block device, read through it."""
+    detected = [name for dummy, name in probe_scores(probe_header(path, checked), path)
                 if name != "raw" and not (fmt == "raw" and name in RAW_VIEWS)]
     if not detected or detected == [fmt]:
         return

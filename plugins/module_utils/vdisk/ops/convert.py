@@ -8,6 +8,11 @@ beside its final path and renamed into place when complete (unless ``-n``).
 Two paths share that walk: a plain copy of runs, and a unit path (``-c`` and ``-B``)
 that looks at every target cluster: ``-c`` compresses units in worker threads and
 writes them in order; ``-B`` writes only the units that differ from the new backing file.
+
+A destination that is the block device the user named (``Policy.named_device``) is written in
+place, every byte (a device is never known to read as zeros): with ``-n`` as any existing
+target, without it as qemu-img "creates" a host device: it must hold the source, and only raw
+is written onto it.
 """
 import os
 from collections import deque
@@ -105,6 +110,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
                             path=dest, field="-B")
     if not existing and "create" not in driver.capabilities:
         raise UnsupportedFeature("Format driver '%s' does not support image creation" % out_fmt, path=dest)
+    onto_device = not existing and (policy or Policy()).named_device(dest) is not None
+    if onto_device:
+        _check_device_create(dest, out_fmt, driver.parse_options(options))
     images: List[Image] = []
     new_backing: Optional[Image] = None
     try:
@@ -117,12 +125,14 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
                 img.select_snapshot(*parse_snapshot_param(snapshot))
         source = _Concat(images)
         size = source.virtual_size
-        if existing:
+        if existing or onto_device:
+            # written in place (the locks a VM holds refuse it); a device "created" has its old content replaced
             out = open_image(dest, out_fmt, writable=True, policy=replace(policy or Policy(), sync=sync),
-                             backing=False)
+                             backing=False, replacing=onto_device)
             try:
                 if out.virtual_size < size:
-                    raise ImageError("output file is smaller than input file", path=dest)
+                    raise ImageError("error while converting raw: Cannot grow device files" if onto_device
+                                     else "output file is smaller than input file", path=dest)
                 _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers,
                           copy_offload, fresh=False)
                 out.flush()
@@ -137,7 +147,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
         tmp = AtomicOutput(dest)        # holds dest's write lock (a disk a VM uses is refused) until the rename
         try:
             driver.create(tmp.tmp_path, size, typed, sync=sync)     # written in place (io.AtomicOutput, nested)
-            out = driver.open(tmp.tmp_path, writable=True, policy=Policy(lock=False, sync=sync))
+            # the caller's policy rooted at the destination: files the output names (a qcow2 data file) follow it
+            out = driver.open(tmp.tmp_path, writable=True,
+                              policy=replace(policy or Policy(), lock=False, sync=sync).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers,
@@ -155,6 +167,18 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             close_chain(img)
         if new_backing is not None:
             close_chain(new_backing)
+
+
+def _check_device_create(dest: str, out_fmt: str, typed: Dict[str, Any]) -> None:
+    """What qemu-img's "create" of a host device allows (block/file-posix.c): the device keeps its
+    size and its blocks, so no preallocation; vdisk writes raw only (the format drivers grow files)."""
+    if out_fmt != "raw":
+        raise UnsupportedFeature("image format %s cannot be written onto a block device; vdisk writes only raw "
+                                 "data onto a block device" % out_fmt, path=dest, field="format")
+    mode = typed.get("preallocation") or "off"
+    if mode != "off":
+        raise InvalidOption("error while converting raw: Unsupported preallocation mode '%s'" % mode, path=dest,
+                            field="preallocation")
 
 
 def _open_new_backing(dest: str, backing: str, fmt: Optional[str], policy: Optional[Policy]):
