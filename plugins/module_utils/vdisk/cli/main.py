@@ -25,9 +25,28 @@ class UsageError(Exception):
     """Bad command-line usage (exit 1, like qemu-img)."""
 
 
+class HelpShown(Exception):
+    """``COMMAND --help`` has printed the command's help: it is done (exit 0)."""
+
+
 class _Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's exits: a usage error is one line on stderr and exit 1; ``-h`` and
+    ``--help`` print the command's options on stdout and exit 0."""
+
     def error(self, message):
         raise UsageError(message)
+
+    def exit(self, status=0, message=None):
+        # argparse exits only after printing the help here: its errors go through error()
+        raise HelpShown()
+
+
+# help texts of the flags several commands share
+_HELP_QUIET = "quiet: print nothing but errors"
+_HELP_FMT = "format of the image (detected from its content when not given)"
+_HELP_SHARE = "open the image without taking its locks (read-only commands only)"
+_HELP_PROGRESS = "show progress on stdout"
+_CACHE_MODES = "none, writeback, writethrough, directsync or unsafe"
 
 
 def command(name: str):
@@ -39,6 +58,7 @@ def command(name: str):
 
 def _policy(args, **extra) -> Policy:
     dirs = tuple(os.path.realpath(d) for d in (getattr(args, "allow_path", None) or ()))
+    extra.setdefault("block_devices", True)     # the image a command names may be a device: the user named it
     return Policy(allowed_dirs=dirs, force_share=getattr(args, "force_share", False), **extra)
 
 
@@ -81,16 +101,20 @@ def _out(text: str, quiet: bool = False) -> None:
 # -- create --------------------------------------------------------------------------------
 @command("create")
 def cmd_create(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk create")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-f", dest="fmt", default="raw")
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("-b", dest="backing")
-    p.add_argument("-F", dest="backing_fmt")
-    p.add_argument("-u", dest="unsafe", action="store_true")
+    p = _Parser(prog="vdisk create", description="Create the disk image FILE.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-f", dest="fmt", default="raw", help="format of the new image (default: raw)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="format options NAME=VALUE[,NAME=VALUE...] (repeatable); -o help lists them")
+    p.add_argument("-b", dest="backing", metavar="BACKING",
+                   help="backing file, stored as given (a relative name is relative to FILE's directory)")
+    p.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the backing file")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (SIZE and -F are then required)")
     _add_allow_path(p)
-    p.add_argument("filename", nargs="?")
-    p.add_argument("size", nargs="?")
+    p.add_argument("filename", nargs="?", help="the new image")
+    p.add_argument("size", nargs="?",
+                   help="virtual size in bytes, or with a suffix k, M, G, T, P, E (default: the backing file's)")
     args = p.parse_args(argv)
     from ..ops.create import create, describe
     options = merge_option_strings(args.options)
@@ -102,7 +126,9 @@ def cmd_create(argv: List[str]) -> int:
         raise UsageError("Expecting image file name")
     size = parse_size(args.size, "size") if args.size is not None else None
     notes: List[str] = []
-    used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
+    # no device: create never opens FILE as an image, and -b names a file the new image will name
+    used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt,
+                  _policy(args, block_devices=False),
                   notes=notes, unsafe=args.unsafe)
     if notes:     # what vdisk did beyond qemu-img, in one line
         sys.stderr.write("vdisk: create: %s\n" % "; ".join(notes))
@@ -113,13 +139,14 @@ def cmd_create(argv: List[str]) -> int:
 # -- info ----------------------------------------------------------------------------------
 @command("info")
 def cmd_info(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk info")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("--backing-chain", action="store_true")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk info", description="Show the format, sizes, backing file and snapshots of an image.")
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default) or json (qemu-img's ImageInfo keys)")
+    p.add_argument("--backing-chain", action="store_true", help="also show every image of the backing chain")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..ops.info import chain_info, image_info, render_human, render_json
     image = open_image(args.filename, args.fmt, policy=_policy(args), backing=True)
@@ -137,12 +164,13 @@ def cmd_info(argv: List[str]) -> int:
 # -- map -----------------------------------------------------------------------------------
 @command("map")
 def cmd_map(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk map")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk map", description="Show which ranges of an image hold data, zeros or nothing.")
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default: the ranges that hold data) or json (every range, as qemu-img)")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..ops.map import map_entries, render_human, render_json
     image = open_image(args.filename, args.fmt, policy=_policy(args))
@@ -167,27 +195,37 @@ def _strtol(text: str) -> int:
 
 @command("convert")
 def cmd_convert(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk convert")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-p", action="store_true", dest="progress")
-    p.add_argument("-c", action="store_true", dest="compress")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-O", dest="out_fmt", default="raw")
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("-B", dest="backing")
-    p.add_argument("-F", dest="backing_fmt")
-    p.add_argument("-t", dest="cache", default="unsafe")
-    p.add_argument("-T", dest="src_cache")
-    p.add_argument("-S", dest="sparse")
-    p.add_argument("-C", action="store_true", dest="copy_offload")
-    p.add_argument("-n", action="store_true", dest="existing")
-    p.add_argument("-m", dest="coroutines", type=_strtol)
-    p.add_argument("-W", action="store_true", dest="out_of_order")
-    p.add_argument("-l", dest="snapshot")
-    p.add_argument("-U", "--force-share", action="store_true")
-    p.add_argument("--target-is-zero", action="store_true")
+    p = _Parser(prog="vdisk convert", description="Copy the guest content of SRC (several are concatenated) "
+                "into a new image DST.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-p", action="store_true", dest="progress", help=_HELP_PROGRESS)
+    p.add_argument("-c", action="store_true", dest="compress",
+                   help="write compressed clusters (qcow2, qcow, vmdk streamOptimized)")
+    p.add_argument("-f", dest="fmt", help="format of the sources (detected when not given)")
+    p.add_argument("-O", dest="out_fmt", default="raw", metavar="OUTPUT_FMT", help="format of DST (default: raw)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="format options of DST, NAME=VALUE[,...] (repeatable); -o help lists them")
+    p.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="DST gets this backing file and holds only what differs from it")
+    p.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the -B backing file")
+    p.add_argument("-t", dest="cache", default="unsafe",
+                   help="cache mode of DST: %s (default: unsafe, no flush at the end)" % _CACHE_MODES)
+    p.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                   help="cache mode of the sources (accepted for compatibility)")
+    p.add_argument("-S", dest="sparse", metavar="SIZE",
+                   help="zero runs of at least SIZE bytes are left unallocated (default 4k; 0: allocate all)")
+    p.add_argument("-C", action="store_true", dest="copy_offload", help="copy offloading (accepted; not with -S)")
+    p.add_argument("-n", action="store_true", dest="existing", help="write into the existing DST, do not create it")
+    p.add_argument("-m", dest="coroutines", type=_strtol, metavar="N",
+                   help="parallel requests, 1 to 16 (accepted for compatibility)")
+    p.add_argument("-W", action="store_true", dest="out_of_order", help="out-of-order writes (accepted)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="convert this internal snapshot: ID_OR_NAME, snapshot.id=ID or snapshot.name=NAME")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="DST already reads as zeros: do not write zeros (needs -n)")
     _add_allow_path(p)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="FILE", help="the source images, then DST, the new image")
     args = p.parse_args(argv)
     if len(args.files) < 2:
         raise UsageError("Expecting one image file name")
@@ -215,14 +253,17 @@ def cmd_convert(argv: List[str]) -> int:
 # -- check ---------------------------------------------------------------------------------
 @command("check")
 def cmd_check(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk check")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"))
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk check", description="Check the metadata of an image for consistency. Exit status: "
+                "0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only, 63 format has no check.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                   help="repair leaked clusters only (leaks), or every inconsistency (all)")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default) or json (qemu-img's ImageCheck keys)")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..errors import UnsupportedFeature
     policy = _policy(args, repair=bool(args.repair), follow_backing=False, check=True)
@@ -274,25 +315,29 @@ def cmd_check(argv: List[str]) -> int:
 # -- snapshot ------------------------------------------------------------------------------
 @command("snapshot")
 def cmd_snapshot(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk snapshot")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk snapshot", description="List, create, apply or delete the internal snapshots of an image.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("-U", "--force-share", action="store_true", help="with -l: open the image without taking its locks")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="with -l: human (default, qemu-img's table) or json (a list of qemu-img's SnapshotInfo)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("-l", action="store_true", dest="list")
-    group.add_argument("-c", dest="create", metavar="NAME")
-    group.add_argument("-a", dest="apply", metavar="NAME")
-    group.add_argument("-d", dest="delete", metavar="NAME")
+    group.add_argument("-l", action="store_true", dest="list", help="list the snapshots")
+    group.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current content")
+    group.add_argument("-a", dest="apply", metavar="NAME", help="revert the image to this snapshot")
+    group.add_argument("-d", dest="delete", metavar="NAME", help="delete this snapshot")
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
-    from ..ops.info import render_snapshot_table
+    from ..ops.info import render_json, render_snapshot_table
     writable = not args.list
     image = open_image(args.filename, args.fmt, writable=writable, policy=_policy(args), backing=False)
     try:
         if args.list:
             snaps = image.snapshots()
-            if snaps:
+            if args.output == "json":
+                _out(render_json(snaps))
+            elif snaps:
                 _out("Snapshot list:\n" + "\n".join(render_snapshot_table(snaps)))
         elif args.create is not None:
             image.create_snapshot(args.create)
@@ -316,14 +361,15 @@ def cmd_snapshot(argv: List[str]) -> int:
 # -- resize --------------------------------------------------------------------------------
 @command("resize")
 def cmd_resize(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk resize")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("--shrink", action="store_true")
-    p.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"))
+    p = _Parser(prog="vdisk resize", description="Change the virtual size of an image.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("--shrink", action="store_true", help="allow a smaller size (the data past it is lost)")
+    p.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"),
+                   help="how the added space is allocated (default: off)")
     _add_allow_path(p)
-    p.add_argument("filename")
-    p.add_argument("size")
+    p.add_argument("filename", help="the image")
+    p.add_argument("size", help="the new size, or +SIZE / -SIZE to grow or shrink by SIZE (suffixes k, M, G, T, ...)")
     # a negative size ("-5G") is the last argument, not an option
     if argv and re.match(r"^-[0-9.]", argv[-1]):
         argv = argv[:-1] + ["--", argv[-1]]
@@ -345,15 +391,16 @@ def cmd_resize(argv: List[str]) -> int:
 # -- commit --------------------------------------------------------------------------------
 @command("commit")
 def cmd_commit(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk commit")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-p", action="store_true", dest="progress")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-b", dest="base")
-    p.add_argument("-d", action="store_true", dest="drop")
-    p.add_argument("-t", dest="cache")
+    p = _Parser(prog="vdisk commit", description="Write the changes an overlay holds into its backing file.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-p", action="store_true", dest="progress", help=_HELP_PROGRESS)
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("-b", dest="base", metavar="BASE",
+                   help="commit into this image of the backing chain (default: the backing file); implies -d")
+    p.add_argument("-d", action="store_true", dest="drop", help="leave the overlay as it is instead of emptying it")
+    p.add_argument("-t", dest="cache", help="cache mode: %s (accepted for compatibility)" % _CACHE_MODES)
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the overlay")
     args = p.parse_args(argv)
     from ..ops.commit import commit
     commit(args.filename, args.fmt, args.base, args.drop, _policy(args), _progress(args.progress and not args.quiet))
@@ -364,17 +411,20 @@ def cmd_commit(argv: List[str]) -> int:
 # -- rebase --------------------------------------------------------------------------------
 @command("rebase")
 def cmd_rebase(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk rebase")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-p", action="store_true", dest="progress")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-u", action="store_true", dest="unsafe")
-    p.add_argument("-b", dest="backing", required=True)
-    p.add_argument("-F", dest="backing_fmt")
-    p.add_argument("-t", dest="cache")
-    p.add_argument("-T", dest="src_cache")
+    p = _Parser(prog="vdisk rebase", description="Give an image another backing file, keeping its guest content.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-p", action="store_true", dest="progress", help=_HELP_PROGRESS)
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("-u", action="store_true", dest="unsafe",
+                   help="unsafe: only change the name stored in the image, copy no data (needs -F)")
+    p.add_argument("-b", dest="backing", required=True, metavar="BACKING",
+                   help='the new backing file ("": none, the image becomes standalone)')
+    p.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the new backing file")
+    p.add_argument("-t", dest="cache", help="cache mode: %s (accepted for compatibility)" % _CACHE_MODES)
+    p.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                   help="cache mode of the backing files (accepted for compatibility)")
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..ops.rebase import rebase
     rebase(args.filename, args.backing, args.backing_fmt, args.fmt, args.unsafe, _policy(args),
@@ -385,14 +435,15 @@ def cmd_rebase(argv: List[str]) -> int:
 # -- amend ---------------------------------------------------------------------------------
 @command("amend")
 def cmd_amend(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk amend")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-p", action="store_true", dest="progress")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-o", dest="options", action="append", required=True)
-    p.add_argument("--force", action="store_true")
+    p = _Parser(prog="vdisk amend", description="Change format options of an existing image.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-p", action="store_true", dest="progress", help=_HELP_PROGRESS + " (accepted)")
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                   help="the options to change, NAME=VALUE[,...] (repeatable); -o help lists them")
+    p.add_argument("--force", action="store_true", help="allow unsafe changes (accepted for compatibility)")
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     options = merge_option_strings(args.options)
     image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
@@ -419,21 +470,28 @@ def cmd_amend(argv: List[str]) -> int:
 # -- compare -------------------------------------------------------------------------------
 @command("compare")
 def cmd_compare(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk compare")
-    p.add_argument("-q", action="store_true", dest="quiet")
-    p.add_argument("-p", action="store_true", dest="progress")
-    p.add_argument("-f", dest="fmt_a")
-    p.add_argument("-F", dest="fmt_b")
-    p.add_argument("-s", action="store_true", dest="strict")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk compare", description="Compare the guest content of two images. Exit status: "
+                "0 identical, 1 different, 2 error.")
+    p.add_argument("-q", action="store_true", dest="quiet", help=_HELP_QUIET)
+    p.add_argument("-p", action="store_true", dest="progress", help=_HELP_PROGRESS)
+    p.add_argument("-f", dest="fmt_a", metavar="FMT", help="format of A (detected when not given)")
+    p.add_argument("-F", dest="fmt_b", metavar="FMT", help="format of B (detected when not given)")
+    p.add_argument("-s", action="store_true", dest="strict",
+                   help="strict: images of different sizes, or with different allocation, differ")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human (default, qemu-img's messages) or json: identical, first-difference, "
+                        "size-mismatch, block-status-mismatch")
     _add_allow_path(p)
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", metavar="A", help="the first image")
+    p.add_argument("b", metavar="B", help="the second image")
     args = p.parse_args(argv)
-    from ..ops.compare import compare
+    from ..ops.compare import compare_images
+    as_json = args.output == "json"
     try:
-        return compare(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
-                       lambda line: _out(line, args.quiet), _progress(args.progress and not args.quiet))
+        verdict = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
+                                 lambda line: _out(line, args.quiet or as_json),
+                                 _progress(args.progress and not args.quiet and not as_json))
     except (ImageError, OSError) as exc:
         # qemu-img compare: 0 identical, 1 different, 2 (and up) an error
         if isinstance(exc, ImageError):
@@ -443,22 +501,30 @@ def cmd_compare(argv: List[str]) -> int:
                              exc.strerror or exc)
         sys.stderr.write("vdisk: compare: %s\n" % text)
         return 2
+    if as_json:
+        _out(json.dumps(verdict.to_json(), indent=4))
+    return verdict.exit_code
 
 
 # -- measure -------------------------------------------------------------------------------
 @command("measure")
 def cmd_measure(argv: List[str]) -> int:
     """qemu-img measure: the bytes a new image needs, for --size or for converting FILE."""
-    p = _Parser(prog="vdisk measure")
-    p.add_argument("-O", dest="out_fmt", default="raw")
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("--size")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-l", dest="snapshot")
-    p.add_argument("--output", default="human")
-    p.add_argument("-U", "--force-share", action="store_true")
+    p = _Parser(prog="vdisk measure", description="Show the size a new image needs, for --size or for "
+                "converting FILE.")
+    p.add_argument("-O", dest="out_fmt", default="raw", metavar="OUTPUT_FMT",
+                   help="format of the new image (default: raw)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="its format options, NAME=VALUE[,...] (repeatable)")
+    p.add_argument("--size", help="virtual size of an empty new image (instead of FILE)")
+    p.add_argument("-f", dest="fmt", help="format of FILE (detected when not given)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="measure this internal snapshot of FILE: ID_OR_NAME, snapshot.id=ID or snapshot.name=NAME")
+    p.add_argument("--output", default="human", help="human (default) or json (keys required, fully-allocated, "
+                   "bitmaps)")
+    p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
     _add_allow_path(p)
-    p.add_argument("files", nargs="*")
+    p.add_argument("files", nargs="*", metavar="FILE", help="the image to be converted")
     args = p.parse_args(argv)
     from ..ops.measure import measure, render_human, render_json
     if args.output not in ("human", "json"):
@@ -484,11 +550,12 @@ def cmd_measure(argv: List[str]) -> int:
 # -- inspect -------------------------------------------------------------------------------
 @command("inspect")
 def cmd_inspect(argv: List[str]) -> int:
-    p = _Parser(prog="vdisk inspect")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p = _Parser(prog="vdisk inspect", description="Show the detected format of a file, the files it names and "
+                "the result of vdisk's safety checks; exit 1 when one fails.")
+    p.add_argument("-f", dest="fmt", help="the format the file is declared as (checked against its content)")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="human (default) or json")
     _add_allow_path(p)
-    p.add_argument("filename")
+    p.add_argument("filename", help="the file")
     args = p.parse_args(argv)
     from ..ops.inspect import inspect_image, render_human, render_json
     report = inspect_image(args.filename, args.fmt, policy=_policy(args))
@@ -500,7 +567,10 @@ def cmd_inspect(argv: List[str]) -> int:
 def _manifest_command(name: str) -> Callable:
     def run(argv: List[str]) -> int:
         from ..manifest.cli import run as run_manifest
-        return run_manifest(name, argv, UsageError)
+        try:
+            return run_manifest(name, argv, UsageError)
+        except SystemExit as exc:     # its argparse after --help (its usage errors raise UsageError)
+            return 0 if exc.code is None else int(exc.code)
     return run
 
 
@@ -518,10 +588,10 @@ Commands (qemu-img's syntax):
   info    [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
   check   [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILE
   resize  [-q] [-f FMT] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE
-  snapshot [-q] (-l | -c NAME | -a NAME | -d NAME) FILE
+  snapshot [-q] (-l [--output=human|json] | -c NAME | -a NAME | -d NAME) FILE
   commit  [-q] [-p] [-f FMT] [-b BASE] [-d] FILE
   rebase  [-q] [-p] [-f FMT] [-u] -b BACKING [-F FMT] FILE
-  compare [-q] [-p] [-f FMT] [-F FMT] [-s] A B
+  compare [-q] [-p] [-f FMT] [-F FMT] [-s] [--output=human|json] A B
   map     [-f FMT] [--output=human|json] FILE
   measure [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SNAPSHOT] FILE) [--output=human|json]
   amend   [-f FMT] -o OPTS FILE
@@ -532,6 +602,7 @@ Commands (qemu-img's syntax):
 
 Every command that opens images takes --allow-path DIR (repeatable) to allow files the
 image names (backing files) outside the image's own directory tree.
+`vdisk COMMAND --help` describes each option of COMMAND.
 Supported formats: %s
 """ % " ".join(sorted(DRIVERS))
 
@@ -559,6 +630,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         sys.stderr.write("vdisk: %s: %s\n" % (name, " ".join(str(exc).split())))
         return 1
+    except HelpShown:
+        return 0
     except ImageError as exc:
         sys.stderr.write("vdisk: %s: %s\n" % (name, exc))
         return 1

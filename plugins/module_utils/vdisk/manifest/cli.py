@@ -30,18 +30,31 @@ def use_color(stream) -> bool:
         and os.environ.get("TERM") != "dumb"
 
 
+DESCRIPTIONS = {
+    "validate": "Check manifests (YAML, schema, image specs, paths, duplicates, dependencies); exit 0 valid, 1 "
+                "problems (all listed).",
+    "plan": "Show what apply would change; exit 0 no changes, 2 changes pending, 1 errors (every image still "
+            "planned).",
+    "apply": "Make the images what the manifests (or a saved plan) describe, under the apply lock; exit 0 done, 1 "
+             "error.",
+}
+
+
 def _parser(name: str, usage_error: Type[Exception]) -> argparse.ArgumentParser:
     class _Parser(argparse.ArgumentParser):
         def error(self, message):
             raise usage_error(message)
 
-    p = _Parser(prog="vdisk %s" % name)
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p = _Parser(prog="vdisk %s" % name, description=DESCRIPTIONS[name])
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human: text (problems on stderr); json: one JSON document on stdout, with diagnostics")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="images, sources and backing files may also be under DIR")
     color = p.add_mutually_exclusive_group()
-    color.add_argument("--color", dest="color", action="store_true", default=None)
-    color.add_argument("--no-color", dest="color", action="store_false")
+    color.add_argument("--color", dest="color", action="store_true", default=None,
+                       help="color the human output even when stdout is not a terminal")
+    color.add_argument("--no-color", dest="color", action="store_false",
+                       help="no color (also: NO_COLOR set, TERM=dumb)")
     if name in ("plan", "apply"):
         p.add_argument("--cache", metavar="DIR", help="download cache of http(s) sources, keyed by checksum")
     if name == "plan":
@@ -49,7 +62,9 @@ def _parser(name: str, usage_error: Type[Exception]) -> argparse.ArgumentParser:
     if name == "apply":
         p.add_argument("--lock-timeout", default="0", metavar="SECONDS",
                        help="wait this long for another apply's lock (default 0: fail at once)")
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST.yml" if name != "apply" else "MANIFEST.yml|PLAN")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST.yml" if name != "apply" else "MANIFEST.yml|PLAN",
+                   help="the manifests (YAML)" + ("; or one plan file saved by `vdisk plan --out`"
+                                                   if name == "apply" else ""))
     return p
 
 

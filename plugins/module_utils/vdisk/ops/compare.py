@@ -15,10 +15,13 @@ Messages and offsets are qemu-img's:
 * strict mode (``-s``) also fails on a size difference (before comparing anything) and on
   the first range whose block status differs: allocation, zero, data, whether it maps to
   a host offset, and whether its run reaches the end of the image.
+
+:func:`compare_images` returns the same findings as a :class:`Verdict` (``vdisk compare
+--output=json``, which qemu-img does not have; its keys are spelled as QAPI's).
 """
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import ImageError
 from ..driver import Image, Policy
@@ -32,6 +35,43 @@ PARALLEL_READ = 1024 * 1024   # from this size on, the two images are read at th
 BOTH, ONLY_A, ONLY_B = "both", "a", "b"     # what a range needs: compare, or check one side for zeros
 
 
+class Verdict:
+    """What a comparison found.  Each finding is said as qemu-img words it (through *say*) when
+    it is made, and kept for :meth:`to_json`."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.identical = False
+        self.first_difference: Optional[int] = None      # "Content mismatch at offset N!"
+        self.block_status_mismatch: Optional[int] = None  # strict: "Offset N block status mismatch!"
+        self.size_mismatch = False                        # the virtual sizes differ
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.identical else 1
+
+    def content_mismatch(self, offset: int) -> None:
+        self.first_difference = offset
+        self.say("Content mismatch at offset %d!" % offset)
+
+    def status_mismatch(self, offset: int) -> None:
+        self.block_status_mismatch = offset
+        self.say("Strict mode: Offset %d block status mismatch!" % offset)
+
+    def sizes_differ(self, strict: bool) -> None:
+        self.size_mismatch = True
+        self.say("Strict mode: Image size mismatch!" if strict else "Warning: Image size mismatch!")
+
+    def same(self) -> None:
+        self.identical = True
+        self.say("Images are identical.")
+
+    def to_json(self) -> Dict[str, Any]:
+        """``vdisk compare --output=json``: null where there is no such finding."""
+        return {"identical": self.identical, "first-difference": self.first_difference,
+                "size-mismatch": self.size_mismatch, "block-status-mismatch": self.block_status_mismatch}
+
+
 def compare(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Optional[str] = None,
             strict: bool = False, policy: Optional[Policy] = None, say: Callable[[str], None] = print,
             progress: Optional[Callable[[int, int], None]] = None) -> int:
@@ -40,60 +80,69 @@ def compare(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Option
     Returns 0 (identical) or 1 (different); errors (an image that cannot be opened or read)
     raise :class:`ImageError` or :class:`OSError`.  *progress* is called with (done, total).
     """
+    return compare_images(path_a, path_b, fmt_a, fmt_b, strict, policy, say, progress).exit_code
+
+
+def compare_images(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Optional[str] = None,
+                   strict: bool = False, policy: Optional[Policy] = None, say: Callable[[str], None] = print,
+                   progress: Optional[Callable[[int, int], None]] = None) -> Verdict:
+    """:func:`compare`, returning what it found."""
+    verdict = Verdict(say)
     a = open_image(path_a, fmt_a, policy=policy)
     try:
         b = open_image(path_b, fmt_b, policy=policy)
         try:
-            return _compare(a, b, strict, say, progress or (lambda done, total: None))
+            _compare(a, b, strict, verdict, progress or (lambda done, total: None))
         finally:
             close_chain(b)
     finally:
         close_chain(a)
+    return verdict
 
 
-def _compare(a: Image, b: Image, strict: bool, say, progress) -> int:
+def _compare(a: Image, b: Image, strict: bool, verdict: Verdict, progress) -> None:
     size_a, size_b = guest_length(a), guest_length(b)
-    common, total = min(size_a, size_b), max(size_a, size_b)
-    progress(0, total)
+    progress(0, max(size_a, size_b))
     if strict and size_a != size_b:
-        say("Strict mode: Image size mismatch!")
-        return 1
-    checker = _Checker(a, b, say)
+        verdict.sizes_differ(strict=True)
+        return
+    checker = _Checker(a, b, verdict)
     try:
-        return _walk(a, size_a, b, size_b, strict, checker, say, progress)
+        if _walk(a, size_a, b, size_b, strict, checker, verdict, progress):
+            verdict.same()
     finally:
         checker.close()
 
 
-def _walk(a: Image, size_a: int, b: Image, size_b: int, strict: bool, checker: "_Checker", say, progress) -> int:
+def _walk(a: Image, size_a: int, b: Image, size_b: int, strict: bool, checker: "_Checker", verdict: Verdict,
+          progress) -> bool:
+    """True when the images compare equal; a difference has been reported otherwise."""
     common, total = min(size_a, size_b), max(size_a, size_b)
     for start, n, flags_a, flags_b in _paired(a, size_a, b, size_b, common):
         if strict and flags_a != flags_b:
-            if checker.flush():
-                return 1
-            say("Strict mode: Offset %d block status mismatch!" % start)
-            return 1
+            if not checker.flush():
+                verdict.status_mismatch(start)
+            return False
         if not (flags_a & S_ZERO and flags_b & S_ZERO):
             # a side that reads as zeros need not be read: check only the other one
             kind = ONLY_B if flags_a & S_ZERO else ONLY_A if flags_b & S_ZERO else BOTH
             if checker.add(start, n, kind):
-                return 1
+                return False
         progress(start + n, total)
     if checker.flush():
-        return 1
+        return False
     if size_a != size_b:
-        say("Warning: Image size mismatch!")
+        verdict.sizes_differ(strict=False)
         longer, kind = (a, ONLY_A) if size_a > size_b else (b, ONLY_B)
         for start, n, flags in status_runs(longer, common):
             if flags & S_ALLOCATED and not flags & S_ZERO:
                 if checker.add(start, n, kind):
-                    return 1
+                    return False
             progress(start + n, total)
         if checker.flush():
-            return 1
+            return False
     progress(total, total)
-    say("Images are identical.")
-    return 0
+    return True
 
 
 def _paired(a: Image, size_a: int, b: Image, size_b: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
@@ -134,8 +183,8 @@ class _Checker:
     difference is reported at the offset qemu-img names.
     """
 
-    def __init__(self, a: Image, b: Image, say: Callable[[str], None]):
-        self.a, self.b, self.say = a, b, say
+    def __init__(self, a: Image, b: Image, verdict: Verdict):
+        self.a, self.b, self.verdict = a, b, verdict
         self.kind: Optional[str] = None
         self.start = self.end = 0       # the range collected and not yet checked
         self.pieces: List[int] = []     # starts of the ranges added, ascending
@@ -198,7 +247,7 @@ class _Checker:
             keep = bisect_right(self.pieces, hi) - 1
             del self.pieces[:max(keep, 0)]
             return False
-        self.say("Content mismatch at offset %d!" % self._reported(lo + first_difference(bytes(x), bytes(y))))
+        self.verdict.content_mismatch(self._reported(lo + first_difference(bytes(x), bytes(y))))
         return True
 
     def _reported(self, pos: int) -> int:

@@ -236,6 +236,15 @@ def parse_descriptor(raw: bytes, path: str) -> Descriptor:
     return desc
 
 
+def names_create_type(raw: bytes) -> bool:
+    """Whether text read as a descriptor file mentions ``createType`` before its first NUL byte.
+
+    QEMU's first test of a descriptor file (vmdk_open_desc_file), made before any extent line is
+    read; a file that is no VMDK at all (a qcow2 image, any other text) fails it, whatever its size.
+    """
+    return b"createType" in raw.partition(b"\0")[0]
+
+
 def geometry(size: int, adapter_type: str) -> Tuple[int, int]:
     """``(cylinders, heads)`` as qemu-img writes them into the DDB (63 sectors per track)."""
     heads = 16 if adapter_type == "ide" else 255

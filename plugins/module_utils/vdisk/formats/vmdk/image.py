@@ -86,11 +86,16 @@ class VmdkImage(Image):
                 ctype = desc.create_type if desc is not None else None
                 self.create_type = "streamOptimized" if ext.compressed else (ctype or "monolithicSparse")
         else:
+            # a descriptor file, of which QEMU reads at most MAX_DESCRIPTOR bytes: a file that is no
+            # descriptor at all is "invalid" as in QEMU; a real one that is longer is refused whole
+            raw = self.host.pread(min(size, hdr.MAX_DESCRIPTOR), 0)
+            if not hdr.names_create_type(raw):
+                raise FormatError("invalid VMDK image descriptor", path=self.path)
             if size > hdr.MAX_DESCRIPTOR:
                 raise FormatError("descriptor file too large (%d bytes, at most %d)" % (size, hdr.MAX_DESCRIPTOR),
                                   path=self.path, field="descriptor")
-            self._desc_raw, self._desc_at, self._desc_room = self.host.pread(size, 0), 0, None
-            self._open_descriptor(hdr.parse_descriptor(self._desc_raw, self.path))
+            self._desc_raw, self._desc_at, self._desc_room = raw, 0, None
+            self._open_descriptor(hdr.parse_descriptor(raw, self.path))
         self.virtual_size = sum(e.size for dummy, e in self.exts)
         self.host.others = [e.host for dummy, e in self.exts if e.host is not None and e.host is not self.host]
         first = self.exts[0][1] if self.exts else None
@@ -128,7 +133,7 @@ class VmdkImage(Image):
         self.desc = desc
         ctype = desc.create_type
         if ctype is None:
-            raise FormatError("invalid VMDK image descriptor", path=self.path, field="createType")
+            raise FormatError("invalid VMDK image descriptor", path=self.path)
         if ctype not in hdr.DESCRIPTOR_TYPES:
             raise UnsupportedFeature("Unsupported image type '%s'" % ctype, path=self.path, field="createType")
         self.create_type = ctype
