@@ -13,6 +13,19 @@ import threading
 from typing import Iterator, Tuple
 
 SIGNALS: Tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# every signal that ends a command, SIGINT (Ctrl-C) included
+INTERRUPTS: Tuple[int, ...] = (signal.SIGINT,) + SIGNALS
+
+
+def main_thread_only() -> None:
+    """Block the interrupting signals in the calling worker thread (a thread pool's initializer).
+
+    The kernel gives a process-directed signal to any thread that does not block it.  Python runs
+    its handler in the main thread, but a signal taken by a worker does not interrupt the main
+    thread's wait on a lock or a queue, so a Ctrl-C could go unseen until the work was done (and
+    the command then exit 0).  Blocked in the workers, the signals reach the main thread."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
 
 
 class Terminated(BaseException):

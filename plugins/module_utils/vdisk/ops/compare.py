@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import ImageError
 from ..driver import Image, Policy
+from ..interrupt import main_thread_only
 from .chain import close_chain, open_image
 from .readahead import aligned_bytearray
 from .status import S_ALLOCATED, S_EOF, S_ZERO, SECTOR, guest_length, status_runs
@@ -229,7 +230,8 @@ class _Checker:
             if n >= PARALLEL_READ:
                 # both kernel copies at once, on two CPUs (preadv drops the GIL)
                 if self.pool is None:
-                    self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-compare")
+                    self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-compare",
+                                                   initializer=main_thread_only)
                 pending = self.pool.submit(_read_into, self.b, lo, xb)
                 try:
                     _read_into(self.a, lo, x)

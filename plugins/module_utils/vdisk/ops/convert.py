@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..driver import DATA, UNALLOCATED, ZERO, Image, Policy
 from ..errors import ImageError, InvalidOption, UnsupportedFeature
+from ..interrupt import main_thread_only
 from ..io import AtomicOutput, find_nonzero_runs
 from ..registry import get_driver, probe_file
 from .chain import close_chain, open_image
@@ -408,7 +409,8 @@ def _copy_units(source: _Concat, out: Image, unit: int, compress: bool, new_back
     batch = max(unit, CHUNK // unit * unit)
     zero_unit = bytes(unit)
     skip_zeros = sparse_size != 0
-    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) if compress else None
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, initializer=main_thread_only) \
+        if compress else None
     pending: "deque" = deque()     # batches being compressed, written in order
 
     def drain(keep: int) -> None:

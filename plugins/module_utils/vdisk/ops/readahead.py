@@ -13,6 +13,8 @@ import threading
 from queue import Queue
 from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
+from ..interrupt import main_thread_only
+
 _END = object()
 
 
@@ -48,6 +50,7 @@ class ReadAhead:
         self._thread.start()
 
     def _work(self) -> None:
+        main_thread_only()
         slot = 0
         try:
             for tag, offset, length, read_into in self._jobs:

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, ZERO
 from ...errors import CorruptImage, ImageError
+from ...interrupt import main_thread_only
 from ...io import HostFile
 from . import header as hdr
 
@@ -449,7 +450,7 @@ class SparseExtent:
     def _submit(self, g: int, data: bytes) -> None:
         if self.pool is None:
             import os
-            self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+            self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, initializer=main_thread_only)
         self.pending.append((g, self.pool.submit(compress_grain, data, self.gb)))
         self.flush_pending(PENDING)
 
