@@ -40,7 +40,7 @@ venv: $(STAMP)
 	rm -rf build *.egg-info
 
 # the oracle (qemu-utils) and the tools that make the read-only formats' test images
-ORACLE_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils create_compressed_fs:cloop-utils bximage:bximage \
+ORACLE_TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils create_compressed_fs:cloop-utils bximage:bximage \
                 genisoimage:genisoimage xorriso:xorriso
 qemu:
 	@missing=$$(for t in $(ORACLE_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \

@@ -4,7 +4,7 @@ at creation are refused, as QEMU does."""
 import struct
 from typing import Any, Dict
 
-from ...errors import ImageError, InvalidOption
+from ...errors import ImageError, InvalidOption, UnsupportedFeature
 from . import header as hdr
 from .check import count_references, rebuild_refcounts
 from .refcount import Refcounts
@@ -40,6 +40,12 @@ def amend(img, options: Dict[str, Any]) -> None:
         if new_version < 3 and bits != 16:
             raise InvalidOption("Refcount widths other than 16 bits require compatibility level 1.1 or above (use "
                                 "compat=1.1 or greater)", path=img.path, field="refcount_bits")
+        if bits != h.refcount_bits and h.bitmaps_extension is not None \
+                and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            # the new refcount structure is counted from the mapping tables, which do not know the
+            # bitmaps' clusters: refuse rather than free them
+            raise UnsupportedFeature("changing refcount_bits of an image with persistent bitmaps is not supported "
+                                     "by this version of vdisk", path=img.path, field="refcount_bits")
     # the order QEMU uses: upgrade, refcount width, backing file, lazy refcounts, size, downgrade
     if new_version > h.version:
         h.version = 3

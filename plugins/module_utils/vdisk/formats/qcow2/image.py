@@ -24,7 +24,7 @@ from ...overlap import MetadataMap, MetadataOverlap
 from . import header as hdr
 from .check import check as check_image
 from .compress import decompress_cluster
-from . import compressed_write, snapshots
+from . import bitmaps, compressed_write, snapshots
 from .amend import amend as amend_options
 from . import metadata
 from .refcount import Refcounts
@@ -119,6 +119,15 @@ class Qcow2Image(Image):
             # unknown autoclear bits must be cleared before the image is modified
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             self.host.pwrite(U64.pack(h.autoclear_features), 88)
+        # enabled persistent bitmaps must see every guest write; an image whose bitmaps cannot be
+        # kept valid is refused here, before anything is written
+        self._bitmaps: Optional[bitmaps.Tracker] = None
+        if self.writable and not policy.repair:
+            try:
+                self._bitmaps = bitmaps.Tracker.open(self)
+            except CorruptImage as exc:
+                raise CorruptImage("cannot open for writing: %s" % exc.message, path=self.path,
+                                   field="bitmaps") from None
 
     # -- the external data file ---------------------------------------------------------
     def _resolve_data_file(self, policy: Policy) -> None:
@@ -480,6 +489,8 @@ class Qcow2Image(Image):
             self._write_incompat()
             self.host.flush()
             self.dirty = True
+        if self._bitmaps is not None:
+            self._bitmaps.mark(offset, length)
 
     def _writable_l2(self, l1i: int) -> Tuple[int, bytearray]:
         """The L2 table for *l1i*, allocated or copied (if shared with a snapshot) so it can be changed."""
@@ -869,6 +880,12 @@ class Qcow2Image(Image):
     # -- snapshots --------------------------------------------------------------------
     def _check_snapshots_possible(self, name: str) -> None:
         self._check_writable()
+        if self.header.bitmaps_extension is not None and self.header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            # the snapshot operations rebuild the refcounts from the L1/L2 trees and would drop the
+            # bitmaps' clusters
+            raise UnsupportedFeature("snapshot '%s': internal snapshots of images with persistent bitmaps are "
+                                     "not supported by this version of vdisk" % name, path=self.path,
+                                     field="snapshot")
         if self.data_file is not None:
             # qcow2.txt: no internal snapshots with an external data file (qemu-img: ENOTSUP)
             raise UnsupportedFeature("snapshot '%s': internal snapshots are not supported with an external data "
@@ -945,6 +962,9 @@ class Qcow2Image(Image):
         size = -(-size // 512) * 512
         if size == old:
             return
+        if self.header.bitmaps_extension is not None and self.header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            raise UnsupportedFeature("Cannot resize qcow2 with persistent bitmaps in this version of vdisk",
+                                     path=self.path, field="bitmaps")
         if size < old and not shrink:
             raise ImageError("Use the --shrink option to perform a shrink operation", path=self.path,
                              field="size")
@@ -1004,6 +1024,8 @@ class Qcow2Image(Image):
         """Unmap every cluster of the active layer so it reads from its backing file (commit)."""
         self._check_writable()
         if self.virtual_size:
+            if self._bitmaps is not None:
+                self._bitmaps.mark(0, self.virtual_size)     # every cluster may read differently now
             self._change_entries(0, self.virtual_size, "full-discard", True)
         self.host.flush()
 
@@ -1043,6 +1065,8 @@ class Qcow2Image(Image):
         try:
             if self.writable:
                 self.flush()
+                if self._bitmaps is not None:
+                    self._bitmaps.store()
                 if self.dirty and self._set_dirty_on_write:
                     # refcounts are always kept up to date here, so a clean close may clear the bit
                     self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY

@@ -1,0 +1,354 @@
+"""qcow2 persistent dirty bitmaps: the bitmap directory, the bitmap tables and the bits.
+
+References: docs/interop/qcow2.txt "Bitmaps extension", "Bitmaps" ("Bitmap directory",
+"Bitmap table", "Bitmap data", "Dirty tracking bitmaps").
+
+A dirty tracking bitmap with the ``auto`` flag is *enabled*: every guest write must set the bits
+of the ranges it touches.  The spec lets a writer keep the bits in memory while the image is open
+if it first sets ``in_use`` on disk; a bitmap found ``in_use`` was not saved correctly and is
+never trusted again.  vdisk follows QEMU (block/qcow2-bitmap.c):
+
+- before the first guest write, ``in_use`` is set on every enabled bitmap by rewriting the
+  directory in place -- with the autoclear bit cleared around the rewrite, so a torn directory
+  is ignored rather than trusted;
+- on close the bits are stored in new clusters (data clusters, then the table, then a new
+  directory, each refcounted before anything points to it), the extension is switched to the new
+  directory with one write, and the old clusters are freed last;
+- a bitmap already ``in_use`` at open is left as it is (qemu-img opens such an image read-write
+  too, and keeps the flag); a disabled bitmap is not touched.
+
+Parsing works on bytes (``parse_directory``, ``parse_table``); ``Tracker`` does the I/O.
+"""
+import struct
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+from ...errors import CorruptImage
+from . import header as hdr
+
+# -- on-disk structures --------------------------------------------------------------------
+# bitmap_table_offset, bitmap_table_size, flags, type, granularity_bits, name_size, extra_data_size
+DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
+TABLE_ENTRY = struct.Struct(">Q")
+
+FLAG_IN_USE = 1 << 0                  # not saved correctly: may be inconsistent
+FLAG_AUTO = 1 << 1                    # enabled: must reflect every write
+FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2   # unknown extra data may be ignored
+RESERVED_FLAGS = 0xFFFFFFFF & ~(FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE)
+TYPE_DIRTY_TRACKING = 1
+
+# QEMU's limits (block/qcow2-bitmap.c: BME_MIN/MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE,
+# BME_MAX_TABLE_SIZE; the count and directory size are the extension's, in header.py)
+MIN_GRANULARITY_BITS = 9
+MAX_GRANULARITY_BITS = 31
+MAX_NAME_SIZE = 1023
+MAX_TABLE_SIZE = 0x8000000            # entries of one bitmap table
+MAX_BITMAPS = hdr.MAX_BITMAPS
+MAX_DIRECTORY_SIZE = hdr.MAX_BITMAP_DIRECTORY_SIZE
+
+# bitmap table entry: bits 9-55 a cluster offset; with no offset, bit 0 says "all ones"
+TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+TABLE_ALL_ONES = 1
+TABLE_RESERVED_MASK = 0xFF000000000001FE
+
+
+@dataclass
+class BitmapEntry:
+    """One bitmap directory entry (the name kept as the bytes stored)."""
+    name: bytes
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+    type: int = TYPE_DIRTY_TRACKING
+    extra_data: bytes = b""
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.flags & FLAG_IN_USE)
+
+    @property
+    def auto(self) -> bool:
+        return bool(self.flags & FLAG_AUTO)
+
+    @property
+    def label(self) -> str:
+        return self.name.decode("utf-8", "replace")
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    def pack(self) -> bytes:
+        raw = DIRECTORY_ENTRY.pack(self.table_offset, self.table_size, self.flags, self.type,
+                                   self.granularity_bits, len(self.name), len(self.extra_data))
+        raw += self.extra_data + self.name
+        return raw + bytes(-len(raw) % 8)
+
+
+# -- parsing (bytes only) -------------------------------------------------------------------
+def parse_directory(data: bytes, count: int, cluster_size: int, file_size: int,
+                    path: Optional[str] = None) -> List[BitmapEntry]:
+    """The *count* entries of a bitmap directory, each checked against QEMU's bounds
+    (block/qcow2-bitmap.c check_dir_entry); *data* is exactly the directory."""
+    def bad(text: str) -> CorruptImage:
+        return CorruptImage("bitmap directory: " + text, path=path, field="bitmaps")
+
+    if not 0 < count <= MAX_BITMAPS:
+        raise bad("%d bitmaps (1 to %d allowed)" % (count, MAX_BITMAPS))
+    if len(data) > MAX_DIRECTORY_SIZE:
+        raise bad("%d bytes exceed the maximum of %d" % (len(data), MAX_DIRECTORY_SIZE))
+    entries: List[BitmapEntry] = []
+    names = set()
+    pos = 0
+    for i in range(count):
+        if pos + DIRECTORY_ENTRY.size > len(data):
+            raise bad("entry %d lies past the directory's end" % i)
+        (table_offset, table_size, flags, btype, gbits, name_size,
+         extra_size) = DIRECTORY_ENTRY.unpack_from(data, pos)
+        end = pos + DIRECTORY_ENTRY.size + extra_size + name_size
+        padded = end + (-end % 8)
+        if padded > len(data):
+            raise bad("entry %d lies past the directory's end" % i)
+        extra = bytes(data[pos + DIRECTORY_ENTRY.size:pos + DIRECTORY_ENTRY.size + extra_size])
+        name = bytes(data[end - name_size:end])
+        if any(data[end:padded]):
+            raise bad("entry %d has non-zero padding" % i)
+        entry = BitmapEntry(name, table_offset, table_size, flags, gbits, btype, extra)
+        _check_entry(entry, cluster_size, file_size, bad)
+        if name in names:
+            raise bad("duplicate bitmap name '%s'" % entry.label)
+        names.add(name)
+        entries.append(entry)
+        pos = padded
+    if pos != len(data):
+        raise bad("%d bytes after the last entry" % (len(data) - pos))
+    return entries
+
+
+def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None:
+    where = "bitmap '%s'" % e.label
+    if not e.name:
+        raise bad("a bitmap has an empty name")
+    if len(e.name) > MAX_NAME_SIZE:
+        raise bad("%s: name longer than %d bytes" % (where, MAX_NAME_SIZE))
+    if e.type != TYPE_DIRTY_TRACKING:
+        raise bad("%s: unknown type %d" % (where, e.type))
+    if e.flags & RESERVED_FLAGS:
+        raise bad("%s: reserved flags 0x%x set" % (where, e.flags & RESERVED_FLAGS))
+    if not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
+        raise bad("%s: granularity bits %d outside %d..%d" % (where, e.granularity_bits, MIN_GRANULARITY_BITS,
+                                                               MAX_GRANULARITY_BITS))
+    if e.extra_data:
+        raise bad("%s: bitmap extra data is not supported" % where)
+    if not 0 < e.table_size <= MAX_TABLE_SIZE:
+        raise bad("%s: table size %d outside 1..%d" % (where, e.table_size, MAX_TABLE_SIZE))
+    if not e.table_offset or e.table_offset % cluster_size:
+        raise bad("%s: table offset 0x%x is not cluster aligned" % (where, e.table_offset))
+    # every entry may point to a cluster of its own: that much must fit in the file (QEMU's bound)
+    if e.table_size * cluster_size > file_size or e.table_offset + e.table_size * 8 > file_size:
+        raise bad("%s: table (%d entries at 0x%x) does not fit in the file" % (where, e.table_size,
+                                                                            e.table_offset))
+
+
+def pack_directory(entries: List[BitmapEntry]) -> bytes:
+    return b"".join(e.pack() for e in entries)
+
+
+def check_table_entry(entry: int, cluster_size: int, file_size: int) -> Optional[str]:
+    """What is wrong with a bitmap table entry (None when it is valid)."""
+    offset = entry & TABLE_OFFSET_MASK
+    if entry & TABLE_RESERVED_MASK:
+        return "reserved bits set"
+    if offset and entry & TABLE_ALL_ONES:
+        return "all-ones flag set on an allocated entry"
+    if offset % cluster_size:
+        return "offset 0x%x is not cluster aligned" % offset
+    if offset and offset + cluster_size > file_size:
+        return "offset 0x%x lies past the end of the file" % offset
+    return None
+
+
+def parse_table(raw: bytes, cluster_size: int, file_size: int, label: str,
+                path: Optional[str] = None) -> List[int]:
+    """The entries of one bitmap table, each valid (one-line CorruptImage otherwise)."""
+    entries = [e for (e,) in TABLE_ENTRY.iter_unpack(raw)]
+    for i, e in enumerate(entries):
+        problem = check_table_entry(e, cluster_size, file_size)
+        if problem:
+            raise CorruptImage("bitmap '%s': table entry %d: %s" % (label, i, problem), path=path, field="bitmaps")
+    return entries
+
+
+def data_bytes(virtual_size: int, granularity_bits: int) -> int:
+    """Bytes of bitmap data for a disk: one bit per granule, bits in order from bit 0 of byte 0."""
+    granules = -(-virtual_size >> granularity_bits)
+    return -(-granules // 8)
+
+
+def table_size(virtual_size: int, granularity_bits: int, cluster_size: int) -> int:
+    """Entries of the bitmap table that covers the disk (at least one, as QEMU stores it)."""
+    return max(1, -(-data_bytes(virtual_size, granularity_bits) // cluster_size))
+
+
+def set_bits(bits: bytearray, granularity_bits: int, offset: int, length: int) -> None:
+    """Mark the guest byte range dirty: every granule it touches."""
+    if length <= 0:
+        return
+    first = offset >> granularity_bits
+    last = min((offset + length - 1) >> granularity_bits, len(bits) * 8 - 1)
+    while first <= last and first % 8:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+    full_end = (last + 1) // 8
+    if first // 8 < full_end:
+        bits[first // 8:full_end] = b"\xff" * (full_end - first // 8)
+        first = full_end * 8
+    while first <= last:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
+def find_extension(cluster0: bytes, header_length: int, etype: int) -> Optional[int]:
+    """Where the payload of header extension *etype* lies in cluster 0 (None: not there)."""
+    pos = header_length
+    while pos + hdr.EXTENSION_HEADER.size <= len(cluster0):
+        kind, length = hdr.EXTENSION_HEADER.unpack_from(cluster0, pos)
+        if kind == hdr.EXT_END:
+            return None
+        if kind == etype:
+            return pos + hdr.EXTENSION_HEADER.size
+        pos += hdr.EXTENSION_HEADER.size + length + (-length % 8)
+    return None
+
+
+# -- I/O ------------------------------------------------------------------------------------
+class Tracker:
+    """The enabled bitmaps of an image open for writing: their bits, kept in memory from the
+    first guest write (``in_use`` set on disk) until close (bits stored, ``in_use`` cleared)."""
+
+    def __init__(self, img, entries: List[BitmapEntry], dir_offset: int, dir_size: int):
+        self.img = img
+        self.entries = entries
+        self.dir_offset = dir_offset
+        self.dir_size = dir_size
+        self.bits: Dict[int, bytearray] = {}     # entry index -> bits of an enabled, consistent bitmap
+        self.active = False                      # in_use is set on disk
+
+    @classmethod
+    def open(cls, img) -> Optional["Tracker"]:
+        """Read and validate the bitmaps of *img*; None when none of them is enabled and consistent
+        (nothing will ever need to change).  Refuses, with one line, what vdisk cannot keep valid."""
+        h = img.header
+        if h.bitmaps_extension is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return None     # no bitmaps, or stale ones a program without bitmap support left behind
+        count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(h.bitmaps_extension)
+        file_size = img.host.size()
+        if dir_offset + dir_size > file_size:
+            raise CorruptImage("bitmap directory lies past the end of the file", path=img.path, field="bitmaps")
+        entries = parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path)
+        tracker = cls(img, entries, dir_offset, dir_size)
+        for i, e in enumerate(entries):
+            if e.in_use or not e.auto:
+                continue
+            if e.table_size != table_size(img.virtual_size, e.granularity_bits, img.cs):
+                raise CorruptImage("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size),
+                                   path=img.path, field="bitmaps")
+            tracker.bits[i] = tracker._load_bits(e, file_size)
+        return tracker if tracker.bits else None
+
+    def _load_bits(self, e: BitmapEntry, file_size: int) -> bytearray:
+        cs = self.img.cs
+        table = parse_table(self.img.host.pread(e.table_size * 8, e.table_offset), cs, file_size, e.label,
+                            self.img.path)
+        out = bytearray()
+        for entry in table:
+            offset = entry & TABLE_OFFSET_MASK
+            if offset:
+                out += self.img.host.pread(cs, offset)
+            else:
+                out += (b"\xff" if entry & TABLE_ALL_ONES else b"\x00") * cs
+        n = data_bytes(self.img.virtual_size, e.granularity_bits)
+        del out[n:]
+        granules = -(-self.img.virtual_size >> e.granularity_bits)
+        if granules % 8:
+            out[-1] &= (1 << (granules % 8)) - 1     # unused tail bits are zero
+        return out
+
+    def mark(self, offset: int, length: int) -> None:
+        """A guest write is about to touch the range: make sure ``in_use`` is on disk, set the bits."""
+        if not self.active:
+            self._set_in_use()
+        for i, bits in self.bits.items():
+            set_bits(bits, self.entries[i].granularity_bits, offset, length)
+
+    def _set_in_use(self) -> None:
+        """QEMU's update_ext_header_and_dir_in_place: the autoclear bit is cleared while the
+        directory is rewritten in place, so an interrupted rewrite leaves bitmaps that are ignored."""
+        img = self.img
+        h = img.header
+        for i in self.bits:
+            self.entries[i].flags |= FLAG_IN_USE
+        directory = pack_directory(self.entries)
+        self._write_autoclear(h.autoclear_features & ~hdr.AUTOCLEAR_BITMAPS)
+        img.host.pwrite(directory, self.dir_offset)
+        img.host.flush()
+        self._write_autoclear(h.autoclear_features)
+        self.active = True
+
+    def _write_autoclear(self, value: int) -> None:
+        self.img.host.pwrite(struct.pack(">Q", value), 88)
+        self.img.host.flush()
+
+    def store(self) -> None:
+        """Write the bits of the tracked bitmaps to new clusters and switch to a new directory
+        that points to them with ``in_use`` cleared; free the old clusters last."""
+        if not self.active:
+            return
+        img = self.img
+        old_clusters: List[Tuple[int, int]] = [(self.dir_offset, self.dir_size)]
+        new_entries = list(self.entries)
+        for i, bits in self.bits.items():
+            e = self.entries[i]
+            old_table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), img.cs, img.host.size(),
+                                    e.label, img.path)
+            old_clusters.append((e.table_offset, e.table_size * 8))
+            old_clusters.extend((t & TABLE_OFFSET_MASK, img.cs) for t in old_table if t & TABLE_OFFSET_MASK)
+            new_entries[i] = replace(e, table_offset=self._write_table(bits), flags=e.flags & ~FLAG_IN_USE)
+        directory = pack_directory(new_entries)
+        dir_offset = self._alloc_write(directory)
+        img.host.flush()
+        # the switch: directory size and offset in one write of the extension's payload
+        cluster0 = img.host.pread(img.cs, 0)
+        where = find_extension(cluster0, img.header.header_length, hdr.EXT_BITMAPS)
+        if where is None:
+            raise CorruptImage("bitmaps extension vanished from the header", path=img.path, field="bitmaps")
+        payload = hdr.BITMAPS_EXTENSION.pack(len(new_entries), 0, len(directory), dir_offset)
+        img.host.pwrite(payload, where)
+        img.host.flush()
+        img.header.bitmaps_extension = payload
+        img.forget_metadata_map()
+        for offset, length in old_clusters:
+            img.refcounts.free(offset, length)
+        img.host.flush()
+        self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, len(directory)
+        self.active = False
+
+    def _write_table(self, bits: bytearray) -> int:
+        """Data clusters (all-zero ones stay unallocated, as QEMU stores them), then the table."""
+        cs = self.img.cs
+        table = bytearray()
+        for start in range(0, len(bits), cs):
+            chunk = bytes(bits[start:start + cs])
+            offset = self._alloc_write(chunk + bytes(cs - len(chunk))) if chunk.count(0) != len(chunk) else 0
+            table += TABLE_ENTRY.pack(offset)
+        return self._alloc_write(bytes(table))
+
+    def _alloc_write(self, data: bytes) -> int:
+        """New clusters for *data* (refcounted first, checked against the metadata), written."""
+        img = self.img
+        clusters = -(-len(data) // img.cs)
+        offset = img.refcounts.alloc(clusters)
+        img.check_overlap(offset, clusters * img.cs)
+        img.host.pwrite(data + bytes(clusters * img.cs - len(data)), offset)
+        return offset
