@@ -142,3 +142,13 @@ def wait_until_qemu_writes(proc, path, timeout=15):
         assert proc.poll() is None, "qemu-io exited: %s" % proc.stderr.read()
         assert time.time() < deadline, "qemu-io did not lock %s within %d s" % (path, timeout)
         time.sleep(0.05)
+
+
+def default_signals():
+    """``preexec_fn`` of a child the test signals: SIGINT and SIGHUP back to their default action.
+
+    A test run started in the background (``make test &``, ``nohup``) hands its children these
+    signals ignored, and an ignored signal stays ignored: the child would never see it."""
+    import signal
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)

@@ -300,7 +300,8 @@ def test_interrupted_convert_leaves_no_partial_destination(tmp_path, big_source,
         qemu_io("qcow2", dest, "write -P 0x42 0 1M")
         before = dest.read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", helpers.CLI_MODULE, "convert", "-c", "-O", "qcow2",
-                             big_source, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             big_source, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=helpers.default_signals)
     deadline = time.time() + 30
     # wait until the temporary output exists and has grown: the conversion is under way; then
     # freeze the process so it cannot finish between that observation and the signal

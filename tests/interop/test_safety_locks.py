@@ -450,7 +450,8 @@ def test_terminated_convert_cleans_up(tmp_path, busy_source, sig, existing):
         helpers.qemu_img("create", "-q", "-f", "qcow2", dest, "1M", check=True)
         before = snapshot(dest)
     proc = subprocess.Popen([sys.executable, "-m", helpers.CLI_MODULE, "convert", "-c", "-O", "qcow2",
-                             busy_source, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             busy_source, str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=helpers.default_signals)
     try:
         deadline = time.time() + 60
         while True:
