@@ -181,6 +181,8 @@ FLAGS = {
     "commit": "-q -p -f -b -d -t --allow-path",
     "rebase": "-q -p -f -u -b -F -t -T --allow-path",
     "amend": "-q -p -f -o --force --allow-path",
+    "bitmap": "--add --remove --clear --enable --disable --merge -b --source-file -F --source-format -g "
+              "--granularity -f --object --allow-path",
     "compare": "-q -p -f -F -s -U --force-share --output --allow-path",
     "measure": "-O -o --size -f -l --output -U --force-share --allow-path",
     "inspect": "-f --output --allow-path",

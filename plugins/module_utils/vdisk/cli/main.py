@@ -467,6 +467,72 @@ def cmd_amend(argv: List[str]) -> int:
     return 0
 
 
+# -- bitmap --------------------------------------------------------------------------------
+class _BitmapOperation(argparse.Action):
+    """--add ... --merge SOURCE: each appends to one list, so the operations run in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..ops.bitmap import Operation
+        ops = list(getattr(namespace, self.dest) or [])
+        ops.append(Operation(option_string.lstrip("-"), values if values != [] else None))
+        setattr(namespace, self.dest, ops)
+
+
+@command("bitmap")
+def cmd_bitmap(argv: List[str]) -> int:
+    p = _Parser(prog="vdisk bitmap",
+                usage="vdisk bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... "
+                      "[-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] [--allow-path DIR] FILE BITMAP",
+                description="Add, remove, clear, enable, disable or merge a persistent "
+                "dirty bitmap of an image (qcow2 version 3); several operations run in the order given.")
+    for flag, text in (("--add", "add BITMAP, enabled (recording future writes); with --disable, disabled"),
+                       ("--remove", "remove BITMAP"),
+                       ("--clear", "clear every bit of BITMAP"),
+                       ("--enable", "enable BITMAP: it records future writes"),
+                       ("--disable", "disable BITMAP: it stops recording writes")):
+        p.add_argument(flag, dest="operations", action=_BitmapOperation, nargs=0, help=text)
+    p.add_argument("--merge", dest="operations", action=_BitmapOperation, metavar="SOURCE",
+                   help="merge the bits of bitmap SOURCE (of this image, or of -b SOURCE_FILE) into BITMAP")
+    p.add_argument("-b", "--source-file", dest="source_file", metavar="SOURCE_FILE",
+                   help="the image --merge takes its SOURCE bitmaps from (default: FILE)")
+    p.add_argument("-F", "--source-format", dest="source_fmt", metavar="SOURCE_FMT", help="format of SOURCE_FILE")
+    p.add_argument("-g", "--granularity", dest="granularity", metavar="GRANULARITY",
+                   help="bytes per bit of a bitmap --add creates: a power of two, 512 to 2G (default: the "
+                        "cluster size within 4k..64k; suffixes k, M, G)")
+    p.add_argument("-f", dest="fmt", help=_HELP_FMT)
+    p.add_argument("--object", metavar="OBJECTDEF", help="QEMU objects (secrets): not supported by vdisk")
+    _add_allow_path(p)
+    p.add_argument("operands", nargs="*", metavar="FILE BITMAP", help="the image and the name of the bitmap")
+    args = p.parse_intermixed_args(argv)
+    # qemu-img's checks, in its order and words
+    if args.object is not None:
+        raise UsageError("--object is not supported by vdisk")
+    if not args.operations:
+        raise UsageError("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
+    granularity = 0
+    if args.granularity is not None:
+        try:
+            granularity = parse_size(args.granularity, "granularity")
+        except ImageError:
+            raise UsageError("Invalid granularity specified. You may use k, M, G, T, P or E suffixes for "
+                             "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+    names = [op.name for op in args.operations]
+    if granularity and "add" not in names:
+        raise UsageError("granularity only supported with --add")
+    if args.source_fmt is not None and args.source_file is None:
+        raise UsageError("-F only supported with -b")
+    if args.source_file is not None and "merge" not in names:
+        raise UsageError("Merge bitmap source file only supported with --merge")
+    if len(args.operands) != 2:
+        raise UsageError("Expecting filename and bitmap name")
+    from ..ops.bitmap import edit_bitmap
+    # QEMU takes the granularity as a 32-bit number; 0 means the default
+    edit_bitmap(args.operands[0], args.operands[1], args.operations, args.fmt,
+                granularity & 0xFFFFFFFF if granularity else None, args.source_file, args.source_fmt,
+                _policy(args))
+    return 0
+
+
 # -- compare -------------------------------------------------------------------------------
 @command("compare")
 def cmd_compare(argv: List[str]) -> int:
@@ -595,6 +661,8 @@ Commands (qemu-img's syntax):
   map     [-f FMT] [--output=human|json] FILE
   measure [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] [-l SNAPSHOT] FILE) [--output=human|json]
   amend   [-f FMT] -o OPTS FILE
+  bitmap  (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]]
+          [-g GRANULARITY] [-f FMT] FILE BITMAP
   inspect [-f FMT] [--output=human|json] FILE
           (detected format, files the image names, safety checks; exits 1 when one fails)
   validate|plan|apply [--output=human|json] [--allow-path DIR] MANIFEST.yml ...

@@ -17,13 +17,21 @@ never trusted again.  vdisk follows QEMU (block/qcow2-bitmap.c):
 - a bitmap already ``in_use`` at open is left as it is (qemu-img opens such an image read-write
   too, and keeps the flag); a disabled bitmap is not touched.
 
-Parsing works on bytes (``parse_directory``, ``parse_table``); ``Tracker`` does the I/O.
+``qemu-img bitmap`` (``Editor``) adds, removes, clears, enables, disables and merges bitmaps with
+QEMU's rules and messages (block/qcow2-bitmap.c check_constraints_on_bitmap and
+qcow2_co_can_store_new_dirty_bitmap, block/dirty-bitmap.c, block/monitor/bitmap-qmp-cmds.c);
+its changes are stored in the same order: new data clusters and tables, a new directory, the
+extension switched with one write (or cluster 0 rewritten when the extension comes or goes),
+the old clusters freed last.
+
+Parsing works on bytes (``parse_directory``, ``parse_table``); ``Tracker`` and ``Editor`` do the
+I/O.
 """
 import struct
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-from ...errors import CorruptImage
+from ...errors import CorruptImage, ImageError, InvalidOption, UnsupportedFeature
 from . import header as hdr
 
 # -- on-disk structures --------------------------------------------------------------------
@@ -43,6 +51,9 @@ MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
 MAX_NAME_SIZE = 1023
 MAX_TABLE_SIZE = 0x8000000            # entries of one bitmap table
+MAX_PHYS_SIZE = 0x20000000            # QEMU's BME_MAX_PHYS_SIZE: bounds a bitmap's size in memory
+DEFAULT_GRANULARITY_MIN = 4096        # a new bitmap's default granularity: the cluster size,
+DEFAULT_GRANULARITY_MAX = 65536       # kept within these (block/dirty-bitmap.c)
 MAX_BITMAPS = hdr.MAX_BITMAPS
 MAX_DIRECTORY_SIZE = hdr.MAX_BITMAP_DIRECTORY_SIZE
 
@@ -137,8 +148,8 @@ def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None
     if e.flags & RESERVED_FLAGS:
         raise bad("%s: reserved flags 0x%x set" % (where, e.flags & RESERVED_FLAGS))
     if not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
-        raise bad("%s: granularity bits %d outside %d..%d" % (where, e.granularity_bits, MIN_GRANULARITY_BITS,
-                                                               MAX_GRANULARITY_BITS))
+        raise bad("%s: granularity bits %d outside %d..%d"
+                  % (where, e.granularity_bits, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS))
     if e.extra_data:
         raise bad("%s: bitmap extra data is not supported" % where)
     if not 0 < e.table_size <= MAX_TABLE_SIZE:
@@ -147,8 +158,7 @@ def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None
         raise bad("%s: table offset 0x%x is not cluster aligned" % (where, e.table_offset))
     # every entry may point to a cluster of its own: that much must fit in the file (QEMU's bound)
     if e.table_size * cluster_size > file_size or e.table_offset + e.table_size * 8 > file_size:
-        raise bad("%s: table (%d entries at 0x%x) does not fit in the file" % (where, e.table_size,
-                                                                            e.table_offset))
+        raise bad("%s: table (%d entries at 0x%x) does not fit in the file" % (where, e.table_size, e.table_offset))
 
 
 def pack_directory(entries: List[BitmapEntry]) -> bytes:
@@ -223,6 +233,113 @@ def find_extension(cluster0: bytes, header_length: int, etype: int) -> Optional[
 
 
 # -- I/O ------------------------------------------------------------------------------------
+def read_directory(img) -> Tuple[List[BitmapEntry], int, int]:
+    """The bitmap directory of an open image: ``(entries, offset, size)``, each entry checked.
+    No extension, or one whose autoclear bit a program without bitmap support cleared (stale
+    bitmaps, ignored as QEMU ignores them): no entries."""
+    h = img.header
+    if h.bitmaps_extension is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        return [], 0, 0
+    count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(h.bitmaps_extension)
+    file_size = img.host.size()
+    if dir_offset + dir_size > file_size:
+        raise CorruptImage("bitmap directory lies past the end of the file", path=img.path, field="bitmaps")
+    return parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path), \
+        dir_offset, dir_size
+
+
+def read_bits(img, e: BitmapEntry) -> bytearray:
+    """The bits of one bitmap (its table must cover exactly the disk, as QEMU's load_bitmap_data
+    requires); the unused bits of the last byte read as zero."""
+    cs = img.cs
+    if e.table_size != table_size(img.virtual_size, e.granularity_bits, cs):
+        raise CorruptImage("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size),
+                           path=img.path, field="bitmaps")
+    table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), cs, img.host.size(), e.label, img.path)
+    out = bytearray()
+    for entry in table:
+        offset = entry & TABLE_OFFSET_MASK
+        if offset:
+            out += img.host.pread(cs, offset)
+        else:
+            out += (b"\xff" if entry & TABLE_ALL_ONES else b"\x00") * cs
+    del out[data_bytes(img.virtual_size, e.granularity_bits):]
+    granules = -(-img.virtual_size >> e.granularity_bits)
+    if granules % 8:
+        out[-1] &= (1 << (granules % 8)) - 1
+    return out
+
+
+def stored_clusters(img, e: BitmapEntry) -> List[Tuple[int, int]]:
+    """``(offset, length)`` of the clusters one bitmap occupies: its table and its data clusters."""
+    table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), img.cs, img.host.size(), e.label,
+                        img.path)
+    data = [(t & TABLE_OFFSET_MASK, img.cs) for t in table if t & TABLE_OFFSET_MASK]
+    return [(e.table_offset, e.table_size * 8)] + data
+
+
+def write_bits(img, bits: bytearray, entries: int) -> int:
+    """Store bits in new clusters: the data clusters (all-zero ones stay unallocated, as QEMU
+    stores them), then the table of *entries* entries that points to them.  Returns its offset."""
+    cs = img.cs
+    table = bytearray()
+    for start in range(0, entries * cs, cs):
+        chunk = bytes(bits[start:start + cs])
+        offset = alloc_write(img, chunk + bytes(cs - len(chunk))) if chunk.count(0) != len(chunk) else 0
+        table += TABLE_ENTRY.pack(offset)
+    return alloc_write(img, bytes(table))
+
+
+def alloc_write(img, data: bytes) -> int:
+    """New clusters for *data* (refcounted first, checked against the metadata), written."""
+    clusters = -(-len(data) // img.cs)
+    offset = img.refcounts.alloc(clusters)
+    img.check_overlap(offset, clusters * img.cs)
+    img.host.pwrite(data + bytes(clusters * img.cs - len(data)), offset)
+    return offset
+
+
+def switch_directory(img, entries: List[BitmapEntry], old_clusters: List[Tuple[int, int]]) -> Tuple[int, int]:
+    """Write a new directory for *entries* (refcounted first) and switch the header to it with one
+    write: the extension's payload in place, or cluster 0 rewritten when the extension comes, goes
+    (no bitmaps left: extension and autoclear bit dropped, as QEMU drops them) or replaces a stale
+    one.  *old_clusters* are freed after the switch.  Returns the new directory's offset and size."""
+    h = img.header
+    directory = pack_directory(entries)
+    consistent = bool(h.autoclear_features & hdr.AUTOCLEAR_BITMAPS)
+    in_place = bool(entries) and h.bitmaps_extension is not None and consistent
+    where = find_extension(img.host.pread(img.cs, 0), h.header_length, hdr.EXT_BITMAPS) if in_place else None
+    if in_place and where is None:
+        raise CorruptImage("bitmaps extension vanished from the header", path=img.path, field="bitmaps")
+    if not in_place:
+        # a header that would not fit in cluster 0 is refused before anything is allocated
+        saved = h.bitmaps_extension
+        h.bitmaps_extension = hdr.BITMAPS_EXTENSION.pack(0, 0, 0, 0) if entries else None
+        try:
+            hdr.pack_header(h)
+        finally:
+            h.bitmaps_extension = saved
+    dir_offset = alloc_write(img, directory) if entries else 0
+    img.host.flush()
+    payload = hdr.BITMAPS_EXTENSION.pack(len(entries), 0, len(directory), dir_offset) if entries else None
+    if where is not None:
+        img.host.pwrite(payload, where)
+        h.bitmaps_extension = payload
+    else:
+        h.bitmaps_extension = payload
+        if entries:
+            h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
+        else:
+            h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        img.write_header()
+    img.host.flush()
+    img.forget_metadata_map()
+    for offset, length in old_clusters:
+        img.refcounts.free(offset, length)
+    img.host.flush()
+    return dir_offset, len(directory)
+
+
 class Tracker:
     """The enabled bitmaps of an image open for writing: their bits, kept in memory from the
     first guest write (``in_use`` set on disk) until close (bits stored, ``in_use`` cleared)."""
@@ -239,41 +356,13 @@ class Tracker:
     def open(cls, img) -> Optional["Tracker"]:
         """Read and validate the bitmaps of *img*; None when none of them is enabled and consistent
         (nothing will ever need to change).  Refuses, with one line, what vdisk cannot keep valid."""
-        h = img.header
-        if h.bitmaps_extension is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-            return None     # no bitmaps, or stale ones a program without bitmap support left behind
-        count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(h.bitmaps_extension)
-        file_size = img.host.size()
-        if dir_offset + dir_size > file_size:
-            raise CorruptImage("bitmap directory lies past the end of the file", path=img.path, field="bitmaps")
-        entries = parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path)
+        entries, dir_offset, dir_size = read_directory(img)
         tracker = cls(img, entries, dir_offset, dir_size)
         for i, e in enumerate(entries):
             if e.in_use or not e.auto:
                 continue
-            if e.table_size != table_size(img.virtual_size, e.granularity_bits, img.cs):
-                raise CorruptImage("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size),
-                                   path=img.path, field="bitmaps")
-            tracker.bits[i] = tracker._load_bits(e, file_size)
+            tracker.bits[i] = read_bits(img, e)
         return tracker if tracker.bits else None
-
-    def _load_bits(self, e: BitmapEntry, file_size: int) -> bytearray:
-        cs = self.img.cs
-        table = parse_table(self.img.host.pread(e.table_size * 8, e.table_offset), cs, file_size, e.label,
-                            self.img.path)
-        out = bytearray()
-        for entry in table:
-            offset = entry & TABLE_OFFSET_MASK
-            if offset:
-                out += self.img.host.pread(cs, offset)
-            else:
-                out += (b"\xff" if entry & TABLE_ALL_ONES else b"\x00") * cs
-        n = data_bytes(self.img.virtual_size, e.granularity_bits)
-        del out[n:]
-        granules = -(-self.img.virtual_size >> e.granularity_bits)
-        if granules % 8:
-            out[-1] &= (1 << (granules % 8)) - 1     # unused tail bits are zero
-        return out
 
     def mark(self, offset: int, length: int) -> None:
         """A guest write is about to touch the range: make sure ``in_use`` is on disk, set the bits."""
@@ -310,45 +399,190 @@ class Tracker:
         new_entries = list(self.entries)
         for i, bits in self.bits.items():
             e = self.entries[i]
-            old_table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), img.cs, img.host.size(),
-                                    e.label, img.path)
-            old_clusters.append((e.table_offset, e.table_size * 8))
-            old_clusters.extend((t & TABLE_OFFSET_MASK, img.cs) for t in old_table if t & TABLE_OFFSET_MASK)
-            new_entries[i] = replace(e, table_offset=self._write_table(bits), flags=e.flags & ~FLAG_IN_USE)
-        directory = pack_directory(new_entries)
-        dir_offset = self._alloc_write(directory)
-        img.host.flush()
-        # the switch: directory size and offset in one write of the extension's payload
-        cluster0 = img.host.pread(img.cs, 0)
-        where = find_extension(cluster0, img.header.header_length, hdr.EXT_BITMAPS)
-        if where is None:
-            raise CorruptImage("bitmaps extension vanished from the header", path=img.path, field="bitmaps")
-        payload = hdr.BITMAPS_EXTENSION.pack(len(new_entries), 0, len(directory), dir_offset)
-        img.host.pwrite(payload, where)
-        img.host.flush()
-        img.header.bitmaps_extension = payload
-        img.forget_metadata_map()
-        for offset, length in old_clusters:
-            img.refcounts.free(offset, length)
-        img.host.flush()
-        self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, len(directory)
+            old_clusters.extend(stored_clusters(img, e))
+            new_entries[i] = replace(e, table_offset=write_bits(img, bits, e.table_size),
+                                     flags=e.flags & ~FLAG_IN_USE)
+        dir_offset, dir_size = switch_directory(img, new_entries, old_clusters)
+        self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, dir_size
         self.active = False
 
-    def _write_table(self, bits: bytearray) -> int:
-        """Data clusters (all-zero ones stay unallocated, as QEMU stores them), then the table."""
-        cs = self.img.cs
-        table = bytearray()
-        for start in range(0, len(bits), cs):
-            chunk = bytes(bits[start:start + cs])
-            offset = self._alloc_write(chunk + bytes(cs - len(chunk))) if chunk.count(0) != len(chunk) else 0
-            table += TABLE_ENTRY.pack(offset)
-        return self._alloc_write(bytes(table))
 
-    def _alloc_write(self, data: bytes) -> int:
-        """New clusters for *data* (refcounted first, checked against the metadata), written."""
+# -- editing (qemu-img bitmap) ----------------------------------------------------------------
+def default_granularity(cluster_size: int) -> int:
+    """A new bitmap's granularity when none is given: the cluster size within 4 KiB..64 KiB."""
+    return min(max(cluster_size, DEFAULT_GRANULARITY_MIN), DEFAULT_GRANULARITY_MAX)
+
+
+def entry_size(name_size: int) -> int:
+    """Bytes of a directory entry without extra data (padded to 8)."""
+    return -(-(DIRECTORY_ENTRY.size + name_size) // 8) * 8
+
+
+def constraints_problem(name: bytes, granularity: int, virtual_size: int, cluster_size: int) -> Optional[str]:
+    """What keeps a new bitmap from being stored (QEMU's check_constraints_on_bitmap, its order and
+    words); None when it can be.  *granularity* is a power of two."""
+    bits = granularity.bit_length() - 1
+    if bits > MAX_GRANULARITY_BITS:
+        return "Granularity exceeds maximum (%d bytes)" % (1 << MAX_GRANULARITY_BITS)
+    if bits < MIN_GRANULARITY_BITS:
+        return "Granularity is under minimum (%d bytes)" % (1 << MIN_GRANULARITY_BITS)
+    if virtual_size > MAX_PHYS_SIZE << bits or virtual_size > MAX_TABLE_SIZE * cluster_size << bits:
+        return "Too much space will be occupied by the bitmap. Use larger granularity"
+    if len(name) > MAX_NAME_SIZE:
+        return "Name length exceeds maximum (%d characters)" % MAX_NAME_SIZE
+    return None
+
+
+def dirty_runs(bits: bytes, granularity_bits: int, virtual_size: int) -> Iterator[Tuple[int, int]]:
+    """The guest byte ranges ``(offset, length)`` a bitmap marks dirty, adjacent granules joined."""
+    start = None
+    for index, byte in enumerate(bits):
+        if byte in (0, 0xFF) and (start is None) == (byte == 0):
+            continue                                  # a whole byte that continues the current state
+        for bit in range(8):
+            granule = index * 8 + bit
+            if byte >> bit & 1:
+                if start is None:
+                    start = granule
+            elif start is not None:
+                first = start << granularity_bits
+                yield first, min(virtual_size, granule << granularity_bits) - first
+                start = None
+    if start is not None:
+        yield start << granularity_bits, virtual_size - (start << granularity_bits)
+
+
+def merge_bits(dst: bytearray, dst_bits: int, src: bytes, src_bits: int, virtual_size: int) -> None:
+    """OR the bits of *src* into *dst*; with another granularity every *dst* granule that a dirty
+    *src* range touches becomes dirty (QEMU's hbitmap_merge)."""
+    if dst_bits == src_bits:
+        merged = int.from_bytes(dst, "little") | int.from_bytes(src, "little")
+        dst[:] = merged.to_bytes(len(dst), "little")
+        return
+    for offset, length in dirty_runs(src, src_bits, virtual_size):
+        set_bits(dst, dst_bits, offset, length)
+
+
+@dataclass
+class EditedBitmap:
+    """One bitmap while ``qemu-img bitmap`` changes it: its directory entry, new bits when they
+    change (None: the stored ones stay) and whether it is stored on disk yet."""
+    entry: BitmapEntry
+    bits: Optional[bytearray] = None
+    stored: bool = True
+
+
+class Editor:
+    """The persistent bitmaps of an open image, changed as QEMU's QMP commands change them;
+    ``commit`` stores the changes.  On an image opened read-only it serves as a merge source."""
+
+    def __init__(self, img):
+        self.img = img
+        entries, self.dir_offset, self.dir_size = read_directory(img) if img.header.version >= 3 else ([], 0, 0)
+        self.bitmaps: List[EditedBitmap] = [EditedBitmap(e) for e in entries]
+        self.dropped: List[BitmapEntry] = []        # removed bitmaps whose clusters are freed on commit
+        self.changed = False
+
+    # -- lookups --------------------------------------------------------------------------
+    def find(self, name: str) -> EditedBitmap:
+        for bm in self.bitmaps:
+            if bm.entry.name == name.encode("utf-8", "surrogateescape"):
+                return bm
+        raise ImageError("Dirty bitmap '%s' not found" % name)
+
+    def usable(self, name: str) -> EditedBitmap:
+        """A bitmap that can be read and changed: found and consistent (not ``in_use``)."""
+        bm = self.find(name)
+        if bm.entry.in_use:
+            raise CorruptImage("Bitmap '%s' is inconsistent and cannot be used" % name)
+        return bm
+
+    def bits(self, bm: EditedBitmap) -> bytearray:
+        if bm.bits is None:
+            return read_bits(self.img, bm.entry)
+        return bm.bits
+
+    # -- the operations -------------------------------------------------------------------
+    def add(self, name: str, granularity: Optional[int] = None, enabled: bool = True) -> None:
+        """block-dirty-bitmap-add with persistent=on: the checks in QEMU's order and words."""
         img = self.img
-        clusters = -(-len(data) // img.cs)
-        offset = img.refcounts.alloc(clusters)
-        img.check_overlap(offset, clusters * img.cs)
-        img.host.pwrite(data + bytes(clusters * img.cs - len(data)), offset)
-        return offset
+        raw = name.encode("utf-8", "surrogateescape")
+        if not raw:
+            raise InvalidOption("Bitmap name cannot be empty")
+        if granularity is None:
+            granularity = default_granularity(img.cs)
+        elif granularity < 512 or granularity & (granularity - 1):
+            raise InvalidOption("Granularity must be power of 2 and at least 512")
+        if any(bm.entry.name == raw for bm in self.bitmaps):
+            raise ImageError("Bitmap already exists: %s" % name)
+        where = "Can't make bitmap '%s' persistent in '%s': " % (name, img.path)
+        if img.header.version < 3:
+            raise UnsupportedFeature(where + "Cannot store dirty bitmaps in qcow2 v2 files")
+        problem = constraints_problem(raw, granularity, img.virtual_size, img.cs)
+        if problem:
+            raise InvalidOption(where + problem)
+        if len(self.bitmaps) + 1 > MAX_BITMAPS:
+            raise InvalidOption(where + "Maximum number of persistent bitmaps is already reached")
+        if sum(entry_size(len(bm.entry.name)) for bm in self.bitmaps) + entry_size(len(raw)) > MAX_DIRECTORY_SIZE:
+            raise InvalidOption(where + "Not enough space in the bitmap directory")
+        gbits = granularity.bit_length() - 1
+        entry = BitmapEntry(raw, 0, table_size(img.virtual_size, gbits, img.cs), FLAG_AUTO if enabled else 0, gbits)
+        self.bitmaps.append(EditedBitmap(entry, bytearray(data_bytes(img.virtual_size, gbits)), stored=False))
+        self.changed = True
+
+    def remove(self, name: str) -> None:
+        """block-dirty-bitmap-remove: an inconsistent bitmap may be removed too."""
+        bm = self.find(name)
+        self.bitmaps.remove(bm)
+        if bm.stored:
+            self.dropped.append(bm.entry)
+        self.changed = True
+
+    def clear(self, name: str) -> None:
+        bm = self.usable(name)
+        bm.bits = bytearray(data_bytes(self.img.virtual_size, bm.entry.granularity_bits))
+        self.changed = True
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        """block-dirty-bitmap-enable / -disable: the ``auto`` flag."""
+        bm = self.usable(name)
+        flags = bm.entry.flags | FLAG_AUTO if enabled else bm.entry.flags & ~FLAG_AUTO
+        if flags != bm.entry.flags:
+            bm.entry = replace(bm.entry, flags=flags)
+            self.changed = True
+
+    def merge(self, name: str, source: "Editor", source_name: str) -> None:
+        """block-dirty-bitmap-merge of one source bitmap (of this image or of *source*'s) into
+        *name*; granularities may differ, disk sizes may not."""
+        dst = self.usable(name)
+        src = source.usable(source_name)
+        if source.img.virtual_size != self.img.virtual_size:
+            raise ImageError("Bitmaps are of different sizes (destination size is %d, source size is %d) and "
+                             "can't be merged" % (self.img.virtual_size, source.img.virtual_size))
+        bits = bytearray(self.bits(dst))
+        merge_bits(bits, dst.entry.granularity_bits, source.bits(src), src.entry.granularity_bits,
+                   self.img.virtual_size)
+        dst.bits = bits
+        self.changed = True
+
+    # -- storing --------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Store the changes: new bits to new clusters, then a new directory and the switch to it,
+        the old directory and the replaced or removed bitmaps' clusters freed last."""
+        if not self.changed:
+            return
+        img = self.img
+        old: List[Tuple[int, int]] = [(self.dir_offset, self.dir_size)] if self.dir_size else []
+        for e in self.dropped:
+            old.extend(stored_clusters(img, e))
+        for bm in self.bitmaps:
+            if bm.bits is None:
+                continue
+            if bm.stored:
+                old.extend(stored_clusters(img, bm.entry))
+            bm.entry = replace(bm.entry, table_offset=write_bits(img, bm.bits, bm.entry.table_size),
+                               flags=bm.entry.flags & ~FLAG_IN_USE)
+            bm.bits, bm.stored = None, True
+        entries = [bm.entry for bm in self.bitmaps]
+        self.dir_offset, self.dir_size = switch_directory(img, entries, old)
+        self.dropped, self.changed = [], False

@@ -877,6 +877,20 @@ class Qcow2Image(Image):
             out["snapshots"] = snaps
         return out
 
+    # -- persistent bitmaps (qemu-img bitmap) -----------------------------------------
+    def bitmap_editor(self) -> bitmaps.Editor:
+        """The persistent bitmaps, to change them (``commit_bitmaps``) or, read-only, to merge
+        from.  The bits earlier writes of this session set are stored first."""
+        if self._bitmaps is not None:
+            self._bitmaps.store()
+        return bitmaps.Editor(self)
+
+    def commit_bitmaps(self, editor: bitmaps.Editor) -> None:
+        """Store what *editor* changed; later writes then track the bitmaps enabled now."""
+        self._check_writable()
+        editor.commit()
+        self._bitmaps = bitmaps.Tracker.open(self)
+
     # -- snapshots --------------------------------------------------------------------
     def _check_snapshots_possible(self, name: str) -> None:
         self._check_writable()
