@@ -19,8 +19,8 @@ from ..units import format_size
 from . import saved as saved_plans
 from .load import Loaded, load_manifests
 from .lock import apply_lock, parse_timeout
-from .render import (diagnostics, plan_dict, render_json, render_plan_human, render_report_human, report_dict,
-                     validate_dict)
+from .render import (diagnostic, diagnostics, plan_dict, render_json, render_plan_human, render_report_human,
+                     report_dict, validate_dict)
 from .run import apply_all, plan_all
 
 
@@ -100,9 +100,8 @@ def run(name: str, argv: List[str], usage_error: Type[Exception] = SystemExit,
     except ImageError as exc:
         this.error(str(exc))
         if this.json:
-            this.write(render_json({"format_version": 1, "ok": False, "diagnostics": [
-                {"severity": "error", "manifest": None, "index": None, "path": exc.path, "field": exc.field,
-                 "line": None, "message": str(exc)}]}))
+            this.write(render_json({"format_version": 1, "ok": False,
+                                    "diagnostics": [diagnostic(str(exc), path=exc.path, field=exc.field)]}))
         return 1
 
 
@@ -188,9 +187,7 @@ def _refuse(this: _Run, loaded: Loaded, plans, found: List[Dict[str, Any]], stal
         from ..state.batch import Report
         report = Report(plans=list(plans))
         report.not_done = [(p.entry, a) for p in plans for a in p.actions]
-        stale_found = [{"severity": "error", "manifest": None, "index": None, "path": None, "field": None,
-                        "line": None, "message": "the plan is stale: %s" % r,
-                        "text": "the plan is stale: %s" % r} for r in stale]
+        stale_found = [diagnostic("the plan is stale: %s" % r) for r in stale]
         this.write(render_json(report_dict(report, found + stale_found)))
     return 1
 

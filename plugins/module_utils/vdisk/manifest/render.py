@@ -4,7 +4,7 @@ Images are named as the manifest writes them (``golden/base.qcow2``), so the out
 same on every machine; the JSON carries the resolved paths too.
 """
 import json
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..state.plan import (AMEND, CONVERT, CREATE, DELETE, GROW, REPLACE, SHRINK, SNAPSHOT_APPLY, SNAPSHOT_CREATE,
                           SNAPSHOT_DELETE, Action)
@@ -222,5 +222,13 @@ def diagnostics(loaded: Loaded, plans: Sequence[ImagePlan]) -> List[Dict[str, An
     problems = list(loaded.problems) + [plan_problem(p) for p in plans if p.error]
     position = {name: number for number, name in enumerate(loaded.manifests)}
     problems.sort(key=lambda p: (position.get(p.manifest, len(position)), p.line or 0))
-    return [{"severity": getattr(p, "severity", "error"), "manifest": p.manifest, "index": p.index, "path": p.image,
-             "field": p.field, "line": p.line, "message": p.message, "text": str(p)} for p in problems]
+    return [diagnostic(p.message, str(p), p.manifest, p.index, p.image, p.field, p.line, p.severity)
+            for p in problems]
+
+
+def diagnostic(message: str, text: Optional[str] = None, manifest: Optional[str] = None,
+               index: Optional[int] = None, path: Optional[str] = None, field: Optional[str] = None,
+               line: Optional[int] = None, severity: str = "error") -> Dict[str, Any]:
+    """One item of ``diagnostics`` (docs/schemas/plan-output.schema.json); *text* defaults to *message*."""
+    return {"severity": severity, "manifest": manifest, "index": index, "path": path, "field": field, "line": line,
+            "message": message, "text": text or message}
