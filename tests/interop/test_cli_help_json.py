@@ -172,7 +172,7 @@ def test_compare_json_ignores_quiet_and_progress(capsys, pair):
 # other option it lists
 FLAGS = {
     "create": "-q -f -o -b -F -u --allow-path",
-    "convert": "-q -p -c -f -O -o -B -F -t -T -S -C -n -m -W -l -U --force-share --target-is-zero --allow-path",
+    "convert": "-q -p -c -f -O -o -B -F -t -T -S -C -n -m -W -l -U --force-share --target-is-zero --bitmaps --skip-broken-bitmaps --allow-path",
     "info": "-f --output --backing-chain -U --force-share --allow-path",
     "map": "-f --output -U --force-share --allow-path",
     "check": "-q -f -r --output -U --force-share --allow-path",

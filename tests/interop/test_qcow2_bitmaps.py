@@ -239,22 +239,3 @@ def test_unusable_bitmap_directory_refuses_writes(tmp_path):
         open_image(path, "qcow2", writable=True)
     assert "granularity bits 40" in str(exc.value) and "\n" not in str(exc.value)
     assert open(path, "rb").read() == before
-
-
-@pytest.mark.parametrize("op", ["snapshot", "resize", "refcount-bits"])
-def test_operations_that_would_lose_bitmaps_are_refused(tmp_path, op):
-    path = str(tmp_path / "a.qcow2")
-    base_image(path)
-    before = open(path, "rb").read()
-    img = open_image(path, "qcow2", writable=True)
-    try:
-        with pytest.raises(errors.UnsupportedFeature):
-            if op == "snapshot":
-                img.create_snapshot("s1")
-            elif op == "resize":
-                img.resize(2 * SIZE)
-            else:
-                img.amend(img.driver.parse_options({"refcount_bits": "64"}))
-    finally:
-        close_chain(img)
-    assert open(path, "rb").read() == before

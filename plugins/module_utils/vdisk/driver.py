@@ -293,6 +293,9 @@ class Image:
     """One open layer of a disk image.  Formats override what they support."""
 
     driver: "Driver"
+    # whether the image can hold persistent dirty bitmaps (then it has ``bitmap_editor()`` and
+    # ``commit_bitmaps(editor)``, see formats/qcow2/bitmaps.py)
+    supports_persistent_bitmaps = False
 
     def __init__(self, path: str, writable: bool):
         self.path = path

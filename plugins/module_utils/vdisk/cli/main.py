@@ -49,6 +49,11 @@ _HELP_PROGRESS = "show progress on stdout"
 _CACHE_MODES = "none, writeback, writethrough, directsync or unsafe"
 
 
+def _warn(command_name: str, text: str) -> None:
+    """A warning on stderr, one line, as qemu-img's ``qemu-img: warning: ...``."""
+    print("vdisk: %s: warning: %s" % (command_name, text), file=sys.stderr)
+
+
 def command(name: str):
     def register(fn):
         COMMANDS[name] = fn
@@ -224,6 +229,10 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
     p.add_argument("--target-is-zero", action="store_true",
                    help="DST already reads as zeros: do not write zeros (needs -n)")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="also copy the persistent dirty bitmaps of SRC (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: skip inconsistent bitmaps with a warning instead of failing")
     _add_allow_path(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="the source images, then DST, the new image")
     args = p.parse_args(argv)
@@ -246,7 +255,9 @@ def cmd_convert(argv: List[str]) -> int:
             sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
             target_is_zero=args.target_is_zero, snapshot=args.snapshot, policy=_policy(args),
             progress=_progress(args.progress and not args.quiet), backing=args.backing,
-            backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload)
+            backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload,
+            bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
+            warn=lambda text: _warn("convert", text))
     return 0
 
 
@@ -650,7 +661,7 @@ USAGE = """usage: vdisk [-h] [-V] COMMAND [options]
 Commands (qemu-img's syntax):
   create  [-q] [-f FMT] [-o OPTS] [-b BACKING [-F BACKING_FMT]] [-u] FILE [SIZE]
   convert [-q] [-p] [-c | -C] [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT] [-S SIZE] [-n]
-          [--target-is-zero] [-m N] [-W] SRC [SRC...] DST
+          [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [-m N] [-W] SRC [SRC...] DST
   info    [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
   check   [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILE
   resize  [-q] [-f FMT] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE

@@ -78,7 +78,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             existing: bool = False, target_is_zero: bool = False, snapshot: Optional[str] = None,
             policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None,
             backing: Optional[str] = None, backing_fmt: Optional[str] = None,
-            workers: Optional[int] = None, cache: str = "unsafe", copy_offload: bool = False) -> None:
+            workers: Optional[int] = None, cache: str = "unsafe", copy_offload: bool = False,
+            bitmaps: bool = False, skip_broken_bitmaps: bool = False,
+            warn: Optional[Callable[[str], None]] = None) -> None:
     """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*.
 
     *snapshot* is qemu-img's ``-l`` parameter; *backing*/*backing_fmt* are ``-B``/``-F``: the
@@ -86,7 +88,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
     compress for ``-c`` (default: one per CPU).  *cache* is ``-t``: with qemu-img's default
     ``unsafe`` a new output is not flushed to disk (an output replacing a file always is).
     *copy_offload* is ``-C``: data goes from host file to host file inside the kernel where both
-    layouts allow (raw to raw), without zero detection.
+    layouts allow (raw to raw), without zero detection.  *bitmaps* is ``--bitmaps``: the source's
+    persistent bitmaps are copied after the data; an inconsistent one refuses the copy before
+    anything is created, or is skipped with a *warn*ing with *skip_broken_bitmaps*.
     """
     options = dict(options or {})
     if cache not in CACHE_MODES:
@@ -101,6 +105,10 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
         raise InvalidOption("Invalid buffer size for sparse output specified", field="-S")
     if snapshot is not None and len(sources) > 1:
         raise InvalidOption("No support for concatenating multiple snapshot", field="-l")
+    if skip_broken_bitmaps and not bitmaps:
+        raise InvalidOption("Use of --skip-broken-bitmaps requires --bitmaps", field="--skip-broken-bitmaps")
+    if bitmaps and len(sources) > 1:
+        raise InvalidOption("Copying bitmaps only possible with single source", field="bitmap")
     if backing is None and options.get("backing_file"):
         backing, backing_fmt = options.pop("backing_file"), options.pop("backing_fmt", backing_fmt)
     if backing is not None and "backing" not in driver.capabilities:
@@ -124,6 +132,7 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             images.append(img)
             if snapshot is not None:
                 img.select_snapshot(*parse_snapshot_param(snapshot))
+        source_bitmaps = _source_bitmaps(images[0], skip_broken_bitmaps) if bitmaps else None
         source = _Concat(images)
         size = source.virtual_size
         if existing or onto_device:
@@ -134,9 +143,13 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
                 if out.virtual_size < size:
                     raise ImageError("error while converting raw: Cannot grow device files" if onto_device
                                      else "output file is smaller than input file", path=dest)
+                if source_bitmaps is not None:
+                    _check_bitmap_target(out, out_fmt)
                 _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers,
                           copy_offload, fresh=False)
                 out.flush()
+                if source_bitmaps is not None:
+                    _copy_bitmaps(source_bitmaps, out, warn)
             finally:
                 close_chain(out)
             return
@@ -153,9 +166,13 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
                               policy=replace(policy or Policy(), lock=False, sync=sync).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
+                if source_bitmaps is not None:
+                    _check_bitmap_target(out, out_fmt)
                 _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers,
                           copy_offload, fresh=typed.get("preallocation") in (None, "off"))
                 out.flush()
+                if source_bitmaps is not None:
+                    _copy_bitmaps(source_bitmaps, out, warn)
             finally:
                 out.backing = None
                 out.close()
@@ -168,6 +185,30 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             close_chain(img)
         if new_backing is not None:
             close_chain(new_backing)
+
+
+def _source_bitmaps(img: Image, skip_broken: bool):
+    """The bitmaps ``--bitmaps`` copies, checked before anything is created (qemu-img's order)."""
+    if not img.supports_persistent_bitmaps:
+        raise UnsupportedFeature("Source lacks bitmap support", path=img.path, field="bitmap")
+    editor = img.bitmap_editor()
+    editor.check_copyable(skip_broken)
+    return editor
+
+
+def _check_bitmap_target(out: Image, out_fmt: str) -> None:
+    """``--bitmaps`` needs a target that can hold them: refused before a byte is written."""
+    if not out.supports_persistent_bitmaps:
+        raise UnsupportedFeature("Format driver '%s' does not support bitmaps" % out_fmt, path=out.path,
+                                 field="bitmap")
+
+
+def _copy_bitmaps(source_bitmaps, out: Image, warn: Optional[Callable[[str], None]]) -> None:
+    """After the data: the source's bitmaps added to the target and stored (so the copy's own
+    writes dirty none of them, as in qemu-img)."""
+    editor = out.bitmap_editor()
+    editor.copy_from(source_bitmaps, warn or (lambda text: None))
+    out.commit_bitmaps(editor)
 
 
 def _check_device_create(dest: str, out_fmt: str, typed: Dict[str, Any]) -> None:

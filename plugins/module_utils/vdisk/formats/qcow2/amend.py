@@ -4,7 +4,7 @@ at creation are refused, as QEMU does."""
 import struct
 from typing import Any, Dict
 
-from ...errors import ImageError, InvalidOption, UnsupportedFeature
+from ...errors import ImageError, InvalidOption
 from . import header as hdr
 from .check import count_references, rebuild_refcounts
 from .refcount import Refcounts
@@ -40,12 +40,6 @@ def amend(img, options: Dict[str, Any]) -> None:
         if new_version < 3 and bits != 16:
             raise InvalidOption("Refcount widths other than 16 bits require compatibility level 1.1 or above (use "
                                 "compat=1.1 or greater)", path=img.path, field="refcount_bits")
-        if bits != h.refcount_bits and h.bitmaps_extension is not None \
-                and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-            # the new refcount structure is counted from the mapping tables, which do not know the
-            # bitmaps' clusters: refuse rather than free them
-            raise UnsupportedFeature("changing refcount_bits of an image with persistent bitmaps is not supported "
-                                     "by this version of vdisk", path=img.path, field="refcount_bits")
     # the order QEMU uses: upgrade, refcount width, backing file, lazy refcounts, size, downgrade
     if new_version > h.version:
         h.version = 3
@@ -116,10 +110,16 @@ def downgrade(img) -> None:
     if h.compression_type != hdr.COMPRESSION_ZLIB:
         raise ImageError("Cannot downgrade an image with a compression type other than zlib", path=img.path,
                          field="compat")
-    if h.bitmaps_extension is not None:
-        raise ImageError("Cannot downgrade an image with persistent bitmaps", path=img.path, field="compat")
     if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
         raise ImageError("Cannot downgrade an image with a data file", path=img.path, field="compat")
+    if h.bitmaps_extension is not None:
+        # version 2 cannot say whether bitmaps are valid: QEMU downgrades and leaves them in the header,
+        # invalid, their clusters leaked; vdisk removes them, freeing their clusters
+        editor = img.bitmap_editor()
+        for bm in list(editor.bitmaps):
+            editor.remove(bm.entry.name.decode("utf-8", "surrogateescape"))
+        img.commit_bitmaps(editor)
+        h.bitmaps_extension = None
     expand_zero_clusters(img)
     h.version = 2
     h.header_length = hdr.HEADER_V2_LENGTH

@@ -29,7 +29,7 @@ I/O.
 """
 import struct
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ...errors import CorruptImage, ImageError, InvalidOption, UnsupportedFeature
 from . import header as hdr
@@ -157,16 +157,17 @@ def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None
     if not e.table_offset or e.table_offset % cluster_size:
         raise bad("%s: table offset 0x%x is not cluster aligned" % (where, e.table_offset))
     # every entry may point to a cluster of its own: that much must fit in the file (QEMU's bound)
-    if e.table_size * cluster_size > file_size or e.table_offset + e.table_size * 8 > file_size:
-        raise bad("%s: table (%d entries at 0x%x) does not fit in the file" % (where, e.table_size, e.table_offset))
+    if e.table_size * cluster_size > file_size:
+        raise bad("%s: table of %d entries is larger than the file allows" % (where, e.table_size))
 
 
 def pack_directory(entries: List[BitmapEntry]) -> bytes:
     return b"".join(e.pack() for e in entries)
 
 
-def check_table_entry(entry: int, cluster_size: int, file_size: int) -> Optional[str]:
-    """What is wrong with a bitmap table entry (None when it is valid)."""
+def check_table_entry(entry: int, cluster_size: int, file_size: Optional[int]) -> Optional[str]:
+    """What is wrong with a bitmap table entry (None when it is valid).  QEMU's check_table_entry
+    does not look at the file's end (*file_size* None); a reader of the bits does."""
     offset = entry & TABLE_OFFSET_MASK
     if entry & TABLE_RESERVED_MASK:
         return "reserved bits set"
@@ -174,7 +175,7 @@ def check_table_entry(entry: int, cluster_size: int, file_size: int) -> Optional
         return "all-ones flag set on an allocated entry"
     if offset % cluster_size:
         return "offset 0x%x is not cluster aligned" % offset
-    if offset and offset + cluster_size > file_size:
+    if offset and file_size is not None and offset + cluster_size > file_size:
         return "offset 0x%x lies past the end of the file" % offset
     return None
 
@@ -233,8 +234,9 @@ def find_extension(cluster0: bytes, header_length: int, etype: int) -> Optional[
 
 
 # -- I/O ------------------------------------------------------------------------------------
-def read_directory(img) -> Tuple[List[BitmapEntry], int, int]:
-    """The bitmap directory of an open image: ``(entries, offset, size)``, each entry checked.
+def read_directory(img, tables_in_file: bool = True) -> Tuple[List[BitmapEntry], int, int]:
+    """The bitmap directory of an open image: ``(entries, offset, size)``, each entry checked (and,
+    for a reader or writer of the bits, *tables_in_file*, each table inside the file).
     No extension, or one whose autoclear bit a program without bitmap support cleared (stale
     bitmaps, ignored as QEMU ignores them): no entries."""
     h = img.header
@@ -244,8 +246,58 @@ def read_directory(img) -> Tuple[List[BitmapEntry], int, int]:
     file_size = img.host.size()
     if dir_offset + dir_size > file_size:
         raise CorruptImage("bitmap directory lies past the end of the file", path=img.path, field="bitmaps")
-    return parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path), \
-        dir_offset, dir_size
+    entries = parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path)
+    for e in entries if tables_in_file else ():
+        if e.table_offset + e.table_size * 8 > file_size:
+            raise CorruptImage("bitmap '%s': table (%d entries at 0x%x) lies past the end of the file"
+                               % (e.label, e.table_size, e.table_offset), path=img.path, field="bitmaps")
+    return entries, dir_offset, dir_size
+
+
+def present(img) -> bool:
+    """Whether the image has bitmaps QEMU would load: a bitmaps extension with the autoclear bit
+    that says it is valid (a version 2 header has no autoclear bits)."""
+    h = img.header
+    return h.version >= 3 and h.bitmaps_extension is not None and bool(h.autoclear_features & hdr.AUTOCLEAR_BITMAPS)
+
+
+def referenced_ranges(img, report: Callable[[str], None]) -> List[Tuple[int, int]]:
+    """The host ranges ``(offset, length)`` the bitmaps occupy -- the directory, each table and each
+    data cluster -- as QEMU's qcow2_check_bitmaps_refcounts counts them.  Every problem found is
+    passed to *report* as one line (a strict caller raises there); the walk goes on where it can:
+    a directory that cannot be parsed ends it, a table past the file's end reads as zeros."""
+    if not present(img):
+        return []
+    cs = img.cs
+    count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(img.header.bitmaps_extension)
+    file_size = img.host.size()
+    out = [(dir_offset, dir_size)]
+    try:
+        entries = parse_directory(img.host.pread(dir_size, dir_offset), count, cs, file_size, img.path)
+    except CorruptImage as exc:
+        report(exc.message)
+        return out
+    for e in entries:
+        out.append((e.table_offset, e.table_size * 8))
+        if not e.in_use and e.table_size != table_size(img.virtual_size, e.granularity_bits, cs):
+            report("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size))
+        # bounded by parse_directory: table_size * cluster_size <= file size
+        raw = img.host.pread(e.table_size * 8, e.table_offset)
+        raw += bytes(e.table_size * 8 - len(raw))
+        for i, (entry,) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
+            problem = check_table_entry(entry, cs, None)
+            if problem:
+                report("bitmap '%s': table entry %d: %s" % (e.label, i, problem))
+            elif entry & TABLE_OFFSET_MASK:
+                out.append((entry & TABLE_OFFSET_MASK, cs))
+    return out
+
+
+def strict_ranges(img) -> List[Tuple[int, int]]:
+    """``referenced_ranges`` of bitmaps that must be valid: the first problem is a CorruptImage."""
+    def refuse(problem: str) -> None:
+        raise CorruptImage("bitmaps: %s; run 'check -r all' first" % problem, path=img.path, field="bitmaps")
+    return referenced_ranges(img, refuse)
 
 
 def read_bits(img, e: BitmapEntry) -> bytearray:
@@ -340,6 +392,22 @@ def switch_directory(img, entries: List[BitmapEntry], old_clusters: List[Tuple[i
     return dir_offset, len(directory)
 
 
+def write_in_place(img, entries: List[BitmapEntry], dir_offset: int) -> None:
+    """Rewrite the directory in place with the entries' new flags (same names, same size): QEMU's
+    update_ext_header_and_dir_in_place clears the autoclear bit around the rewrite, so an
+    interrupted one leaves bitmaps that are ignored rather than trusted."""
+    h = img.header
+    _write_autoclear(img, h.autoclear_features & ~hdr.AUTOCLEAR_BITMAPS)
+    img.host.pwrite(pack_directory(entries), dir_offset)
+    img.host.flush()
+    _write_autoclear(img, h.autoclear_features)
+
+
+def _write_autoclear(img, value: int) -> None:
+    img.host.pwrite(struct.pack(">Q", value), 88)
+    img.host.flush()
+
+
 class Tracker:
     """The enabled bitmaps of an image open for writing: their bits, kept in memory from the
     first guest write (``in_use`` set on disk) until close (bits stored, ``in_use`` cleared)."""
@@ -372,22 +440,10 @@ class Tracker:
             set_bits(bits, self.entries[i].granularity_bits, offset, length)
 
     def _set_in_use(self) -> None:
-        """QEMU's update_ext_header_and_dir_in_place: the autoclear bit is cleared while the
-        directory is rewritten in place, so an interrupted rewrite leaves bitmaps that are ignored."""
-        img = self.img
-        h = img.header
         for i in self.bits:
             self.entries[i].flags |= FLAG_IN_USE
-        directory = pack_directory(self.entries)
-        self._write_autoclear(h.autoclear_features & ~hdr.AUTOCLEAR_BITMAPS)
-        img.host.pwrite(directory, self.dir_offset)
-        img.host.flush()
-        self._write_autoclear(h.autoclear_features)
+        write_in_place(self.img, self.entries, self.dir_offset)
         self.active = True
-
-    def _write_autoclear(self, value: int) -> None:
-        self.img.host.pwrite(struct.pack(">Q", value), 88)
-        self.img.host.flush()
 
     def store(self) -> None:
         """Write the bits of the tracked bitmaps to new clusters and switch to a new directory
@@ -481,6 +537,7 @@ class Editor:
         entries, self.dir_offset, self.dir_size = read_directory(img) if img.header.version >= 3 else ([], 0, 0)
         self.bitmaps: List[EditedBitmap] = [EditedBitmap(e) for e in entries]
         self.dropped: List[BitmapEntry] = []        # removed bitmaps whose clusters are freed on commit
+        self.released: List[Tuple[int, int]] = []   # other clusters freed on commit
         self.changed = False
 
     # -- lookups --------------------------------------------------------------------------
@@ -573,6 +630,7 @@ class Editor:
             return
         img = self.img
         old: List[Tuple[int, int]] = [(self.dir_offset, self.dir_size)] if self.dir_size else []
+        old.extend(self.released)
         for e in self.dropped:
             old.extend(stored_clusters(img, e))
         for bm in self.bitmaps:
@@ -585,4 +643,66 @@ class Editor:
             bm.bits, bm.stored = None, True
         entries = [bm.entry for bm in self.bitmaps]
         self.dir_offset, self.dir_size = switch_directory(img, entries, old)
-        self.dropped, self.changed = [], False
+        self.dropped, self.released, self.changed = [], [], False
+
+    # -- copies (qemu-img convert --bitmaps) -----------------------------------------------------
+    def check_copyable(self, skip_broken: bool) -> None:
+        """Before a copy is created: an inconsistent bitmap refuses it unless it is to be skipped.
+        Bitmaps are visited last first, the order of QEMU's list (the first refused is the one it names)."""
+        for bm in reversed(self.bitmaps):
+            if bm.entry.in_use and not skip_broken:
+                raise CorruptImage("Cannot copy inconsistent bitmap '%s'" % bm.entry.label, path=self.img.path,
+                                   field="bitmap")
+
+    def copy_from(self, source: "Editor", warn: Callable[[str], None]) -> None:
+        """Add every consistent bitmap of *source* with its granularity, its enabled state and its
+        bits (QEMU's convert_copy_bitmaps: add, then merge); inconsistent ones are skipped with a
+        warning.  The copies keep the source's order; ``commit`` stores them."""
+        chosen = []
+        for bm in reversed(source.bitmaps):
+            if bm.entry.in_use:
+                warn("Skipping inconsistent bitmap '%s'" % bm.entry.label)
+                continue
+            if any(own.entry.name == bm.entry.name for own in self.bitmaps):
+                raise ImageError("Failed to create bitmap %s: Bitmap already exists: %s"
+                                 % (bm.entry.label, bm.entry.label), path=self.img.path, field="bitmap")
+            chosen.append(bm)
+        for bm in reversed(chosen):
+            name = bm.entry.name.decode("utf-8", "surrogateescape")
+            self.add(name, bm.entry.granularity, enabled=bm.entry.auto)
+            self.merge(name, source, name)
+
+    # -- the disk's size changes (qemu-img resize) ----------------------------------------------
+    def begin_resize(self) -> None:
+        """Before the disk's size changes: every bitmap read (an inconsistent one refuses the resize,
+        as QEMU's qcow2_truncate_bitmaps_check does), then marked ``in_use`` on disk, so that an
+        interruption before ``end_resize`` leaves bitmaps known to be inconsistent, never wrong ones."""
+        for bm in self.bitmaps:
+            if bm.entry.in_use:
+                raise CorruptImage("Bitmap '%s' is inconsistent and cannot be used" % bm.entry.label,
+                                   path=self.img.path)
+        for bm in self.bitmaps:
+            bm.bits = bytearray(self.bits(bm))
+        if self.bitmaps and self.dir_size:
+            for bm in self.bitmaps:
+                bm.entry = replace(bm.entry, flags=bm.entry.flags | FLAG_IN_USE)
+            write_in_place(self.img, [bm.entry for bm in self.bitmaps], self.dir_offset)
+
+    def end_resize(self, size: int) -> None:
+        """After the disk's size changed: each bitmap covers the new size (the granules past a
+        shrunk end dropped, the new ones clean, as QEMU's hbitmap_truncate leaves them), stored."""
+        cs = self.img.cs
+        for bm in self.bitmaps:
+            if bm.stored:
+                self.released.extend(stored_clusters(self.img, bm.entry))
+                bm.stored = False
+            g = bm.entry.granularity_bits
+            n = data_bytes(size, g)
+            bits = bytearray(bm.bits[:n]) + bytearray(max(0, n - len(bm.bits)))
+            granules = -(-size >> g)
+            if granules % 8:
+                bits[-1] &= (1 << (granules % 8)) - 1
+            bm.bits = bits
+            bm.entry = replace(bm.entry, table_size=table_size(size, g, cs))
+            self.changed = True
+        self.commit()

@@ -20,7 +20,8 @@ from operator import and_, or_
 from typing import Dict, List, Optional, Tuple
 
 from ...driver import CheckResult
-from ...errors import ImageError, UnsupportedFeature
+from ...errors import ImageError
+from . import bitmaps
 from . import header as hdr
 from .refcount import decode_refblock, encode_refblock
 from .snapshot_table import MAX_TABLE_SIZE
@@ -46,6 +47,7 @@ class _Checker:
         self.snapshot_l1_fixes: Dict[int, int] = {}                  # host offset of a snapshot L1 entry -> value
         self.bad_snapshots: List[int] = []                           # indexes of unusable snapshot entries
         self.contiguous: Dict[int, Tuple[int, bool]] = {}  # active L2 offset -> (first cluster, COPIED) of its run
+        self.bitmap_problems: List[str] = []
 
     def msg(self, text: str) -> None:
         self.res.messages.append(text)
@@ -73,6 +75,28 @@ class _Checker:
 
     def in_file(self, offset: int, size: int) -> bool:
         return offset + size <= self.nb_clusters * self.cs
+
+    def count_all(self) -> None:
+        """Count every reference but the refcount structure's own: the header, the encryption
+        header, the active and the snapshots' tables and data, the persistent bitmaps."""
+        h = self.h
+        self.count(0, self.cs)
+        if h.crypto_extension and len(h.crypto_extension) >= 16:
+            coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+            self.count(coff, clen)
+        self.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
+        self.walk_snapshots()
+        self.walk_bitmaps()
+
+    def walk_bitmaps(self) -> None:
+        """The bitmap directory, tables and data clusters (QEMU's qcow2_check_bitmaps_refcounts);
+        what QEMU would refuse to load is a corruption here."""
+        problems: List[str] = []
+        for offset, length in bitmaps.referenced_ranges(self.img, problems.append):
+            self.count(offset, length)
+        for problem in problems:
+            self.corruption("ERROR bitmaps: %s" % problem)
+        self.bitmap_problems = problems
 
     # -- tables -----------------------------------------------------------------------
     def walk_l1(self, l1_offset: int, l1_size: int, active: bool, label: str) -> None:
@@ -399,11 +423,11 @@ def _ones(n: int) -> array:
 
 def check(img, repair: Optional[str] = None) -> CheckResult:
     """Check *img*; with *repair* 'leaks' or 'all' (image opened writable) fix what can be fixed."""
-    if repair and img.header.bitmaps_extension is not None:
-        raise UnsupportedFeature("repairing images with persistent bitmaps is not supported yet", path=img.path,
-                                 field="bitmaps")
     res = CheckResult(img.path, "qcow2")
+    dropped = _drop_unusable_bitmaps(img, res) if repair else 0
     _run(img, res, repair)
+    res.corruptions += dropped
+    res.corruptions_fixed += dropped
     if repair and (res.leaks_fixed or res.corruptions_fixed):
         first = res
         res = CheckResult(img.path, "qcow2")
@@ -420,18 +444,9 @@ def check(img, repair: Optional[str] = None) -> CheckResult:
 
 def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     ck = _Checker(img, res, fix_refs=(repair == "all"))
-    h = img.header
     cs = ck.cs
     res.total_clusters = -(-img.virtual_size // cs)
-    ck.count(0, cs)                                  # header
-    if h.crypto_extension and len(h.crypto_extension) >= 16:
-        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
-        ck.count(coff, clen)
-    ck.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
-    ck.walk_snapshots()
-    if h.bitmaps_extension is not None:
-        res.check_errors += 1
-        ck.msg("ERROR: persistent bitmaps are not checked by this version of vdisk")
+    ck.count_all()
     blocks = ck.walk_refcount_structure()
     stored = ck.stored_refcounts(blocks)
     refs = ck.refs
@@ -475,6 +490,34 @@ def _run(img, res: CheckResult, repair: Optional[str]) -> None:
     if leaked:
         _fix_leaks(img, ck, leaked, refs, blocks)
         res.leaks_fixed = len(leaked)
+
+
+def _drop_unusable_bitmaps(img, res: CheckResult) -> int:
+    """Before a repair: bitmaps QEMU would refuse to load (a broken directory or table) cannot be
+    mended, and a bitmaps extension a program without bitmap support invalidated (autoclear bit
+    cleared) is stale.  Both are dropped from the header -- the autoclear bit cleared first, the
+    spec's "ignore these bitmaps", so an interruption leaves them ignored -- and their clusters
+    become leaks the repair frees."""
+    h = img.header
+    if h.version < 3 or h.bitmaps_extension is None:
+        return 0
+    problems: List[str] = []
+    if bitmaps.present(img):
+        bitmaps.referenced_ranges(img, problems.append)
+        if not problems:
+            return 0
+    if h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        img.host.pwrite(U64.pack(h.autoclear_features), 88)
+        img.host.flush()
+    h.bitmaps_extension = None
+    img.write_header()
+    img.host.flush()
+    img.forget_metadata_map()
+    if problems:
+        res.messages.append("ERROR bitmaps: %s" % problems[0])
+        res.messages.append("Repair dropped the persistent bitmaps: QEMU cannot load them")
+    return 1 if problems else 0
 
 
 def _drop_snapshots(img, indexes: List[int]) -> None:
@@ -614,14 +657,8 @@ def _fix_leaks(img, ck: _Checker, leaked: List[int], refs, blocks: List[int]) ->
 
 def count_references(img, strict: bool = True):
     """References to every host cluster from everything but the refcount structure itself."""
-    h = img.header
     ck = _Checker(img, CheckResult(img.path, "qcow2"), fix_refs=False)
-    ck.count(0, h.cluster_size)
-    if h.crypto_extension and len(h.crypto_extension) >= 16:
-        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
-        ck.count(coff, clen)
-    ck.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
-    ck.walk_snapshots()
+    ck.count_all()
     if strict and ck.res.corruptions:
         raise ImageError("image has corruptions (%s); run check -r all first" % ck.res.messages[0], path=img.path)
     return ck.refs

@@ -878,6 +878,10 @@ class Qcow2Image(Image):
         return out
 
     # -- persistent bitmaps (qemu-img bitmap) -----------------------------------------
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        return self.header.version >= 3
+
     def bitmap_editor(self) -> bitmaps.Editor:
         """The persistent bitmaps, to change them (``commit_bitmaps``) or, read-only, to merge
         from.  The bits earlier writes of this session set are stored first."""
@@ -894,12 +898,6 @@ class Qcow2Image(Image):
     # -- snapshots --------------------------------------------------------------------
     def _check_snapshots_possible(self, name: str) -> None:
         self._check_writable()
-        if self.header.bitmaps_extension is not None and self.header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-            # the snapshot operations rebuild the refcounts from the L1/L2 trees and would drop the
-            # bitmaps' clusters
-            raise UnsupportedFeature("snapshot '%s': internal snapshots of images with persistent bitmaps are "
-                                     "not supported by this version of vdisk" % name, path=self.path,
-                                     field="snapshot")
         if self.data_file is not None:
             # qcow2.txt: no internal snapshots with an external data file (qemu-img: ENOTSUP)
             raise UnsupportedFeature("snapshot '%s': internal snapshots are not supported with an external data "
@@ -911,6 +909,9 @@ class Qcow2Image(Image):
 
     def apply_snapshot(self, name: str) -> None:
         self._check_snapshots_possible(name)
+        if bitmaps.present(self):
+            # QEMU's bdrv_snapshot_goto: the bitmaps would no longer describe the disk
+            raise ImageError("Device has active dirty bitmaps", path=self.path, field="snapshot")
         snapshots.apply_snapshot(self, name)
 
     def delete_snapshot(self, name: str) -> None:
@@ -976,16 +977,29 @@ class Qcow2Image(Image):
         size = -(-size // 512) * 512
         if size == old:
             return
-        if self.header.bitmaps_extension is not None and self.header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-            raise UnsupportedFeature("Cannot resize qcow2 with persistent bitmaps in this version of vdisk",
-                                     path=self.path, field="bitmaps")
         if size < old and not shrink:
             raise ImageError("Use the --shrink option to perform a shrink operation", path=self.path,
                              field="size")
+        if size < old and preallocation != "off":
+            raise ImageError("Preallocation can only be used for growing images", path=self.path,
+                             field="preallocation")
         clusters = -(-size // self.cs)
         entries = -(-clusters // self.l2e)
         if entries * 8 > hdr.MAX_L1_SIZE:
             raise ImageError("The image size is too large for file format 'qcow2'", path=self.path, field="size")
+        editor = None
+        if bitmaps.present(self):
+            editor = self.bitmap_editor()       # what earlier writes set is stored first
+            editor.begin_resize()
+            self._bitmaps = None                # the size change itself dirties nothing (QEMU's truncate)
+        self._resize(old, size, preallocation)
+        if editor is not None:
+            editor.end_resize(size)
+            self._bitmaps = bitmaps.Tracker.open(self)
+
+    def _resize(self, old: int, size: int, preallocation: str) -> None:
+        clusters = -(-size // self.cs)
+        entries = -(-clusters // self.l2e)
         if size > old:
             self.grow_l1(entries)
             if self.data_file is not None:
@@ -1004,9 +1018,6 @@ class Qcow2Image(Image):
                 from .driver import preallocate
                 preallocate(self, old, size - old, preallocation)
         else:
-            if preallocation != "off":
-                raise ImageError("Preallocation can only be used for growing images", path=self.path,
-                                 field="preallocation")
             # drop every whole cluster past the new end (the snapshots keep their own references)
             first = -(-size // self.cs) * self.cs
             if first < old:
@@ -1038,8 +1049,8 @@ class Qcow2Image(Image):
         """Unmap every cluster of the active layer so it reads from its backing file (commit)."""
         self._check_writable()
         if self.virtual_size:
-            if self._bitmaps is not None:
-                self._bitmaps.mark(0, self.virtual_size)     # every cluster may read differently now
+            # the guest sees the same disk through the backing file the data went to: nothing is
+            # dirty (QEMU's qcow2_make_empty discards below the block layer's dirty tracking)
             self._change_entries(0, self.virtual_size, "full-discard", True)
         self.host.flush()
 

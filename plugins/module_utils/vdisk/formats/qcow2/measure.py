@@ -9,11 +9,11 @@ the refcount structure that counts all of that plus the data, and the data itsel
 drops the data clusters the image would not hold: all metadata of the full image is still
 counted, so it overestimates a little, as QEMU does.
 """
-import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import MeasureSource
-from ...errors import CorruptImage, InvalidOption, UnsupportedFeature
+from ...errors import InvalidOption, UnsupportedFeature
+from . import bitmaps as bm
 from . import header as hdr
 
 DEFAULT_CLUSTER_SIZE = 65536
@@ -23,11 +23,6 @@ PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 # measure parses compat with QEMU's legacy parser: only these two spellings
 MEASURE_COMPAT = {"0.10": 2, "1.1": 3}
 
-BITMAP_EXTENSION = struct.Struct(">IIQQ")      # nb_bitmaps, reserved, directory size, directory offset
-BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")   # table offset, table size, flags, type, granularity bits,
-#                                                name size, extra data size
-MAX_BITMAPS = 65535
-MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
 BITMAP_TABLE_ENTRY_SIZE = 8
 
 
@@ -68,7 +63,7 @@ def bitmaps_size(bitmaps: List[Tuple[str, int]], size: int, cluster_size: int) -
         clusters = _div_up(bitmap_bytes, cluster_size)
         total += clusters * cluster_size
         total += _round_up(clusters * BITMAP_TABLE_ENTRY_SIZE, cluster_size)
-        directory += _round_up(BITMAP_DIR_ENTRY.size + len(name.encode("utf-8", "surrogateescape")), 8)
+        directory += bm.entry_size(len(name.encode("utf-8", "surrogateescape")))
     return total + _round_up(directory, cluster_size)
 
 
@@ -153,33 +148,10 @@ def bitmap_entries(image) -> Optional[List[Tuple[str, int, int]]]:
     Version 2 images cannot carry bitmaps (None).  A directory whose autoclear bit was
     cleared by a program without bitmap support is stale: QEMU ignores it, and so do we.
     """
-    h = image.header
-    if h.version < 3:
+    if image.header.version < 3:
         return None
-    if h.bitmaps_extension is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-        return []
-    if len(h.bitmaps_extension) < BITMAP_EXTENSION.size:
-        raise CorruptImage("bitmaps extension too short", path=image.path, field="bitmaps")
-    count, dummy, dir_size, dir_offset = BITMAP_EXTENSION.unpack_from(h.bitmaps_extension)
-    if count > MAX_BITMAPS or dir_size > MAX_BITMAP_DIRECTORY or dir_offset % image.cs \
-            or dir_offset + dir_size > image.host.size():
-        raise CorruptImage("invalid bitmap directory (%d bitmaps, %d bytes at offset %d)"
-                           % (count, dir_size, dir_offset), path=image.path, field="bitmaps")
-    raw = image.host.pread(dir_size, dir_offset)
-    out: List[Tuple[str, int, int]] = []
-    pos = 0
-    for dummy in range(count):
-        if pos + BITMAP_DIR_ENTRY.size > len(raw):
-            raise CorruptImage("bitmap directory entry past the directory's end", path=image.path,
-                               field="bitmaps")
-        dummy, dummy, flags, dummy, gran_bits, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        name_at = pos + BITMAP_DIR_ENTRY.size + extra
-        if name_at + name_size > len(raw) or not 9 <= gran_bits <= 31:
-            raise CorruptImage("invalid bitmap directory entry at offset %d" % (dir_offset + pos),
-                               path=image.path, field="bitmaps")
-        out.append((raw[name_at:name_at + name_size].decode("utf-8", "surrogateescape"), 1 << gran_bits, flags))
-        pos += _round_up(BITMAP_DIR_ENTRY.size + extra + name_size, 8)
-    return out
+    entries = bm.read_directory(image, tables_in_file=False)[0]
+    return [(e.name.decode("utf-8", "surrogateescape"), e.granularity, e.flags) for e in entries]
 
 
 def _div_up(value: int, divisor: int) -> int:

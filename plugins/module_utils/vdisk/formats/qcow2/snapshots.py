@@ -17,6 +17,7 @@ from array import array
 from typing import Dict, List, Optional, Tuple
 
 from ...errors import CorruptImage, ImageError
+from . import bitmaps
 from . import header as hdr
 from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot, name_bytes
 
@@ -124,6 +125,8 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
     if h.crypto_extension and len(h.crypto_extension) >= 16:
         coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
         _add(refs, coff // cs, (coff + clen - 1) // cs)
+    for offset, length in bitmaps.strict_ranges(img):
+        _add(refs, offset // cs, (offset + length - 1) // cs)
     for snap in snaps:
         l1 = read_l1(img, snap.l1_table_offset, snap.l1_size)
         if snap.l1_size:
