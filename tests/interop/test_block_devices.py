@@ -226,10 +226,35 @@ def test_resize_and_create_on_a_device(loop):
     assert_one_line_error(vdisk("resize", "-f", "raw", "--shrink", device, "8M"), device,
                           "Cannot resize device files")
     assert_one_line_error(vdisk("resize", "-f", "raw", device, "8M"), "Use the --shrink option")
-    # qemu-img create -f raw on a device checks the size and zeroes its first sector; vdisk refuses
-    assert_one_line_error(vdisk("create", "-f", "raw", device, "8M"), device,
-                          "is a block device, not a regular file; refusing to replace it")
     assert digest(device) == before
+
+
+def test_create_on_a_device_as_qemu_img(loop):
+    """qemu-img create -f raw on a device checks that the device holds the size and zeroes its first
+    sector (no old image header is probed again); everything else keeps its bytes."""
+    mine, theirs = loop("mine.img", garbage=True), loop("theirs.img", garbage=True)
+    oracle = helpers.qemu_img("create", "-f", "raw", theirs, "8M")
+    proc = vdisk("create", "-f", "raw", mine, "8M")
+    assert oracle.returncode == proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "Formatting '%s', fmt=raw size=8388608" % mine
+    assert device_bytes(mine, 0, 512) == bytes(512)
+    assert device_bytes(mine, 512, MiB - 512) == GARBAGE[512:]
+    assert digest(mine) == digest(theirs)
+    assert vdisk("create", "-f", "raw", mine, str(SIZE)).returncode == 0      # the whole device
+    before = digest(mine)
+    cases = [
+        (("-f", "raw", mine, str(SIZE + 512)), "Cannot grow device files", "Cannot grow device files"),
+        (("-f", "raw", "-o", "preallocation=full", mine, "8M"), "Unsupported preallocation mode 'full'",
+         "Unsupported preallocation mode 'full'"),
+        (("-f", "raw", mine), "Image creation needs a size parameter", "Image creation needs a size parameter"),
+        (("-f", "qcow2", mine, "8M"), "image format qcow2 cannot be written onto a block device", None),
+    ]
+    for args, message, qemu_message in cases:
+        assert_one_line_error(vdisk("create", *args), mine, message)
+        if qemu_message:
+            result = helpers.qemu_img("create", *[theirs if a == mine else a for a in args])
+            assert result.returncode == 1 and qemu_message.encode() in result.stderr
+    assert digest(mine) == before
 
 
 # -- what stays refused ------------------------------------------------------------------------

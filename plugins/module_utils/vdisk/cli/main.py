@@ -131,9 +131,8 @@ def cmd_create(argv: List[str]) -> int:
         raise UsageError("Expecting image file name")
     size = parse_size(args.size, "size") if args.size is not None else None
     notes: List[str] = []
-    # no device: create never opens FILE as an image, and -b names a file the new image will name
-    used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt,
-                  _policy(args, block_devices=False),
+    # FILE may be the user's block device (raw only); the -b file never is one
+    used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
                   notes=notes, unsafe=args.unsafe)
     if notes:     # what vdisk did beyond qemu-img, in one line
         sys.stderr.write("vdisk: create: %s\n" % "; ".join(notes))

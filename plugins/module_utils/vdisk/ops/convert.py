@@ -26,6 +26,7 @@ from ..interrupt import main_thread_only
 from ..io import AtomicOutput, find_nonzero_runs
 from ..registry import get_driver, probe_file
 from .chain import close_chain, open_image
+from .create import check_device_create
 from .readahead import ReadAhead, aligned_buffer
 
 CHUNK = 8 * 1024 * 1024
@@ -121,7 +122,7 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
         raise UnsupportedFeature("Format driver '%s' does not support image creation" % out_fmt, path=dest)
     onto_device = not existing and (policy or Policy()).named_device(dest) is not None
     if onto_device:
-        _check_device_create(dest, out_fmt, driver.parse_options(options))
+        check_device_create(dest, out_fmt, driver.parse_options(options), "error while converting raw: ")
     images: List[Image] = []
     new_backing: Optional[Image] = None
     try:
@@ -209,18 +210,6 @@ def _copy_bitmaps(source_bitmaps, out: Image, warn: Optional[Callable[[str], Non
     editor = out.bitmap_editor()
     editor.copy_from(source_bitmaps, warn or (lambda text: None))
     out.commit_bitmaps(editor)
-
-
-def _check_device_create(dest: str, out_fmt: str, typed: Dict[str, Any]) -> None:
-    """What qemu-img's "create" of a host device allows (block/file-posix.c): the device keeps its
-    size and its blocks, so no preallocation; vdisk writes raw only (the format drivers grow files)."""
-    if out_fmt != "raw":
-        raise UnsupportedFeature("image format %s cannot be written onto a block device; vdisk writes only raw "
-                                 "data onto a block device" % out_fmt, path=dest, field="format")
-    mode = typed.get("preallocation") or "off"
-    if mode != "off":
-        raise InvalidOption("error while converting raw: Unsupported preallocation mode '%s'" % mode, path=dest,
-                            field="preallocation")
 
 
 def _open_new_backing(dest: str, backing: str, fmt: Optional[str], policy: Optional[Policy]):

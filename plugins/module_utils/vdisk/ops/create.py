@@ -25,6 +25,7 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
     and the backing format must be given.
     """
     driver = get_driver(fmt)
+    device = (policy or Policy()).named_device(path)
     raw = dict(options)
     if "size" in raw:
         if size is not None:
@@ -56,12 +57,44 @@ def create(path: str, fmt: str, size: Optional[int], options: Dict[str, Any],
     if size is None:
         raise InvalidOption("Image creation needs a size parameter", path=path, field="size")
     size = round_up(size, 512)
-    if backing and typed.get("preallocation") == "falloc" and not typed.get("extended_l2"):
+    if device is not None:
+        _create_on_device(path, fmt, size, typed, policy or Policy())
+    elif backing and typed.get("preallocation") == "falloc" and not typed.get("extended_l2"):
         _create_reserved(driver, path, size, typed, notes)
     else:
         driver.create(path, size, typed)
     typed["size"] = size
     return typed
+
+
+def check_device_create(dest: str, fmt: str, typed: Dict[str, Any], context: str = "") -> None:
+    """What qemu-img's "create" of a host device allows (block/file-posix.c): the device keeps its
+    size and its blocks, so no preallocation; vdisk writes raw only (the format drivers grow files).
+    *context* starts the preallocation message as qemu-img starts it (convert's "error while ...")."""
+    if fmt != "raw":
+        raise UnsupportedFeature("image format %s cannot be written onto a block device; vdisk writes only raw "
+                                 "data onto a block device" % fmt, path=dest, field="format")
+    mode = typed.get("preallocation") or "off"
+    if mode != "off":
+        raise InvalidOption("%sUnsupported preallocation mode '%s'" % (context, mode), path=dest,
+                            field="preallocation")
+
+
+def _create_on_device(path: str, fmt: str, size: int, typed: Dict[str, Any], policy: Policy) -> None:
+    """``create -f raw DEVICE SIZE`` as qemu-img does it (block.c bdrv_create_file_fallback): the
+    device must hold SIZE, and its first sector is zeroed so that no old image header is probed
+    again; the rest is left as it is.  Under the device's locks: a device a VM uses is refused."""
+    check_device_create(path, fmt, typed)
+    image = open_image(path, "raw", writable=True, policy=policy, backing=False, replacing=True)
+    try:
+        if size > image.virtual_size:
+            raise ImageError("Cannot grow device files", path=path, field="size")
+        first = min(512, image.virtual_size)
+        if first:
+            image.write(0, bytes(first))
+        image.flush()
+    finally:
+        close_chain(image)
 
 
 def _open_backing(path: str, backing: str, fmt: Optional[str], policy: Optional[Policy]) -> Image:
@@ -73,7 +106,9 @@ def _open_backing(path: str, backing: str, fmt: Optional[str], policy: Optional[
     read-only and without image locks (qemu-img's force-share): a running VM's base is usable."""
     display = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
     try:
-        return open_image(display, fmt, policy=dataclasses.replace(policy or Policy(), force_share=True))
+        # never a device: only the image the command creates may be one
+        return open_image(display, fmt, policy=dataclasses.replace(policy or Policy(), force_share=True,
+                                                                   block_devices=False))
     except ImageError as exc:
         # qemu-img: "v.qcow2: Could not open 'nope.qcow2': No such file or directory"
         why = exc.message if exc.path is None or (exc.path == display and display in exc.message) else str(exc)
