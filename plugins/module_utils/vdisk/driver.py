@@ -382,6 +382,11 @@ class Image:
         """Format-specific part of ``info``: keys ``cluster-size``, ``dirty-flag``, ``format-specific``..."""
         return {}
 
+    def structures(self) -> List[Tuple[str, int, Any]]:
+        """The image's on-disk structures for ``vdisk inspect --dump``: ``(title, file offset,
+        record)`` with each record a :class:`structure.Record`."""
+        return []
+
     def check(self, repair: Optional[str] = None) -> CheckResult:
         raise UnsupportedFeature("This image format does not support checks", path=self.path)
 

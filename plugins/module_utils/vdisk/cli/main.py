@@ -630,10 +630,15 @@ def cmd_inspect(argv: List[str]) -> int:
                 "the result of vdisk's safety checks; exit 1 when one fails.")
     p.add_argument("-f", dest="fmt", help="the format the file is declared as (checked against its content)")
     p.add_argument("--output", choices=("human", "json"), default="human", help="human (default) or json")
+    p.add_argument("--dump", action="store_true",
+                   help="print the image's on-disk structures field by field (offset, name, value) instead")
     _add_allow_path(p)
     p.add_argument("filename", help="the file")
     args = p.parse_args(argv)
-    from ..ops.inspect import inspect_image, render_human, render_json
+    from ..ops.inspect import dump_structures, inspect_image, render_human, render_json
+    if args.dump:
+        _out("\n".join(dump_structures(args.filename, args.fmt, policy=_policy(args))))
+        return 0
     report = inspect_image(args.filename, args.fmt, policy=_policy(args))
     _out(render_json(report) if args.output == "json" else render_human(report))
     return 0 if report.safe else 1

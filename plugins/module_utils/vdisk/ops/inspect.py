@@ -199,3 +199,19 @@ def render_human(report: Report) -> str:
         lines.append("    %s %-16s %s" % ("pass" if c["passed"] else "FAIL", c["name"], c["detail"]))
     lines.append("result: %s" % ("safe" if report.safe else "unsafe"))
     return "\n".join(lines)
+
+
+def dump_structures(path: str, fmt: Optional[str] = None, policy: Optional[Policy] = None) -> List[str]:
+    """``vdisk inspect --dump``: the on-disk structures of the image (opened read-only, its backing
+    chain not followed), one line per field, for debugging."""
+    image = open_image(path, fmt, policy=policy, backing=False)
+    try:
+        lines: List[str] = []
+        for title, offset, rec in image.structures():
+            lines.append("%s (%s, %d bytes at 0x%x):" % (title, type(rec).__name__, rec.SIZE, offset))
+            lines.extend("  " + line for line in rec.dump(offset))
+        if not lines:
+            lines.append("%s: no structures declared for format %s" % (path, image.driver.name))
+        return lines
+    finally:
+        close_chain(image)

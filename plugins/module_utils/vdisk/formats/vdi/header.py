@@ -9,10 +9,10 @@ Parsing works on bytes; reading the file is the image's business.
 """
 import struct
 import uuid
-from dataclasses import dataclass, field
 from typing import Optional
 
 from ...errors import FormatError, UnsupportedFeature
+from ...structure import Record, disk, record
 
 SECTOR = 512
 SIGNATURE = 0xBEDA107F
@@ -31,15 +31,6 @@ INT_MAX = (1 << 31) - 1
 BLOCKS_IN_IMAGE_MAX = (INT_MAX + 1 - SECTOR) // 4          # 0x1fffff80
 DISK_SIZE_MAX = BLOCKS_IN_IMAGE_MAX * BLOCK_SIZE
 
-# text[64] signature version header_size image_type image_flags description[256] offset_bmap offset_data
-# cylinders heads sectors sector_size unused1 disk_size block_size block_extra blocks_in_image
-# blocks_allocated uuid_image uuid_last_snap uuid_link uuid_parent unused2[56]
-HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s56s")
-HEADER_SIZE = HEADER.size                   # 512 (struct format above)
-FIELDS = ("text", "signature", "version", "header_size", "image_type", "image_flags", "description",
-          "offset_bmap", "offset_data", "cylinders", "heads", "sectors", "sector_size", "unused1", "disk_size",
-          "block_size", "block_extra", "blocks_in_image", "blocks_allocated", "uuid_image", "uuid_last_snap",
-          "uuid_link", "uuid_parent", "unused2")
 NULL_UUID = bytes(16)
 
 
@@ -47,35 +38,33 @@ def is_allocated(entry: int) -> bool:
     return entry < DISCARDED
 
 
-@dataclass
-class Header:
-    text: bytes = TEXT
-    signature: int = SIGNATURE
-    version: int = VERSION_1_1
-    header_size: int = HEADER_SIZE_FIELD
-    image_type: int = TYPE_DYNAMIC
-    image_flags: int = 0
-    description: bytes = b""
-    offset_bmap: int = BMAP_OFFSET
-    offset_data: int = 0
-    cylinders: int = 0                       # legacy geometry: qemu-img leaves it zero
-    heads: int = 0
-    sectors: int = 0
-    sector_size: int = SECTOR
-    unused1: int = 0
-    disk_size: int = 0
-    block_size: int = BLOCK_SIZE
-    block_extra: int = 0
-    blocks_in_image: int = 0
-    blocks_allocated: int = 0
-    uuid_image: bytes = NULL_UUID            # as stored (IPRT byte order)
-    uuid_last_snap: bytes = NULL_UUID
-    uuid_link: bytes = NULL_UUID
-    uuid_parent: bytes = NULL_UUID
-    unused2: bytes = field(default=bytes(56))
-
-    def pack(self) -> bytes:
-        return HEADER.pack(*(getattr(self, name) for name in FIELDS))
+@record("<")
+class Header(Record):
+    """VDIHEADER1, in its on-disk order (the names are VirtualBox's)."""
+    text: bytes = disk("64s", TEXT, shown="text")
+    signature: int = disk("I", SIGNATURE, shown="hex")
+    version: int = disk("I", VERSION_1_1, shown="hex")
+    header_size: int = disk("I", HEADER_SIZE_FIELD, shown="hex")
+    image_type: int = disk("I", TYPE_DYNAMIC)
+    image_flags: int = disk("I", 0, shown="hex")
+    description: bytes = disk("256s", b"", shown="text")
+    offset_bmap: int = disk("I", BMAP_OFFSET, shown="hex")
+    offset_data: int = disk("I", 0, shown="hex")
+    cylinders: int = disk("I")               # legacy geometry: qemu-img leaves it zero
+    heads: int = disk("I")
+    sectors: int = disk("I")
+    sector_size: int = disk("I", SECTOR)
+    unused1: int = disk("I")
+    disk_size: int = disk("Q")
+    block_size: int = disk("I", BLOCK_SIZE, shown="hex")
+    block_extra: int = disk("I")
+    blocks_in_image: int = disk("I")
+    blocks_allocated: int = disk("I")
+    uuid_image: bytes = disk("16s", NULL_UUID)          # as stored (IPRT byte order)
+    uuid_last_snap: bytes = disk("16s", NULL_UUID)
+    uuid_link: bytes = disk("16s", NULL_UUID)
+    uuid_parent: bytes = disk("16s", NULL_UUID)
+    unused2: bytes = disk("56s")
 
     @property
     def bmap_bytes(self) -> int:
@@ -91,15 +80,18 @@ class Header:
         return uuid.UUID(bytes_le=getattr(self, name))
 
 
+HEADER_SIZE = Header.SIZE                   # 512
+
+
 def probe(buf: bytes) -> bool:
     """QEMU's rule: a full header whose signature matches."""
-    return len(buf) >= HEADER_SIZE and struct.unpack_from("<I", buf, 64)[0] == SIGNATURE
+    return len(buf) >= HEADER_SIZE and struct.unpack_from("<I", buf, Header.offset("signature"))[0] == SIGNATURE
 
 
 def parse_header(buf: bytes, path: Optional[str] = None) -> Header:
     """The header from the first 512 bytes, validated in the order and with the messages of QEMU 7.2."""
     buf = bytes(buf[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
-    h = Header(*HEADER.unpack(buf))
+    h = Header.unpack(buf)
     if h.disk_size > DISK_SIZE_MAX:
         raise UnsupportedFeature("Unsupported VDI image size (size is 0x%x, max supported is 0x%x)"
                                  % (h.disk_size, DISK_SIZE_MAX), path=path, field="disk_size")

@@ -162,6 +162,9 @@ class VdiImage(Image):
         self.host.pwrite(entries.tobytes(), self.header.offset_bmap + first * SECTOR)
 
     # -- metadata ---------------------------------------------------------------------------
+    def structures(self):
+        return [("header", 0, self.header)]
+
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.bs}
 
