@@ -52,6 +52,17 @@ class OptionSpec:
     help: str = ""
     choices: Tuple[str, ...] = ()
     amendable: bool = False
+    # equivalent spellings of one value: (alias, the spelling info shows), e.g. ("v3", "1.1")
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    # the value an image has when its info does not show the option (None: not known), e.g. False
+    # for a qcow2 feature that a version 2 image cannot have
+    unshown: Any = None
+
+    def canonical(self, value: Any) -> Any:
+        """One spelling per value, so a wanted and an observed value compare equal when they mean the same."""
+        if isinstance(value, str):
+            return dict(self.aliases).get(value, value)
+        return value
 
     def parse(self, value: Any) -> Any:
         """Convert a user value (string from ``-o`` or YAML scalar) into this option's type."""
@@ -463,6 +474,9 @@ class Driver:
     create_options: Tuple[OptionSpec, ...] = ()
     capabilities: frozenset = frozenset()
     names_other_files = False    # may an image of this format name other files? (probing safety)
+    # the guest data is the file's bytes as they are (an ISO 9660 volume is a raw image with a
+    # recognisable file system): declaring such a file raw is what writing to it takes, not a mismatch
+    raw_view = False
 
     def probe(self, header: bytes, filename: str) -> int:
         """Score 0..100 for how surely *header* (the first bytes of the file) is this format."""

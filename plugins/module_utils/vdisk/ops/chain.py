@@ -60,9 +60,10 @@ def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy, dev
     return get_driver(fmt).open(path, writable=writable, policy=policy)
 
 
-# formats whose guest data is the file's bytes as they are (an ISO 9660 volume is a raw image with a
-# recognisable filesystem): declaring such a file raw is what writing to it takes, not a mismatch
-RAW_VIEWS = ("iso",)
+def is_raw_view(fmt: str) -> bool:
+    """Whether a file detected as *fmt* may be declared raw (``Driver.raw_view``: its guest data is
+    the file's bytes as they are)."""
+    return get_driver(fmt).raw_view
 
 
 def check_declared_format(path: str, fmt: str, checked: Optional[NamedDevice] = None) -> None:
@@ -74,7 +75,7 @@ def check_declared_format(path: str, fmt: str, checked: Optional[NamedDevice] = 
     Either way the mismatch is an error for every command that writes (REFERENCE "B").
     *checked*: the grant of the user's block device, read through it."""
     detected = [name for dummy, name in probe_scores(probe_header(path, checked), path)
-                if name != "raw" and not (fmt == "raw" and name in RAW_VIEWS)]
+                if name != "raw" and not (fmt == "raw" and is_raw_view(name))]
     if not detected or detected == [fmt]:
         return
     if fmt not in detected:

@@ -18,7 +18,7 @@ import os
 from collections import deque
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ..driver import DATA, UNALLOCATED, ZERO, Image, Policy
 from ..errors import ImageError, InvalidOption, UnsupportedFeature
@@ -274,6 +274,20 @@ def _source_runs(source: _Concat, offset: int, length: int, known: Optional[Imag
 
 
 # -- plain copy ----------------------------------------------------------------------------
+ZEROS, READ, OFFLOAD = "zeros", "read", "offload"
+
+
+class CopyJob(NamedTuple):
+    """One piece of the plain copy, in guest order: the output's ``target``..+``length`` gets zeros
+    (ZEROS: nothing is read), the bytes read into the buffer (READ), or the source's host range
+    copied inside the kernel (OFFLOAD: ``source`` at ``source_offset``)."""
+    target: int
+    length: int
+    kind: str
+    source: Optional[Image] = None
+    source_offset: int = 0
+
+
 def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritten: bool,
           copy_offload: bool = False, fresh: bool = False) -> None:
     size = source.virtual_size
@@ -293,7 +307,8 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
     def read_guest(offset: int, view: memoryview) -> None:
         _read_batch(source, offset, len(view), None, view)
 
-    def jobs():
+    def jobs() -> Iterator[Tuple[CopyJob, int, int, Optional[Callable]]]:
+        # ReadAhead jobs: (what to write, where to read from, how much, the reader or None)
         covered = 0         # guest bytes [0, covered) have their jobs
         for target, run_length, kind, img, run_offset in _source_runs(source, 0, size):
             end = target + run_length
@@ -301,11 +316,11 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
                 # the unaligned tail is left to a data window that may follow
                 stop = end if end == size else max(covered, end - end % align)
                 if stop > covered:
-                    yield (covered, stop - covered, False), 0, 0, None
+                    yield CopyJob(covered, stop - covered, ZEROS), 0, 0, None
                     covered = stop
                 continue
             if copy_offload and img.host_range(run_offset, run_length) and out.host_range(target, run_length):
-                yield (target, run_length, (img, run_offset)), 0, 0, None
+                yield CopyJob(target, run_length, OFFLOAD, img, run_offset), 0, 0, None
                 covered = end
                 continue
             window_end = min(size, -(-end // align) * align)
@@ -314,26 +329,26 @@ def _copy(source: _Concat, out: Image, sparse_size: int, progress, zero_unwritte
                 n = min(window_end, (pos // COPY_CHUNK + 1) * COPY_CHUNK) - pos
                 inside = target <= pos and pos + n <= end
                 reader = img.read_into if inside else read_guest
-                yield (pos, n, True), (run_offset + pos - target) if inside else pos, n, reader
+                yield CopyJob(pos, n, READ), (run_offset + pos - target) if inside else pos, n, reader
                 pos += n
             covered = max(covered, window_end)
         if covered < size:
-            yield (covered, size - covered, False), 0, 0, None
+            yield CopyJob(covered, size - covered, ZEROS), 0, 0, None
 
     def zero_runs(view):
         # in the reader thread: the writing thread has only to write
         return None if gran is None else list(find_nonzero_runs(view.obj, gran, len(view)))
 
-    for ((target, length, is_data), runs), view in ReadAhead(jobs(), COPY_CHUNK, inspect=zero_runs):
-        if isinstance(is_data, tuple):
-            img, src_off = is_data
-            src_host, src_host_off = img.host_range(src_off, length)
+    for (job, runs), view in ReadAhead(jobs(), COPY_CHUNK, inspect=zero_runs):
+        target, length = job.target, job.length
+        if job.kind == OFFLOAD:
+            src_host, src_host_off = job.source.host_range(job.source_offset, length)
             dst_host, dst_host_off = out.host_range(target, length)
             if not src_host.copy_to(dst_host, src_host_off, length, dst_host_off):
                 for pos in range(0, length, CHUNK):
                     n = min(CHUNK, length - pos)
-                    out.write(target + pos, img.read(src_off + pos, n))
-        elif not is_data:
+                    out.write(target + pos, job.source.read(job.source_offset + pos, n))
+        elif job.kind == ZEROS:
             if sparse_size == 0:
                 _write_real_zeros(out, target, length)
             elif zero_unwritten:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from ..driver import Policy
 from ..errors import ImageError
 from ..registry import get_driver, probe_header, probe_scores
-from .chain import RAW_VIEWS, close_chain, open_image, open_reference
+from .chain import close_chain, is_raw_view, open_image, open_reference
 
 # the checks of a report, in order, with what each one asserts
 CHECKS = (
@@ -99,7 +99,7 @@ def inspect_image(path: str, fmt: Optional[str] = None, policy: Optional[Policy]
         report.check("single-format", True, "valid as %s only" % report.format)
     if fmt is None:
         report.check("declared-format", True, "no format declared; detected %s" % report.format)
-    elif fmt == report.format or fmt in matches or (fmt == "raw" and all(m in RAW_VIEWS for m in matches)):
+    elif fmt == report.format or fmt in matches or (fmt == "raw" and all(is_raw_view(m) for m in matches)):
         report.check("declared-format", True, "declared %s, detected %s" % (fmt, report.format))
     else:
         report.check("declared-format", False, "declared %s, but the content is %s" % (fmt, report.format))

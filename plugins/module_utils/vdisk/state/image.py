@@ -46,12 +46,10 @@ def policy_for(spec: ImageSpec, policy: Optional[Policy] = None) -> Policy:
 
 
 def widen(policy: Optional[Policy], allowed_dirs: Sequence[str] = ()) -> Policy:
-    """*policy* (default: the engine's) with *allowed_dirs* (real paths) allowed as well; what an open
-    was doing (force_share, repair, the reference being opened) is not carried over."""
+    """*policy* (default: the engine's) with *allowed_dirs* (real paths) allowed as well; every other
+    setting is kept, but not the file an open was in the middle of (``opening``)."""
     policy = policy or Policy()
-    return Policy(allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs),
-                  follow_backing=policy.follow_backing, probe=policy.probe, max_chain_depth=policy.max_chain_depth,
-                  lock=policy.lock, sync=policy.sync)
+    return replace(policy, allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs), opening=None)
 
 
 # how a planner observes the source or backing file of an image it must make: (path, format, policy)

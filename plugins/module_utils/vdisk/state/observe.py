@@ -13,10 +13,6 @@ from ..ops.chain import close_chain, open_image
 from ..ops.info import image_info
 from ..registry import get_driver, probe_file
 
-# equivalent spellings of one option value (qemu-img accepts both, info shows the first)
-ALIASES = {"compat": {"v2": "0.10", "v3": "1.1"}}
-
-
 @dataclass
 class ObservedImage:
     """The observable state of the file at ``path``; ``exists`` False means there is no file."""
@@ -85,16 +81,19 @@ def observed_options(fmt: str, info: Dict[str, Any], cluster_size: Optional[int]
             value = specific[key]
         elif spec.name == "cluster_size" and cluster_size:
             value = cluster_size
-        elif spec.type == "bool" and spec.name in ("lazy_refcounts", "extended_l2") and "compat" in specific:
-            value = False     # a version 2 qcow2 has neither
+        elif spec.unshown is not None:
+            value = spec.unshown
         else:
             continue
-        out[spec.name] = normalize_option(spec.name, value)
+        out[spec.name] = spec.canonical(value)
     return out
 
 
-def normalize_option(name: str, value: Any) -> Any:
-    """One spelling per value, so desired and observed options compare equal when they mean the same."""
-    if isinstance(value, str):
-        return ALIASES.get(name, {}).get(value, value)
-    return value
+def normalize_option(fmt: str, name: str, value: Any) -> Any:
+    """One spelling per value of option *name* of format *fmt* (``OptionSpec.canonical``), so desired
+    and observed options compare equal when they mean the same."""
+    try:
+        spec = get_driver(fmt).option(name)
+    except ImageError:
+        return value
+    return spec.canonical(value)

@@ -243,7 +243,7 @@ def _mismatch(spec: ImageSpec, observed: ObservedImage) -> Optional[tuple]:
     driver = get_driver(spec.format)
     for name, wanted in sorted(spec.options.items()):
         have = observed.options.get(name)
-        if have is None or normalize_option(name, wanted) == have:
+        if have is None or normalize_option(spec.format, name, wanted) == have:
             continue
         if not (driver.option(name).amendable and "amend" in driver.capabilities):
             return name, "%s is %s, not %s, and is fixed when an image is made" % (name, _show(have),
@@ -258,8 +258,9 @@ def _amend(spec: ImageSpec, observed: ObservedImage) -> Optional[Action]:
     options: Dict[str, Any] = {}
     for name, wanted in sorted(spec.options.items()):
         have = observed.options.get(name)
-        if have is not None and normalize_option(name, wanted) != have:
-            before[name], after[name], options[name] = have, normalize_option(name, wanted), wanted
+        wanted_value = normalize_option(spec.format, name, wanted)
+        if have is not None and wanted_value != have:
+            before[name], after[name], options[name] = have, wanted_value, wanted
     if spec.backing_file is not None and spec.backing_file != observed.backing_file:
         before["backing-filename"], after["backing-filename"] = observed.backing_file, spec.backing_file
         options["backing_file"] = spec.backing_file
@@ -384,7 +385,7 @@ def plan_convert(source: ObservedImage, dest: ObservedImage, fmt: str, options: 
                 and (same_content is None or same_content()):
             return []
     after: Dict[str, Any] = {"path": path, "state": "present", "format": fmt, "virtual-size": size,
-                             "options": {k: normalize_option(k, v) for k, v in options.items()}}
+                             "options": {k: normalize_option(fmt, k, v) for k, v in options.items()}}
     if backing_file:
         after["backing-filename"] = backing_file
     what = "convert %s%s (%s) into %s image %s%s" % (source.path, " snapshot '%s'" % snapshot if snapshot else "",
@@ -402,4 +403,4 @@ def _convert_matches(dest: ObservedImage, fmt: str, options: Dict[str, Any], bac
         return False
     if (backing_file or None) != (dest.backing_file or None):
         return False
-    return all(dest.options.get(k) in (None, normalize_option(k, v)) for k, v in options.items())
+    return all(dest.options.get(k) in (None, normalize_option(fmt, k, v)) for k, v in options.items())

@@ -47,6 +47,7 @@ class IsoImage(RawImage):
 
 class IsoDriver(Driver):
     name = "iso"
+    raw_view = True
     extensions = (".iso",)
     capabilities = frozenset()
 
