@@ -18,7 +18,7 @@ import pytest
 
 import helpers
 from helpers import MiB, qemu_img, qemu_io, run, vdisk_cli
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.convert import convert
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.convert import ConvertOptions, convert
 
 KiB = 1024
 SIZE = 5 * MiB + 3 * 512          # ends mid-cluster for every cluster size above 512 bytes
@@ -336,7 +336,8 @@ def test_engine_convert_api_in_process(tmp_path, sources):
     src, _ = sources["qcow2-compressed"]
     dest = str(tmp_path / "api.qcow2")
     seen = []
-    convert([src], dest, "qcow2", "qcow2", {"cluster_size": "16k"}, compress=True,
+    convert([src], dest, ConvertOptions(src_fmt="qcow2", out_fmt="qcow2", options={"cluster_size": "16k"},
+                                        compress=True),
             progress=lambda done, total: seen.append((done, total)))
     _assert_clean(dest)
     assert helpers.qemu_compare(src, dest, "qcow2", "qcow2")

@@ -27,7 +27,7 @@ from helpers import MiB
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk import io as vio
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError, ImageInUse
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.convert import convert
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.convert import ConvertOptions, convert
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.create import create
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state import plan as splan
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply, apply_action
@@ -229,7 +229,7 @@ def test_engine_entry_points_refuse_a_file_that_is_no_image(disks, call):
             if call == "create":
                 create(str(dest), "qcow2", MiB, {})
             elif call == "convert":
-                convert([str(disks / "src.raw")], str(dest), "raw", "qcow2")
+                convert([str(disks / "src.raw")], str(dest), ConvertOptions(src_fmt="raw", out_fmt="qcow2"))
             else:
                 apply_action(splan.Action(splan.DELETE, str(dest), "delete", {}, {}, {}))
         assert_refused_message(info.value, dest)
@@ -269,7 +269,7 @@ def test_destination_lock_is_held_at_the_rename_and_the_unlink(disks, monkeypatc
     if call == "create":
         create(dest, "raw", MiB, {})
     elif call == "convert":
-        convert([str(disks / "src.raw")], dest, "raw", "raw")
+        convert([str(disks / "src.raw")], dest, ConvertOptions(src_fmt="raw", out_fmt="raw"))
     elif call == "state-replace":
         apply_image(image_spec({"path": dest, "format": "raw", "size": "1M", "recreate": True}))
     else:

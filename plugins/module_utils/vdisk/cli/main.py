@@ -237,7 +237,7 @@ def cmd_convert(argv: List[str]) -> int:
     args = p.parse_args(argv)
     if len(args.files) < 2:
         raise UsageError("Expecting one image file name")
-    from ..ops.convert import convert
+    from ..ops.convert import ConvertOptions, convert
     options = merge_option_strings(args.options)
     if "help" in options:
         _out(get_driver(args.out_fmt).options_help())
@@ -250,13 +250,13 @@ def cmd_convert(argv: List[str]) -> int:
         raise UsageError("Cannot enable copy offloading when -S is used")
     if args.coroutines is not None and not 1 <= args.coroutines <= 16:
         raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-    convert(args.files[:-1], args.files[-1], args.fmt, args.out_fmt, options, compress=args.compress,
-            sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
-            target_is_zero=args.target_is_zero, snapshot=args.snapshot, policy=_policy(args),
-            progress=_progress(args.progress and not args.quiet), backing=args.backing,
-            backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload,
-            bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
-            warn=lambda text: _warn("convert", text))
+    opts = ConvertOptions(src_fmt=args.fmt, out_fmt=args.out_fmt, options=options, compress=args.compress,
+                          sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
+                          target_is_zero=args.target_is_zero, snapshot=args.snapshot, backing=args.backing,
+                          backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload,
+                          bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps)
+    convert(args.files[:-1], args.files[-1], opts, policy=_policy(args),
+            progress=_progress(args.progress and not args.quiet), warn=lambda text: _warn("convert", text))
     return 0
 
 

@@ -16,7 +16,7 @@ is written onto it.
 """
 import os
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -74,80 +74,89 @@ def parse_snapshot_param(text: str) -> Tuple[Optional[str], Optional[str]]:
     return ident, name
 
 
-def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fmt: str = "raw",
-            options: Optional[Dict[str, Any]] = None, compress: bool = False, sparse_size: int = DEFAULT_SPARSE,
-            existing: bool = False, target_is_zero: bool = False, snapshot: Optional[str] = None,
-            policy: Optional[Policy] = None, progress: Optional[Callable[[int, int], None]] = None,
-            backing: Optional[str] = None, backing_fmt: Optional[str] = None,
-            workers: Optional[int] = None, cache: str = "unsafe", copy_offload: bool = False,
-            bitmaps: bool = False, skip_broken_bitmaps: bool = False,
-            warn: Optional[Callable[[str], None]] = None) -> None:
-    """Copy the guest content of *sources* (concatenated) into *dest* in format *out_fmt*.
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What qemu-img convert's flags ask for (the sources and the destination are arguments)."""
+    src_fmt: Optional[str] = None          # -f: format of the sources (probed when None)
+    out_fmt: str = "raw"                   # -O
+    options: Dict[str, Any] = field(default_factory=dict)     # -o, values as given
+    compress: bool = False                 # -c
+    sparse_size: int = DEFAULT_SPARSE      # -S: zero runs of at least this many bytes stay unallocated
+    existing: bool = False                 # -n: write into the existing destination
+    target_is_zero: bool = False           # --target-is-zero (with -n)
+    snapshot: Optional[str] = None         # -l: ID_OR_NAME, snapshot.id=ID or snapshot.name=NAME
+    backing: Optional[str] = None          # -B: the output gets this backing file, holds only what differs
+    backing_fmt: Optional[str] = None      # -F
+    workers: Optional[int] = None          # threads compressing for -c (default: one per CPU)
+    cache: str = "unsafe"                  # -t: unsafe (qemu-img's default) does not flush a new output
+    copy_offload: bool = False             # -C: raw to raw inside the kernel, without zero detection
+    bitmaps: bool = False                  # --bitmaps: copy the persistent bitmaps after the data
+    skip_broken_bitmaps: bool = False      # --skip-broken-bitmaps: skip inconsistent ones with a warning
 
-    *snapshot* is qemu-img's ``-l`` parameter; *backing*/*backing_fmt* are ``-B``/``-F``: the
-    output gets that backing file and holds only what differs from it.  *workers* threads
-    compress for ``-c`` (default: one per CPU).  *cache* is ``-t``: with qemu-img's default
-    ``unsafe`` a new output is not flushed to disk (an output replacing a file always is).
-    *copy_offload* is ``-C``: data goes from host file to host file inside the kernel where both
-    layouts allow (raw to raw), without zero detection.  *bitmaps* is ``--bitmaps``: the source's
-    persistent bitmaps are copied after the data; an inconsistent one refuses the copy before
-    anything is created, or is skipped with a *warn*ing with *skip_broken_bitmaps*.
-    """
-    options = dict(options or {})
-    if cache not in CACHE_MODES:
-        raise InvalidOption("Invalid cache option: %s" % cache, field="-t")
-    sync = cache != "unsafe"
-    driver = get_driver(out_fmt)
-    if compress and "compression" not in driver.capabilities:
+
+def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = None, policy: Optional[Policy] = None,
+            progress: Optional[Callable[[int, int], None]] = None,
+            warn: Optional[Callable[[str], None]] = None) -> None:
+    """Copy the guest content of *sources* (concatenated) into *dest* as *opts* (qemu-img convert's
+    flags, :class:`ConvertOptions`) asks; *progress* gets ``(done, total)``, *warn* one line per
+    warning (a skipped inconsistent bitmap)."""
+    opts = opts or ConvertOptions()
+    options = dict(opts.options)
+    backing, backing_fmt = opts.backing, opts.backing_fmt
+    if opts.cache not in CACHE_MODES:
+        raise InvalidOption("Invalid cache option: %s" % opts.cache, field="-t")
+    sync = opts.cache != "unsafe"
+    driver = get_driver(opts.out_fmt)
+    if opts.compress and "compression" not in driver.capabilities:
         raise UnsupportedFeature("Compression not supported for this file format", path=dest, field="-c")
-    if copy_offload and compress:
+    if opts.copy_offload and opts.compress:
         raise InvalidOption("Cannot enable copy offloading when -c is used", field="-C")
-    if sparse_size < 0 or sparse_size % 512:
+    if opts.sparse_size < 0 or opts.sparse_size % 512:
         raise InvalidOption("Invalid buffer size for sparse output specified", field="-S")
-    if snapshot is not None and len(sources) > 1:
+    if opts.snapshot is not None and len(sources) > 1:
         raise InvalidOption("No support for concatenating multiple snapshot", field="-l")
-    if skip_broken_bitmaps and not bitmaps:
+    if opts.skip_broken_bitmaps and not opts.bitmaps:
         raise InvalidOption("Use of --skip-broken-bitmaps requires --bitmaps", field="--skip-broken-bitmaps")
-    if bitmaps and len(sources) > 1:
+    if opts.bitmaps and len(sources) > 1:
         raise InvalidOption("Copying bitmaps only possible with single source", field="bitmap")
     if backing is None and options.get("backing_file"):
         backing, backing_fmt = options.pop("backing_file"), options.pop("backing_fmt", backing_fmt)
     if backing is not None and "backing" not in driver.capabilities:
-        raise UnsupportedFeature("Backing file not supported for file format '%s'" % out_fmt, path=dest,
+        raise UnsupportedFeature("Backing file not supported for file format '%s'" % opts.out_fmt, path=dest,
                                  field="-B")
-    if backing is not None and existing:
+    if backing is not None and opts.existing:
         raise InvalidOption("-B and -n cannot be used together: the existing target keeps its own backing file",
                             path=dest, field="-B")
-    if not existing and "create" not in driver.capabilities:
-        raise UnsupportedFeature("Format driver '%s' does not support image creation" % out_fmt, path=dest)
-    onto_device = not existing and (policy or Policy()).named_device(dest) is not None
+    if not opts.existing and "create" not in driver.capabilities:
+        raise UnsupportedFeature("Format driver '%s' does not support image creation" % opts.out_fmt, path=dest)
+    onto_device = not opts.existing and (policy or Policy()).named_device(dest) is not None
     if onto_device:
-        check_device_create(dest, out_fmt, driver.parse_options(options), "error while converting raw: ")
+        check_device_create(dest, opts.out_fmt, driver.parse_options(options), "error while converting raw: ")
     images: List[Image] = []
     new_backing: Optional[Image] = None
     try:
         for src in sources:
             if os.path.exists(dest) and os.path.samefile(src, dest):
                 raise ImageError("source and destination are the same file", path=dest)
-            img = open_image(src, src_fmt, writable=False, policy=policy)
+            img = open_image(src, opts.src_fmt, writable=False, policy=policy)
             images.append(img)
-            if snapshot is not None:
-                img.select_snapshot(*parse_snapshot_param(snapshot))
-        source_bitmaps = _source_bitmaps(images[0], skip_broken_bitmaps) if bitmaps else None
+            if opts.snapshot is not None:
+                img.select_snapshot(*parse_snapshot_param(opts.snapshot))
+        source_bitmaps = _source_bitmaps(images[0], opts.skip_broken_bitmaps) if opts.bitmaps else None
         source = _Concat(images)
         size = source.virtual_size
-        if existing or onto_device:
+        if opts.existing or onto_device:
             # written in place (the locks a VM holds refuse it); a device "created" has its old content replaced
-            out = open_image(dest, out_fmt, writable=True, policy=replace(policy or Policy(), sync=sync),
+            out = open_image(dest, opts.out_fmt, writable=True, policy=replace(policy or Policy(), sync=sync),
                              backing=False, replacing=onto_device)
             try:
                 if out.virtual_size < size:
                     raise ImageError("error while converting raw: Cannot grow device files" if onto_device
                                      else "output file is smaller than input file", path=dest)
                 if source_bitmaps is not None:
-                    _check_bitmap_target(out, out_fmt)
-                _run_copy(source, out, None, compress, sparse_size, progress, not target_is_zero, workers,
-                          copy_offload, fresh=False)
+                    _check_bitmap_target(out, opts.out_fmt)
+                _run_copy(source, out, None, opts.compress, opts.sparse_size, progress, not opts.target_is_zero,
+                          opts.workers, opts.copy_offload, fresh=False)
                 out.flush()
                 if source_bitmaps is not None:
                     _copy_bitmaps(source_bitmaps, out, warn)
@@ -168,9 +177,9 @@ def convert(sources: List[str], dest: str, src_fmt: Optional[str] = None, out_fm
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 if source_bitmaps is not None:
-                    _check_bitmap_target(out, out_fmt)
-                _run_copy(source, out, new_backing, compress, sparse_size, progress, False, workers,
-                          copy_offload, fresh=typed.get("preallocation") in (None, "off"))
+                    _check_bitmap_target(out, opts.out_fmt)
+                _run_copy(source, out, new_backing, opts.compress, opts.sparse_size, progress, False,
+                          opts.workers, opts.copy_offload, fresh=typed.get("preallocation") in (None, "off"))
                 out.flush()
                 if source_bitmaps is not None:
                     _copy_bitmaps(source_bitmaps, out, warn)

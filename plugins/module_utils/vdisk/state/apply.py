@@ -69,13 +69,14 @@ def _convert(action: p.Action, policy: Optional[Policy], downloads: Optional[dow
 
 def _convert_from(action: p.Action, source: str, policy: Optional[Policy]) -> None:
     """Convert the local file *source* into the action's new image."""
-    from ..ops.convert import convert
+    from ..ops.convert import ConvertOptions, convert
     params = action.params
     backing = params.get("backing_file")
-    convert([source], action.path, params.get("source_format"), params["format"],
-            _raw_options(params), compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
-            policy=policy, backing=backing or None,
-            backing_fmt=(params.get("backing_format") or None) if backing else None)
+    opts = ConvertOptions(src_fmt=params.get("source_format"), out_fmt=params["format"], options=_raw_options(params),
+                          compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
+                          backing=backing or None,
+                          backing_fmt=(params.get("backing_format") or None) if backing else None)
+    convert([source], action.path, opts, policy=policy)
 
 
 def _raw_options(params: Dict[str, Any]) -> Dict[str, Any]:
