@@ -8,7 +8,7 @@ once against this interface.
 import dataclasses
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
@@ -147,6 +147,8 @@ class Policy:
     # the image the caller names may be a block device: set by the CLI only, whose arguments the user
     # typed (named_device); never extends to the files an image names
     block_devices: bool = False
+    # the passphrase that unlocks an encrypted image (qemu-img's key-secret): never shown (repr, logs)
+    passphrase: Optional[bytes] = field(default=None, repr=False)
     # the file a driver is opening (set by ops.chain for the driver's open): see checked()
     opening: Optional[Any] = None       # a ResolvedPath, or the NamedDevice of the user's own image
 
