@@ -1,13 +1,12 @@
 """The declarative structure mechanism (structure.py): one field table gives the dataclass, the
 packing, the offsets of partial writes, the range checks and the dump."""
 import struct
-from dataclasses import field
 from typing import List
 
 import pytest
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.structure import Record, disk, record
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.structure import Record, disk, extra, record
 
 
 @record(">")
@@ -18,7 +17,7 @@ class Sample(Record):
     pad: bytes = disk("1s")
     size: int = disk("Q")
     name: bytes = disk("8s", b"disk", shown="text")
-    extra: List[int] = field(default_factory=list)     # not on disk
+    blocks: List[int] = extra(default_factory=list)     # not on disk
 
 
 def test_layout_is_derived_from_the_declaration_order():
@@ -31,9 +30,9 @@ def test_pack_and_unpack_round_trip():
     s = Sample(size=1 << 40, flags=5)
     raw = s.pack()
     assert raw == struct.pack(">IHB1sQ8s", 0x51464900, 3, 5, b"\0", 1 << 40, b"disk")
-    back = Sample.unpack(b"xx" + raw, 2, extra=[1])
+    back = Sample.unpack(b"xx" + raw, 2, blocks=[1])
     assert back.size == 1 << 40 and back.flags == 5 and back.name == b"disk\0\0\0\0"
-    assert back.extra == [1] and Sample.unpack(raw).extra == []
+    assert back.blocks == [1] and Sample.unpack(raw).blocks == []
 
 
 def test_pack_fields_gives_the_bytes_and_offset_of_adjacent_fields():

@@ -47,7 +47,7 @@ class Extent(NamedTuple):
 class OptionSpec:
     """One create option: the single source for ``-o help``, validation, docs and the manifest schema."""
     name: str
-    type: str            # size | bool | str | int | enum
+    type: str            # size | bool | str | int | enum | secret
     default: Any = None
     help: str = ""
     choices: Tuple[str, ...] = ()
@@ -74,6 +74,9 @@ class OptionSpec:
             return parse_bool(value, self.name)
         if self.type == "int":
             return parse_int(value, self.name)
+        if self.type == "secret":
+            # the secret's bytes (the caller resolved qemu-img's secret id): never turned into text
+            return value if isinstance(value, bytes) else str(value).encode("utf-8")
         text = str(value)
         if self.choices and text not in self.choices:
             raise InvalidOption("invalid value %r for %s: expected one of %s"
@@ -309,6 +312,9 @@ class Image:
     # whether the image can hold persistent dirty bitmaps (then it has ``bitmap_editor()`` and
     # ``commit_bitmaps(editor)``, see formats/qcow2/bitmaps.py)
     supports_persistent_bitmaps = False
+    # a newly created image reads as zeros where nothing was written (QEMU's bdrv_has_zero_init):
+    # convert then skips the source's zeros; an encrypted payload decrypts to noise, so not there
+    zero_init = True
 
     def __init__(self, path: str, writable: bool):
         self.path = path
@@ -487,6 +493,13 @@ class Driver:
     def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
         """Create a new image at *path* atomically; *sync* False skips waiting for the disk."""
         raise UnsupportedFeature("Format driver '%s' does not support image creation" % self.name, path=path)
+
+    def create_staged(self, path: str, final_path: str, size: int, options: Dict[str, Any],
+                      sync: bool = True) -> None:
+        """``create`` at *path*, a temporary name that becomes *final_path* once the image is written
+        (convert's output).  Only a format that records its own file name (VMDK's extent lines)
+        overrides this; the others write the same image whatever it will be called."""
+        self.create(path, size, options, sync)
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
         raise NotImplementedError

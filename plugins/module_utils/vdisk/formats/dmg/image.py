@@ -8,11 +8,12 @@ decoder for them and says so when such a chunk is read.
 import bisect
 import bz2
 import zlib
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, ReadOnlyImage, UnsupportedFeature
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
 
@@ -42,6 +43,7 @@ class DmgImage(Image):
             raise FormatError("Could not locate UDIF trailer in dmg file", path=self.path)
         k = hdr.parse_koly(self.host.pread(hdr.KOLY_SIZE, at), at, self.path)
         self.koly = k
+        self.koly_offset = at
         self.virtual_size = k.sector_count * SECTOR
         # the tables lie before the trailer (checked above), so they cost at most the file's size
         if k.rsrc_fork_length:
@@ -119,6 +121,15 @@ class DmgImage(Image):
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end > offset:
             yield Extent(offset, end - offset, DATA)
+
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The koly trailer and, when the chunk tables are resources, the resource fork's header."""
+        out: List[Tuple[str, int, Record]] = [("koly trailer", self.koly_offset, self.koly)]
+        k = self.koly
+        if k.rsrc_fork_length:
+            raw = self.host.pread(hdr.ResourceForkHeader.SIZE, k.rsrc_fork_offset)
+            out.append(("resource fork header", k.rsrc_fork_offset, hdr.ResourceForkHeader.unpack(raw)))
+        return out
 
     def info(self) -> Dict[str, Any]:
         return {}

@@ -37,7 +37,7 @@ def _check(img, repair: Optional[str]) -> CheckResult:
         if fix_errors:
             res.corruptions_fixed += 1
             img.unclean = False      # the clean close clears the flag
-    res.total_clusters = h.bat_entries
+    res.total_clusters = h.nb_bat_entries
     high = 0
     prev = 0
     seen: Dict[int, int] = {}

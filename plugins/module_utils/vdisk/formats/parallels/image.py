@@ -8,12 +8,13 @@ at most space leaked at the end of the file; a clean close truncates the file to
 """
 import array
 import sys
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, CheckResult, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...io import HostFile
 from ...overlap import MetadataMap
+from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
 
@@ -44,19 +45,19 @@ class ParallelsImage(Image):
         self.mult = h.off_multiplier
         self.virtual_size = h.virtual_sectors * SECTOR
         # entries past the end of the file read as zero (unallocated): read only what the file holds
-        in_file = max(0, min(h.bat_entries, (file_size - hdr.HEADER_SIZE) // 4, MAX_BAT_IN_MEMORY // 4))
+        in_file = max(0, min(h.nb_bat_entries, (file_size - hdr.HEADER_SIZE) // 4, MAX_BAT_IN_MEMORY // 4))
         self.bat = array.array("I", self.host.pread(in_file * 4, hdr.HEADER_SIZE))
         if sys.byteorder != "little":
             self.bat.byteswap()
-        data_end = h.data_off or -(-hdr.bat_offset(h.bat_entries) // SECTOR)
+        data_end = h.data_off or -(-hdr.bat_offset(h.nb_bat_entries) // SECTOR)
         top = max(self.bat) if self.bat else 0
         if top:
             data_end = max(data_end, top * self.mult + self.tracks)
         self.data_end = data_end            # sectors
         # guest data never goes over the header or the BAT (a hostile BAT entry): the shared overlap check
         self.metadata = MetadataMap.from_ranges([("header", 0, hdr.HEADER_SIZE),
-                                                 ("BAT", hdr.HEADER_SIZE, 4 * h.bat_entries)])
-        self.unclean = h.inuse == hdr.INUSE_MAGIC
+                                                 ("BAT", hdr.HEADER_SIZE, 4 * h.nb_bat_entries)])
+        self.unclean = h.in_use == hdr.INUSE_MAGIC
         self.bitmaps: List[hdr.DirtyBitmap] = []
         if h.ext_off:
             if self.writable:
@@ -71,12 +72,12 @@ class ParallelsImage(Image):
         if self.writable:
             if self.unclean and not policy.repair:
                 raise CorruptImage("parallels: Image was not closed correctly; cannot be opened read/write",
-                                   path=self.path, field="inuse")
+                                   path=self.path, field="in_use")
             self._set_inuse(hdr.INUSE_MAGIC)
 
     def _set_inuse(self, value: int) -> None:
-        self.header.inuse = value
-        self.host.pwrite(value.to_bytes(4, "little"), 44)
+        self.header.in_use = value
+        self.host.pwrite(*self.header.pack_fields("in_use"))
         self.host.flush()
 
     # -- mapping ----------------------------------------------------------------------
@@ -85,7 +86,7 @@ class ParallelsImage(Image):
 
     def host_offset(self, index: int) -> int:
         """Host byte offset of cluster *index*, 0 when unallocated."""
-        if index >= self.header.bat_entries:
+        if index >= self.header.nb_bat_entries:
             return 0
         return self.bat_entry(index) * self.mult * SECTOR
 
@@ -95,7 +96,7 @@ class ParallelsImage(Image):
 
     def _pieces(self, offset: int, length: int):
         end = offset + length
-        mapped_end = min(self.header.bat_entries, len(self.bat)) * self.cs   # nothing is mapped past it
+        mapped_end = min(self.header.nb_bat_entries, len(self.bat)) * self.cs   # nothing is mapped past it
         while offset < end:
             idx = offset // self.cs
             if offset >= mapped_end:
@@ -150,11 +151,11 @@ class ParallelsImage(Image):
         buf = bytearray(self.read_backing(start, count * self.cs) if self.backing else bytes(count * self.cs))
         buf[offset - start:offset - start + len(data)] = data
         # a new cluster starts at a multiple of the BAT unit
-        if last >= self.header.bat_entries or len(self.bat) < self.header.bat_entries:
+        if last >= self.header.nb_bat_entries or len(self.bat) < self.header.nb_bat_entries:
             raise CorruptImage("the BAT does not cover guest offset %d (it has %d entries, %d in the file)"
-                               % (offset, self.header.bat_entries, len(self.bat)), path=self.path, field="BAT")
+                               % (offset, self.header.nb_bat_entries, len(self.bat)), path=self.path, field="BAT")
         # never below the BAT (a hostile data_off); a new cluster starts at a multiple of the BAT unit
-        pos = max(self.data_end, -(-hdr.bat_offset(self.header.bat_entries) // SECTOR))
+        pos = max(self.data_end, -(-hdr.bat_offset(self.header.nb_bat_entries) // SECTOR))
         pos = -(-pos // self.mult) * self.mult
         if (pos + count * self.tracks) // self.mult > 0xFFFFFFFF:
             raise ImageError("the image file cannot grow beyond what its BAT can address", path=self.path,
@@ -168,6 +169,15 @@ class ParallelsImage(Image):
         self.data_end = pos + count * self.tracks
 
     # -- metadata ---------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The header and, when there is one, the Format Extension's header."""
+        out: List[Tuple[str, int, Record]] = [("header", 0, self.header)]
+        if self.header.ext_off:
+            at = self.header.ext_off * SECTOR
+            ext = hdr.ExtensionHeader.unpack(self.host.pread(hdr.ExtensionHeader.SIZE, at))
+            out.append(("format extension", at, ext))
+        return out
+
     def info(self) -> Dict[str, Any]:
         return {}
 

@@ -8,11 +8,10 @@ compressed cluster whose byte length sits in the ``cluster_bits`` bits below it 
 offset (QEMU puts it at a sector boundary; raw deflate with a 4 KiB window) in the bits below those; any other value
 is the host offset of a whole cluster.
 """
-import struct
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ...errors import FormatError, UnsupportedFeature
+from ...structure import Record, disk, extra, record
 
 MAGIC = 0x514649FB                       # "QFI\xfb"
 VERSION = 1
@@ -34,29 +33,22 @@ MAX_HOST_OFFSET = (1 << 63) - 1          # a file offset (off_t)
 BACKING_CLUSTER_BITS, BACKING_L2_BITS = 9, 12
 DEFAULT_CLUSTER_BITS, DEFAULT_L2_BITS = 12, 9
 
-HEADER = struct.Struct(">IIQIIQBBHIQ")
-HEADER_SIZE = HEADER.size                # 48
-FIELDS = ("magic", "version", "backing_file_offset", "backing_file_size", "mtime", "size", "cluster_bits",
-          "l2_bits", "padding", "crypt_method", "l1_table_offset")
 
-
-@dataclass
-class Header:
-    magic: int = MAGIC
-    version: int = VERSION
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    mtime: int = 0
-    size: int = 0                        # bytes; the guest sees whole sectors of it
-    cluster_bits: int = DEFAULT_CLUSTER_BITS
-    l2_bits: int = DEFAULT_L2_BITS
-    padding: int = 0
-    crypt_method: int = CRYPT_NONE
-    l1_table_offset: int = 0
-    backing_file: Optional[str] = field(default=None, compare=False)
-
-    def pack(self) -> bytes:
-        return HEADER.pack(*(getattr(self, name) for name in FIELDS))
+@record(">")
+class Header(Record):
+    """The 48-byte header (QEMU's QCowHeader); the backing file name follows it on disk."""
+    magic: int = disk("I", MAGIC, shown="hex")
+    version: int = disk("I", VERSION)
+    backing_file_offset: int = disk("Q", shown="hex")
+    backing_file_size: int = disk("I")
+    mtime: int = disk("I")
+    size: int = disk("Q")                     # bytes; the guest sees whole sectors of it
+    cluster_bits: int = disk("B", DEFAULT_CLUSTER_BITS)
+    l2_bits: int = disk("B", DEFAULT_L2_BITS)
+    padding: int = disk("H")
+    crypt_method: int = disk("I", CRYPT_NONE)
+    l1_table_offset: int = disk("Q", shown="hex")
+    backing_file: Optional[str] = extra(default=None, compare=False)     # read from the file, not a field
 
     @property
     def cluster_size(self) -> int:
@@ -77,13 +69,19 @@ class Header:
         return (1 << (63 - self.cluster_bits)) - 1
 
 
+HEADER_SIZE = Header.SIZE                # 48
+
+
 def l1_entries(size: int, cluster_bits: int, l2_bits: int) -> int:
     shift = cluster_bits + l2_bits
     return (size + (1 << shift) - 1) >> shift
 
 
 def probe(buf: bytes) -> bool:
-    return len(buf) >= HEADER_SIZE and struct.unpack_from(">II", buf) == (MAGIC, VERSION)
+    if len(buf) < HEADER_SIZE:
+        return False
+    h = Header.unpack(buf)
+    return (h.magic, h.version) == (MAGIC, VERSION)
 
 
 def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> Header:
@@ -91,7 +89,7 @@ def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> He
     gives the file's bytes, zeros past its end), validated in QEMU's order with its messages."""
     if len(buf) < HEADER_SIZE:
         raise FormatError("Image not in qcow format (file too short for a header)", path=path, field="header")
-    h = Header(*HEADER.unpack_from(buf, 0))
+    h = Header.unpack(buf)
     if h.magic != MAGIC:
         raise FormatError("Image not in qcow format", path=path, field="magic")
     if h.version != VERSION:

@@ -16,6 +16,7 @@ from ...driver import DATA, UNALLOCATED, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError
 from ...io import HostFile
 from ...overlap import MetadataMap
+from ...structure import Record
 from . import header as hdr
 
 L2_CACHE_TABLES = 64           # QEMU keeps 16; tables are at most 64 KiB
@@ -401,6 +402,9 @@ class QcowImage(Image):
         self.file_end = self.header.l1_table_offset + l1_bytes
 
     # -- metadata ------------------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        return [("header", 0, self.header)]
+
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.cs}
 

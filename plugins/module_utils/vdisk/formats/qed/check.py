@@ -11,7 +11,7 @@ from typing import Optional
 
 from ...driver import CheckResult
 from . import header as hdr
-from .image import _pack, _table
+from .table import pack_table, unpack_table
 
 
 class _Used:
@@ -74,7 +74,7 @@ def _check(img, fix: bool) -> CheckResult:
         if not used.mark(off // cs, h.table_size):
             res.corruptions += 1
             continue
-        table = _table(img.host.pread(h.table_bytes, off))
+        table = unpack_table(img.host.pread(h.table_bytes, off))
         last = 0
         fixed = False
         for i, entry in enumerate(table):
@@ -97,10 +97,10 @@ def _check(img, fix: bool) -> CheckResult:
             if not used.mark(entry // cs, 1):
                 res.corruptions += 1
         if fixed:
-            img.host.pwrite(_pack(table), off)
+            img.host.pwrite(pack_table(table), off)
             img._l2_cache.pop(off, None)
     if l1_fixed:
-        img.host.pwrite(_pack(img.l1), h.l1_table_offset)
+        img.host.pwrite(pack_table(img.l1), h.l1_table_offset)
     res.leaks = used.unused(h.header_size)
     if fix and not res.corruptions and not res.check_errors:
         img._set_need_check(False)

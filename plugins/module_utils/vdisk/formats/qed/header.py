@@ -2,13 +2,14 @@
 
 References: the QED specification (QEMU wiki "Features/QED/Specification") and QEMU's
 block/qed.h. Everything is little-endian. A table is ``table_size`` clusters of 64-bit
-offsets; an L2 entry of 0 is unallocated (read the backing file), 1 a zero cluster.
+offsets (read and written by table.py); an L2 entry of 0 is unallocated (read the backing
+file), 1 a zero cluster.
 """
 import struct
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ...errors import CorruptImage, FormatError, UnsupportedFeature
+from ...structure import Record, disk, record
 
 MAGIC = 0x00444551                     # "QED\0"
 F_BACKING_FILE = 0x01
@@ -29,30 +30,22 @@ MAX_BACKING_NAME = 1023                # QEMU keeps the name in a PATH_MAX-ish b
 UNALLOCATED = 0
 ZERO_CLUSTER = 1
 
-HEADER = struct.Struct("<IIIIQQQQQII")
-HEADER_SIZE = HEADER.size               # 64 (struct format above)
-OFFSETS_FIELDS = ("magic", "cluster_size", "table_size", "header_size", "features", "compat_features",
-                  "autoclear_features", "l1_table_offset", "image_size", "backing_filename_offset",
-                  "backing_filename_size")
 
-
-@dataclass
-class Header:
-    magic: int = MAGIC
-    cluster_size: int = DEFAULT_CLUSTER_SIZE
-    table_size: int = DEFAULT_TABLE_SIZE    # clusters per table
-    header_size: int = 1                    # clusters
-    features: int = 0
-    compat_features: int = 0
-    autoclear_features: int = 0
-    l1_table_offset: int = 0
-    image_size: int = 0
-    backing_filename_offset: int = 0
-    backing_filename_size: int = 0
-    backing_file: Optional[str] = None
-
-    def pack(self) -> bytes:
-        return HEADER.pack(*(getattr(self, name) for name in OFFSETS_FIELDS))
+@record("<")
+class Header(Record):
+    """The header at the start of cluster 0, in its on-disk order (the names are the spec's)."""
+    magic: int = disk("I", MAGIC, shown="hex")
+    cluster_size: int = disk("I", DEFAULT_CLUSTER_SIZE, shown="hex")
+    table_size: int = disk("I", DEFAULT_TABLE_SIZE)        # clusters per table
+    header_size: int = disk("I", 1)                        # clusters
+    features: int = disk("Q", 0, shown="hex")
+    compat_features: int = disk("Q", 0, shown="hex")
+    autoclear_features: int = disk("Q", 0, shown="hex")
+    l1_table_offset: int = disk("Q", 0, shown="hex")
+    image_size: int = disk("Q")
+    backing_filename_offset: int = disk("I", 0, shown="hex")   # bytes from the start of the header
+    backing_filename_size: int = disk("I")
+    backing_file: Optional[str] = None                     # not on disk: the name those two fields locate
 
     @property
     def table_entries(self) -> int:
@@ -61,6 +54,9 @@ class Header:
     @property
     def table_bytes(self) -> int:
         return self.table_size * self.cluster_size
+
+
+HEADER_SIZE = Header.SIZE               # 64
 
 
 def is_power_of_2(n: int) -> bool:
@@ -85,7 +81,8 @@ def image_size_valid(size: int, cluster_size: int, table_size: int) -> bool:
 
 
 def probe(buf: bytes) -> bool:
-    return len(buf) >= 4 and struct.unpack_from("<I", buf)[0] == MAGIC
+    at = Header.offset("magic")
+    return len(buf) >= at + 4 and struct.unpack_from("<I", buf, at)[0] == MAGIC
 
 
 def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> Header:
@@ -93,7 +90,7 @@ def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> He
     returns what the file holds there), validated as QEMU validates them on open."""
     if len(buf) < HEADER_SIZE:
         raise FormatError("Image not in QED format (file too short for a header)", path=path, field="header")
-    h = Header(*HEADER.unpack_from(buf, 0))
+    h = Header.unpack(buf)
     if h.magic != MAGIC:
         raise FormatError("Image not in QED format", path=path, field="magic")
     if h.features & ~FEATURE_MASK:

@@ -10,30 +10,18 @@ clears it after a flush when the image is closed; vdisk does the same, and a rea
 of an image with the flag set runs ``check`` with repair first, as QEMU does.
 """
 import array
-import sys
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
+from .check import check as check_image
+from .table import pack_table, unpack_table
 
 L2_CACHE_BYTES = 32 * 1024 * 1024
-
-
-def _table(raw: bytes) -> array.array:
-    t = array.array("Q", raw)
-    if sys.byteorder != "little":
-        t.byteswap()
-    return t
-
-
-def _pack(t) -> bytes:
-    t = array.array("Q", t)
-    if sys.byteorder != "little":
-        t.byteswap()
-    return t.tobytes()
 
 
 class QedImage(Image):
@@ -65,16 +53,15 @@ class QedImage(Image):
         self.file_size = size - size % self.cs        # QEMU: the file ends at its last whole cluster
         if not self.table_offset_valid(h.l1_table_offset):
             raise CorruptImage("QED table offset is invalid", path=self.path, field="l1_table_offset")
-        self.l1 = _table(self.host.pread(h.table_bytes, h.l1_table_offset))
+        self.l1 = unpack_table(self.host.pread(h.table_bytes, h.l1_table_offset))
         self._l2_cache: "OrderedDict[int, array.array]" = OrderedDict()
         if self.writable:
             if h.autoclear_features & ~hdr.AUTOCLEAR_FEATURE_MASK:
                 h.autoclear_features &= hdr.AUTOCLEAR_FEATURE_MASK
-                self._write_header()
+                self.host.pwrite(*h.pack_fields("autoclear_features"))
             if self.need_check and not policy.repair:
                 # not closed cleanly: check and repair first, as QEMU does on a read-write open
-                from .check import check
-                result = check(self, "all")
+                result = check_image(self, "all")
                 if result.corruptions:
                     raise CorruptImage("image was not closed cleanly and could not be repaired", path=self.path,
                                        field="need check")
@@ -92,16 +79,13 @@ class QedImage(Image):
         return self.cluster_offset_valid(offset) and self.cluster_offset_valid(end)
 
     # -- header ------------------------------------------------------------------------
-    def _write_header(self) -> None:
-        self.host.pwrite(self.header.pack(), 0)
-
     def _set_need_check(self, on: bool) -> None:
         h = self.header
         if bool(h.features & hdr.F_NEED_CHECK) == on:
             return
         self.host.flush()
         h.features = h.features | hdr.F_NEED_CHECK if on else h.features & ~hdr.F_NEED_CHECK
-        self._write_header()
+        self.host.pwrite(*h.pack_fields("features"))
         self.host.flush()
         self.need_check = on
 
@@ -115,7 +99,7 @@ class QedImage(Image):
             if not self.table_offset_valid(off):
                 raise CorruptImage("L2 table offset 0x%x is invalid (L1 index %d)" % (off, l1i), path=self.path,
                                    field="L1 table")
-            table = _table(self.host.pread(self.header.table_bytes, off))
+            table = unpack_table(self.host.pread(self.header.table_bytes, off))
             self._l2_cache[off] = table
             while len(self._l2_cache) * self.header.table_bytes > L2_CACHE_BYTES and len(self._l2_cache) > 1:
                 self._l2_cache.popitem(last=False)
@@ -243,14 +227,14 @@ class QedImage(Image):
             table = array.array("Q", bytes(self.header.table_bytes))
             table[idx:idx + len(entries)] = array.array("Q", entries)
             off = self._alloc(self.header.table_size)
-            self.host.pwrite(_pack(table), off)
+            self.host.pwrite(pack_table(table), off)
             self.host.flush()
             self._l2_cache[off] = table
             self.l1[l1i] = off
-            self.host.pwrite(_pack([off]), self.header.l1_table_offset + 8 * l1i)
+            self.host.pwrite(pack_table([off]), self.header.l1_table_offset + 8 * l1i)
         else:
             table[idx:idx + len(entries)] = array.array("Q", entries)
-            self.host.pwrite(_pack(entries), self.l1[l1i] + 8 * idx)
+            self.host.pwrite(pack_table(entries), self.l1[l1i] + 8 * idx)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Whole unallocated clusters become zero clusters (entry 1); the rest is written as zeros."""
@@ -273,14 +257,17 @@ class QedImage(Image):
             pos = stop
 
     # -- metadata ------------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The header (``vdisk inspect --dump``)."""
+        return [("header", 0, self.header)]
+
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.cs}
 
     def check(self, repair: Optional[str] = None):
-        from .check import check
         if repair:
             self._check_writable()
-        return check(self, repair)
+        return check_image(self, repair)
 
     def flush(self) -> None:
         if self.writable:

@@ -48,7 +48,7 @@ class VhdxDriver(Driver):
     )
 
     def probe(self, header: bytes, filename: str) -> int:
-        return 100 if header[:8] == hdr.FILE_SIGNATURE else 0
+        return 100 if header.startswith(hdr.FILE_SIGNATURE) else 0
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VhdxImage:
         return VhdxImage(self, path, writable, policy or Policy())
@@ -58,7 +58,7 @@ class VhdxDriver(Driver):
         opening the image (which refuses a parent): ``vdisk inspect`` lists them; nothing opens them."""
         with HostFile(path, lock=False, checked=checked) as host:
             size = host.size()
-            if host.pread(8, 0) != hdr.FILE_SIGNATURE:
+            if hdr.FileIdentifier.unpack(host.pread(hdr.FileIdentifier.SIZE, 0)).signature != hdr.FILE_SIGNATURE:
                 return []
             dummy, meta = hdr.parse_region_table(host.pread(hdr.REGION_TABLE_SIZE, hdr.REGION1_OFFSET), path)
             items = hdr.parse_metadata_table(host.pread(hdr.METADATA_TABLE_SIZE, meta.file_offset), meta.length, path)
@@ -114,7 +114,7 @@ def write_new(host: HostFile, p: Dict[str, Any]) -> None:
     """Lay out a new image as qemu-img 7.2 does (random sequence number and GUIDs)."""
     size, bs = p["size"], p["block_size"]
     creator = CREATOR.encode("utf-16-le")
-    host.pwrite(hdr.FILE_SIGNATURE + creator, 0)
+    host.pwrite(hdr.FileIdentifier(creator=creator).pack(), 0)
     h = hdr.Header(sequence_number=int.from_bytes(uuid.uuid4().bytes[:4], "little"),
                    file_write_guid=uuid.uuid4().bytes, data_write_guid=uuid.uuid4().bytes,
                    log_length=p["log_size"], log_offset=hdr.HEADER_SECTION_END)
@@ -122,11 +122,8 @@ def write_new(host: HostFile, p: Dict[str, Any]) -> None:
     h.sequence_number += 1
     host.pwrite(h.pack(), hdr.HEADER2_OFFSET)
     # region tables: BAT and metadata (QEMU leaves their "required" bits clear)
-    table = bytearray(hdr.REGION_TABLE_SIZE)
-    hdr.REGION_HEADER.pack_into(table, 0, hdr.REGION_SIGNATURE, 0, 2, 0)
-    hdr.REGION_ENTRY.pack_into(table, 16, hdr.BAT_GUID, p["bat_offset"], p["bat_length"], 0)
-    hdr.REGION_ENTRY.pack_into(table, 48, hdr.METADATA_GUID, p["meta_offset"], MiB, 0)
-    struct.pack_into("<I", table, 4, hdr.checksum(table, 4))
+    table = hdr.pack_region_table([hdr.RegionTableEntry(hdr.BAT_GUID, p["bat_offset"], p["bat_length"]),
+                                   hdr.RegionTableEntry(hdr.METADATA_GUID, p["meta_offset"], MiB)])
     # the file's length first: a fixed image holds all its blocks, a dynamic one ends 5 MiB after the BAT
     data_offset = p["data_offset"]
     host.truncate(data_offset + (size if p["fixed"] else 0))
@@ -138,24 +135,26 @@ def write_new(host: HostFile, p: Dict[str, Any]) -> None:
             entry = state if p["zero"] else (-(-(data_offset + b * bs) // MiB) * MiB) | state
             struct.pack_into("<Q", bat, 8 * hdr.bat_index(b, p["ratio"]), entry)
         host.pwrite(bytes(bat), p["bat_offset"])
-    host.pwrite(bytes(table), hdr.REGION1_OFFSET)
-    host.pwrite(bytes(table), hdr.REGION2_OFFSET)
-    # metadata table and its five items at 64 KiB
-    meta = bytearray(hdr.METADATA_TABLE_SIZE)
-    hdr.METADATA_HEADER.pack_into(meta, 0, hdr.METADATA_SIGNATURE, 0, 5, bytes(20))
-    items = ((hdr.FILE_PARAMETERS_GUID, 8, hdr.META_IS_REQUIRED),
-             (hdr.VIRTUAL_DISK_SIZE_GUID, 8, hdr.META_IS_REQUIRED | hdr.META_IS_VIRTUAL_DISK),
-             (hdr.PAGE83_GUID, 16, hdr.META_IS_REQUIRED | hdr.META_IS_VIRTUAL_DISK),
-             (hdr.LOGICAL_SECTOR_GUID, 4, hdr.META_IS_REQUIRED | hdr.META_IS_VIRTUAL_DISK),
-             (hdr.PHYSICAL_SECTOR_GUID, 4, hdr.META_IS_REQUIRED | hdr.META_IS_VIRTUAL_DISK))
+    host.pwrite(table, hdr.REGION1_OFFSET)
+    host.pwrite(table, hdr.REGION2_OFFSET)
+    host.pwrite(metadata(p), p["meta_offset"])
+
+
+def metadata(p: Dict[str, Any]) -> bytes:
+    """The metadata table and its five items after it (at 64 KiB), as qemu-img 7.2 writes them."""
+    virtual = hdr.META_IS_REQUIRED | hdr.META_IS_VIRTUAL_DISK
+    items = ((hdr.FILE_PARAMETERS_GUID, hdr.META_IS_REQUIRED,
+              hdr.FileParameters(p["block_size"], hdr.PARAMS_LEAVE_BLOCKS_ALLOCATED if p["fixed"] else 0)),
+             (hdr.VIRTUAL_DISK_SIZE_GUID, virtual, hdr.VirtualDiskSize(p["size"])),
+             (hdr.PAGE83_GUID, virtual, hdr.Page83Data(uuid.uuid4().bytes)),
+             (hdr.LOGICAL_SECTOR_GUID, virtual, hdr.LogicalSectorSize(512)),
+             (hdr.PHYSICAL_SECTOR_GUID, virtual, hdr.PhysicalSectorSize(512)))
+    entries = []
     offset = hdr.METADATA_TABLE_SIZE
-    for i, (guid, length, bits) in enumerate(items):
-        hdr.METADATA_ENTRY.pack_into(meta, hdr.METADATA_HEADER.size + i * hdr.METADATA_ENTRY.size, guid, offset,
-                                     length, bits, 0)
-        offset += length
-    values = struct.pack("<II", bs, hdr.PARAMS_LEAVE_BLOCKS_ALLOCATED if p["fixed"] else 0)
-    values += struct.pack("<Q", size) + uuid.uuid4().bytes + struct.pack("<II", 512, 512)
-    host.pwrite(bytes(meta) + values, p["meta_offset"])
+    for guid, flags, item in items:
+        entries.append(hdr.MetadataTableEntry(guid, offset, item.SIZE, flags))
+        offset += item.SIZE
+    return hdr.pack_metadata_table(entries) + b"".join(item.pack() for dummy, dummy2, item in items)
 
 
 DRIVER = VhdxDriver()

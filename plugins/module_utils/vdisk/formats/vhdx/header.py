@@ -7,12 +7,12 @@ logical and physical sector size); QEMU 7.2 block/vhdx.c, vhdx-log.c for what qe
 and the validation it applies. Everything is little-endian; GUIDs are stored in Microsoft's mixed
 endian layout (``uuid.UUID.bytes_le``). Parsing works on bytes; reading the file is the image's.
 """
-import struct
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Type, Union
 
 from ...errors import CorruptImage, FormatError, UnsupportedFeature
+from ...structure import Record, disk, record
 from .crc32c import checksum
 
 KiB = 1024
@@ -85,59 +85,57 @@ PHYSICAL_SECTOR_GUID = _guid("CDA348C7-445D-4471-9CC9-E9885251C556")
 PARENT_LOCATOR_GUID = _guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
 ZERO_GUID = bytes(16)
 
-# signature checksum sequence_number file_write_guid data_write_guid log_guid log_version version
-# log_length log_offset (then reserved up to 4 KiB)
-HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")
-HEADER_FIELDS = ("signature", "checksum", "sequence_number", "file_write_guid", "data_write_guid", "log_guid",
-                 "log_version", "version", "log_length", "log_offset")
-# signature checksum entry_count reserved / guid file_offset length data_bits
-REGION_HEADER = struct.Struct("<4sIII")
-REGION_ENTRY = struct.Struct("<16sQII")
-# signature reserved entry_count reserved2[20] / item_id offset length data_bits reserved
-METADATA_HEADER = struct.Struct("<8sHH20s")
-METADATA_ENTRY = struct.Struct("<16sIIII")
-# the parent locator item: locator type GUID, reserved, key-value count; then the entries: key
-# offset, value offset (from the start of the item), key length, value length (UTF-16LE bytes)
-LOCATOR_HEADER = struct.Struct("<16sHH")
-LOCATOR_ENTRY = struct.Struct("<IIHH")
-LOCATOR_PATH_KEYS = ("relative_path", "volume_path", "absolute_win32_path")
-# signature checksum entry_length tail sequence_number descriptor_count reserved log_guid
-# flushed_file_offset last_file_offset
-LOG_HEADER = struct.Struct("<4sIIIQII16sQQ")
-# signature trailing_bytes|reserved leading_bytes|zero_length file_offset sequence_number
-LOG_DESC = struct.Struct("<4sI8sQQ")
-LOG_DATA_HEAD = struct.Struct("<4sI")      # "data" sequence_high; data[4084]; sequence_low (u32)
+
+def _seal(buf: bytearray, head: Record) -> None:
+    """Set the CRC-32C of *buf* (the checksum field of *head*, at the start of *buf*, counted as
+    zeros) in *head* and in *buf*."""
+    head.checksum = checksum(buf, head.offset("checksum"))
+    data, at = head.pack_fields("checksum")
+    buf[at:at + len(data)] = data
 
 
-@dataclass
-class Header:
-    signature: bytes = HEADER_SIGNATURE
-    checksum: int = 0
-    sequence_number: int = 0
-    file_write_guid: bytes = ZERO_GUID
-    data_write_guid: bytes = ZERO_GUID
-    log_guid: bytes = ZERO_GUID
-    log_version: int = 0
-    version: int = 1
-    log_length: int = DEFAULT_LOG_SIZE
-    log_offset: int = HEADER_SECTION_END
+@record("<")
+class FileIdentifier(Record):
+    """The file type identifier (2.2.1) at offset 0 (the rest of its 64 KiB is reserved)."""
+    signature: bytes = disk("8s", FILE_SIGNATURE, shown="text")
+    creator: bytes = disk("512s")                 # UTF-16LE: the application that created the file
+
+
+@record("<")
+class Header(Record):
+    """A header (2.2.2), at HEADER1_OFFSET and HEADER2_OFFSET. Its checksum covers HEADER_SIZE
+    bytes: the fields and the reserved bytes after them, which are not a field (an update keeps
+    the ones on disk, see :meth:`pack`)."""
+    signature: bytes = disk("4s", HEADER_SIGNATURE, shown="text")
+    checksum: int = disk("I", 0, shown="hex")
+    sequence_number: int = disk("Q")
+    file_write_guid: bytes = disk("16s", ZERO_GUID)
+    data_write_guid: bytes = disk("16s", ZERO_GUID)
+    log_guid: bytes = disk("16s", ZERO_GUID)
+    log_version: int = disk("H")
+    version: int = disk("H", 1)
+    log_length: int = disk("I", DEFAULT_LOG_SIZE, shown="hex")
+    log_offset: int = disk("Q", HEADER_SECTION_END, shown="hex")
 
     def pack(self, reserved: bytes = b"") -> bytes:
         """The 4 KiB header block with a fresh checksum; *reserved* is what follows the fields (the
         checksum covers it: an update keeps the bytes another writer may have left there)."""
         buf = bytearray(HEADER_SIZE)
-        HEADER.pack_into(buf, 0, *(0 if n == "checksum" else getattr(self, n) for n in HEADER_FIELDS))
-        buf[HEADER.size:HEADER.size + len(reserved)] = reserved[:HEADER_SIZE - HEADER.size]
-        self.checksum = checksum(buf, 4)
-        struct.pack_into("<I", buf, 4, self.checksum)
+        self.checksum = 0
+        buf[:self.SIZE] = super().pack()
+        buf[self.SIZE:self.SIZE + len(reserved)] = reserved[:HEADER_SIZE - self.SIZE]
+        _seal(buf, self)
         return bytes(buf)
+
+
+HEADER = Header.LAYOUT.struct                # the fields alone (80 bytes)
 
 
 def parse_header(buf: bytes) -> Optional[Header]:
     """A header that QEMU counts as valid (checksum over 4 KiB, signature, version 1), else None."""
     buf = bytes(buf[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
-    h = Header(*HEADER.unpack_from(buf))
-    if checksum(buf, 4) != h.checksum or h.signature != HEADER_SIGNATURE or h.version != 1:
+    h = Header.unpack(buf)
+    if checksum(buf, Header.offset("checksum")) != h.checksum or h.signature != HEADER_SIGNATURE or h.version != 1:
         return None
     return h
 
@@ -159,36 +157,66 @@ def pick_header(h1: Optional[Header], h2: Optional[Header], path: Optional[str] 
                        path=path, field="header")
 
 
-@dataclass(frozen=True)
-class Region:
-    guid: bytes
-    file_offset: int
-    length: int
-    data_bits: int
+@record("<")
+class RegionTableHeader(Record):
+    """The region table header (2.2.3.1); the table's checksum covers REGION_TABLE_SIZE bytes."""
+    signature: bytes = disk("4s", REGION_SIGNATURE, shown="text")
+    checksum: int = disk("I", 0, shown="hex")
+    entry_count: int = disk("I")
+    reserved: int = disk("I")
 
 
-def parse_region_table(buf: bytes, path: Optional[str] = None) -> Tuple[Region, Region]:
+@record("<")
+class RegionTableEntry(Record):
+    """A region table entry (2.2.3.2): where the region of type *guid* lies."""
+    guid: bytes = disk("16s")
+    file_offset: int = disk("Q", shown="hex")
+    length: int = disk("I", shown="hex")
+    required: int = disk("I", shown="hex")        # bit 0: Required; bits 1..31 reserved
+
+
+def region_entry_offset(index: int) -> int:
+    """Where region table entry *index* starts, from the start of the table."""
+    return RegionTableHeader.SIZE + index * RegionTableEntry.SIZE
+
+
+def region_entries(buf: bytes, count: int) -> List[RegionTableEntry]:
+    """The first *count* entries of the region table *buf*, as stored."""
+    return [RegionTableEntry.unpack(buf, region_entry_offset(i)) for i in range(count)]
+
+
+def pack_region_table(entries: List[RegionTableEntry]) -> bytes:
+    """The 64 KiB region table of *entries*, with its checksum."""
+    head = RegionTableHeader(entry_count=len(entries))
+    raw = head.pack() + b"".join(e.pack() for e in entries)
+    buf = bytearray(REGION_TABLE_SIZE)
+    buf[:len(raw)] = raw
+    _seal(buf, head)
+    return bytes(buf)
+
+
+def parse_region_table(buf: bytes, path: Optional[str] = None) -> Tuple[RegionTableEntry, RegionTableEntry]:
     """The BAT and metadata regions of a 64 KiB region table (checksum, signature, at most 2047
     entries, no overlaps with each other or the header section, both regions present once,
     unknown required regions refused)."""
     buf = bytes(buf[:REGION_TABLE_SIZE]).ljust(REGION_TABLE_SIZE, b"\0")
-    sig, crc, count, dummy = REGION_HEADER.unpack_from(buf)
-    if checksum(buf, 4) != crc:
+    head = RegionTableHeader.unpack(buf)
+    if checksum(buf, RegionTableHeader.offset("checksum")) != head.checksum:
         raise CorruptImage("region table checksum mismatch", path=path, field="region table")
-    if sig != REGION_SIGNATURE:
+    if head.signature != REGION_SIGNATURE:
         raise FormatError("region table signature is not 'regi'", path=path, field="region table")
+    count = head.entry_count
     if count > MAX_REGION_ENTRIES:
         raise CorruptImage("region table has %d entries (at most %d)" % (count, MAX_REGION_ENTRIES), path=path,
                            field="region table")
-    found: Dict[bytes, Region] = {}
-    for i in range(count):
-        r = Region(*REGION_ENTRY.unpack_from(buf, REGION_HEADER.size + i * REGION_ENTRY.size))
+    found: Dict[bytes, RegionTableEntry] = {}
+    for i, r in enumerate(region_entries(buf, count)):
         if r.guid in (BAT_GUID, METADATA_GUID):
             if r.guid in found:
                 raise CorruptImage("region table lists the %s region twice" % _region_name(r.guid), path=path,
                                    field="region table")
             found[r.guid] = r
-        elif r.data_bits & REGION_REQUIRED:
+        elif r.required & REGION_REQUIRED:
             raise UnsupportedFeature("region table entry %d is a required region of unknown type %s"
                                      % (i, uuid.UUID(bytes_le=r.guid)), path=path, field="region table")
     for guid in (BAT_GUID, METADATA_GUID):
@@ -215,6 +243,7 @@ def overlaps(a: int, alen: int, b: int, blen: int) -> bool:
 
 @dataclass
 class Metadata:
+    """What the required metadata items say, validated (held in memory, not a stored structure)."""
     block_size: int
     leave_blocks_allocated: bool
     has_parent: bool
@@ -224,53 +253,145 @@ class Metadata:
     page83: bytes
 
 
-_ITEMS = {FILE_PARAMETERS_GUID: ("file parameters", 8), VIRTUAL_DISK_SIZE_GUID: ("virtual disk size", 8),
-          PAGE83_GUID: ("page 83 data", 16), LOGICAL_SECTOR_GUID: ("logical sector size", 4),
-          PHYSICAL_SECTOR_GUID: ("physical sector size", 4), PARENT_LOCATOR_GUID: ("parent locator", 0)}
+@record("<")
+class MetadataTableHeader(Record):
+    """The metadata table header (2.6.1.1), at the start of the metadata region."""
+    signature: bytes = disk("8s", METADATA_SIGNATURE, shown="text")
+    reserved: int = disk("H")
+    entry_count: int = disk("H")
+    reserved2: bytes = disk("20s")
+
+
+@record("<")
+class MetadataTableEntry(Record):
+    """A metadata table entry (2.6.1.2): where item *item_id* lies in the metadata region."""
+    item_id: bytes = disk("16s")
+    item_offset: int = disk("I", shown="hex")     # the spec's Offset (``offset`` is the record's method)
+    length: int = disk("I")
+    flags: int = disk("I", shown="hex")           # bits 0..2: IsUser, IsVirtualDisk, IsRequired; the rest reserved
+    reserved2: int = disk("I")
+
+
+def metadata_entry_offset(index: int) -> int:
+    """Where metadata table entry *index* starts, from the start of the table."""
+    return MetadataTableHeader.SIZE + index * MetadataTableEntry.SIZE
+
+
+def metadata_entries(buf: bytes, count: int) -> List[MetadataTableEntry]:
+    """The first *count* entries of the metadata table *buf*, as stored."""
+    return [MetadataTableEntry.unpack(buf, metadata_entry_offset(i)) for i in range(count)]
+
+
+def pack_metadata_table(entries: List[MetadataTableEntry]) -> bytes:
+    """The 64 KiB metadata table of *entries* (it has no checksum)."""
+    raw = MetadataTableHeader(entry_count=len(entries)).pack() + b"".join(e.pack() for e in entries)
+    return raw.ljust(METADATA_TABLE_SIZE, b"\0")
+
+
+@record("<")
+class FileParameters(Record):
+    """The file parameters item (2.6.2.1)."""
+    block_size: int = disk("I", shown="hex")
+    flags: int = disk("I", shown="hex")           # bit 0: LeaveBlockAllocated, bit 1: HasParent; the rest reserved
+
+
+@record("<")
+class VirtualDiskSize(Record):
+    """The virtual disk size item (2.6.2.2), in bytes."""
+    virtual_disk_size: int = disk("Q")
+
+
+@record("<")
+class Page83Data(Record):
+    """The page 83 data item (2.6.2.3)."""
+    page_83_data: bytes = disk("16s")             # a GUID: the disk's SCSI identity
+
+
+@record("<")
+class LogicalSectorSize(Record):
+    """The logical sector size item (2.6.2.4)."""
+    logical_sector_size: int = disk("I")
+
+
+@record("<")
+class PhysicalSectorSize(Record):
+    """The physical sector size item (2.6.2.5)."""
+    physical_sector_size: int = disk("I")
+
+
+@record("<")
+class ParentLocatorHeader(Record):
+    """The parent locator item's header (2.6.2.6.1), then its key-value entries."""
+    locator_type: bytes = disk("16s")
+    reserved: int = disk("H")
+    key_value_count: int = disk("H")
+
+
+@record("<")
+class ParentLocatorEntry(Record):
+    """A parent locator key-value entry (2.6.2.6.2): offsets from the start of the item, lengths in
+    bytes of UTF-16LE."""
+    key_offset: int = disk("I", shown="hex")
+    value_offset: int = disk("I", shown="hex")
+    key_length: int = disk("H")
+    value_length: int = disk("H")
+
+
+LOCATOR_PATH_KEYS = ("relative_path", "volume_path", "absolute_win32_path")    # the keys whose values are paths
+
+# item guid -> (name, record); the parent locator has no minimum length (its entries vary)
+METADATA_ITEMS: Dict[bytes, Tuple[str, Optional[Type[Record]]]] = {
+    FILE_PARAMETERS_GUID: ("file parameters", FileParameters),
+    VIRTUAL_DISK_SIZE_GUID: ("virtual disk size", VirtualDiskSize),
+    PAGE83_GUID: ("page 83 data", Page83Data),
+    LOGICAL_SECTOR_GUID: ("logical sector size", LogicalSectorSize),
+    PHYSICAL_SECTOR_GUID: ("physical sector size", PhysicalSectorSize),
+    PARENT_LOCATOR_GUID: ("parent locator", None)}
 
 
 def parse_metadata_table(buf: bytes, region_length: int, path: Optional[str] = None) -> Dict[bytes, Tuple[int, int]]:
     """``item guid -> (offset in the region, length)`` of the known items of the 64 KiB metadata table;
     every required item present once and inside the region."""
     buf = bytes(buf[:METADATA_TABLE_SIZE]).ljust(METADATA_TABLE_SIZE, b"\0")
-    sig, dummy, count, dummy2 = METADATA_HEADER.unpack_from(buf)
-    if sig != METADATA_SIGNATURE:
+    head = MetadataTableHeader.unpack(buf)
+    if head.signature != METADATA_SIGNATURE:
         raise FormatError("metadata table signature is not 'metadata'", path=path, field="metadata")
+    count = head.entry_count
     if count > MAX_METADATA_ENTRIES:
         raise CorruptImage("metadata table has %d entries (at most %d)" % (count, MAX_METADATA_ENTRIES),
                            path=path, field="metadata")
     items: Dict[bytes, Tuple[int, int]] = {}
-    for i in range(count):
-        guid, offset, length, bits, dummy = METADATA_ENTRY.unpack_from(buf, METADATA_HEADER.size
-                                                                       + i * METADATA_ENTRY.size)
-        known = _ITEMS.get(guid)
+    for e in metadata_entries(buf, count):
+        known = METADATA_ITEMS.get(e.item_id)
         if known is None:
-            if bits & META_IS_REQUIRED:
-                raise UnsupportedFeature("metadata item %s is required but unknown" % uuid.UUID(bytes_le=guid),
+            if e.flags & META_IS_REQUIRED:
+                raise UnsupportedFeature("metadata item %s is required but unknown" % uuid.UUID(bytes_le=e.item_id),
                                          path=path, field="metadata")
             continue
-        name, need = known
-        if guid in items:
+        name, rec = known
+        offset, length = e.item_offset, e.length
+        if e.item_id in items:
             raise CorruptImage("metadata table lists the %s item twice" % name, path=path, field="metadata")
-        if length < need or length > METADATA_ITEM_MAX or offset < METADATA_TABLE_SIZE \
+        if length < (rec.SIZE if rec else 0) or length > METADATA_ITEM_MAX or offset < METADATA_TABLE_SIZE \
                 or offset + length > region_length:
             raise CorruptImage("metadata item %s at 0x%x (length %d) lies outside the metadata region"
                                % (name, offset, length), path=path, field="metadata")
-        items[guid] = (offset, length)
-    for guid, (name, dummy) in _ITEMS.items():
+        items[e.item_id] = (offset, length)
+    for guid, (name, dummy) in METADATA_ITEMS.items():
         if guid != PARENT_LOCATOR_GUID and guid not in items:
             raise CorruptImage("metadata item %s is missing" % name, path=path, field="metadata")
     return items
 
 
 def parse_metadata_items(raw: Dict[bytes, bytes], has_locator: bool, path: Optional[str] = None) -> Metadata:
-    """The values of the five required items (bytes of each item, in the order of _ITEMS), validated."""
-    block_size, bits = struct.unpack_from("<II", raw[FILE_PARAMETERS_GUID])
-    size, = struct.unpack_from("<Q", raw[VIRTUAL_DISK_SIZE_GUID])
-    lss, = struct.unpack_from("<I", raw[LOGICAL_SECTOR_GUID])
-    pss, = struct.unpack_from("<I", raw[PHYSICAL_SECTOR_GUID])
+    """The values of the five required items (bytes of each item, at least its record), validated."""
+    params = FileParameters.unpack(raw[FILE_PARAMETERS_GUID])
+    block_size, bits = params.block_size, params.flags
+    size = VirtualDiskSize.unpack(raw[VIRTUAL_DISK_SIZE_GUID]).virtual_disk_size
+    lss = LogicalSectorSize.unpack(raw[LOGICAL_SECTOR_GUID]).logical_sector_size
+    pss = PhysicalSectorSize.unpack(raw[PHYSICAL_SECTOR_GUID]).physical_sector_size
     md = Metadata(block_size, bool(bits & PARAMS_LEAVE_BLOCKS_ALLOCATED), bool(bits & PARAMS_HAS_PARENT), size,
-                  lss, pss, bytes(raw[PAGE83_GUID][:16]))
+                  lss, pss, Page83Data.unpack(raw[PAGE83_GUID]).page_83_data)
     if md.has_parent:
         if not has_locator:
             raise CorruptImage("has_parent is set but there is no parent locator", path=path, field="file parameters")
@@ -308,28 +429,85 @@ def bat_index(block: int, ratio: int) -> int:
     return block + block // ratio
 
 
-# -- log records -------------------------------------------------------------------------
-@dataclass
-class LogEntryHeader:
-    signature: bytes
-    checksum: int
-    entry_length: int
-    tail: int
-    sequence_number: int
-    descriptor_count: int
-    reserved: int
-    log_guid: bytes
-    flushed_file_offset: int
-    last_file_offset: int
+# -- log records (2.3.1) -----------------------------------------------------------------
+@record("<")
+class LogEntryHeader(Record):
+    """A log entry's header (2.3.1.1); its descriptors follow it, its data sectors follow them, and
+    its checksum covers the whole entry."""
+    signature: bytes = disk("4s", LOG_SIGNATURE, shown="text")
+    checksum: int = disk("I", 0, shown="hex")
+    entry_length: int = disk("I", shown="hex")
+    tail: int = disk("I", shown="hex")
+    sequence_number: int = disk("Q")
+    descriptor_count: int = disk("I")
+    reserved: int = disk("I")
+    log_guid: bytes = disk("16s", ZERO_GUID)
+    flushed_file_offset: int = disk("Q", shown="hex")
+    last_file_offset: int = disk("Q", shown="hex")
+
+
+@record("<")
+class ZeroDescriptor(Record):
+    """A zero descriptor (2.3.1.2): *zero_length* bytes of zeros at *file_offset*."""
+    zero_signature: bytes = disk("4s", ZERO_SIGNATURE, shown="text")
+    reserved: int = disk("I")
+    zero_length: int = disk("Q", shown="hex")
+    file_offset: int = disk("Q", shown="hex")
+    sequence_number: int = disk("Q")
+
+
+@record("<")
+class DataDescriptor(Record):
+    """A data descriptor (2.3.1.3): one data sector for the 4 KiB at *file_offset*, whose first 8
+    and last 4 bytes it holds itself."""
+    data_signature: bytes = disk("4s", DESC_SIGNATURE, shown="text")
+    trailing_bytes: int = disk("I", shown="hex")  # the 4 bytes as a little-endian number (as QEMU reads them)
+    leading_bytes: bytes = disk("8s")
+    file_offset: int = disk("Q", shown="hex")
+    sequence_number: int = disk("Q")
+
+    @property
+    def trailing(self) -> bytes:
+        """The last 4 bytes of the sector, as stored."""
+        return self.trailing_bytes.to_bytes(4, "little")
+
+
+@record("<")
+class DataSector(Record):
+    """A data sector (2.3.1.4): the middle 4084 bytes of an update, between halves of the sequence number."""
+    data_signature: bytes = disk("4s", DATA_SIGNATURE, shown="text")
+    sequence_high: int = disk("I", shown="hex")
+    data: bytes = disk("4084s")
+    sequence_low: int = disk("I", shown="hex")
+
+    @property
+    def sequence_number(self) -> int:
+        return self.sequence_high << 32 | self.sequence_low
+
+
+LOG_HEADER = LogEntryHeader.LAYOUT.struct
+LOG_DESC = DataDescriptor.LAYOUT.struct      # a zero descriptor's bytes pack through it as well
 
 
 def parse_log_header(buf: bytes) -> LogEntryHeader:
-    return LogEntryHeader(*LOG_HEADER.unpack_from(bytes(buf[:LOG_HEADER.size]).ljust(LOG_HEADER.size, b"\0")))
+    return LogEntryHeader.unpack(bytes(buf[:LogEntryHeader.SIZE]).ljust(LogEntryHeader.SIZE, b"\0"))
+
+
+def descriptor_offset(index: int) -> int:
+    """Where descriptor *index* of a log entry starts, from the start of the entry."""
+    return LogEntryHeader.SIZE + index * DataDescriptor.SIZE
+
+
+def parse_descriptor(buf: bytes, index: int) -> Union[ZeroDescriptor, DataDescriptor]:
+    """Descriptor *index* of the entry starting *buf*: a zero descriptor by its signature, else a
+    data descriptor (whose signature the caller checks)."""
+    d = DataDescriptor.unpack(buf, descriptor_offset(index))
+    return ZeroDescriptor.unpack(buf, descriptor_offset(index)) if d.data_signature == ZERO_SIGNATURE else d
 
 
 def desc_sectors(count: int) -> int:
-    """4 KiB sectors holding the entry header (64 bytes, two descriptors' room) and *count* descriptors."""
-    return -(-(count + 2) // 128)
+    """4 KiB sectors holding the entry header and *count* descriptors."""
+    return -(-descriptor_offset(count) // LOG_SECTOR)
 
 
 def pack_log_entry(sequence: int, tail: int, log_guid: bytes, file_size: int,
@@ -339,30 +517,36 @@ def pack_log_entry(sequence: int, tail: int, log_guid: bytes, file_size: int,
     nd = desc_sectors(len(sectors))
     total = (nd + len(sectors)) * LOG_SECTOR
     buf = bytearray(total)
-    LOG_HEADER.pack_into(buf, 0, LOG_SIGNATURE, 0, total, tail, sequence, len(sectors), 0, log_guid, file_size,
-                         file_size)
+    head = LogEntryHeader(entry_length=total, tail=tail, sequence_number=sequence, descriptor_count=len(sectors),
+                          log_guid=log_guid, flushed_file_offset=file_size, last_file_offset=file_size)
+    buf[:head.SIZE] = head.pack()
+    # the descriptor keeps the bytes of the update that the data sector's signature and
+    # sequence number take
+    lead, trail = DataSector.offset("data"), DataSector.offset("sequence_low")
     for i, (offset, data) in enumerate(sectors):
-        LOG_DESC.pack_into(buf, LOG_HEADER.size + i * LOG_DESC.size, DESC_SIGNATURE,
-                           struct.unpack_from("<I", data, 4092)[0], bytes(data[:8]), offset, sequence)
+        desc = DataDescriptor(trailing_bytes=int.from_bytes(data[trail:trail + 4], "little"),
+                              leading_bytes=bytes(data[:lead]), file_offset=offset, sequence_number=sequence)
+        at = descriptor_offset(i)
+        buf[at:at + desc.SIZE] = desc.pack()
         at = (nd + i) * LOG_SECTOR
-        LOG_DATA_HEAD.pack_into(buf, at, DATA_SIGNATURE, sequence >> 32)
-        buf[at + 8:at + 4092] = data[8:4092]
-        struct.pack_into("<I", buf, at + 4092, sequence & 0xFFFFFFFF)
-    struct.pack_into("<I", buf, 4, checksum(buf, 4))
+        buf[at:at + LOG_SECTOR] = DataSector(sequence_high=sequence >> 32, data=bytes(data[lead:trail]),
+                                             sequence_low=sequence & 0xFFFFFFFF).pack()
+    _seal(buf, head)
     return bytes(buf)
 
 
 def parse_parent_locator(buf: bytes, path: Optional[str] = None) -> List[Tuple[str, str]]:
     """The ``(key, value)`` pairs of a parent locator item (*buf* is the whole item)."""
-    if len(buf) < LOCATOR_HEADER.size:
+    if len(buf) < ParentLocatorHeader.SIZE:
         raise CorruptImage("the parent locator is truncated", path=path, field="parent locator")
-    dummy, dummy2, count = LOCATOR_HEADER.unpack_from(buf)
-    if LOCATOR_HEADER.size + count * LOCATOR_ENTRY.size > len(buf):
+    count = ParentLocatorHeader.unpack(buf).key_value_count
+    if ParentLocatorHeader.SIZE + count * ParentLocatorEntry.SIZE > len(buf):
         raise CorruptImage("the parent locator's %d entries do not fit in it" % count, path=path,
                            field="parent locator")
     out = []
     for i in range(count):
-        koff, voff, klen, vlen = LOCATOR_ENTRY.unpack_from(buf, LOCATOR_HEADER.size + i * LOCATOR_ENTRY.size)
+        e = ParentLocatorEntry.unpack(buf, ParentLocatorHeader.SIZE + i * ParentLocatorEntry.SIZE)
+        koff, voff, klen, vlen = e.key_offset, e.value_offset, e.key_length, e.value_length
         if koff + klen > len(buf) or voff + vlen > len(buf):
             raise CorruptImage("parent locator entry %d lies outside the item" % i, path=path, field="parent locator")
         out.append((buf[koff:koff + klen].decode("utf-16-le", "replace"),

@@ -17,13 +17,15 @@ unreferenced block at the end of the file) or a log whose replay (by vdisk or qe
 the new one. The first guest-visible write sets a new DataWriteGuid, as the specification asks.
 """
 import array
+import dataclasses
 import sys
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 from .log import Log, replay_plan
 
@@ -54,7 +56,7 @@ class VhdxImage(Image):
     # -- open -----------------------------------------------------------------------------
     def _open(self) -> None:
         file_size = self.host.size()
-        if self.host.pread(8, 0) != hdr.FILE_SIGNATURE:
+        if hdr.FileIdentifier.unpack(self.host.pread(hdr.FileIdentifier.SIZE, 0)).signature != hdr.FILE_SIGNATURE:
             raise FormatError("not a VHDX image (no 'vhdxfile' signature)", path=self.path, field="file identifier")
         h1 = hdr.parse_header(self.host.pread(hdr.HEADER_SIZE, hdr.HEADER1_OFFSET))
         h2 = hdr.parse_header(self.host.pread(hdr.HEADER_SIZE, hdr.HEADER2_OFFSET))
@@ -135,7 +137,7 @@ class VhdxImage(Image):
         self._update_headers(False, hdr.ZERO_GUID)
         self.log_replayed = True
 
-    def _parse_metadata(self, meta: hdr.Region, file_size: int) -> hdr.Metadata:
+    def _parse_metadata(self, meta: hdr.RegionTableEntry, file_size: int) -> hdr.Metadata:
         if meta.file_offset + hdr.METADATA_TABLE_SIZE > file_size:
             raise CorruptImage("the metadata region at 0x%x is past the end of the file" % meta.file_offset,
                                path=self.path, field="metadata")
@@ -333,21 +335,52 @@ class VhdxImage(Image):
         for dummy in range(2):
             idx = 1 - self.cur
             active = self.header
-            new = hdr.Header(**{k: getattr(active, k) for k in hdr.HEADER_FIELDS})
-            new.sequence_number = (active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF
-            new.file_write_guid = self.session_guid
+            new = dataclasses.replace(active, sequence_number=(active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF,
+                                      file_write_guid=self.session_guid)
             if new_data_guid:
                 new.data_write_guid = uuid.uuid4().bytes
             if log_guid is not None:
                 new.log_guid = log_guid
             at = hdr.HEADER2_OFFSET if idx else hdr.HEADER1_OFFSET
-            reserved = self.host.pread(hdr.HEADER_SIZE - hdr.HEADER.size, at + hdr.HEADER.size)
+            # the reserved bytes after the fields, as this header slot holds them
+            reserved = self.host.pread(hdr.HEADER_SIZE - hdr.Header.SIZE, at + hdr.Header.SIZE)
             self.host.pwrite(new.pack(reserved), at)
             self.host.flush()
             self.headers[idx] = new
             self.cur = idx
 
     # -- metadata -----------------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The file identifier, both headers, the first region table, the metadata table and its
+        known items, as stored (an invalid header too: the dump shows what is there)."""
+        out: List[Tuple[str, int, Record]] = [
+            ("file identifier", 0, hdr.FileIdentifier.unpack(self.host.pread(hdr.FileIdentifier.SIZE, 0)))]
+        for n, at in enumerate((hdr.HEADER1_OFFSET, hdr.HEADER2_OFFSET), 1):
+            out.append(("header %d" % n, at, hdr.Header.unpack(self.host.pread(hdr.Header.SIZE, at))))
+        out.extend(self._table_structures("region table", hdr.REGION1_OFFSET, hdr.REGION_TABLE_SIZE,
+                                          hdr.RegionTableHeader, hdr.region_entries, hdr.region_entry_offset))
+        meta = self.meta_region.file_offset
+        tables = self._table_structures("metadata table", meta, hdr.METADATA_TABLE_SIZE, hdr.MetadataTableHeader,
+                                        hdr.metadata_entries, hdr.metadata_entry_offset)
+        out.extend(tables)
+        for dummy, dummy2, entry in tables[1:]:
+            name, rec = hdr.METADATA_ITEMS.get(entry.item_id, ("", None))
+            if rec is not None:
+                at = meta + entry.item_offset
+                out.append(("metadata item: %s" % name, at, rec.unpack(self.host.pread(rec.SIZE, at))))
+        return out
+
+    def _table_structures(self, title: str, offset: int, size: int, head_type: Any,
+                          entries: Callable[[bytes, int], List[Any]],
+                          entry_offset: Callable[[int], int]) -> List[Tuple[str, int, Any]]:
+        """A table's header and its entries (both tables hold at most 2047, checked at open)."""
+        buf = self.host.pread(size, offset)
+        head = head_type.unpack(buf)
+        out = [(title, offset, head)]
+        for i, entry in enumerate(entries(buf, min(head.entry_count, hdr.MAX_REGION_ENTRIES))):
+            out.append(("%s entry %d" % (title, i), offset + entry_offset(i), entry))
+        return out
+
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.bs}
 

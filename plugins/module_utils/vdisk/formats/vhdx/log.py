@@ -12,28 +12,15 @@ otherwise valid entry makes QEMU refuse the image; so does FlushedFileOffset pas
 Unlike QEMU, writes are confined to the file outside the header section and the log, and zero
 ranges to the file's size, so a hostile log cannot grow the file without bound.
 """
-import struct
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 from ...errors import CorruptImage
 from . import header as hdr
 from .crc32c import crc32c
 
 SECTOR = hdr.LOG_SECTOR
-
-
-@dataclass
-class Descriptor:
-    zero: bool
-    trailing: bytes       # data: bytes 4092..4095 of the sector
-    leading: bytes        # data: bytes 0..7; zero: the length (u64)
-    file_offset: int
-    sequence_number: int
-
-    @property
-    def zero_length(self) -> int:
-        return struct.unpack("<Q", self.leading)[0]
+Descriptor = Union[hdr.ZeroDescriptor, hdr.DataDescriptor]
 
 
 @dataclass
@@ -66,14 +53,14 @@ class Log:
     def _header_ok(self, h: hdr.LogEntryHeader) -> bool:
         return (h.signature == hdr.LOG_SIGNATURE and h.entry_length <= self.length and h.entry_length % SECTOR == 0
                 and h.entry_length > 0 and h.sequence_number != 0 and h.log_guid == self.log_guid
-                and h.descriptor_count * hdr.LOG_DESC.size <= h.entry_length)
+                and h.descriptor_count * hdr.DataDescriptor.SIZE <= h.entry_length)
 
     def read_entry(self, pos: int, prev_seq: int) -> Tuple[Optional[Entry], int]:
         """The entry at *pos* if valid (continuing *prev_seq* when non-zero), and the position after
         what was read (one sector on for a bad header, as QEMU moves on)."""
-        if pos + hdr.LOG_HEADER.size > self.length:
+        if pos + hdr.LogEntryHeader.SIZE > self.length:
             pos = 0
-        h = hdr.parse_log_header(self.pread(hdr.LOG_HEADER.size, self.offset + pos))
+        h = hdr.parse_log_header(self.pread(hdr.LogEntryHeader.SIZE, self.offset + pos))
         if not self._header_ok(h) or (prev_seq and h.sequence_number != prev_seq + 1):
             return None, (pos + SECTOR) % self.length
         nd = hdr.desc_sectors(h.descriptor_count)
@@ -83,17 +70,16 @@ class Log:
         head, after = self._sectors(pos, nd)
         descs = []
         for i in range(h.descriptor_count):
-            sig, trailing, leading, foff, seq = hdr.LOG_DESC.unpack_from(head, hdr.LOG_HEADER.size
-                                                                         + i * hdr.LOG_DESC.size)
-            zero = sig == hdr.ZERO_SIGNATURE
-            d = Descriptor(zero, struct.pack("<I", trailing), leading, foff, seq)
-            if seq != h.sequence_number or foff % SECTOR or sig not in (hdr.ZERO_SIGNATURE, hdr.DESC_SIGNATURE) \
-                    or (zero and d.zero_length % SECTOR):
+            d = hdr.parse_descriptor(head, i)
+            bad = d.zero_length % SECTOR if isinstance(d, hdr.ZeroDescriptor) else d.data_signature != hdr.DESC_SIGNATURE
+            if d.sequence_number != h.sequence_number or d.file_offset % SECTOR or bad:
                 raise CorruptImage("log entry %d at log offset 0x%x has an invalid descriptor %d"
                                    % (h.sequence_number, pos, i), path=self.path, field="log")
             descs.append(d)
         rest, after = self._sectors(after, total - nd)
-        crc = crc32c(rest, crc32c(head[8:], crc32c(b"\0\0\0\0", crc32c(head[:4]))))
+        # the CRC-32C of the whole entry, its checksum field counted as zeros
+        at = hdr.LogEntryHeader.offset("checksum")
+        crc = crc32c(rest, crc32c(head[at + 4:], crc32c(bytes(4), crc32c(head[:at]))))
         if crc != h.checksum:
             return None, after
         data = [rest[i * SECTOR:(i + 1) * SECTOR] for i in range(total - nd)]
@@ -139,18 +125,17 @@ def replay_plan(entries: List[Entry], file_size: int, log_range: Tuple[int, int]
         limit = max(file_size, h.last_file_offset)
         data = iter(e.data)
         for d in e.descriptors:
-            if d.zero:
+            if isinstance(d, hdr.ZeroDescriptor):
                 length = d.zero_length
                 payload = None
             else:
                 sector = next(data, None)
-                if sector is None or sector[:4] != hdr.DATA_SIGNATURE or \
-                        (struct.unpack_from("<I", sector, 4)[0] << 32 | struct.unpack_from("<I", sector, 4092)[0]) \
-                        != d.sequence_number:
+                s = None if sector is None else hdr.DataSector.unpack(sector)
+                if s is None or s.data_signature != hdr.DATA_SIGNATURE or s.sequence_number != d.sequence_number:
                     raise CorruptImage("log entry %d has a data sector that does not match its descriptor"
                                        % h.sequence_number, path=path, field="log")
                 length = SECTOR
-                payload = d.leading + sector[8:4092] + d.trailing
+                payload = d.leading_bytes + s.data + d.trailing
             end = d.file_offset + length
             if d.file_offset < hdr.HEADER_SECTION_END or end > limit or \
                     hdr.overlaps(d.file_offset, length, log_range[0], log_range[1]):

@@ -8,11 +8,11 @@ behind markers, then the grain tables, the directory and a footer (``gdOffset`` 
 """
 import os
 import random
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError, InvalidOption
-from ...io import AtomicOutput, HostFile, destination_of
+from ...io import AtomicOutput, HostFile
 from . import header as hdr
 from .extent import _pack32
 from .image import VmdkImage
@@ -62,10 +62,10 @@ class VmdkDriver(Driver):
             head = host.pread(min(size, SECTOR), 0)
             if hdr.magic_of(head) == hdr.MAGIC:
                 h = hdr.SparseHeader.unpack(head.ljust(SECTOR, b"\0"))
-                at = h.desc_offset * SECTOR
-                if not h.desc_offset or not h.desc_size or h.desc_offset == hdr.GD_AT_END or at >= size:
+                at = h.descriptor_offset * SECTOR
+                if not h.descriptor_offset or not h.descriptor_size or h.descriptor_offset == hdr.GD_AT_END or at >= size:
                     return []
-                raw = host.pread(min(h.desc_size * SECTOR, hdr.MAX_DESCRIPTOR, size - at), at)
+                raw = host.pread(min(h.descriptor_size * SECTOR, hdr.MAX_DESCRIPTOR, size - at), at)
                 own = h.capacity != 0       # a sparse extent with data: its descriptor's extent line is itself
             elif size <= hdr.MAX_DESCRIPTOR:
                 raw, own = host.pread(size, 0), False
@@ -77,6 +77,38 @@ class VmdkDriver(Driver):
 
     # -- create ----------------------------------------------------------------------------
     def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
+        """A new image at *path*, its extent files (split and flat subformats) beside it."""
+        self.create_staged(path, path, size, options, sync)
+
+    def create_staged(self, path: str, final_path: str, size: int, options: Dict[str, Any],
+                      sync: bool = True) -> None:
+        """A new image written at *path* that will be named *final_path* (convert's temporary output):
+        the descriptor names the extents, and the extent files are named, after *final_path*."""
+        s = self._settings(final_path, size, options)
+        final = os.path.basename(final_path)
+        if s.subformat in ("monolithicSparse", "streamOptimized"):
+            text = self._descriptor(s, ['RW %d SPARSE "%s"\n' % (s.size // SECTOR, final)])
+            build = self._sparse_image if s.subformat == "monolithicSparse" else self._stream_image
+            self._write_file(path, *build(s.size, s.zeroed, text), sync=sync)
+            return
+        pieces = self._extent_files(final, s)
+        text = self._descriptor(s, [('RW %d FLAT "%s" 0\n' if s.flat else 'RW %d SPARSE "%s"\n')
+                                    % (psize // SECTOR, name) for name, psize in pieces])
+        if len(text) > hdr.MAX_DESCRIPTOR:
+            raise InvalidOption("descriptor too large", path=final_path, field="backing_file")
+        directory = os.path.dirname(os.path.abspath(final_path))
+        out = AtomicOutput(path)    # first: a descriptor a running VM holds is refused before any extent is replaced
+        try:
+            for name, psize in pieces:
+                parts, length = ([], psize) if s.flat else self._sparse_image(psize, s.zeroed, None)
+                self._write_file(os.path.join(directory, name), parts, length, sync)
+            self._write_file(path, [(0, text)], 0, sync, out)
+        except BaseException:
+            out.abort()
+            raise
+
+    def _settings(self, path: str, size: int, options: Dict[str, Any]) -> "_Settings":
+        """The create options checked as qemu-img checks them, with its messages."""
         sub = options.get("subformat") or "monolithicSparse"
         if sub not in hdr.SUBFORMATS:
             raise InvalidOption("Unknown subformat: %s" % sub, path=path, field="subformat")
@@ -89,73 +121,42 @@ class VmdkDriver(Driver):
             hwversion = None
         if compat6 and hwversion:
             raise InvalidOption("compat6 cannot be enabled with hwversion set", path=path, field="compat6")
-        hw = "6" if compat6 else (hwversion or "4")
         zeroed = bool(options.get("zeroed_grain"))
         flat = sub in ("monolithicFlat", "twoGbMaxExtentFlat")
         if flat and zeroed:
             raise InvalidOption("Flat image can't enable zeroed grain", path=path, field="zeroed_grain")
-        tools = options.get("toolsversion") or DEFAULT_TOOLS_VERSION
         backing = options.get("backing_file") or None
         bfmt = options.get("backing_fmt")
         if bfmt and bfmt != "vmdk":
             raise InvalidOption("Invalid backing file format: %s. Must be vmdk" % bfmt, path=path,
                                 field="backing_fmt")
-        parent_cid = 0xFFFFFFFF
-        if backing:
-            parent_cid = self._parent_cid(path, backing)
-        if size % SECTOR:
-            size += SECTOR - size % SECTOR
+        parent_cid = self._parent_cid(path, backing) if backing else 0xFFFFFFFF
+        size = -(-size // SECTOR) * SECTOR
         if size == 0:
             # qemu-img 7.2 writes such an image but cannot open it (a sparse file of capacity 0 reads as
             # a descriptor; a descriptor without extents trips an assertion): refused here
             raise InvalidOption("a vmdk image cannot be empty (size 0)", path=path, field="size")
-        cid = random.getrandbits(32)
-        # convert has the image created in its temporary output: extents take the destination's name
-        final = os.path.basename(destination_of(path))
+        return _Settings(sub, adapter, "6" if compat6 else (hwversion or "4"), zeroed, flat,
+                         options.get("toolsversion") or DEFAULT_TOOLS_VERSION, backing, parent_cid, size)
+
+    @staticmethod
+    def _descriptor(s: "_Settings", extent_lines: List[str]) -> bytes:
+        """The descriptor of a new image, with a fresh random CID."""
+        return hdr.build_descriptor(random.getrandbits(32), s.parent_cid, s.subformat, s.backing, extent_lines,
+                                    s.hwversion, s.size, s.adapter_type, s.toolsversion)
+
+    @staticmethod
+    def _extent_files(final: str, s: "_Settings") -> List[Tuple[str, int]]:
+        """``(name, bytes)`` of the extent files of a split or flat image called *final*, named as
+        qemu-img names them (``NAME-flat.vmdk``, ``NAME-f001.vmdk``, ``NAME-s001.vmdk``)."""
         stem, dot, ext = final.rpartition(".")
         prefix, postfix = (stem, "." + ext) if dot else (final, "")
-        directory = os.path.dirname(os.path.abspath(path))
-
-        def desc(lines: List[str]) -> bytes:
-            return hdr.build_descriptor(cid, parent_cid, sub, backing, lines, hw, size, adapter, tools)
-
-        if sub == "monolithicSparse":
-            text = desc(['RW %d SPARSE "%s"\n' % (size // SECTOR, final)])
-            self._write_file(path, *self._sparse_image(size, zeroed, text), sync=sync)
-            return
-        if sub == "streamOptimized":
-            text = desc(['RW %d SPARSE "%s"\n' % (size // SECTOR, final)])
-            self._write_file(path, *self._stream_image(size, zeroed, text), sync=sync)
-            return
-        pieces: List[Tuple[str, int]] = []
-        if sub == "monolithicFlat":
-            pieces.append(("%s-flat%s" % (prefix, postfix), size))
-        else:
-            letter = "f" if flat else "s"
-            n = max(1, -(-size // hdr.TWO_GB))
-            for i in range(n):
-                pieces.append(("%s-%s%03d%s" % (prefix, letter, i + 1, postfix), min(hdr.TWO_GB, size - i * hdr.TWO_GB)))
-        lines = []
-        for name, psize in pieces:
-            if flat:
-                lines.append('RW %d FLAT "%s" 0\n' % (psize // SECTOR, name))
-            else:
-                lines.append('RW %d SPARSE "%s"\n' % (psize // SECTOR, name))
-        text = desc(lines)
-        if len(text) > hdr.MAX_DESCRIPTOR:
-            raise InvalidOption("descriptor too large", path=path, field="backing_file")
-        out = AtomicOutput(path)    # first: a descriptor a running VM holds is refused before any extent is replaced
-        try:
-            for name, psize in pieces:
-                if flat:
-                    self._write_file(os.path.join(directory, name), [], psize, sync)
-                else:
-                    self._write_file(os.path.join(directory, name), *self._sparse_image(psize, zeroed, None),
-                                     sync=sync)
-            self._write_file(path, [(0, text)], 0, sync, out)
-        except BaseException:
-            out.abort()
-            raise
+        if s.subformat == "monolithicFlat":
+            return [("%s-flat%s" % (prefix, postfix), s.size)]
+        letter = "f" if s.flat else "s"
+        count = max(1, -(-s.size // hdr.TWO_GB))
+        return [("%s-%s%03d%s" % (prefix, letter, i + 1, postfix), min(hdr.TWO_GB, s.size - i * hdr.TWO_GB))
+                for i in range(count)]
 
     def _parent_cid(self, path: str, backing: str) -> int:
         full = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
@@ -196,7 +197,7 @@ class VmdkDriver(Driver):
         rgd, gd, overhead, gd_sectors = hdr.sparse_layout(capacity)
         h = hdr.SparseHeader(version=2 if zeroed else 1,
                              flags=hdr.FLAG_NL_DETECT | hdr.FLAG_RGD | (hdr.FLAG_ZERO_GRAIN if zeroed else 0),
-                             capacity=capacity, desc_offset=hdr.DESC_OFFSET, desc_size=hdr.DESC_SECTORS,
+                             capacity=capacity, descriptor_offset=hdr.DESC_OFFSET, descriptor_size=hdr.DESC_SECTORS,
                              rgd_offset=rgd, gd_offset=gd, overhead=overhead)
         gt_count = h.gd_entries
         gt_sectors = -(-h.gt_bytes // SECTOR)
@@ -217,17 +218,29 @@ class VmdkDriver(Driver):
         capacity = size // SECTOR
         overhead = hdr.DEFAULT_GRAIN_SECTORS
         flags = hdr.FLAG_NL_DETECT | hdr.FLAG_COMPRESS | hdr.FLAG_MARKER | (hdr.FLAG_ZERO_GRAIN if zeroed else 0)
-        h = hdr.SparseHeader(version=3, flags=flags, capacity=capacity, desc_offset=hdr.DESC_OFFSET,
-                             desc_size=hdr.DESC_SECTORS, rgd_offset=0, gd_offset=hdr.GD_AT_END, overhead=overhead,
+        h = hdr.SparseHeader(version=3, flags=flags, capacity=capacity, descriptor_offset=hdr.DESC_OFFSET,
+                             descriptor_size=hdr.DESC_SECTORS, rgd_offset=0, gd_offset=hdr.GD_AT_END, overhead=overhead,
                              compress_algorithm=hdr.COMPRESSION_DEFLATE)
         if len(text) > hdr.DESC_SECTORS * SECTOR:
             raise InvalidOption("descriptor too large for the embedded descriptor area", field="backing_file")
         gd_sectors = -(-h.gd_entries * 4 // SECTOR)
-        footer = hdr.SparseHeader(**{k: getattr(h, k) for k in hdr.HEADER_FIELDS})
-        footer.gd_offset = overhead + 1
+        footer = h.footer(overhead + 1)
         tail = (hdr.pack_marker(gd_sectors, hdr.MARKER_GD) + bytes(gd_sectors * SECTOR)
                 + hdr.pack_marker(1, hdr.MARKER_FOOTER) + footer.pack() + hdr.pack_marker(0, hdr.MARKER_EOS))
         return [(0, h.pack()), (SECTOR, text), (overhead * SECTOR, tail)], 0
+
+
+class _Settings(NamedTuple):
+    """The checked create options of a new image."""
+    subformat: str
+    adapter_type: str
+    hwversion: str
+    zeroed: bool
+    flat: bool
+    toolsversion: str
+    backing: Optional[str]
+    parent_cid: int
+    size: int                   # rounded up to a sector
 
 
 DRIVER = VmdkDriver()

@@ -21,6 +21,7 @@ from ...driver import DATA, UNALLOCATED, ZERO
 from ...errors import CorruptImage, ImageError
 from ...interrupt import main_thread_only
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 
 SECTOR = hdr.SECTOR
@@ -120,7 +121,8 @@ class SparseExtent:
             if h.gd_offset == hdr.GD_AT_END:
                 raise CorruptImage("Invalid footer", path=path, field="footer")
         hdr.validate_header(h, self.file_size, path)
-        self.h = h
+        self.head = head         # as stored at the start of the file
+        self.h = h               # the one in force: the footer of a stream whose directory is at the end
         self.version = head.version
         self.gs = h.grain_size
         self.gb = h.grain_bytes
@@ -226,6 +228,14 @@ class SparseExtent:
             yield off, stop - off, kind, host
             off = stop
 
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The header at the start of the file and, for a directory at the end, the footer
+        (``(title, offset in this extent's file, record)``)."""
+        out: List[Tuple[str, int, Record]] = [("sparse extent header", 0, self.head)]
+        if self.at_end and not self.started:
+            out.append(("footer", self.file_size - 2 * SECTOR, self.h))
+        return out
+
     def read_data(self, host_off: int, n: int, view: memoryview, off: int = 0) -> None:
         if host_off < 0:
             start = off % self.gb
@@ -246,20 +256,21 @@ class SparseExtent:
             return self._last_grain[1]
         self.flush_out()
         # at most two grains (QEMU's bound), and only what the marker says when there is one
-        avail = min(2 * self.gb + hdr.GRAIN_MARKER.size, max(0, self.file_size - host_off))
+        marker = hdr.GrainMarker.SIZE
+        avail = min(2 * self.gb + marker, max(0, self.file_size - host_off))
         if self.has_marker:
             raw = self.host.pread(min(avail, 8192), host_off)
-            if len(raw) < hdr.GRAIN_MARKER.size:
+            if len(raw) < marker:
                 raise CorruptImage("grain marker at sector %d is truncated" % (host_off // SECTOR), path=self.path,
                                    field="grain")
-            dummy_lba, size = hdr.GRAIN_MARKER.unpack_from(raw, 0)
-            if not size or size > avail - hdr.GRAIN_MARKER.size:
+            size = hdr.GrainMarker.unpack(raw).size
+            if not size or size > avail - marker:
                 raise CorruptImage("grain at sector %d has an invalid compressed size %d" % (host_off // SECTOR, size),
                                    path=self.path, field="grain")
-            end = hdr.GRAIN_MARKER.size + size
+            end = marker + size
             if end > len(raw):
                 raw += self.host.pread(end - len(raw), host_off + len(raw))
-            data = raw[hdr.GRAIN_MARKER.size:end]
+            data = raw[marker:end]
         else:
             data = self.host.pread(avail, host_off)
         try:
@@ -295,8 +306,8 @@ class SparseExtent:
             else:
                 # the old directory's marker starts the tail that is written anew on close
                 mark = self.h.gd_offset - 1
-                dummy_val, size, mtype = hdr.parse_marker(self.host.pread(SECTOR, mark * SECTOR))
-                ok = mtype == hdr.MARKER_GD and size == 0 and mark >= self.h.overhead
+                m = hdr.Marker.unpack(self.host.pread(hdr.Marker.SIZE, mark * SECTOR))
+                ok = m.type == hdr.MARKER_GD and m.size == 0 and mark >= self.h.overhead
                 self.next_sector = mark if ok else -(-self.file_size // SECTOR)
             self.host.truncate(self.next_sector * SECTOR)
             self.file_size = self.next_sector * SECTOR
@@ -466,7 +477,7 @@ class SparseExtent:
             raise ImageError("Could not write to allocated cluster for streamOptimized", path=self.path,
                              field="grain %d" % g)
         at = self.next_sector
-        rec = hdr.GRAIN_MARKER.pack(g * self.gs, len(payload)) if self.has_marker else b""
+        rec = hdr.GrainMarker(lba=g * self.gs, size=len(payload)).pack() if self.has_marker else b""
         total = len(rec) + len(payload)
         pad = -total % SECTOR
         self.out += rec
@@ -517,8 +528,7 @@ class SparseExtent:
         gd_at = pos + len(tail) // SECTOR
         raw = _pack32(gd)
         tail += raw + bytes(gd_sectors * SECTOR - len(raw))
-        footer = hdr.SparseHeader(**{k: getattr(self.h, k) for k in hdr.HEADER_FIELDS})
-        footer.gd_offset = gd_at
+        footer = self.h.footer(gd_at)
         tail += hdr.pack_marker(1, hdr.MARKER_FOOTER) + footer.pack() + hdr.pack_marker(0, hdr.MARKER_EOS)
         self.host.pwrite(tail, pos * SECTOR)
         self.host.truncate(pos * SECTOR + len(tail))

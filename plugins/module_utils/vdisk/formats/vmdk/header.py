@@ -7,10 +7,11 @@ Everything is little-endian; offsets and sizes in the header count 512-byte sect
 """
 import re
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from ...errors import CorruptImage, FormatError, UnsupportedFeature
+from ...structure import Record, disk, record
 
 SECTOR = 512
 MAGIC = 0x564D444B                      # "KDMV"
@@ -40,14 +41,6 @@ MARKER_GT = 1
 MARKER_GD = 2
 MARKER_FOOTER = 3
 
-HEADER = struct.Struct("<IIIQQQQIQQQB4sH")
-HEADER_FIELDS = ("magic", "version", "flags", "capacity", "grain_size", "desc_offset", "desc_size",
-                 "num_gtes_per_gt", "rgd_offset", "gd_offset", "overhead", "unclean_shutdown", "line_chars",
-                 "compress_algorithm")
-LINE_CHARS = b"\n \r\n"
-MARKER = struct.Struct("<QII")          # val (sectors or LBA), size, type; a metadata marker fills a sector
-GRAIN_MARKER = struct.Struct("<QI")     # LBA of the grain, compressed size; the data follows
-
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
               "streamOptimized")
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
@@ -56,31 +49,29 @@ DESCRIPTOR_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxE
 EXTENT_TYPES = ("SPARSE", "FLAT", "ZERO", "VMFS")
 
 
-@dataclass
-class SparseHeader:
-    """The 512-byte header of a hosted sparse extent (``SparseExtentHeader``)."""
-    magic: int = MAGIC
-    version: int = 1
-    flags: int = FLAG_NL_DETECT | FLAG_RGD
-    capacity: int = 0                   # sectors
-    grain_size: int = DEFAULT_GRAIN_SECTORS
-    desc_offset: int = 0
-    desc_size: int = 0
-    num_gtes_per_gt: int = DEFAULT_GTES
-    rgd_offset: int = 0
-    gd_offset: int = 0
-    overhead: int = 0                   # sectors before the first grain
-    unclean_shutdown: int = 0
-    line_chars: bytes = LINE_CHARS
-    compress_algorithm: int = 0
-
-    def pack(self) -> bytes:
-        raw = HEADER.pack(*(getattr(self, f.name) for f in fields(self)))
-        return raw + bytes(SECTOR - len(raw))
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> "SparseHeader":
-        return cls(*HEADER.unpack_from(buf, 0))
+@record("<")
+class SparseHeader(Record):
+    """The 512-byte header of a hosted sparse extent (``SparseExtentHeader``), in its on-disk order
+    (the spec's names, in snake case); sizes and offsets count sectors."""
+    magic_number: int = disk("I", MAGIC, shown="hex")
+    version: int = disk("I", 1)
+    flags: int = disk("I", FLAG_NL_DETECT | FLAG_RGD, shown="hex")
+    capacity: int = disk("Q")
+    grain_size: int = disk("Q", DEFAULT_GRAIN_SECTORS)
+    descriptor_offset: int = disk("Q")
+    descriptor_size: int = disk("Q")
+    num_gtes_per_gt: int = disk("I", DEFAULT_GTES)
+    rgd_offset: int = disk("Q")
+    gd_offset: int = disk("Q")
+    overhead: int = disk("Q")                       # sectors before the first grain (the spec's overHead)
+    unclean_shutdown: int = disk("B")
+    # the line-end characters that FLAG_NL_DETECT vouches for (a transfer that mangles them shows)
+    single_end_line_char: bytes = disk("c", b"\n")
+    non_end_line_char: bytes = disk("c", b" ")
+    double_end_line_char1: bytes = disk("c", b"\r")
+    double_end_line_char2: bytes = disk("c", b"\n")
+    compress_algorithm: int = disk("H")
+    pad: bytes = disk("433s")
 
     @property
     def grain_bytes(self) -> int:
@@ -107,15 +98,38 @@ class SparseHeader:
     def zero_grain(self) -> bool:
         return bool(self.flags & FLAG_ZERO_GRAIN)
 
+    def footer(self, gd_offset: int) -> "SparseHeader":
+        """The copy a stream-optimized extent ends with: this header, with the directory where it
+        was written and a zero pad."""
+        return replace(self, gd_offset=gd_offset, pad=bytes(len(self.pad)))
+
+
+@record("<")
+class Marker(Record):
+    """A metadata marker of a stream-optimized extent (end of stream, grain table, grain directory,
+    footer): it fills a sector, and the metadata it announces follows in the next ones."""
+    val: int = disk("Q")                            # sectors of metadata that follow (0 for end of stream)
+    size: int = disk("I")                           # always 0: what tells a marker from a grain
+    type: int = disk("I")
+    pad: bytes = disk("496s")
+
+
+@record("<")
+class GrainMarker(Record):
+    """What precedes a compressed grain of a stream-optimized extent: its data follows at once."""
+    lba: int = disk("Q")                            # the grain's first guest sector
+    size: int = disk("I")                           # compressed bytes that follow
+
 
 def magic_of(buf: bytes) -> int:
-    return struct.unpack_from("<I", buf)[0] if len(buf) >= 4 else 0
+    at = SparseHeader.offset("magic_number")
+    return struct.unpack_from("<I", buf, at)[0] if len(buf) >= at + 4 else 0
 
 
 def validate_header(h: SparseHeader, file_size: int, path: str) -> None:
     """QEMU's checks of vmdk_open_vmdk4 / vmdk_add_extent, plus bounds by the file size, so that no
     table is allocated or read that the file cannot hold."""
-    if h.magic != MAGIC:
+    if h.magic_number != MAGIC:
         raise FormatError("not a VMDK sparse extent (bad magic)", path=path, field="magic")
     if h.version > 3:
         raise UnsupportedFeature("Unsupported VMDK version %d" % h.version, path=path, field="version")
@@ -145,13 +159,9 @@ def validate_header(h: SparseHeader, file_size: int, path: str) -> None:
                                    % (off, h.gd_entries), path=path, field=name)
 
 
-def parse_marker(buf: bytes) -> Tuple[int, int, int]:
-    return MARKER.unpack_from(buf, 0)
-
-
 def pack_marker(val: int, mtype: int) -> bytes:
-    raw = MARKER.pack(val, 0, mtype)
-    return raw + bytes(SECTOR - len(raw))
+    """A metadata marker, as a whole sector."""
+    return Marker(val=val, type=mtype).pack()
 
 
 def parse_footer(buf: bytes, path: str) -> SparseHeader:
@@ -159,11 +169,11 @@ def parse_footer(buf: bytes, path: str) -> SparseHeader:
     (the last three sectors of the file)."""
     if len(buf) < 3 * SECTOR:
         raise CorruptImage("Invalid footer", path=path, field="footer")
-    dummy_val, fsize, ftype = parse_marker(buf)
-    footer = SparseHeader.unpack(buf[SECTOR:2 * SECTOR])
-    eval_, esize, etype = parse_marker(buf[2 * SECTOR:])
-    if (footer.magic != MAGIC or fsize != 0 or ftype != MARKER_FOOTER or eval_ != 0 or esize != 0
-            or etype != MARKER_EOS):
+    mark = Marker.unpack(buf)
+    footer = SparseHeader.unpack(buf, SECTOR)
+    eos = Marker.unpack(buf, 2 * SECTOR)
+    if (footer.magic_number != MAGIC or mark.size != 0 or mark.type != MARKER_FOOTER or eos.val != 0 or eos.size != 0
+            or eos.type != MARKER_EOS):
         raise CorruptImage("Invalid footer", path=path, field="footer")
     return footer
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from ...driver import DATA, UNALLOCATED, ZERO, CheckResult, Extent, Image, Policy, ResolvedPath
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
+from ...structure import Record
 from . import header as hdr
 from .extent import FlatExtent, SparseExtent, ZeroExtent, compress_grain
 
@@ -73,7 +74,7 @@ class VmdkImage(Image):
             raise UnsupportedFeature("VMDK3 (COWD) sparse extents are not supported", path=self.path, field="magic")
         if magic == hdr.MAGIC:
             h = hdr.SparseHeader.unpack(head.ljust(SECTOR, b"\0"))
-            if h.capacity == 0 and h.desc_offset and h.gd_offset != hdr.GD_AT_END:
+            if h.capacity == 0 and h.descriptor_offset and h.gd_offset != hdr.GD_AT_END:
                 # a sparse file that only carries a descriptor
                 self._open_descriptor(self._embedded_descriptor(h, size, strict=True))
             else:
@@ -116,17 +117,17 @@ class VmdkImage(Image):
                              ) -> Optional[hdr.Descriptor]:
         """The descriptor inside a sparse extent; one outside the file is only an error when the
         image is nothing but that descriptor (QEMU takes only CIDs and the parent from it)."""
-        if not h.desc_offset or not h.desc_size or h.desc_offset == hdr.GD_AT_END:
+        if not h.descriptor_offset or not h.descriptor_size or h.descriptor_offset == hdr.GD_AT_END:
             if strict:
                 raise FormatError("invalid VMDK image descriptor", path=self.path, field="descriptorOffset")
             return None
-        n = min(h.desc_size * SECTOR, hdr.MAX_DESCRIPTOR, max(0, size - h.desc_offset * SECTOR))
-        if h.desc_offset * SECTOR >= size:
+        n = min(h.descriptor_size * SECTOR, hdr.MAX_DESCRIPTOR, max(0, size - h.descriptor_offset * SECTOR))
+        if h.descriptor_offset * SECTOR >= size:
             if not strict:
                 return None
             raise CorruptImage("descriptor (sector %d, %d sectors) lies beyond the end of the file"
-                               % (h.desc_offset, h.desc_size), path=self.path, field="descriptorOffset")
-        self._desc_raw, self._desc_at, self._desc_room = self.host.pread(n, h.desc_offset * SECTOR), h.desc_offset * SECTOR, n
+                               % (h.descriptor_offset, h.descriptor_size), path=self.path, field="descriptorOffset")
+        self._desc_raw, self._desc_at, self._desc_room = self.host.pread(n, h.descriptor_offset * SECTOR), h.descriptor_offset * SECTOR, n
         return hdr.parse_descriptor(self._desc_raw, self.path)
 
     def _open_descriptor(self, desc: hdr.Descriptor) -> None:
@@ -340,6 +341,15 @@ class VmdkImage(Image):
             g_off += len(data)
 
     # -- metadata ----------------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The first sparse extent's header (and footer), as stored in that extent's file."""
+        for dummy, ext in self.exts:
+            if ext.kind == "SPARSE":
+                own = ext.filename == self.path
+                return [(title if own else "%s of %s" % (title, ext.filename), offset, rec)
+                        for title, offset, rec in ext.structures()]
+        return []
+
     def info(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         if self.cluster_size:

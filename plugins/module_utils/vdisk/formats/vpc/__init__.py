@@ -34,7 +34,7 @@ class VpcDriver(Driver):
     def probe(self, header: bytes, filename: str) -> int:
         # QEMU's rule: the footer copy at offset 0 (dynamic disks); a fixed disk, with its footer only at
         # the end, probes as raw
-        return 100 if header[:8] == hdr.COOKIE else 0
+        return 100 if header.startswith(hdr.COOKIE) else 0
 
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VpcImage:
         return VpcImage(self, path, writable, policy or Policy())
@@ -47,10 +47,11 @@ class VpcDriver(Driver):
                 return []
             size = image.host.size()
             out = []
-            for loc in hdr.parent_locators(image.dyn):
-                if loc.length > hdr.MAX_LOCATOR_DATA or loc.offset > size - loc.length:
+            for loc in image.dyn.parent_locators():
+                length, offset = loc.platform_data_length, loc.platform_data_offset
+                if length > hdr.MAX_LOCATOR_DATA or offset > size - length:
                     continue        # not a path vdisk reads (QEMU does not read them at all)
-                name = loc.decode(image.host.pread(loc.length, loc.offset))
+                name = loc.decode(image.host.pread(length, offset))
                 if name:
                     out.append(("parent locator", name))
             return out

@@ -1,4 +1,5 @@
-"""VHD (vpc) on-disk structures: the hard disk footer, the dynamic disk header, CHS geometry.
+"""VHD (vpc) on-disk structures: the hard disk footer, the dynamic disk header and its parent
+locator entries (declared records, the specification's field names), CHS geometry.
 
 References: Microsoft's "Virtual Hard Disk Image Format Specification" (October 2006): "Hard Disk
 Footer Format", "Dynamic Disk Header Format", "Block Allocation Table and Data Blocks", appendix
@@ -6,16 +7,14 @@ Footer Format", "Dynamic Disk Header Format", "Block Allocation Table and Data B
 (creator applications that use the CHS geometry, ``force_size``, the 2040 GiB limit). Everything is
 big-endian. Parsing works on bytes; reading the file is the image's business.
 """
-import struct
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ...errors import CorruptImage, FormatError, InvalidOption
+from ...structure import Record, disk, record
 
 SECTOR = 512
-FOOTER_SIZE = 512
 COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
 FEATURES_RESERVED = 0x00000002          # "always set"
@@ -42,26 +41,7 @@ INT64_MAX = (1 << 63) - 1
 # Virtual PC "vpc " and old qemu-img "qemu" use the geometry)
 SIZE_FROM_FOOTER_APPS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
-# cookie features version data_offset timestamp creator_app creator_version(major, minor) creator_os
-# original_size current_size cylinders heads sectors disk_type checksum uuid saved_state reserved
-FOOTER = struct.Struct(">8sIIQI4sHH4sQQHBBII16sB427s")
-FOOTER_FIELDS = ("cookie", "features", "version", "data_offset", "timestamp", "creator_app", "major", "minor",
-                 "creator_os", "orig_size", "current_size", "cylinders", "heads", "secs_per_cyl", "disk_type",
-                 "checksum", "uuid", "saved_state", "reserved")
-CHECKSUM_AT = 64                         # byte offset of the footer's checksum field
-
-# cookie data_offset table_offset header_version max_table_entries block_size checksum parent_uuid
-# parent_timestamp reserved parent_unicode_name[512] parent_locators[8 * 24] reserved2[256]
-DYN_HEADER = struct.Struct(">8sQQIIII16sII512s192s256s")
-DYN_HEADER_SIZE = DYN_HEADER.size        # 1024 (struct format above)
-DYN_FIELDS = ("cookie", "data_offset", "table_offset", "version", "max_table_entries", "block_size", "checksum",
-              "parent_uuid", "parent_timestamp", "reserved", "parent_name", "parent_locators", "reserved2")
-DYN_CHECKSUM_AT = 36
-
-# a parent locator entry of a differencing disk: platform code, platform data space, platform data
-# length (bytes), reserved, platform data offset (bytes from the start of the file)
-PARENT_LOCATOR = struct.Struct(">4sIIIQ")
-PARENT_LOCATORS = 8
+PARENT_LOCATORS = 8                     # entries in a dynamic disk header
 MAX_LOCATOR_DATA = 64 * 1024            # a path; vdisk never reads more than this of one
 # how each platform code stores its path ("Mac " is an alias record, not a path)
 LOCATOR_ENCODINGS = {b"W2ru": "utf-16-le", b"W2ku": "utf-16-le", b"Wi2r": "latin-1", b"Wi2k": "latin-1",
@@ -73,88 +53,133 @@ def checksum(buf: bytes, skip_at: int) -> int:
     return ~(sum(buf) - sum(buf[skip_at:skip_at + 4])) & 0xFFFFFFFF
 
 
-@dataclass
-class Footer:
-    cookie: bytes = COOKIE
-    features: int = FEATURES_RESERVED
-    version: int = FORMAT_VERSION
-    data_offset: int = NO_OFFSET
-    timestamp: int = 0
-    creator_app: bytes = b"qemu"
-    major: int = 5                       # Virtual PC 2007's version, as qemu-img writes it
-    minor: int = 3
-    creator_os: bytes = b"Wi2k"
-    orig_size: int = 0
-    current_size: int = 0
-    cylinders: int = 0
-    heads: int = 0
-    secs_per_cyl: int = 0
-    disk_type: int = TYPE_DYNAMIC
-    checksum: int = 0
-    uuid: bytes = bytes(16)
-    saved_state: int = 0
-    reserved: bytes = field(default=bytes(427))
+@record(">")
+class Footer(Record):
+    """The hard disk footer (spec: "Hard Disk Footer Format"), at the end of every disk; a dynamic
+    disk keeps a copy at offset 0."""
+    cookie: bytes = disk("8s", COOKIE, shown="text")
+    features: int = disk("I", FEATURES_RESERVED, shown="hex")
+    file_format_version: int = disk("I", FORMAT_VERSION, shown="hex")
+    data_offset: int = disk("Q", NO_OFFSET, shown="hex")
+    time_stamp: int = disk("I")                   # seconds since TIMESTAMP_BASE
+    creator_application: bytes = disk("4s", b"qemu", shown="text")
+    creator_version: int = disk("I", 0x00050003, shown="hex")    # Virtual PC 2007's 5.3, as qemu-img writes it
+    creator_host_os: bytes = disk("4s", b"Wi2k", shown="text")
+    original_size: int = disk("Q")
+    current_size: int = disk("Q")
+    cylinders: int = disk("H")                    # the disk geometry: cylinders, heads, sectors per track
+    heads: int = disk("B")
+    sectors_per_track: int = disk("B")
+    disk_type: int = disk("I", TYPE_DYNAMIC)
+    checksum: int = disk("I", 0, shown="hex")
+    unique_id: bytes = disk("16s")
+    saved_state: int = disk("B")
+    reserved: bytes = disk("427s")
 
     def pack(self) -> bytes:
         """The footer with a fresh checksum."""
         self.checksum = 0
-        raw = FOOTER.pack(*(getattr(self, n) for n in FOOTER_FIELDS))
-        self.checksum = checksum(raw, CHECKSUM_AT)
-        return FOOTER.pack(*(getattr(self, n) for n in FOOTER_FIELDS))
+        self.checksum = checksum(super().pack(), self.offset("checksum"))
+        return super().pack()
+
+    @property
+    def creator_app(self) -> bytes:
+        """The creator application (QEMU's name for it)."""
+        return self.creator_application
 
     @property
     def chs_sectors(self) -> int:
-        return self.cylinders * self.heads * self.secs_per_cyl
+        return self.cylinders * self.heads * self.sectors_per_track
 
     def uses_current_size(self) -> bool:
         """QEMU 7.2's rule: Hyper-V, new qemu-img (force_size) and others size the disk by current_size;
         Virtual PC and old qemu-img by CHS, unless the geometry is the maximum one."""
-        return self.creator_app in SIZE_FROM_FOOTER_APPS or self.chs_sectors == MAX_GEOMETRY
+        return self.creator_application in SIZE_FROM_FOOTER_APPS or self.chs_sectors == MAX_GEOMETRY
 
     @property
     def virtual_sectors(self) -> int:
         return self.current_size // SECTOR if self.uses_current_size() else self.chs_sectors
 
 
+FOOTER_SIZE = Footer.SIZE                # 512
+
+
 def parse_footer(buf: bytes, path: Optional[str] = None) -> Footer:
     """A footer whose cookie has been found; the checksum must match (QEMU refuses the image otherwise)."""
-    f = Footer(*FOOTER.unpack(bytes(buf[:FOOTER_SIZE]).ljust(FOOTER_SIZE, b"\0")))
-    if checksum(buf[:FOOTER_SIZE], CHECKSUM_AT) != f.checksum:
+    f = Footer.unpack(bytes(buf[:FOOTER_SIZE]).ljust(FOOTER_SIZE, b"\0"))
+    if checksum(buf[:FOOTER_SIZE], Footer.offset("checksum")) != f.checksum:
         raise CorruptImage("Incorrect header checksum", path=path, field="footer checksum")
     return f
 
 
-@dataclass
-class DynHeader:
-    cookie: bytes = DYN_COOKIE
-    data_offset: int = NO_OFFSET
-    table_offset: int = BAT_OFFSET
-    version: int = DYN_VERSION
-    max_table_entries: int = 0
-    block_size: int = DEFAULT_BLOCK_SIZE
-    checksum: int = 0
-    parent_uuid: bytes = bytes(16)
-    parent_timestamp: int = 0
-    reserved: int = 0
-    parent_name: bytes = bytes(512)
-    parent_locators: bytes = bytes(192)
-    reserved2: bytes = bytes(256)
+@record(">")
+class ParentLocatorEntry(Record):
+    """One of a dynamic header's eight parent locator entries: where a differencing disk stores a
+    path of its parent, and how (the platform code)."""
+    platform_code: bytes = disk("4s", shown="text")
+    platform_data_space: int = disk("I")          # sectors reserved for the data
+    platform_data_length: int = disk("I")         # bytes of data
+    reserved: int = disk("I")
+    platform_data_offset: int = disk("Q", shown="hex")
+
+    @property
+    def used(self) -> bool:
+        return self.platform_code != bytes(4) and self.platform_data_length != 0
+
+    def decode(self, data: bytes) -> Optional[str]:
+        """The path this locator stores in *data*, or None for a platform code that is not a path."""
+        encoding = LOCATOR_ENCODINGS.get(self.platform_code)
+        return data.decode(encoding, "replace").rstrip("\0") if encoding else None
+
+
+@record(">")
+class DynHeader(Record):
+    """The dynamic disk header (spec: "Dynamic Disk Header Format"), at the footer's data_offset."""
+    cookie: bytes = disk("8s", DYN_COOKIE, shown="text")
+    data_offset: int = disk("Q", NO_OFFSET, shown="hex")
+    table_offset: int = disk("Q", BAT_OFFSET, shown="hex")
+    header_version: int = disk("I", DYN_VERSION, shown="hex")
+    max_table_entries: int = disk("I")
+    block_size: int = disk("I", DEFAULT_BLOCK_SIZE, shown="hex")
+    checksum: int = disk("I", 0, shown="hex")
+    parent_unique_id: bytes = disk("16s")
+    parent_time_stamp: int = disk("I")
+    reserved: int = disk("I")
+    parent_unicode_name: bytes = disk("512s")     # UTF-16 (big-endian)
+    parent_locator_entries: bytes = disk("%ds" % (PARENT_LOCATORS * ParentLocatorEntry.SIZE))
+    reserved2: bytes = disk("256s")
 
     def pack(self) -> bytes:
+        """The header with a fresh checksum (QEMU does not check it; Microsoft's tools do)."""
         self.checksum = 0
-        raw = DYN_HEADER.pack(*(getattr(self, n) for n in DYN_FIELDS))
-        self.checksum = checksum(raw, DYN_CHECKSUM_AT)
-        return DYN_HEADER.pack(*(getattr(self, n) for n in DYN_FIELDS))
+        self.checksum = checksum(super().pack(), self.offset("checksum"))
+        return super().pack()
 
     @property
     def bitmap_size(self) -> int:
         """Bytes of the sector bitmap before each data block (one bit a sector, whole sectors)."""
         return -(-(self.block_size // (8 * SECTOR)) // SECTOR) * SECTOR
 
+    def locator_entry(self, index: int) -> ParentLocatorEntry:
+        """Parent locator entry *index* (0..7); :meth:`locator_offset` is where it lies."""
+        return ParentLocatorEntry.unpack(self.parent_locator_entries, index * ParentLocatorEntry.SIZE)
+
+    @classmethod
+    def locator_offset(cls, index: int) -> int:
+        """Where parent locator entry *index* starts, from the start of the header."""
+        return cls.offset("parent_locator_entries") + index * ParentLocatorEntry.SIZE
+
+    def parent_locators(self) -> List[ParentLocatorEntry]:
+        """The used parent locator entries (a differencing disk's links to its parent)."""
+        return [e for e in map(self.locator_entry, range(PARENT_LOCATORS)) if e.used]
+
+
+DYN_HEADER_SIZE = DynHeader.SIZE         # 1024
+
 
 def parse_dyn_header(buf: bytes, virtual_sectors: int, path: Optional[str] = None) -> DynHeader:
     """The dynamic disk header, validated as QEMU 7.2 validates it (it does not check its checksum)."""
-    d = DynHeader(*DYN_HEADER.unpack(bytes(buf[:DYN_HEADER_SIZE]).ljust(DYN_HEADER_SIZE, b"\0")))
+    d = DynHeader.unpack(bytes(buf[:DYN_HEADER_SIZE]).ljust(DYN_HEADER_SIZE, b"\0"))
     if d.cookie != DYN_COOKIE:
         raise FormatError("Invalid header magic", path=path, field="dynamic header")
     bs = d.block_size
@@ -221,33 +246,11 @@ def new_footer(size: int, chs: Tuple[int, int, int], fixed: bool, force_size: bo
                data_offset: int = SECTOR) -> Footer:
     """The footer qemu-img create writes (creator "qem2" when force_size, so readers take current_size)."""
     return Footer(data_offset=NO_OFFSET if fixed else data_offset,
-                  timestamp=(int(time.time()) - TIMESTAMP_BASE) & 0xFFFFFFFF,
-                  creator_app=b"qem2" if force_size else b"qemu", orig_size=size, current_size=size,
-                  cylinders=chs[0], heads=chs[1], secs_per_cyl=chs[2],
-                  disk_type=TYPE_FIXED if fixed else TYPE_DYNAMIC, uuid=uuid.uuid4().bytes)
+                  time_stamp=(int(time.time()) - TIMESTAMP_BASE) & 0xFFFFFFFF,
+                  creator_application=b"qem2" if force_size else b"qemu", original_size=size, current_size=size,
+                  cylinders=chs[0], heads=chs[1], sectors_per_track=chs[2],
+                  disk_type=TYPE_FIXED if fixed else TYPE_DYNAMIC, unique_id=uuid.uuid4().bytes)
 
 
 def bat_bytes(entries: int) -> int:
     return -(-entries * 4 // SECTOR) * SECTOR
-
-
-@dataclass(frozen=True)
-class ParentLocator:
-    code: bytes
-    length: int
-    offset: int
-
-    def decode(self, data: bytes) -> Optional[str]:
-        """The path this locator stores in *data*, or None for a platform code that is not a path."""
-        encoding = LOCATOR_ENCODINGS.get(self.code)
-        return data.decode(encoding, "replace").rstrip("\0") if encoding else None
-
-
-def parent_locators(d: "DynHeader") -> List[ParentLocator]:
-    """The used parent locator entries of a dynamic header (a differencing disk's links to its parent)."""
-    out = []
-    for i in range(PARENT_LOCATORS):
-        code, dummy, length, dummy2, offset = PARENT_LOCATOR.unpack_from(d.parent_locators, i * PARENT_LOCATOR.size)
-        if code != bytes(4) and length:
-            out.append(ParentLocator(code, length, offset))
-    return out

@@ -10,12 +10,13 @@ into a block sets the bitmap bits of the sectors it covers, so Virtual PC and Hy
 """
 import array
 import sys
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, ZERO, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, FormatError, ImageError
 from ...io import HostFile
 from ...overlap import MetadataMap
+from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
 
@@ -37,13 +38,14 @@ class VpcImage(Image):
         file_size = self.host.size()
         buf = self.host.pread(hdr.FOOTER_SIZE, 0)
         self.fixed = False
-        if buf[:8] != hdr.COOKIE:
+        if not buf.startswith(hdr.COOKIE):
             if file_size < hdr.FOOTER_SIZE:
                 raise FormatError("File too small for a VHD header", path=self.path, field="footer")
             buf = self.host.pread(hdr.FOOTER_SIZE, file_size - hdr.FOOTER_SIZE)
-            if buf[:8] != hdr.COOKIE:
+            if not buf.startswith(hdr.COOKIE):
                 raise FormatError("invalid VPC image", path=self.path, field="footer")
             self.fixed = True
+        self.footer_offset = file_size - hdr.FOOTER_SIZE if self.fixed else 0
         self.footer_bytes = bytes(buf)
         f = hdr.parse_footer(buf, self.path)
         self.footer = f
@@ -219,6 +221,21 @@ class VpcImage(Image):
         self.host.pwrite((start // SECTOR).to_bytes(4, "big"), self.bat_offset + 4 * idx)
 
     # -- metadata ---------------------------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Record]]:
+        """The footer read at open; a dynamic disk's dynamic header, used parent locator entries and
+        the footer at the end of the file (the one Microsoft's tools read), as stored."""
+        if self.fixed:
+            return [("footer", self.footer_offset, self.footer)]
+        doff = self.footer.data_offset
+        out: List[Tuple[str, int, Record]] = [("footer copy", 0, self.footer), ("dynamic header", doff, self.dyn)]
+        for i in range(hdr.PARENT_LOCATORS):
+            entry = self.dyn.locator_entry(i)
+            if entry.used:
+                out.append(("parent locator entry %d" % (i + 1), doff + self.dyn.locator_offset(i), entry))
+        if self.data_end > 0:
+            out.append(("footer", self.data_end, hdr.Footer.unpack(self.host.pread(hdr.FOOTER_SIZE, self.data_end))))
+        return out
+
     def info(self) -> Dict[str, Any]:
         return {} if self.fixed else {"cluster-size": self.bs}
 
