@@ -6,8 +6,8 @@ from typing import Any, Dict
 
 from ...errors import ImageError, InvalidOption
 from . import header as hdr
-from .check import count_references, rebuild_refcounts
-from .refcount import Refcounts
+from .check import count_references
+from .refcount import Refcounts, rebuild_refcounts
 
 AMENDABLE = ("compat", "lazy_refcounts", "refcount_bits", "backing_file", "backing_fmt", "size", "data_file",
              "data_file_raw")
@@ -61,7 +61,7 @@ def amend(img, options: Dict[str, Any]) -> None:
             h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
         else:
             h.compatible_features &= ~hdr.COMPAT_LAZY_REFCOUNTS
-        img.host.pwrite(U64.pack(h.compatible_features), 80)
+        img.host.pwrite(*h.pack_fields("compatible_features"))
         img._set_dirty_on_write = bool(lazy)
         img.host.flush()
     _amend_data_file(img, options)

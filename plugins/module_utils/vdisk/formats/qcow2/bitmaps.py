@@ -32,11 +32,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ...errors import CorruptImage, ImageError, InvalidOption, UnsupportedFeature
+from ...structure import Record, disk, record
 from . import header as hdr
 
 # -- on-disk structures --------------------------------------------------------------------
-# bitmap_table_offset, bitmap_table_size, flags, type, granularity_bits, name_size, extra_data_size
-DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
 TABLE_ENTRY = struct.Struct(">Q")
 
 FLAG_IN_USE = 1 << 0                  # not saved correctly: may be inconsistent
@@ -63,16 +62,20 @@ TABLE_ALL_ONES = 1
 TABLE_RESERVED_MASK = 0xFF000000000001FE
 
 
-@dataclass
-class BitmapEntry:
-    """One bitmap directory entry (the name kept as the bytes stored)."""
-    name: bytes
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
-    type: int = TYPE_DIRTY_TRACKING
+@record(">")
+class DirectoryEntry(Record):
+    """One bitmap directory entry: the fixed part, then the extra data and the name (not declared
+    on disk: their sizes are), padded to 8 bytes.  ``pack`` gives the whole entry and sets the
+    size fields to match it."""
+    bitmap_table_offset: int = disk("Q", 0, shown="hex")
+    bitmap_table_size: int = disk("I")
+    flags: int = disk("I", 0, shown="hex")
+    type: int = disk("B", TYPE_DIRTY_TRACKING)
+    granularity_bits: int = disk("B")
+    name_size: int = disk("H")
+    extra_data_size: int = disk("I")
     extra_data: bytes = b""
+    name: bytes = b""                     # as stored
 
     @property
     def in_use(self) -> bool:
@@ -90,16 +93,50 @@ class BitmapEntry:
     def granularity(self) -> int:
         return 1 << self.granularity_bits
 
+    # the short names callers used before the record (bitmap_table_offset and bitmap_table_size)
+    @property
+    def table_offset(self) -> int:
+        return self.bitmap_table_offset
+
+    @table_offset.setter
+    def table_offset(self, value: int) -> None:
+        self.bitmap_table_offset = value
+
+    @property
+    def table_size(self) -> int:
+        return self.bitmap_table_size
+
+    @table_size.setter
+    def table_size(self, value: int) -> None:
+        self.bitmap_table_size = value
+
+    @property
+    def entry_size(self) -> int:
+        """Bytes the entry takes in the directory, as its size fields say."""
+        size = self.SIZE + self.extra_data_size + self.name_size
+        return size + (-size % 8)
+
     def pack(self) -> bytes:
-        raw = DIRECTORY_ENTRY.pack(self.table_offset, self.table_size, self.flags, self.type,
-                                   self.granularity_bits, len(self.name), len(self.extra_data))
-        raw += self.extra_data + self.name
+        """The whole entry as stored."""
+        self.name_size, self.extra_data_size = len(self.name), len(self.extra_data)
+        raw = Record.pack(self) + self.extra_data + self.name
         return raw + bytes(-len(raw) % 8)
+
+
+def new_entry(name: bytes, table_offset: int, table_size: int, flags: int, granularity_bits: int,
+              type: int = TYPE_DIRTY_TRACKING, extra_data: bytes = b"") -> DirectoryEntry:
+    """The directory entry of a bitmap named *name* (a dirty tracking bitmap by default)."""
+    return DirectoryEntry(bitmap_table_offset=table_offset, bitmap_table_size=table_size, flags=flags, type=type,
+                          granularity_bits=granularity_bits, name_size=len(name), extra_data_size=len(extra_data),
+                          extra_data=extra_data, name=name)
+
+
+BitmapEntry = new_entry       # the constructor's former name and argument order
 
 
 # -- parsing (bytes only) -------------------------------------------------------------------
 def parse_directory(data: bytes, count: int, cluster_size: int, file_size: int,
-                    path: Optional[str] = None) -> List[BitmapEntry]:
+                    path: Optional[str] = None) -> List[DirectoryEntry]:
     """The *count* entries of a bitmap directory, each checked against QEMU's bounds
     (block/qcow2-bitmap.c check_dir_entry); *data* is exactly the directory."""
     def bad(text: str) -> CorruptImage:
@@ -109,27 +146,26 @@ def parse_directory(data: bytes, count: int, cluster_size: int, file_size: int,
         raise bad("%d bitmaps (1 to %d allowed)" % (count, MAX_BITMAPS))
     if len(data) > MAX_DIRECTORY_SIZE:
         raise bad("%d bytes exceed the maximum of %d" % (len(data), MAX_DIRECTORY_SIZE))
-    entries: List[BitmapEntry] = []
+    entries: List[DirectoryEntry] = []
     names = set()
     pos = 0
     for i in range(count):
-        if pos + DIRECTORY_ENTRY.size > len(data):
+        if pos + DirectoryEntry.SIZE > len(data):
             raise bad("entry %d lies past the directory's end" % i)
-        (table_offset, table_size, flags, btype, gbits, name_size,
-         extra_size) = DIRECTORY_ENTRY.unpack_from(data, pos)
-        end = pos + DIRECTORY_ENTRY.size + extra_size + name_size
+        entry = DirectoryEntry.unpack(data, pos)
+        extra_at = pos + DirectoryEntry.SIZE
+        end = extra_at + entry.extra_data_size + entry.name_size
         padded = end + (-end % 8)
         if padded > len(data):
             raise bad("entry %d lies past the directory's end" % i)
-        extra = bytes(data[pos + DIRECTORY_ENTRY.size:pos + DIRECTORY_ENTRY.size + extra_size])
-        name = bytes(data[end - name_size:end])
+        entry.extra_data = bytes(data[extra_at:extra_at + entry.extra_data_size])
+        entry.name = bytes(data[end - entry.name_size:end])
         if any(data[end:padded]):
             raise bad("entry %d has non-zero padding" % i)
-        entry = BitmapEntry(name, table_offset, table_size, flags, gbits, btype, extra)
         _check_entry(entry, cluster_size, file_size, bad)
-        if name in names:
+        if entry.name in names:
             raise bad("duplicate bitmap name '%s'" % entry.label)
-        names.add(name)
+        names.add(entry.name)
         entries.append(entry)
         pos = padded
     if pos != len(data):
@@ -137,7 +173,7 @@ def parse_directory(data: bytes, count: int, cluster_size: int, file_size: int,
     return entries
 
 
-def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None:
+def _check_entry(e: DirectoryEntry, cluster_size: int, file_size: int, bad) -> None:
     where = "bitmap '%s'" % e.label
     if not e.name:
         raise bad("a bitmap has an empty name")
@@ -152,16 +188,16 @@ def _check_entry(e: BitmapEntry, cluster_size: int, file_size: int, bad) -> None
                   % (where, e.granularity_bits, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS))
     if e.extra_data:
         raise bad("%s: bitmap extra data is not supported" % where)
-    if not 0 < e.table_size <= MAX_TABLE_SIZE:
-        raise bad("%s: table size %d outside 1..%d" % (where, e.table_size, MAX_TABLE_SIZE))
-    if not e.table_offset or e.table_offset % cluster_size:
-        raise bad("%s: table offset 0x%x is not cluster aligned" % (where, e.table_offset))
+    if not 0 < e.bitmap_table_size <= MAX_TABLE_SIZE:
+        raise bad("%s: table size %d outside 1..%d" % (where, e.bitmap_table_size, MAX_TABLE_SIZE))
+    if not e.bitmap_table_offset or e.bitmap_table_offset % cluster_size:
+        raise bad("%s: table offset 0x%x is not cluster aligned" % (where, e.bitmap_table_offset))
     # every entry may point to a cluster of its own: that much must fit in the file (QEMU's bound)
-    if e.table_size * cluster_size > file_size:
-        raise bad("%s: table of %d entries is larger than the file allows" % (where, e.table_size))
+    if e.bitmap_table_size * cluster_size > file_size:
+        raise bad("%s: table of %d entries is larger than the file allows" % (where, e.bitmap_table_size))
 
 
-def pack_directory(entries: List[BitmapEntry]) -> bytes:
+def pack_directory(entries: List[DirectoryEntry]) -> bytes:
     return b"".join(e.pack() for e in entries)
 
 
@@ -222,19 +258,14 @@ def set_bits(bits: bytearray, granularity_bits: int, offset: int, length: int) -
 
 def find_extension(cluster0: bytes, header_length: int, etype: int) -> Optional[int]:
     """Where the payload of header extension *etype* lies in cluster 0 (None: not there)."""
-    pos = header_length
-    while pos + hdr.EXTENSION_HEADER.size <= len(cluster0):
-        kind, length = hdr.EXTENSION_HEADER.unpack_from(cluster0, pos)
-        if kind == hdr.EXT_END:
-            return None
-        if kind == etype:
-            return pos + hdr.EXTENSION_HEADER.size
-        pos += hdr.EXTENSION_HEADER.size + length + (-length % 8)
+    for pos, ext in hdr.extensions(cluster0, header_length):
+        if ext.type == etype:
+            return pos + hdr.ExtensionHeader.SIZE
     return None
 
 
 # -- I/O ------------------------------------------------------------------------------------
-def read_directory(img, tables_in_file: bool = True) -> Tuple[List[BitmapEntry], int, int]:
+def read_directory(img, tables_in_file: bool = True) -> Tuple[List[DirectoryEntry], int, int]:
     """The bitmap directory of an open image: ``(entries, offset, size)``, each entry checked (and,
     for a reader or writer of the bits, *tables_in_file*, each table inside the file).
     No extension, or one whose autoclear bit a program without bitmap support cleared (stale
@@ -242,15 +273,17 @@ def read_directory(img, tables_in_file: bool = True) -> Tuple[List[BitmapEntry],
     h = img.header
     if h.bitmaps_extension is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
         return [], 0, 0
-    count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(h.bitmaps_extension)
+    ext = h.bitmaps_extension
+    count, dir_size, dir_offset = ext.nb_bitmaps, ext.bitmap_directory_size, ext.bitmap_directory_offset
     file_size = img.host.size()
     if dir_offset + dir_size > file_size:
         raise CorruptImage("bitmap directory lies past the end of the file", path=img.path, field="bitmaps")
     entries = parse_directory(img.host.pread(dir_size, dir_offset), count, img.cs, file_size, img.path)
     for e in entries if tables_in_file else ():
-        if e.table_offset + e.table_size * 8 > file_size:
+        if e.bitmap_table_offset + e.bitmap_table_size * 8 > file_size:
             raise CorruptImage("bitmap '%s': table (%d entries at 0x%x) lies past the end of the file"
-                               % (e.label, e.table_size, e.table_offset), path=img.path, field="bitmaps")
+                               % (e.label, e.bitmap_table_size, e.bitmap_table_offset), path=img.path,
+                               field="bitmaps")
     return entries, dir_offset, dir_size
 
 
@@ -269,7 +302,8 @@ def referenced_ranges(img, report: Callable[[str], None]) -> List[Tuple[int, int
     if not present(img):
         return []
     cs = img.cs
-    count, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(img.header.bitmaps_extension)
+    ext = img.header.bitmaps_extension
+    count, dir_size, dir_offset = ext.nb_bitmaps, ext.bitmap_directory_size, ext.bitmap_directory_offset
     file_size = img.host.size()
     out = [(dir_offset, dir_size)]
     try:
@@ -278,12 +312,12 @@ def referenced_ranges(img, report: Callable[[str], None]) -> List[Tuple[int, int
         report(exc.message)
         return out
     for e in entries:
-        out.append((e.table_offset, e.table_size * 8))
-        if not e.in_use and e.table_size != table_size(img.virtual_size, e.granularity_bits, cs):
-            report("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size))
+        out.append((e.bitmap_table_offset, e.bitmap_table_size * 8))
+        if not e.in_use and e.bitmap_table_size != table_size(img.virtual_size, e.granularity_bits, cs):
+            report("bitmap '%s': table size %d does not match the disk size" % (e.label, e.bitmap_table_size))
         # bounded by parse_directory: table_size * cluster_size <= file size
-        raw = img.host.pread(e.table_size * 8, e.table_offset)
-        raw += bytes(e.table_size * 8 - len(raw))
+        raw = img.host.pread(e.bitmap_table_size * 8, e.bitmap_table_offset)
+        raw += bytes(e.bitmap_table_size * 8 - len(raw))
         for i, (entry,) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
             problem = check_table_entry(entry, cs, None)
             if problem:
@@ -300,14 +334,15 @@ def strict_ranges(img) -> List[Tuple[int, int]]:
     return referenced_ranges(img, refuse)
 
 
-def read_bits(img, e: BitmapEntry) -> bytearray:
+def read_bits(img, e: DirectoryEntry) -> bytearray:
     """The bits of one bitmap (its table must cover exactly the disk, as QEMU's load_bitmap_data
     requires); the unused bits of the last byte read as zero."""
     cs = img.cs
-    if e.table_size != table_size(img.virtual_size, e.granularity_bits, cs):
-        raise CorruptImage("bitmap '%s': table size %d does not match the disk size" % (e.label, e.table_size),
+    if e.bitmap_table_size != table_size(img.virtual_size, e.granularity_bits, cs):
+        raise CorruptImage("bitmap '%s': table size %d does not match the disk size" % (e.label, e.bitmap_table_size),
                            path=img.path, field="bitmaps")
-    table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), cs, img.host.size(), e.label, img.path)
+    table = parse_table(img.host.pread(e.bitmap_table_size * 8, e.bitmap_table_offset), cs, img.host.size(),
+                        e.label, img.path)
     out = bytearray()
     for entry in table:
         offset = entry & TABLE_OFFSET_MASK
@@ -322,12 +357,12 @@ def read_bits(img, e: BitmapEntry) -> bytearray:
     return out
 
 
-def stored_clusters(img, e: BitmapEntry) -> List[Tuple[int, int]]:
+def stored_clusters(img, e: DirectoryEntry) -> List[Tuple[int, int]]:
     """``(offset, length)`` of the clusters one bitmap occupies: its table and its data clusters."""
-    table = parse_table(img.host.pread(e.table_size * 8, e.table_offset), img.cs, img.host.size(), e.label,
-                        img.path)
+    table = parse_table(img.host.pread(e.bitmap_table_size * 8, e.bitmap_table_offset), img.cs, img.host.size(),
+                        e.label, img.path)
     data = [(t & TABLE_OFFSET_MASK, img.cs) for t in table if t & TABLE_OFFSET_MASK]
-    return [(e.table_offset, e.table_size * 8)] + data
+    return [(e.bitmap_table_offset, e.bitmap_table_size * 8)] + data
 
 
 def write_bits(img, bits: bytearray, entries: int) -> int:
@@ -351,7 +386,7 @@ def alloc_write(img, data: bytes) -> int:
     return offset
 
 
-def switch_directory(img, entries: List[BitmapEntry], old_clusters: List[Tuple[int, int]]) -> Tuple[int, int]:
+def switch_directory(img, entries: List[DirectoryEntry], old_clusters: List[Tuple[int, int]]) -> Tuple[int, int]:
     """Write a new directory for *entries* (refcounted first) and switch the header to it with one
     write: the extension's payload in place, or cluster 0 rewritten when the extension comes, goes
     (no bitmaps left: extension and autoclear bit dropped, as QEMU drops them) or replaces a stale
@@ -366,16 +401,17 @@ def switch_directory(img, entries: List[BitmapEntry], old_clusters: List[Tuple[i
     if not in_place:
         # a header that would not fit in cluster 0 is refused before anything is allocated
         saved = h.bitmaps_extension
-        h.bitmaps_extension = hdr.BITMAPS_EXTENSION.pack(0, 0, 0, 0) if entries else None
+        h.bitmaps_extension = hdr.BitmapsExtension() if entries else None
         try:
             hdr.pack_header(h)
         finally:
             h.bitmaps_extension = saved
     dir_offset = alloc_write(img, directory) if entries else 0
     img.host.flush()
-    payload = hdr.BITMAPS_EXTENSION.pack(len(entries), 0, len(directory), dir_offset) if entries else None
+    payload = hdr.BitmapsExtension(nb_bitmaps=len(entries), bitmap_directory_size=len(directory),
+                                   bitmap_directory_offset=dir_offset) if entries else None
     if where is not None:
-        img.host.pwrite(payload, where)
+        img.host.pwrite(payload.pack(), where)
         h.bitmaps_extension = payload
     else:
         h.bitmaps_extension = payload
@@ -392,7 +428,7 @@ def switch_directory(img, entries: List[BitmapEntry], old_clusters: List[Tuple[i
     return dir_offset, len(directory)
 
 
-def write_in_place(img, entries: List[BitmapEntry], dir_offset: int) -> None:
+def write_in_place(img, entries: List[DirectoryEntry], dir_offset: int) -> None:
     """Rewrite the directory in place with the entries' new flags (same names, same size): QEMU's
     update_ext_header_and_dir_in_place clears the autoclear bit around the rewrite, so an
     interrupted one leaves bitmaps that are ignored rather than trusted."""
@@ -404,7 +440,8 @@ def write_in_place(img, entries: List[BitmapEntry], dir_offset: int) -> None:
 
 
 def _write_autoclear(img, value: int) -> None:
-    img.host.pwrite(struct.pack(">Q", value), 88)
+    """Store *value* as the autoclear bits (the header in memory keeps its own)."""
+    img.host.pwrite(*replace(img.header, autoclear_features=value).pack_fields("autoclear_features"))
     img.host.flush()
 
 
@@ -412,7 +449,7 @@ class Tracker:
     """The enabled bitmaps of an image open for writing: their bits, kept in memory from the
     first guest write (``in_use`` set on disk) until close (bits stored, ``in_use`` cleared)."""
 
-    def __init__(self, img, entries: List[BitmapEntry], dir_offset: int, dir_size: int):
+    def __init__(self, img, entries: List[DirectoryEntry], dir_offset: int, dir_size: int):
         self.img = img
         self.entries = entries
         self.dir_offset = dir_offset
@@ -456,7 +493,7 @@ class Tracker:
         for i, bits in self.bits.items():
             e = self.entries[i]
             old_clusters.extend(stored_clusters(img, e))
-            new_entries[i] = replace(e, table_offset=write_bits(img, bits, e.table_size),
+            new_entries[i] = replace(e, bitmap_table_offset=write_bits(img, bits, e.bitmap_table_size),
                                      flags=e.flags & ~FLAG_IN_USE)
         dir_offset, dir_size = switch_directory(img, new_entries, old_clusters)
         self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, dir_size
@@ -471,7 +508,7 @@ def default_granularity(cluster_size: int) -> int:
 
 def entry_size(name_size: int) -> int:
     """Bytes of a directory entry without extra data (padded to 8)."""
-    return -(-(DIRECTORY_ENTRY.size + name_size) // 8) * 8
+    return -(-(DirectoryEntry.SIZE + name_size) // 8) * 8
 
 
 def constraints_problem(name: bytes, granularity: int, virtual_size: int, cluster_size: int) -> Optional[str]:
@@ -523,7 +560,7 @@ def merge_bits(dst: bytearray, dst_bits: int, src: bytes, src_bits: int, virtual
 class EditedBitmap:
     """One bitmap while ``qemu-img bitmap`` changes it: its directory entry, new bits when they
     change (None: the stored ones stay) and whether it is stored on disk yet."""
-    entry: BitmapEntry
+    entry: DirectoryEntry
     bits: Optional[bytearray] = None
     stored: bool = True
 
@@ -536,7 +573,7 @@ class Editor:
         self.img = img
         entries, self.dir_offset, self.dir_size = read_directory(img) if img.header.version >= 3 else ([], 0, 0)
         self.bitmaps: List[EditedBitmap] = [EditedBitmap(e) for e in entries]
-        self.dropped: List[BitmapEntry] = []        # removed bitmaps whose clusters are freed on commit
+        self.dropped: List[DirectoryEntry] = []        # removed bitmaps whose clusters are freed on commit
         self.released: List[Tuple[int, int]] = []   # other clusters freed on commit
         self.changed = False
 
@@ -583,7 +620,7 @@ class Editor:
         if sum(entry_size(len(bm.entry.name)) for bm in self.bitmaps) + entry_size(len(raw)) > MAX_DIRECTORY_SIZE:
             raise InvalidOption(where + "Not enough space in the bitmap directory")
         gbits = granularity.bit_length() - 1
-        entry = BitmapEntry(raw, 0, table_size(img.virtual_size, gbits, img.cs), FLAG_AUTO if enabled else 0, gbits)
+        entry = new_entry(raw, 0, table_size(img.virtual_size, gbits, img.cs), FLAG_AUTO if enabled else 0, gbits)
         self.bitmaps.append(EditedBitmap(entry, bytearray(data_bytes(img.virtual_size, gbits)), stored=False))
         self.changed = True
 
@@ -638,7 +675,7 @@ class Editor:
                 continue
             if bm.stored:
                 old.extend(stored_clusters(img, bm.entry))
-            bm.entry = replace(bm.entry, table_offset=write_bits(img, bm.bits, bm.entry.table_size),
+            bm.entry = replace(bm.entry, bitmap_table_offset=write_bits(img, bm.bits, bm.entry.bitmap_table_size),
                                flags=bm.entry.flags & ~FLAG_IN_USE)
             bm.bits, bm.stored = None, True
         entries = [bm.entry for bm in self.bitmaps]
@@ -703,6 +740,6 @@ class Editor:
             if granules % 8:
                 bits[-1] &= (1 << (granules % 8)) - 1
             bm.bits = bits
-            bm.entry = replace(bm.entry, table_size=table_size(size, g, cs))
+            bm.entry = replace(bm.entry, bitmap_table_size=table_size(size, g, cs))
             self.changed = True
         self.commit()

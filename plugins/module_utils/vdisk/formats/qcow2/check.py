@@ -23,9 +23,8 @@ from ...driver import CheckResult
 from ...errors import ImageError
 from . import bitmaps
 from . import header as hdr
-from .refcount import decode_refblock, encode_refblock
-from .snapshot_table import MAX_TABLE_SIZE
-from .snapshots import pack_snapshot_table
+from .refcount import decode_refblock, encode_refblock, rebuild_refcounts
+from .snapshot_table import MAX_TABLE_SIZE, Snapshot, pack_snapshot_table
 
 U64 = struct.Struct(">Q")
 
@@ -81,9 +80,9 @@ class _Checker:
         header, the active and the snapshots' tables and data, the persistent bitmaps."""
         h = self.h
         self.count(0, self.cs)
-        if h.crypto_extension and len(h.crypto_extension) >= 16:
-            coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
-            self.count(coff, clen)
+        crypto = h.crypto_header()
+        if crypto is not None:
+            self.count(crypto.encryption_header_offset, crypto.encryption_header_length)
         self.walk_l1(h.l1_table_offset, h.l1_size, True, "active")
         self.walk_snapshots()
         self.walk_bitmaps()
@@ -341,7 +340,7 @@ class _Checker:
         # the table's size is what its entries take
         size = 0
         for s in snaps:
-            size += 40 + len(s.extra) + len(s.stored_id()) + len(s.stored_name())
+            size += Snapshot.SIZE + len(s.extra) + len(s.stored_id()) + len(s.stored_name())
             size = (size + 7) & ~7
         self.count(h.snapshots_offset, min(size, MAX_TABLE_SIZE))
         for number, s in enumerate(snaps):
@@ -396,7 +395,8 @@ class _Checker:
             if raw == all_ones:        # the usual block, without decoding it value by value
                 stored[bi * epb:bi * epb + n] = _ones(epb)[:n]
             elif raw != all_zeros:
-                stored[bi * epb:bi * epb + n] = array("Q", decode_refblock(raw, bits)[:n])
+                # iterated: 8-bit refcounts decode to bytes, which array() would take as raw items
+                stored[bi * epb:bi * epb + n] = array("Q", iter(decode_refblock(raw, bits)[:n]))
         return stored
 
 
@@ -508,7 +508,7 @@ def _drop_unusable_bitmaps(img, res: CheckResult) -> int:
             return 0
     if h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
         h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
-        img.host.pwrite(U64.pack(h.autoclear_features), 88)
+        img.host.pwrite(*h.pack_fields("autoclear_features"))
         img.host.flush()
     h.bitmaps_extension = None
     img.write_header()
@@ -531,7 +531,7 @@ def _drop_snapshots(img, indexes: List[int]) -> None:
     h.nb_snapshots = len(keep)
     if not keep:
         h.snapshots_offset = 0
-    img.host.pwrite(struct.pack(">IQ", h.nb_snapshots, h.snapshots_offset), 60)
+    img.host.pwrite(*h.pack_fields("nb_snapshots", "snapshots_offset"))
     img.host.flush()
     img._snapshots = keep
 
@@ -662,70 +662,3 @@ def count_references(img, strict: bool = True):
     if strict and ck.res.corruptions:
         raise ImageError("image has corruptions (%s); run check -r all first" % ck.res.messages[0], path=img.path)
     return ck.refs
-
-
-def build_refcount_structure(refs, start: int, bits: int, cs: int, path: str):
-    """Lay out a complete refcount table and blocks for *refs* at cluster *start* (they count themselves).
-
-    Returns ``(table_offset, table_clusters, writes)`` with *writes* a list of ``(offset, bytes)``.
-    """
-    max_refcount = (1 << bits) - 1
-    if any(r > max_refcount for r in refs):
-        raise ImageError("a refcount would exceed %d, the maximum of refcount_bits=%d" % (max_refcount, bits),
-                         path=path, field="refcount_bits")
-    epb = cs * 8 // bits
-    start = max(start, len(refs))
-    blocks, rt_clusters = 1, 1
-    while True:
-        area_end = start + rt_clusters + blocks
-        need_blocks = -(-area_end // epb)
-        need_rt = -(-need_blocks * 8 // cs)
-        if need_blocks <= blocks and need_rt <= rt_clusters:
-            break
-        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
-    if rt_clusters * cs > hdr.MAX_REFTABLE_SIZE:
-        raise ImageError("refcount table would be too large", path=path, field="refcount table")
-    total = start + rt_clusters + blocks
-    values = array("Q", refs) + array("Q", bytes(8 * (blocks * epb - len(refs))))
-    for c in range(start, total):
-        values[c] = 1
-    blocks_start = start + rt_clusters
-    table = bytearray(rt_clusters * cs)
-    writes = []
-    for b in range(blocks):
-        chunk = values[b * epb:(b + 1) * epb]
-        writes.append(((blocks_start + b) * cs, encode_refblock(chunk, bits, cs)))
-        table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
-    writes.append((start * cs, bytes(table)))
-    return start * cs, rt_clusters, writes
-
-
-def file_end_cluster(img) -> int:
-    """First cluster past the end of the file: nothing live lies there, so new structures can go there."""
-    return -(-img.host.size() // img.header.cluster_size)
-
-
-def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
-    """Write a complete new refcount table and blocks past the end of the file, then switch to it.
-
-    With *refcount_order* the new structure has that entry width, and the header
-    (order and table pointer) switches in one write.
-    """
-    h = img.header
-    order = h.refcount_order if refcount_order is None else refcount_order
-    end = len(refs)
-    while end > 0 and refs[end - 1] == 0:
-        end -= 1
-    offset, clusters, writes = build_refcount_structure(refs[:end], file_end_cluster(img), 1 << order,
-                                                        h.cluster_size, img.path)
-    for where, data in writes:
-        img.host.pwrite(data, where)
-    img.host.flush()
-    h.refcount_table_offset = offset
-    h.refcount_table_clusters = clusters
-    if refcount_order is None:
-        img.write_reftable_pointer()
-    else:
-        h.refcount_order = refcount_order
-        img.write_header()
-    img.host.flush()

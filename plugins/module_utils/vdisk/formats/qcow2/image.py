@@ -27,6 +27,8 @@ from .compress import decompress_cluster
 from . import bitmaps, compressed_write, snapshots
 from .amend import amend as amend_options
 from . import metadata
+from .measure import bitmap_info
+from .preallocation import preallocate
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
 
@@ -42,6 +44,7 @@ K_COMPRESSED = "compressed"
 ALL_ALLOC = 0xFFFFFFFF
 ALL_ZERO = 0xFFFFFFFF << 32
 L2_CACHE_BYTES = 32 * 1024 * 1024
+DUMPED_SNAPSHOTS = 8                  # snapshot table entries ``vdisk inspect --dump`` shows
 
 
 class Qcow2Image(Image):
@@ -118,7 +121,7 @@ class Qcow2Image(Image):
         if self.writable and h.version == 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
             # unknown autoclear bits must be cleared before the image is modified
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
-            self.host.pwrite(U64.pack(h.autoclear_features), 88)
+            self.host.pwrite(*h.pack_fields("autoclear_features"))
         # enabled persistent bitmaps must see every guest write; an image whose bitmaps cannot be
         # kept valid is refused here, before anything is written
         self._bitmaps: Optional[bitmaps.Tracker] = None
@@ -185,10 +188,10 @@ class Qcow2Image(Image):
         """Switch the header to the current refcount table (offset and cluster count in one write)."""
         h = self.header
         self.host.flush()
-        self.host.pwrite(struct.pack(">QI", h.refcount_table_offset, h.refcount_table_clusters), 48)
+        self.host.pwrite(*h.pack_fields("refcount_table_offset", "refcount_table_clusters"))
 
     def _write_incompat(self) -> None:
-        self.host.pwrite(U64.pack(self.header.incompatible_features), 72)
+        self.host.pwrite(*self.header.pack_fields("incompatible_features"))
 
     # -- metadata overlap checks (QEMU's qcow2_pre_write_overlap_check) ------------------
     def metadata_map(self) -> MetadataMap:
@@ -731,7 +734,6 @@ class Qcow2Image(Image):
             self._change_entries(offset, length, "discard-v2", True)
             return
         chunk = 4 * 1024 * 1024
-        pos = offset
         for g, n, kind, _host, _e in list(self._segments(offset, length)):
             if kind == K_UNALLOC and not self._has_backing:
                 continue
@@ -853,16 +855,55 @@ class Qcow2Image(Image):
     def snapshots(self) -> List[Dict[str, Any]]:
         return [s.to_info() for s in self.snapshots_table()]
 
+    # -- vdisk inspect --dump -----------------------------------------------------------
+    def structures(self) -> List[Tuple[str, int, Any]]:
+        """The header, each header extension's header (and the bitmaps extension), the bitmap
+        directory entries and the first snapshot table entries, each at its file offset.  A
+        corrupt directory or snapshot table is left out: the rest is still shown."""
+        h = self.header
+        out: List[Tuple[str, int, Any]] = [("header", 0, h.stored())]
+        # the extension area ends where the backing file name starts
+        area = self.host.pread(h.backing_file_offset or self.cs, 0)
+        for pos, ext in hdr.extensions(area, h.stored_length):
+            out.append(("header extension 0x%08x" % ext.type, pos, ext))
+            payload = pos + hdr.ExtensionHeader.SIZE
+            if ext.type == hdr.EXT_BITMAPS and h.bitmaps_extension is not None:
+                out.append(("bitmaps extension", payload, h.bitmaps_extension))
+            elif ext.type == hdr.EXT_CRYPTO_HEADER and h.crypto_header() is not None:
+                out.append(("full disk encryption header pointer", payload, h.crypto_header()))
+        try:
+            out.extend(self._directory_structures())
+            out.extend(self._snapshot_structures())
+        except CorruptImage:
+            pass
+        return out
+
+    def _directory_structures(self) -> List[Tuple[str, int, Any]]:
+        out: List[Tuple[str, int, Any]] = []
+        if bitmaps.present(self):
+            entries, pos, dummy = bitmaps.read_directory(self, tables_in_file=False)
+            for e in entries:
+                out.append(("bitmap directory entry '%s'" % e.label, pos, e))
+                pos += e.entry_size
+        return out
+
+    def _snapshot_structures(self) -> List[Tuple[str, int, Any]]:
+        out: List[Tuple[str, int, Any]] = []
+        pos = self.header.snapshots_offset
+        for index, snap in enumerate(self.snapshots_table()[:DUMPED_SNAPSHOTS]):
+            out.append(("snapshot table entry %d (id %s)" % (index, snap.id[:32]), pos, snap))
+            pos += snap.entry_size
+        return out
+
     def info(self) -> Dict[str, Any]:
         h = self.header
         data: Dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10",
                                 "compression-type": hdr.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
-            from .measure import bitmap_info
-            bitmaps = bitmap_info(self)
-            if bitmaps:
-                data["bitmaps"] = bitmaps
+            listed = bitmap_info(self)
+            if listed:
+                data["bitmaps"] = listed
         data["refcount-bits"] = h.refcount_bits
         if h.data_file:
             data["data-file"] = h.data_file
@@ -949,7 +990,7 @@ class Qcow2Image(Image):
         """Write the virtual size into the header (after the L1 table covers it)."""
         self.header.size = size
         self.virtual_size = size
-        self.host.pwrite(U64.pack(size), 24)
+        self.host.pwrite(*self.header.pack_fields("size"))
 
     def grow_l1(self, entries: int) -> None:
         """Move the active L1 table to a larger area; the header switches in one write."""
@@ -965,7 +1006,7 @@ class Qcow2Image(Image):
         self.host.pwrite(b"".join(U64.pack(e) for e in new_l1), new_offset)
         self.host.flush()
         h.l1_size, h.l1_table_offset = entries, new_offset
-        self.host.pwrite(struct.pack(">IQ", entries, new_offset), 36)
+        self.host.pwrite(*h.pack_fields("l1_size", "l1_table_offset"))
         self.host.flush()
         self.l1 = new_l1
         if old_offset and old_size:
@@ -1015,7 +1056,6 @@ class Qcow2Image(Image):
             if self.data_raw and preallocation == "off":
                 preallocation = "metadata"      # a raw data file maps every cluster, the new ones too
             if preallocation != "off":
-                from .driver import preallocate
                 preallocate(self, old, size - old, preallocation)
         else:
             # drop every whole cluster past the new end (the snapshots keep their own references)

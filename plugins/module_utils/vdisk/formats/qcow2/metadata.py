@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 from ...overlap import MetadataMap, MetadataOverlap
 from . import header as hdr
-from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER
+from .snapshot_table import MAX_TABLE_SIZE, Snapshot
 
 HEADER = "qcow2_header"
 ACTIVE_L1 = "active L1 table"
@@ -76,23 +76,21 @@ def build(img) -> MetadataMap:
                 entries.extend(e for (e,) in struct.iter_unpack(">Q", raw[:len(raw) // 8 * 8]))
             tables(INACTIVE_L2, entries, hdr.OFFSET_MASK)
     if h.bitmaps_extension is not None and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-        dummy, dummy, dir_size, dir_offset = hdr.BITMAPS_EXTENSION.unpack(h.bitmaps_extension)
-        add(BITMAP_DIRECTORY, dir_offset, dir_size)
+        ext = h.bitmaps_extension
+        add(BITMAP_DIRECTORY, ext.bitmap_directory_offset, ext.bitmap_directory_size)
     return MetadataMap.from_ranges(ranges, ORDER, uniform)
 
 
 def snapshot_table_size(img, snaps) -> int:
     """The snapshot table's length on disk: its entries, each padded to 8 bytes (read again, bounded
     by what the parsed entries can take, so names that are not UTF-8 are measured exactly)."""
-    bound = sum(SNAPSHOT_HEADER.size + len(s.extra) + 4 * (len(s.id) + len(s.name)) + 7 for s in snaps)
+    bound = sum(Snapshot.SIZE + len(s.extra) + 4 * (len(s.id) + len(s.name)) + 7 for s in snaps)
     data = img.host.pread(min(bound, MAX_TABLE_SIZE), img.header.snapshots_offset)
     off = 0
     for dummy in snaps:
-        if off + SNAPSHOT_HEADER.size > len(data):
+        if off + Snapshot.SIZE > len(data):
             return max(off, len(data))
-        fields = SNAPSHOT_HEADER.unpack_from(data, off)
-        off += SNAPSHOT_HEADER.size + fields[8] + fields[2] + fields[3]
-        off = (off + 7) & ~7
+        off += Snapshot.unpack(data, off).entry_size
     return off
 
 
@@ -105,7 +103,7 @@ def signal_corruption(img, exc: MetadataOverlap) -> MetadataOverlap:
         if h.version >= 3:
             h.incompatible_features |= hdr.INCOMPAT_CORRUPT
             img.host.flush()
-            img.host.pwrite(struct.pack(">Q", h.incompatible_features), 72)
+            img.host.pwrite(*h.pack_fields("incompatible_features"))
             img.host.flush()
     return MetadataOverlap("qcow2: Marking image as corrupt: " + exc.message, exc.kind, exc.offset, exc.length,
                            path=img.path)

@@ -4,6 +4,8 @@ References: docs/interop/qcow2.txt "Host cluster management".  Writes are ordere
 so that an interruption leaves at most leaked clusters: a new refcount block is
 written before the table entry that points to it, a grown refcount table is
 complete on disk before the header switches to it, and the old table is freed last.
+A whole new structure (check's repair, snapshots, a new refcount width) is laid out
+past the end of the file and switched to with one header write.
 """
 import sys
 from array import array
@@ -336,3 +338,71 @@ class Refcounts:
                 if self._get_entry(block, i):
                     return (bi * self.epb + i + 1) * self.cs
         return 0
+
+
+# -- a whole new refcount structure ------------------------------------------------------------
+def build_refcount_structure(refs, start: int, bits: int, cs: int, path: str):
+    """Lay out a complete refcount table and blocks for *refs* at cluster *start* (they count themselves).
+
+    Returns ``(table_offset, table_clusters, writes)`` with *writes* a list of ``(offset, bytes)``.
+    """
+    max_refcount = (1 << bits) - 1
+    if any(r > max_refcount for r in refs):
+        raise ImageError("a refcount would exceed %d, the maximum of refcount_bits=%d" % (max_refcount, bits),
+                         path=path, field="refcount_bits")
+    epb = cs * 8 // bits
+    start = max(start, len(refs))
+    blocks, rt_clusters = 1, 1
+    while True:
+        area_end = start + rt_clusters + blocks
+        need_blocks = -(-area_end // epb)
+        need_rt = -(-need_blocks * 8 // cs)
+        if need_blocks <= blocks and need_rt <= rt_clusters:
+            break
+        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
+    if rt_clusters * cs > MAX_REFTABLE_SIZE:
+        raise ImageError("refcount table would be too large", path=path, field="refcount table")
+    total = start + rt_clusters + blocks
+    values = array("Q", refs) + array("Q", bytes(8 * (blocks * epb - len(refs))))
+    for c in range(start, total):
+        values[c] = 1
+    blocks_start = start + rt_clusters
+    table = bytearray(rt_clusters * cs)
+    writes = []
+    for b in range(blocks):
+        chunk = values[b * epb:(b + 1) * epb]
+        writes.append(((blocks_start + b) * cs, encode_refblock(chunk, bits, cs)))
+        table[b * 8:b * 8 + 8] = ((blocks_start + b) * cs).to_bytes(8, "big")
+    writes.append((start * cs, bytes(table)))
+    return start * cs, rt_clusters, writes
+
+
+def file_end_cluster(img) -> int:
+    """First cluster past the end of the file: nothing live lies there, so new structures can go there."""
+    return -(-img.host.size() // img.header.cluster_size)
+
+
+def rebuild_refcounts(img, refs, refcount_order: Optional[int] = None) -> None:
+    """Write a complete new refcount table and blocks past the end of the file, then switch to it.
+
+    With *refcount_order* the new structure has that entry width, and the header
+    (order and table pointer) switches in one write.
+    """
+    h = img.header
+    order = h.refcount_order if refcount_order is None else refcount_order
+    end = len(refs)
+    while end > 0 and refs[end - 1] == 0:
+        end -= 1
+    offset, clusters, writes = build_refcount_structure(refs[:end], file_end_cluster(img), 1 << order,
+                                                        h.cluster_size, img.path)
+    for where, data in writes:
+        img.host.pwrite(data, where)
+    img.host.flush()
+    h.refcount_table_offset = offset
+    h.refcount_table_clusters = clusters
+    if refcount_order is None:
+        img.write_reftable_pointer()
+    else:
+        h.refcount_order = refcount_order
+        img.write_header()
+    img.host.flush()

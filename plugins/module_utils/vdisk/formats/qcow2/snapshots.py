@@ -10,6 +10,7 @@ refcount structure -- past the end of the file, and switches to it with a single
 write of the header fields that point to them.  Interrupted before that write, the
 image is the old one (the new clusters are not even counted); after it, the new one.
 """
+import dataclasses
 import re
 import struct
 import time
@@ -19,27 +20,13 @@ from typing import Dict, List, Optional, Tuple
 from ...errors import CorruptImage, ImageError
 from . import bitmaps
 from . import header as hdr
-from .snapshot_table import MAX_TABLE_SIZE, SNAPSHOT_HEADER, Snapshot, name_bytes
+from .refcount import build_refcount_structure, file_end_cluster
+from .snapshot_table import MAX_TABLE_SIZE, Snapshot, SnapshotExtra, name_bytes, pack_snapshot_table
 
 U64 = struct.Struct(">Q")
-EXTRA_V3 = struct.Struct(">QQq")   # vm_state_size_large, disk_size, icount
-
-
-def pack_snapshot_table(snaps: List[Snapshot]) -> bytes:
-    """Serialize snapshot entries (id, name and unknown extra data preserved), each padded to 8."""
-    out = bytearray()
-    for s in snaps:
-        ident, name = s.stored_id(), s.stored_name()
-        # refresh the fields vdisk knows and keep the rest; a new entry gets QEMU's 24 bytes
-        known = EXTRA_V3.pack(s.vm_state_size, s.disk_size, s.icount)
-        extra = bytearray(s.extra) if s.extra else bytearray(24)
-        n = min(len(extra), 24)
-        extra[:n] = known[:n]
-        out += SNAPSHOT_HEADER.pack(s.l1_table_offset, s.l1_size, len(ident), len(name), s.date_sec, s.date_nsec,
-                                    s.vm_clock_nsec, min(s.vm_state_size, 0xFFFFFFFF), len(extra))
-        out += extra + ident + name
-        out += bytes((-len(out)) % 8)
-    return bytes(out)
+# the header fields one switch rewrites, adjacent: the size and the three tables' pointers
+SWITCHED_FIELDS = ("size", "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+                   "refcount_table_clusters", "nb_snapshots", "snapshots_offset")
 
 
 def find_snapshot(img, name: str) -> Tuple[int, Snapshot]:
@@ -110,7 +97,6 @@ def _add(refs: Dict[int, int], first: int, last: int) -> None:
 def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) -> None:
     """Make the image's state: these snapshots, an active layer whose tables are copies of the L2 tables
     *active_l1* points to, and *size* -- written beside the old state, then switched to in one write."""
-    from .check import build_refcount_structure, file_end_cluster
     h = img.header
     cs = img.cs
     es = 16 if img.ext else 8
@@ -122,8 +108,9 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
         raise ImageError("Active L1 table too large", path=img.path, field="l1_size")
     # references of the new state (everything but the pieces placed below)
     refs: Dict[int, int] = {0: 1}
-    if h.crypto_extension and len(h.crypto_extension) >= 16:
-        coff, clen = struct.unpack(">QQ", h.crypto_extension[:16])
+    crypto = h.crypto_header()
+    if crypto is not None:
+        coff, clen = crypto.encryption_header_offset, crypto.encryption_header_length
         _add(refs, coff // cs, (coff + clen - 1) // cs)
     for offset, length in bitmaps.strict_ranges(img):
         _add(refs, offset // cs, (offset + length - 1) // cs)
@@ -186,13 +173,14 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
     for where, data in writes:
         img.host.pwrite(data, where)
     img.host.flush()
-    # the switch: size, L1 table, refcount table and snapshot table in one write of header bytes 24..71
-    img.host.pwrite(struct.pack(">QIIQQIIQ", size, h.crypt_method, l1_size, l1_offset, rt_offset, rt_clusters,
-                                len(snaps), snap_offset), 24)
+    # the switch: size, L1 table, refcount table and snapshot table in one write of the header
+    new = dataclasses.replace(h, size=size, l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
+                              refcount_table_clusters=rt_clusters, nb_snapshots=len(snaps),
+                              snapshots_offset=snap_offset)
+    img.host.pwrite(*new.pack_fields(*SWITCHED_FIELDS))
     img.host.flush()
-    h.size, h.l1_size, h.l1_table_offset = size, l1_size, l1_offset
-    h.refcount_table_offset, h.refcount_table_clusters = rt_offset, rt_clusters
-    h.nb_snapshots, h.snapshots_offset = len(snaps), snap_offset
+    for name in SWITCHED_FIELDS:
+        setattr(h, name, getattr(new, name))
     img.reload_state(new_l1, snaps)
 
 
@@ -207,8 +195,10 @@ def create_snapshot(img, name: str) -> Snapshot:
     raw = name_bytes(name)      # at most 255 bytes, as qemu-img keeps them
     h = img.header
     now = time.time()
-    snap = Snapshot(h.l1_table_offset, h.l1_size, new_id, raw.decode("utf-8", "replace"), int(now),
-                    int((now % 1) * 1e9), 0, 0, img.virtual_size, 0, b"", new_id.encode(), raw)
+    snap = Snapshot(l1_table_offset=h.l1_table_offset, l1_size=h.l1_size, date_sec=int(now),
+                    date_nsec=int((now % 1) * 1e9), id=new_id, name=raw.decode("utf-8", "replace"),
+                    extra_fields=SnapshotExtra(disk_size=img.virtual_size, icount=0), raw_id=new_id.encode(),
+                    raw_name=raw)
     switch_state(img, snaps + [snap], list(img.l1), img.virtual_size)
     return snap
 
