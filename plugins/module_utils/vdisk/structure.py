@@ -64,7 +64,8 @@ class Layout:
             self.offsets[name] = position
             self.structs[name] = one
             position += one.size
-        assert position == self.struct.size, "padding between fields: declare it as a bytes field"
+        if position != self.struct.size:
+            raise ValueError("padding between fields: declare it as a bytes field")
         self.bounds = {name: _int_bounds(code) for name, code, shown in table}
 
 

@@ -13,6 +13,7 @@ from ..ops.chain import close_chain, open_image
 from ..ops.info import image_info
 from ..registry import get_driver, probe_file
 
+
 @dataclass
 class ObservedImage:
     """The observable state of the file at ``path``; ``exists`` False means there is no file."""

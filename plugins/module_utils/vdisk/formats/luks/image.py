@@ -31,6 +31,7 @@ KEY_REQUIRED = "Parameter 'key-secret' is required for cipher"
 
 class LuksImage(Image):
     zero_init = False           # unwritten payload decrypts to noise: zeros must be written
+
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver

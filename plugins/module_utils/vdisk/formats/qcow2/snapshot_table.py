@@ -8,7 +8,8 @@ from typing import List
 
 from ...driver import MAX_SNAPSHOT_NAME
 from ...errors import CorruptImage
-from ...structure import Record, disk, extra, record
+from ...structure import Record, disk, record
+from ...structure import extra as extra_field        # this module's Snapshot has a field named extra
 from .header import unpack_present
 
 MAX_TABLE_SIZE = 64 * 1024 * 1024
@@ -39,7 +40,7 @@ class Snapshot(Record):
     extra_data_size: int = disk("I")
     id: str = ""
     name: str = ""
-    extra_fields: SnapshotExtra = extra(default_factory=SnapshotExtra)
+    extra_fields: SnapshotExtra = extra_field(default_factory=SnapshotExtra)
     extra: bytes = b""          # the whole extra-data area, preserved (may hold fields we do not know)
     # id and name as stored: bytes that are not UTF-8 (shown as U+FFFD) are written back unchanged
     raw_id: bytes = b""
