@@ -86,7 +86,9 @@ def qemu_info(path, fmt):
 def cli_error(*args):
     proc = helpers.vdisk_cli(*args)
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("vdisk: "), proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vdisk: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
 
@@ -184,7 +186,8 @@ def test_dmg_chunks_without_a_decoder(tmp_path, data, kind, name):
     img = r.write(tmp_path / "disk.dmg", r.make_dmg(data, layout))
     assert engine_info(img)["virtual-size"] == SIZE         # info works; reading that chunk does not
     line = cli_error("convert", "-O", "raw", img, str(tmp_path / "out.raw"))
-    assert "unsupported chunk type %s" % name in line and "at sector 2648" in line
+    assert "unsupported chunk type %s" % name in line
+    assert "at sector 2648" in line
 
 
 # -- bad headers: QEMU's checks and messages -----------------------------------------------------------
@@ -217,7 +220,8 @@ def test_bad_headers_as_qemu(tmp_path, data, fmt, offset, pack, value, message):
     img = r.write(tmp_path / "bad.img", _poke(good, offset, pack, value))
     assert message in engine_error(img, fmt)
     qemu = helpers.run("qemu-img", "info", "-f", fmt, img, check=False)
-    assert qemu.returncode == 1 and message in qemu.stderr.decode()
+    assert qemu.returncode == 1
+    assert message in qemu.stderr.decode()
 
 
 def test_bad_dmg(tmp_path, data):
@@ -336,14 +340,26 @@ def _mutation_cases(data):
     }
 
 
-@pytest.mark.parametrize("case", ["cloop", "bochs", "dmg-rsrc", "dmg-plist", "iso"])
+# (refused, accepted) of the 40 mutants of each seed: the seed fixes the flips, so a different split
+# means a check was added to or lost from the format's parser
+SPLITS = {
+    "cloop": {1: (36, 4), 2: (34, 6), 3: (35, 5)},
+    "bochs": {1: (17, 23), 2: (10, 30), 3: (6, 34)},
+    "dmg-rsrc": {1: (21, 19), 2: (21, 19), 3: (20, 20)},
+    "dmg-plist": {1: (31, 9), 2: (37, 3), 3: (34, 6)},
+    "iso": {1: (0, 40), 2: (0, 40), 3: (0, 40)},
+}
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
 @pytest.mark.parametrize("seed", u.cells([1, 2, 3], (1,)))
 def test_mutations(tmp_path, data, case, seed):
     blob, regions = _mutation_cases(data)[case]
     fmt = case.split("-")[0]
     good = r.write(tmp_path / "good.img", blob)
     out = u.mutation_run(good, fmt, regions, seed, 40, tmp_path, cli_every=40)
-    assert out["error"] + out["clean"] == 40
+    refused, accepted = SPLITS[case][seed]
+    assert out == {"error": refused, "clean": accepted}
 
 
 @pytest.mark.parametrize("fmt,offset,pack,value", [

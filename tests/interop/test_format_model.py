@@ -1,7 +1,8 @@
 """Model-based test over the writable formats: random write / write_zeroes / discard / reopen sequences.
 
-Generic: each entry of FORMATS names a format, its create options and a virtual size; others
-add their formats to the list. Each hypothesis example creates an image with vdisk, applies a
+Generic: the model cells of each entry of the FORMATS table (``conformance.py``) give create
+options and a virtual size, and say whether qemu-img check judges the format. Each hypothesis
+example creates an image with vdisk, applies a
 random sequence of operations to it and to a bytearray model, and checks that the content
 equals the model (also after reopening), that ``qemu-img compare`` agrees, and, for formats
 qemu-img can check, that ``qemu-img check`` finds no errors, leaks or corruptions.
@@ -9,12 +10,12 @@ qemu-img can check, that ``qemu-img check`` finds no errors, leaks or corruption
 VDISK_MODEL_EXAMPLES=N raises the number of examples per configuration.
 """
 import os
-import subprocess
-import tempfile
+import shutil
 
 import pytest
 
 import helpers
+from conformance import FORMATS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -24,28 +25,7 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain impor
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.create import create  # noqa: E402
 
 EXAMPLES = int(os.environ.get("VDISK_MODEL_EXAMPLES", "12"))
-KiB = 1024
-
-# id, format, create options, virtual size, qemu-img can check it
-FORMATS = [
-    ("parallels-4k", "parallels", {"cluster_size": "4k"}, 256 * KiB + 512, True),
-    ("parallels-1000", "parallels", {"cluster_size": "1000"}, 64 * KiB, True),
-    ("qed-4k-t2", "qed", {"cluster_size": "4k", "table_size": "2"}, 9 * 1024 * KiB, True),
-    ("qed-64k", "qed", {}, 1024 * KiB, True),
-    ("vdi-dynamic", "vdi", {}, 3 * 1024 * KiB + 512, True),
-    ("vdi-static", "vdi", {"static": "on"}, 2 * 1024 * KiB, True),
-    ("vpc-dynamic", "vpc", {}, 5222400, False),                  # 150 x 4 x 17 sectors: no CHS rounding
-    ("vpc-fixed", "vpc", {"subformat": "fixed"}, 5222400, False),
-    ("vpc-force-size", "vpc", {"force_size": "on"}, 3 * 1024 * KiB + 512, False),
-    ("qcow", "qcow", {}, 2 * 1024 * KiB + 3 * 512, False),        # past one L2 table's 2 MiB; a short cluster
-    ("vmdk-sparse", "vmdk", {}, 3 * 1024 * KiB + 512, True),
-    ("vmdk-zeroed-grain", "vmdk", {"zeroed_grain": "on"}, 1024 * KiB, True),
-    ("vmdk-flat", "vmdk", {"subformat": "monolithicFlat"}, 1024 * KiB + 512, True),
-    ("vmdk-2gb-sparse", "vmdk", {"subformat": "twoGbMaxExtentSparse"}, 1024 * KiB, True),
-    ("vhdx-dynamic", "vhdx", {"block_size": "1M"}, 3 * 1024 * KiB + 512, True),
-    ("vhdx-fixed", "vhdx", {"subformat": "fixed", "block_size": "1M", "block_state_zero": "off"}, 2 * 1024 * KiB,
-     True),
-]
+CELLS = [pytest.param(fmt, cell, id=cell.label) for fmt in FORMATS for cell in fmt.model_cells]
 
 
 def operations(size):
@@ -58,17 +38,21 @@ def operations(size):
     ), min_size=1, max_size=12)
 
 
-@pytest.mark.parametrize("ident,fmt,options,size,checkable", FORMATS, ids=[f[0] for f in FORMATS])
-def test_model(ident, fmt, options, size, checkable):
+@pytest.mark.parametrize("fmt,cell", CELLS)
+def test_model(tmp_path, fmt, cell):
+    size, options = cell.size, cell.opts
+    examples = iter(range(1 << 30))
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow])
     @given(ops=operations(size))
     def run(ops):
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "img.%s" % fmt)
-            create(path, fmt, size, dict(options))
+        d = str(tmp_path / ("example%d" % next(examples)))
+        os.mkdir(d)
+        try:
+            path = os.path.join(d, "img.%s" % fmt.ext)
+            create(path, fmt.name, size, dict(options))
             model = bytearray(size)
-            img = open_image(path, fmt, writable=True)
+            img = open_image(path, fmt.name, writable=True)
             try:
                 for op, off, n, byte in ops:
                     n = min(n, size - off)
@@ -83,11 +67,11 @@ def test_model(ident, fmt, options, size, checkable):
                         img.discard(off, n)      # optional: these formats keep the data
                     else:
                         close_chain(img)
-                        img = open_image(path, fmt, writable=True)
+                        img = open_image(path, fmt.name, writable=True)
                 assert img.read(0, size) == bytes(model)
             finally:
                 close_chain(img)
-            img = open_image(path, fmt)
+            img = open_image(path, fmt.name)
             try:
                 assert img.read(0, size) == bytes(model)
             finally:
@@ -95,8 +79,12 @@ def test_model(ident, fmt, options, size, checkable):
             raw = os.path.join(d, "model.raw")
             with open(raw, "wb") as f:
                 f.write(model)
-            assert helpers.qemu_compare(path, raw, fmt, "raw")
-            if checkable:
-                result = helpers.qemu_check(path, fmt)
-                assert result["rc"] == 0 and "leaks" not in result and "corruptions" not in result, result
+            assert helpers.qemu_compare(path, raw, fmt.name, "raw")
+            if cell.checkable:
+                result = helpers.qemu_check(path, fmt.name)
+                assert result["rc"] == 0, result
+                assert "leaks" not in result, result
+                assert "corruptions" not in result, result
+        finally:
+            shutil.rmtree(d)
     run()
