@@ -25,7 +25,9 @@ def test_allowed_outcomes(image, tmp_path):
     status, stderr, dummy = fuzz.run_child(["info", "-f", "raw", image], str(tmp_path))
     assert status == 0 and fuzz.verdict("info", status, stderr) is None
     status, stderr, dummy = fuzz.run_child(["info", "-f", "qcow2", image], str(tmp_path))
-    assert status == 1 and stderr.startswith("vdisk: info:") and fuzz.verdict("info", status, stderr) is None
+    assert status == 1
+    assert stderr.startswith("vdisk: info:")
+    assert fuzz.verdict("info", status, stderr) is None
 
 
 def test_traceback_is_a_failure(image, tmp_path, monkeypatch):
@@ -61,7 +63,9 @@ def test_two_lines_and_changed_image(image, tmp_path, monkeypatch):
     _with_info(monkeypatch, noisy)
     d, name = os.path.split(image)
     found = fuzz.run_mutant("raw", d, name, [name], str(tmp_path), commands=("info",))
-    assert found and "the image changed" in found[0][2] and "2 stderr lines" in found[0][2]
+    assert found
+    assert "the image changed" in found[0][2]
+    assert "2 stderr lines" in found[0][2]
 
 
 @pytest.mark.parametrize("companions", [[], ["base"]])

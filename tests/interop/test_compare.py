@@ -230,7 +230,9 @@ def test_errors_exit_2(capsys, images, tmp_path):
     assert assert_same(capsys, ov, a)[0] == 2
     # the real command: one line, exit 2; a usage error stays 1 as in qemu-img
     proc = helpers.vdisk_cli("compare", missing, a)
-    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
     assert "missing.qcow2" in proc.stderr and proc.stderr.startswith("vdisk: compare: ")
     assert helpers.vdisk_cli("compare", a).returncode == 1 == qemu_compare(a)[0]
 

@@ -88,7 +88,9 @@ TARGETS = [
 
 def _assert_clean(path):
     result = helpers.qemu_check(path)
-    assert result["rc"] == 0 and not result.get("leaks") and not result.get("corruptions"), result
+    assert result["rc"] == 0, result
+    assert not result.get("leaks"), result
+    assert not result.get("corruptions"), result
     return result
 
 
@@ -149,7 +151,9 @@ def test_compressed_output_stores_incompressible_clusters_uncompressed(tmp_path,
     vdisk_cli("convert", "-c", "-f", "raw", "-O", "qcow2", src, dest, check=True)
     extents = json.loads(qemu_img("map", "--output=json", dest, check=True).stdout)
     noise = [e for e in extents if e["start"] <= 3 * MiB + 64 * KiB < e["start"] + e["length"]]
-    assert noise and noise[0]["data"] and "offset" in noise[0], "noise cluster should be a plain data cluster"
+    assert noise, "noise cluster should be a plain data cluster"
+    assert noise[0]["data"], "noise cluster should be a plain data cluster"
+    assert "offset" in noise[0], "noise cluster should be a plain data cluster"
 
 
 # -- -B: output with a backing file ------------------------------------------------------------
@@ -228,7 +232,9 @@ def test_convert_from_internal_snapshot_equals_qemu(tmp_path, sources):
     for param, message in [("nope", "Can't find snapshot"), ("snapshot.id=1,snapshot.name=second", "Can't find"),
                            ("snapshot.size=1", "Invalid parameter 'snapshot.size'")]:
         out = vdisk_cli("convert", "-l", param, "-O", "raw", img, tmp_path / "x.raw")
-        assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert out.returncode == 1, out.stderr
+        assert message in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1, out.stderr
     out = vdisk_cli("convert", "-l", "first", "-O", "raw", img, img, tmp_path / "x.raw")
     assert out.returncode == 1 and "No support for concatenating multiple snapshot" in out.stderr
 
@@ -389,7 +395,9 @@ def test_copy_offload_raw_to_raw_and_its_conflicts(tmp_path, sources):
     for flags, message in [(["-c"], "Cannot enable copy offloading when -c is used"),
                            (["-S", "0"], "Cannot enable copy offloading when -S is used")]:
         out = vdisk_cli("convert", "-C", *flags, "-O", "qcow2", raw, tmp_path / "x.qcow2")
-        assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1
+        assert out.returncode == 1
+        assert message in out.stderr
+        assert out.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("fmt", ["dmg", "cloop"])

@@ -215,7 +215,9 @@ def test_failure_mid_apply_keeps_earlier_images_and_reports(tmp_path):
         assert not os.path.exists(str(tmp_path / "after.qcow2"))
         proc = vdisk("apply", "--output=json", manifest)
         report = json.loads(proc.stdout)
-        assert proc.returncode == 1 and not report["ok"] and report["done"] == []
+        assert proc.returncode == 1
+        assert not report["ok"]
+        assert report["done"] == []
         assert report["failed"]["name"] == "locked/vm.qcow2" and report["failed"]["action"] == "create"
         assert [(i["name"], i["action"]) for i in report["not_done"]] == [("after.qcow2", "create")]
         assert vdisk("plan", manifest).returncode == 2

@@ -143,7 +143,9 @@ def test_plan_json_of_an_invalid_manifest_plans_the_valid_images(tmp_path):
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     check_diagnostics(report["diagnostics"])
-    assert not report["ok"] and report["done"] == [] and len(report["not_done"]) == 1
+    assert not report["ok"]
+    assert report["done"] == []
+    assert len(report["not_done"]) == 1
     assert sorted(os.listdir(str(tmp_path))) == ["m.yml"]         # refused before the lock was taken
 
 
@@ -281,7 +283,9 @@ def test_stale_saved_plan_is_refused_and_changes_nothing(tmp_path, drift, reason
     proc = vdisk("apply", "--output=json", plan)
     data = json.loads(proc.stdout)
     check_diagnostics(data["diagnostics"])
-    assert proc.returncode == 1 and not data["ok"] and data["done"] == []
+    assert proc.returncode == 1
+    assert not data["ok"]
+    assert data["done"] == []
     assert any(d["message"].startswith("the plan is stale: ") for d in data["diagnostics"])
 
 

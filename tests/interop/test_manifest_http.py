@@ -86,7 +86,9 @@ def test_images_made_from_served_qcow2_and_raw(tmp_path, server):
     # idempotent: nothing downloaded again, nothing to do
     assert not any(p.actions for p in plan_all(load(manifest)))
     report = apply_manifest(manifest)
-    assert report.ok and report.done == [] and len(server.requests) == 3
+    assert report.ok
+    assert report.done == []
+    assert len(server.requests) == 3
 
 
 def test_compress_size_and_sha512(tmp_path, server):
@@ -157,7 +159,9 @@ def test_failures_leave_nothing_and_name_the_url(tmp_path, server, case):
     report = apply_manifest(manifest)
     entry, action, message = report.failed
     assert message == "%s: %s" % (url, expected)
-    assert entry.name == "images/vm.qcow2" and action.kind == "convert" and report.done == []
+    assert entry.name == "images/vm.qcow2"
+    assert action.kind == "convert"
+    assert report.done == []
     assert [(e.name, a.kind) for e, a in report.not_done] == [("later.qcow2", "create")]
     assert os.listdir(str(work / "images")) == []
     assert not os.path.exists(str(work / "later.qcow2"))

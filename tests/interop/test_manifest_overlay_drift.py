@@ -83,7 +83,9 @@ def test_a_base_grown_outside_vdisk_grows_its_overlay(tmp_path):
     assert not plans_by_name(manifest)["vm.qcow2"].actions
     helpers.qemu_img("resize", "-q", str(tmp_path / "golden.qcow2"), "+32M", check=True)
     plan = plans_by_name(manifest)["vm.qcow2"]
-    assert kinds(plan) == ["grow"] and plan.before["virtual-size"] == 32 * M and plan.after["virtual-size"] == 64 * M
+    assert kinds(plan) == ["grow"]
+    assert plan.before["virtual-size"] == 32 * M
+    assert plan.after["virtual-size"] == 64 * M
     apply(manifest)
     assert size(tmp_path / "vm.qcow2") == 64 * M
     clean(tmp_path / "vm.qcow2")

@@ -46,7 +46,9 @@ def qemu_io(cwd, name, *cmds):
 
 def assert_check_clean(cwd, name):
     result = check_json(cwd, "qemu", name)
-    assert result["rc"] == 0 and not result.get("corruptions") and not result.get("leaks"), result
+    assert result["rc"] == 0, result
+    assert not result.get("corruptions"), result
+    assert not result.get("leaks"), result
 
 
 def specific(info):
@@ -145,7 +147,9 @@ def test_vdisk_made_image_judged_by_qemu(tmp_path, raw):
     engine_writes(tmp_path / "a.qcow2", model)
     (tmp_path / "model.raw").write_bytes(bytes(model))
     q_check = check_json(tmp_path, "qemu", "a.qcow2")
-    assert q_check["rc"] == 0 and not q_check.get("corruptions") and not q_check.get("leaks")
+    assert q_check["rc"] == 0
+    assert not q_check.get("corruptions")
+    assert not q_check.get("leaks")
     assert check_json(tmp_path, "vdisk", "a.qcow2") == q_check
     qemu(tmp_path, "compare", "-f", "qcow2", "-F", "raw", "a.qcow2", "model.raw")
     data = json.loads(qemu(tmp_path, "info", "--output=json", "a.qcow2").stdout)["format-specific"]["data"]
@@ -197,7 +201,9 @@ def test_create_options_refused_as_qemu_refuses(tmp_path):
     qemu(tmp_path, "create", "-q", "-f", "qcow2", "b.qcow2", SIZE)
     for opts, message in cases:
         proc = vdisk(tmp_path, "create", "-q", "-f", "qcow2", "-u", "-o", opts, "x.qcow2", SIZE)
-        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
         assert qemu(tmp_path, "create", "-q", "-f", "qcow2", "-u", "-o", opts, "y.qcow2", SIZE,
                     check=False).returncode == 1
     assert not (tmp_path / "x.qcow2").exists()
@@ -206,7 +212,9 @@ def test_create_options_refused_as_qemu_refuses(tmp_path):
 def test_compression_and_snapshots_refused(tmp_path):
     (tmp_path / "src.raw").write_bytes(pattern(0, 256 * KiB))
     proc = vdisk(tmp_path, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "data_file=c.raw", "src.raw", "c.qcow2")
-    assert proc.returncode == 1 and "Operation not supported" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.returncode == 1
+    assert "Operation not supported" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "c.qcow2").exists()
     assert qemu(tmp_path, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "data_file=q.raw", "src.raw",
                 "q.qcow2", check=False).returncode == 1
@@ -259,7 +267,9 @@ def test_data_file_outside_the_image_directory(tmp_path):
     for command in (["map"], ["convert", "-O", "raw"], ["check"]):
         args = command + ["img/a.qcow2"] + (["out.raw"] if command[0] == "convert" else [])
         proc = vdisk(tmp_path, *args)
-        assert proc.returncode == 1 and "data file" in proc.stderr and "--allow-path" in proc.stderr, proc.stderr
+        assert proc.returncode == 1, proc.stderr
+        assert "data file" in proc.stderr, proc.stderr
+        assert "--allow-path" in proc.stderr, proc.stderr
         assert len(proc.stderr.splitlines()) == 1
     proc = vdisk(tmp_path, "convert", "--allow-path", tmp_path / "elsewhere", "-O", "raw", "img/a.qcow2", "out.raw")
     assert proc.returncode == 0, proc.stderr

@@ -315,7 +315,9 @@ def test_metadata_map():
     m.discard("l2", 256, 64)
     assert m.find(256, 1) == "rb"
     m.discard("rb", 256, 64)
-    assert m.find(256, 1) is None and m.find(1 << 66, 1 << 62) is None and len(m) == 4
+    assert m.find(256, 1) is None
+    assert m.find(1 << 66, 1 << 62) is None
+    assert len(m) == 4
 
 
 # -- item 5: an L1 entry with flags but no offset ---------------------------------------------------

@@ -59,7 +59,9 @@ def qemu_raw(image, tmp_path, name="qemu.raw"):
 
 def assert_qemu_accepts(image, source):
     check = helpers.qemu_check(image)
-    assert check["rc"] == 0 and not check.get("corruptions") and not check.get("leaks"), check
+    assert check["rc"] == 0, check
+    assert not check.get("corruptions"), check
+    assert not check.get("leaks"), check
     assert helpers.qemu_compare(image, source), "qemu-img compare: %s differs from %s" % (image, source)
     specific = helpers.qemu_info(image, "qcow2")["format-specific"]["data"]
     assert specific["compression-type"] == "zstd", specific
@@ -212,7 +214,9 @@ def test_missing_package_compressed_convert_to_zstd_is_one_line(tmp_path, capsys
     target = tmp_path / "z.qcow2"
     rc, out, err = run_cli(capsys, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", src, target)
     assert (rc, out) == (1, "")
-    assert len(err.splitlines()) == 1 and err.startswith("vdisk: convert: ") and MISSING in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vdisk: convert: "), err
+    assert MISSING in err, err
     assert "Traceback" not in err and not target.exists()
 
 

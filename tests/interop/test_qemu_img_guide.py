@@ -74,7 +74,9 @@ def test_the_guide_block(folder):
     assert r.stdout.startswith("Formatting 'disk.qcow2', fmt=qcow2 backing_file=base.img backing_fmt=raw")
     notes = r.stderr.splitlines()
     assert len(notes) == 1, r.stderr
-    assert "detected as raw" in notes[0] and "reserved" in notes[0] and "backing file stays visible" in notes[0]
+    assert "detected as raw" in notes[0]
+    assert "reserved" in notes[0]
+    assert "backing file stays visible" in notes[0]
     info = assert_healthy(d, "disk.qcow2")
     assert info["backing-filename"] == "base.img"
     assert info["backing-filename-format"] == "raw"       # recorded: never probed again
@@ -85,7 +87,9 @@ def test_the_guide_block(folder):
 
     # 2. convert -f raw -O qcow2 -c centos.raw centos.qcow2
     r = vdisk(d, "convert", "-f", "raw", "-O", "qcow2", "-c", "centos.raw", "centos.qcow2")
-    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert r.returncode == 0
+    assert r.stdout == ""
+    assert r.stderr == ""
     assert assert_healthy(d, "centos.qcow2")["format"] == "qcow2"
     assert qemu(d, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", "centos.raw", "centos.qcow2").returncode == 0
     compressed_size = allocated(d, "centos.qcow2")

@@ -365,7 +365,9 @@ def test_temporary_name_fits_name_max(tmp_path):
         out = vio.AtomicOutput(str(dest))
         try:
             base = os.path.basename(out.tmp_path)
-            assert len(os.fsencode(base)) <= 255 and base.startswith(".") and base.endswith(".vdisk-tmp")
+            assert len(os.fsencode(base)) <= 255
+            assert base.startswith(".")
+            assert base.endswith(".vdisk-tmp")
             assert os.path.dirname(out.tmp_path) == str(tmp_path)
         finally:
             out.abort()

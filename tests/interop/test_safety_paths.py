@@ -276,7 +276,9 @@ def test_backing_symlink_swapped_during_converts(tree, mode):
             assert r["sha"] == inside, r
         else:
             lines = r["stderr"].splitlines()
-            assert r["rc"] == 1 and len(lines) == 1 and lines[0].startswith("vdisk: convert: "), r
+            assert r["rc"] == 1, r
+            assert len(lines) == 1, r
+            assert lines[0].startswith("vdisk: convert: "), r
     assert len(runs) >= 20 and any(r["rc"] == 0 for r in runs), runs[:5]
     if mode == "link":
         # what was opened is the checked real path, never the symlink itself nor anything outside

@@ -338,7 +338,9 @@ def test_inspect_a_clean_chain(tree):
     overlay(top, "base.qcow2", "qcow2")
     runs = audited(tree, ("inspect", "--output=json", top), ("inspect", top))
     report = json.loads(runs[0]["stdout"])
-    assert runs[0]["rc"] == 0 and report["safe"] and report["format"] == "qcow2"
+    assert runs[0]["rc"] == 0
+    assert report["safe"]
+    assert report["format"] == "qcow2"
     assert [(r["kind"], r["name"], r["allowed"], r["followed"]) for r in report["references"]] == [
         ("backing file", "base.qcow2", True, True)]
     assert [c["name"] for c in report["checks"]] == ["regular-file", "single-format", "declared-format", "header",
@@ -384,7 +386,9 @@ def test_vmdk_extent_outside_the_tree(tree, extent, message):
                    ("inspect", desc))
     for cmd, run in zip(("info", "convert", "check"), runs):
         assert_refused(run, cmd, message, "--allow-path")
-    assert runs[3]["rc"] == 1 and "FAIL header" in runs[3]["stdout"] and "FAIL references" in runs[3]["stdout"]
+    assert runs[3]["rc"] == 1
+    assert "FAIL header" in runs[3]["stdout"]
+    assert "FAIL references" in runs[3]["stdout"]
     assert sha(desc) == before and not (tree / "tree" / "out.raw").exists()
     allowed = audited(tree, ("convert", "-O", "raw", "--allow-path", tree / "outside", desc, "out.raw"),
                       ("inspect", "--allow-path", tree / "outside", desc), allowed=[tree / "outside"])

@@ -77,7 +77,9 @@ def test_key_slot_round_trip_and_wrong_passphrase():
     master = os.urandom(spec.key_bytes)
     keys.set_master_key(spec, h, master, 1)
     material = keys.make_slot_material(spec, h, 0, master, b"secret", 1)
-    assert h.slots[0].is_active and h.slots[0].iterations >= 1000 and h.mk_digest_iter >= 1000
+    assert h.slots[0].is_active
+    assert h.slots[0].iterations >= 1000
+    assert h.mk_digest_iter >= 1000
     assert not any(s.is_active for s in h.slots[1:])
     stored = bytearray(h.payload_bytes)
     off = h.slots[0].key_material_offset * 512

@@ -18,7 +18,9 @@ def sample(**options):
 
 
 def test_sizes_are_the_specs():
-    assert hdr.Header.SIZE == 208 and hdr.KeySlot.SIZE == 48 and hdr.HEADER_SIZE == 592
+    assert hdr.Header.SIZE == 208
+    assert hdr.KeySlot.SIZE == 48
+    assert hdr.HEADER_SIZE == 592
     assert hdr.Header.offset("payload_offset") == 104 and hdr.Header.offset("uuid") == 168
     assert hdr.slot_offset(0) == 208 and hdr.slot_offset(7) == 208 + 7 * 48
 

@@ -101,7 +101,9 @@ def test_problem_to_dict_has_severity_and_line(tmp_path):
     (problem,) = found(tmp_path, "version: 1\nimages:\n  - {path: a.qcow2, size: 8X}\n")
     assert problem.severity == "error"
     data = problem.to_dict()
-    assert data["severity"] == "error" and data["line"] == 3 and data["text"] == str(problem)
+    assert data["severity"] == "error"
+    assert data["line"] == 3
+    assert data["text"] == str(problem)
     assert json.loads(json.dumps(data)) == data
     assert Problem("m.yml", "could not read the manifest: No such file").to_dict()["line"] is None
 

@@ -130,7 +130,9 @@ def test_plan_no_changes(tmp_path, capsys):
     assert capsys.readouterr().out == "No changes: 1 image is as the manifests describe.\n"
     assert main(["plan", "--output=json", str(manifest)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert not data["changes"] and data["images"][0]["change"] == "none" and data["images"][0]["actions"] == []
+    assert not data["changes"]
+    assert data["images"][0]["change"] == "none"
+    assert data["images"][0]["actions"] == []
 
 
 def test_apply_changes_nothing_when_an_image_cannot_be_planned(tmp_path, capsys):

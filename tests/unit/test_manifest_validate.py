@@ -119,7 +119,9 @@ def test_every_problem_at_once_cli(tmp_path, capsys):
     ]
     rc, out, err = validate(capsys, "--output=json", path)
     data = json.loads(out)
-    assert rc == 1 and not data["valid"] and len(data["problems"]) == 6
+    assert rc == 1
+    assert not data["valid"]
+    assert len(data["problems"]) == 6
     assert data["problems"][0] == {
         "severity": "error", "manifest": path, "line": 4, "index": 0, "image": "a.qcow2", "field": "size",
         "message": "'8X': expected a size such as 8G, 512M or 1048576 (suffixes k, M, G, T, P, E)",

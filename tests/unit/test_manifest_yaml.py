@@ -65,14 +65,17 @@ def test_reads_as_the_safe_loader_does(loader):
 
 def test_mappings_and_lists_know_their_lines(loader):
     doc = load(SAMPLE)
-    assert isinstance(doc, MarkedDict) and isinstance(doc, dict) and doc.line == 3
+    assert isinstance(doc, MarkedDict)
+    assert isinstance(doc, dict)
+    assert doc.line == 3
     assert doc.key_lines == {"version": 3, "defaults": 4, "images": 5}
     images = doc["images"]
     assert isinstance(images, MarkedList) and isinstance(images, list)
     assert images.line == 6 and images.item_lines == [6, 15]
     first = images[0]
-    assert first.line == 6 and first.key_lines["size"] == 8 and first["options"].key_lines == {
-        "cluster_size": 10, "compat": 11}
+    assert first.line == 6
+    assert first.key_lines["size"] == 8
+    assert first["options"].key_lines == {"cluster_size": 10, "compat": 11}
     assert first["snapshots"].item_lines == [12, 12, 12, 12]
     assert images[1].line == 15          # the mapping starts on the line after the lone "-"
 

@@ -85,7 +85,9 @@ def test_hostfile_opens_the_checked_real_path(tree):
     os.unlink(str(vm / "base.raw"))
     os.symlink("../outside/secret.raw", str(vm / "base.raw"))          # swapped after the check
     with HostFile(ref.display, lock=False, checked=ref) as host:
-        assert host.pread(6, 0) == b"INSIDE" and host.path == ref.display and host.checked is ref
+        assert host.pread(6, 0) == b"INSIDE"
+        assert host.path == ref.display
+        assert host.checked is ref
 
 
 def test_hostfile_refuses_a_file_replaced_after_the_check(tree):

@@ -25,7 +25,9 @@ def test_round_trip():
     entries = [entry(), entry(name=b"second", flags=0, granularity_bits=9, table_offset=5 * CS, table_size=3)]
     parsed = parse(*entries)
     assert parsed == entries
-    assert parsed[0].auto and not parsed[0].in_use and parsed[1].granularity == 512
+    assert parsed[0].auto
+    assert not parsed[0].in_use
+    assert parsed[1].granularity == 512
 
 
 @pytest.mark.parametrize("kw, words", [

@@ -84,7 +84,9 @@ def test_bitmap_directory_entry_round_trip():
     assert raw[:24] == struct.pack(">QIIBBHI", 0x40000, 2, bm.FLAG_AUTO, 1, 16, 5, 0)
     assert raw[24:] == b"daily\0\0\0"
     back = bm.parse_directory(raw, 1, 65536, 1 << 30)[0]
-    assert back == entry and back.table_offset == 0x40000 and back.table_size == 2
+    assert back == entry
+    assert back.table_offset == 0x40000
+    assert back.table_size == 2
 
 
 def test_snapshot_entry_round_trip_keeps_unknown_extra_data():

@@ -172,7 +172,9 @@ def test_bad_clusters_are_one_line_corruption_errors(case):
     with pytest.raises(errors.CorruptImage) as exc:
         _decode(bad)
     text = str(exc.value)
-    assert "\n" not in text and text.startswith("img.qcow2: compressed cluster") and "0x50000" in text, text
+    assert "\n" not in text, text
+    assert text.startswith("img.qcow2: compressed cluster"), text
+    assert "0x50000" in text, text
 
 
 def test_many_tiny_frames_take_linear_time():

@@ -58,7 +58,9 @@ def test_stopping_early_ends_the_worker():
 
 def test_aligned_buffer_is_page_aligned_and_zeroed():
     buf = aligned_buffer(1 << 20)
-    assert len(buf) == 1 << 20 and buf[:16] == bytes(16) and buf.find(b"\x01") == -1
+    assert len(buf) == 1 << 20
+    assert buf[:16] == bytes(16)
+    assert buf.find(b"\x01") == -1
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     assert address % mmap.PAGESIZE == 0
 

@@ -108,7 +108,9 @@ def test_reference_writers_headers_pack_back_to_their_bytes():
     for version, cls in ((2, bochs.Header), (1, bochs.HeaderV1)):
         blob = r.make_bochs(data, version=version)
         h = bochs.parse_header(blob, "x")
-        assert type(h) is cls and h.pack() == blob[:512] and h.virtual_size == MiB
+        assert type(h) is cls
+        assert h.pack() == blob[:512]
+        assert h.virtual_size == MiB
     blob = r.make_cloop(data)
     h = cloop.parse_header(blob, "x")
     assert h.pack() == blob[:cloop.OFFSETS_START] and h.virtual_size == MiB

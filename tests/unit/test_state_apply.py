@@ -34,7 +34,9 @@ def run(tmp_path, check_mode=False, **fields):
 def test_create_idempotent_grow_shrink(tmp_path):
     disk = str(tmp_path / "a.qcow2")
     r = run(tmp_path, check_mode=True, path="a.qcow2", size="64M")
-    assert r.changed and not os.path.exists(disk) and r.after["virtual-size"] == 64 * M
+    assert r.changed
+    assert not os.path.exists(disk)
+    assert r.after["virtual-size"] == 64 * M
     assert not os.listdir(tmp_path)
     r = run(tmp_path, path="a.qcow2", size="64M", options={"cluster_size": "128K"})
     assert [a.kind for a in r.actions] == ["create"]
@@ -89,7 +91,9 @@ def test_snapshots_and_absent(tmp_path):
     r = run(tmp_path, check_mode=True, path="s.qcow2", state="absent")
     assert r.changed and os.path.exists(disk)
     r = run(tmp_path, path="s.qcow2", state="absent")
-    assert r.changed and not os.path.exists(disk) and r.after == {"path": disk, "state": "absent"}
+    assert r.changed
+    assert not os.path.exists(disk)
+    assert r.after == {"path": disk, "state": "absent"}
     assert not run(tmp_path, path="s.qcow2", state="absent").changed
 
 
@@ -128,7 +132,9 @@ def test_observe(tmp_path):
     disk = str(tmp_path / "o.qcow2")
     helpers.qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4k", disk, "3M", check=True)
     obs = observe(disk)
-    assert obs.exists and obs.format == "qcow2" and obs.virtual_size == 3 * M
+    assert obs.exists
+    assert obs.format == "qcow2"
+    assert obs.virtual_size == 3 * M
     assert obs.options["compat"] == "0.10" and obs.options["cluster_size"] == 4096
     assert obs.options["lazy_refcounts"] is False
     assert not observe(str(tmp_path / "none")).exists

@@ -124,7 +124,9 @@ def test_fixed_mismatch_names_recreate(fields, field):
     spec = image_spec(dict({"path": "a.qcow2", "size": "64M"}, **fields), base_dir="/d")
     with pytest.raises(InvalidOption) as exc:
         plan(spec, qcow2())
-    assert exc.value.field == field and "recreate" in str(exc.value) and "/d/a.qcow2" in str(exc.value)
+    assert exc.value.field == field
+    assert "recreate" in str(exc.value)
+    assert "/d/a.qcow2" in str(exc.value)
 
 
 def test_diff_properties_and_prediction():
@@ -171,7 +173,9 @@ def test_spec_paths_and_defaults():
                        "options": {"lazy_refcounts": "on"}},
                       base_dir="/m", defaults={"format": "qcow2", "preallocation": False,
                                                "options": {"cluster_size": "128K"}})
-    assert spec.path == "/m/g/a.qcow2" and spec.source == "/s.vmdk" and spec.backing_file == "../b.qcow2"
+    assert spec.path == "/m/g/a.qcow2"
+    assert spec.source == "/s.vmdk"
+    assert spec.backing_file == "../b.qcow2"
     assert spec.options == {"cluster_size": 131072, "lazy_refcounts": True}
     assert spec.preallocation == "off"
     with pytest.raises(InvalidOption):
@@ -315,7 +319,9 @@ def test_images_made_from_an_unknown_size_have_an_unknown_size():
     made = ObservedImage(path="/d/base.qcow2", exists=True, format="qcow2", virtual_size=None)     # predicted
     overlay = image_spec({"path": "a.qcow2", "backing_file": "base.qcow2"}, base_dir="/d")
     (create,) = plan(overlay, ABSENT, backing=made)
-    assert create.kind == "create" and create.after["virtual-size"] is None and create.params["size"] is None
+    assert create.kind == "create"
+    assert create.after["virtual-size"] is None
+    assert create.params["size"] is None
     assert "not known yet" in create.description
     copy = image_spec({"path": "a.raw", "format": "raw", "source": "base.qcow2", "size": "1G"}, base_dir="/d")
     (convert,) = plan(copy, ABSENT, source=made)

@@ -31,7 +31,9 @@ def test_pack_and_unpack_round_trip():
     raw = s.pack()
     assert raw == struct.pack(">IHB1sQ8s", 0x51464900, 3, 5, b"\0", 1 << 40, b"disk")
     back = Sample.unpack(b"xx" + raw, 2, blocks=[1])
-    assert back.size == 1 << 40 and back.flags == 5 and back.name == b"disk\0\0\0\0"
+    assert back.size == 1 << 40
+    assert back.flags == 5
+    assert back.name == b"disk\0\0\0\0"
     assert back.blocks == [1] and Sample.unpack(raw).blocks == []
 
 

@@ -15,7 +15,9 @@ M = 1 << 20
 def test_create_check_mode_then_idempotent(tmp_path, run_module):
     disk = str(tmp_path / "d.qcow2")
     failed, r = run_module(image, {"path": disk, "size": "64M"}, check_mode=True, diff=True)
-    assert not failed and r["changed"] and not os.listdir(str(tmp_path))
+    assert not failed
+    assert r["changed"]
+    assert not os.listdir(str(tmp_path))
     assert r["diff"]["before"]["state"] == "absent" and r["diff"]["after"]["virtual-size"] == 64 * M
     assert [a["action"] for a in r["actions"]] == ["create"] and r["image"] == {}
     failed, r = run_module(image, {"path": disk, "size": "64M", "mode": "0600"}, diff=True)
@@ -24,7 +26,9 @@ def test_create_check_mode_then_idempotent(tmp_path, run_module):
     assert stat.S_IMODE(os.stat(disk).st_mode) == 0o600
     for check_mode in (True, False):
         failed, r = run_module(image, {"path": disk, "size": "64M", "mode": "0600"}, check_mode=check_mode)
-        assert not failed and not r["changed"] and r["actions"] == []
+        assert not failed
+        assert not r["changed"]
+        assert r["actions"] == []
 
 
 def test_grow_shrink(tmp_path, run_module):
@@ -36,9 +40,13 @@ def test_grow_shrink(tmp_path, run_module):
     assert r["changed"] and r["diff"]["before"]["virtual-size"] == 64 * M
     assert r["diff"]["after"]["virtual-size"] == 128 * M and r["image"]["virtual-size"] == 128 * M
     failed, r = run_module(image, {"path": disk, "size": "32M"})
-    assert failed and "allow_shrink" in r["msg"] and observe(disk).virtual_size == 128 * M
+    assert failed
+    assert "allow_shrink" in r["msg"]
+    assert observe(disk).virtual_size == 128 * M
     failed, r = run_module(image, {"path": disk, "size": "32M", "allow_shrink": True})
-    assert not failed and r["changed"] and observe(disk).virtual_size == 32 * M
+    assert not failed
+    assert r["changed"]
+    assert observe(disk).virtual_size == 32 * M
     failed, r = run_module(image, {"path": disk, "size": 32 * M, "allow_shrink": True})
     assert not failed and not r["changed"]
 
@@ -47,12 +55,18 @@ def test_format_mismatch_and_recreate(tmp_path, run_module):
     disk = str(tmp_path / "d.qcow2")
     run_module(image, {"path": disk, "size": "4M"})
     failed, r = run_module(image, {"path": disk, "format": "raw"})
-    assert failed and "recreate" in r["msg"] and "Traceback" not in r["msg"]
+    assert failed
+    assert "recreate" in r["msg"]
+    assert "Traceback" not in r["msg"]
     assert observe(disk).format == "qcow2"
     failed, r = run_module(image, {"path": disk, "format": "raw", "recreate": True}, check_mode=True)
-    assert r["changed"] and r["actions"][0]["action"] == "replace" and observe(disk).format == "qcow2"
+    assert r["changed"]
+    assert r["actions"][0]["action"] == "replace"
+    assert observe(disk).format == "qcow2"
     failed, r = run_module(image, {"path": disk, "format": "raw", "recreate": True})
-    assert r["changed"] and observe(disk).format == "raw" and r["image"]["virtual-size"] == 4 * M
+    assert r["changed"]
+    assert observe(disk).format == "raw"
+    assert r["image"]["virtual-size"] == 4 * M
     failed, r = run_module(image, {"path": disk, "format": "raw", "recreate": True})
     assert not r["changed"]
 
@@ -71,7 +85,9 @@ def test_amend(tmp_path, run_module):
     assert not run_module(image, args)[1]["changed"]
     args["options"]["cluster_size"] = "64K"
     failed, r = run_module(image, args)
-    assert failed and "recreate" in r["msg"] and "cluster_size" in r["msg"]
+    assert failed
+    assert "recreate" in r["msg"]
+    assert "cluster_size" in r["msg"]
 
 
 def test_absent(tmp_path, run_module):
@@ -80,7 +96,9 @@ def test_absent(tmp_path, run_module):
     failed, r = run_module(image, {"path": disk, "state": "absent"}, check_mode=True)
     assert r["changed"] and os.path.exists(disk)
     failed, r = run_module(image, {"path": disk, "state": "absent"}, diff=True)
-    assert r["changed"] and not os.path.exists(disk) and r["diff"]["after"]["state"] == "absent"
+    assert r["changed"]
+    assert not os.path.exists(disk)
+    assert r["diff"]["after"]["state"] == "absent"
     assert r["image"] == {}
     assert not run_module(image, {"path": disk, "state": "absent"})[1]["changed"]
 
@@ -102,5 +120,7 @@ def test_overlay(tmp_path, run_module):
     run_module(image, {"path": str(tmp_path / "base.qcow2"), "size": "16M"})
     args = {"path": str(tmp_path / "over.qcow2"), "backing_file": "base.qcow2", "backing_format": "qcow2"}
     failed, r = run_module(image, args)
-    assert r["changed"] and r["image"]["backing-filename"] == "base.qcow2" and r["image"]["virtual-size"] == 16 * M
+    assert r["changed"]
+    assert r["image"]["backing-filename"] == "base.qcow2"
+    assert r["image"]["virtual-size"] == 16 * M
     assert not run_module(image, args)[1]["changed"]

@@ -32,10 +32,14 @@ def test_convert_compare(tmp_path, src, run_module):
     dest = str(tmp_path / "d.qcow2")
     args = {"src": src, "src_format": "raw", "dest": dest, "format": "qcow2"}
     failed, r = run_module(image_convert, args, check_mode=True, diff=True)
-    assert not failed and r["changed"] and not os.path.exists(dest)
+    assert not failed
+    assert r["changed"]
+    assert not os.path.exists(dest)
     assert r["diff"]["after"]["virtual-size"] == 8 * M and r["diff"]["before"]["state"] == "absent"
     failed, r = run_module(image_convert, args)
-    assert r["changed"] and r["image"]["format"] == "qcow2" and same(src, dest)
+    assert r["changed"]
+    assert r["image"]["format"] == "qcow2"
+    assert same(src, dest)
     assert not run_module(image_convert, args, check_mode=True)[1]["changed"]
     assert not run_module(image_convert, args)[1]["changed"]
     with open(src, "r+b") as f:
@@ -54,11 +58,15 @@ def test_options_format_and_compress(tmp_path, src, run_module):
     dest = str(tmp_path / "c.qcow2")
     args = {"src": src, "dest": dest, "compress": True, "options": {"cluster_size": "128K"}}
     failed, r = run_module(image_convert, args)
-    assert r["changed"] and r["image"]["cluster-size"] == 131072 and same(src, dest)
+    assert r["changed"]
+    assert r["image"]["cluster-size"] == 131072
+    assert same(src, dest)
     assert not run_module(image_convert, args)[1]["changed"]
     assert run_module(image_convert, dict(args, options={"cluster_size": "64K"}))[1]["changed"]
     failed, r = run_module(image_convert, {"src": dest, "dest": dest + ".raw", "format": "raw", "mode": "0640"})
-    assert r["changed"] and observe(dest + ".raw").format == "raw" and same(src, dest + ".raw", "raw", "raw")
+    assert r["changed"]
+    assert observe(dest + ".raw").format == "raw"
+    assert same(src, dest + ".raw", "raw", "raw")
     assert oct(os.stat(dest + ".raw").st_mode & 0o777) == "0o640"
     failed, r = run_module(image_convert, {"src": src, "dest": dest + ".raw", "format": "qcow2"})
     assert r["changed"] and observe(dest + ".raw").format == "qcow2"
@@ -105,7 +113,11 @@ def test_allowed_paths(tmp_path, run_module):
     apply_image(image_spec({"path": over, "backing_file": "../golden/base.qcow2", "backing_format": "qcow2"}))
     dest = str(tmp_path / "vm" / "flat.raw")
     failed, r = run_module(image_convert, {"src": over, "dest": dest, "format": "raw"})
-    assert failed and "outside the allowed directories" in r["msg"] and not os.path.exists(dest)
+    assert failed
+    assert "outside the allowed directories" in r["msg"]
+    assert not os.path.exists(dest)
     failed, r = run_module(image_convert, {"src": over, "dest": dest, "format": "raw",
                                            "allowed_paths": [str(tmp_path / "golden")]})
-    assert not failed and r["changed"] and os.path.getsize(dest) == M
+    assert not failed
+    assert r["changed"]
+    assert os.path.getsize(dest) == M

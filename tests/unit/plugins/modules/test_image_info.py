@@ -40,10 +40,14 @@ def test_safety_check_and_allowed_paths(tmp_path, run_module):
     failed, r = run_module(image_info, {"path": over, "backing_chain": True})
     assert failed and "outside the allowed directories" in r["msg"]
     failed, r = run_module(image_info, {"path": over, "safety_check": True})
-    assert failed and "references" in r["msg"] and not r["safety"]["safe"]
+    assert failed
+    assert "references" in r["msg"]
+    assert not r["safety"]["safe"]
     assert [(x["kind"], x["allowed"]) for x in r["safety"]["references"]] == [("backing file", False)]
     # widened: both pass, the report lists the followed backing file
     allowed = {"allowed_paths": [str(tmp_path / "golden")]}
     failed, r = run_module(image_info, dict(allowed, path=over, backing_chain=True, safety_check=True))
-    assert not failed and r["safety"]["safe"] and len(r["images"]) == 2
+    assert not failed
+    assert r["safety"]["safe"]
+    assert len(r["images"]) == 2
     assert [(x["name"], x["followed"]) for x in r["safety"]["references"]] == [("../golden/base.qcow2", True)]

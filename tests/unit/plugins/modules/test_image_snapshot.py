@@ -33,7 +33,9 @@ def test_lifecycle(tmp_path, run_module):
     write(disk, 0x11)
     args = {"path": disk, "name": "pristine"}
     failed, r = run_module(image_snapshot, args, check_mode=True, diff=True)
-    assert r["changed"] and observe(disk).snapshots == [] and r["diff"]["before"] != r["diff"]["after"]
+    assert r["changed"]
+    assert observe(disk).snapshots == []
+    assert r["diff"]["before"] != r["diff"]["after"]
     failed, r = run_module(image_snapshot, args)
     assert r["changed"] and [s["name"] for s in r["snapshots"]] == ["pristine"]
     assert not run_module(image_snapshot, args)[1]["changed"]
@@ -49,7 +51,9 @@ def test_lifecycle(tmp_path, run_module):
     failed, r = run_module(image_snapshot, absent, check_mode=True)
     assert r["changed"] and observe(disk).snapshot_names == ["pristine"]
     failed, r = run_module(image_snapshot, absent, diff=True)
-    assert r["changed"] and r["snapshots"] == [] and r["diff"]["after"]["snapshots"] == []
+    assert r["changed"]
+    assert r["snapshots"] == []
+    assert r["diff"]["after"]["snapshots"] == []
     assert not run_module(image_snapshot, absent)[1]["changed"]
 
 

@@ -74,7 +74,9 @@ def test_actions(tmp_path, run_module, name):
     for check_mode in (True, False):                     # idempotent
         failed, r3 = run_module(manifest, {"images": images, "dir": str(tmp_path), "defaults": defaults},
                                 check_mode=check_mode)
-        assert not failed and not r3["changed"] and r3["actions"] == [], r3
+        assert not failed, r3
+        assert not r3["changed"], r3
+        assert r3["actions"] == [], r3
 
 
 def test_check_mode_on_an_empty_directory(tmp_path, run_module):
@@ -150,7 +152,9 @@ def test_validation_messages_are_those_of_vdisk_validate(tmp_path, run_module):
     # the data is checked by the same code, without the file's lines (and without the JSON schema, which
     # needs jsonschema on the managed host: the engine's spec check names the same image and field)
     failed, r = run_module(manifest, {"images": images, "dir": str(tmp_path)}, check_mode=True)
-    assert failed and len(r["problems"]) == 4 and r["msg"] == "\n".join(r["problems"])
+    assert failed
+    assert len(r["problems"]) == 4
+    assert r["msg"] == "\n".join(r["problems"])
     for text, problem in zip(r["problems"], problems):
         assert text.startswith("images: images[%d] (%s): %s" % (problem.index, problem.image, problem.field))
     assert [t.split(": ", 1)[1] for t in r["problems"][1:]] == [str(p).split(": line %d: " % p.line, 1)[1]
@@ -168,7 +172,9 @@ def test_src_and_allowed_paths(tmp_path, run_module):
     sub.mkdir()
     (sub / "m.yml").write_text("version: 1\nimages:\n  - {path: %s/a.qcow2, size: 1M}\n" % other)
     failed, r = run_module(manifest, {"src": str(sub / "m.yml")})
-    assert failed and "outside the manifest's directory" in r["msg"] and os.listdir(str(other)) == []
+    assert failed
+    assert "outside the manifest's directory" in r["msg"]
+    assert os.listdir(str(other)) == []
     failed, r = run_module(manifest, {"src": str(sub / "m.yml"), "allowed_paths": [str(other)]})
     assert not failed and kinds(r) == [("%s/a.qcow2" % other, "create")]
     failed, r = run_module(manifest, {"src": str(sub / "m.yml"), "allowed_paths": [str(other)]})
