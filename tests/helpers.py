@@ -40,6 +40,25 @@ def qemu_img(*args, check=False):
     return run("qemu-img", *args, check=check)
 
 
+# qemu-img times 2**15 PBKDF2 rounds to calibrate a LUKS key and fails with "Unable to get accurate
+# CPU usage" when the thread's CPU clock has not moved: with SHA-NI those rounds take ~4 ms, under
+# one scheduler tick. Without the hardware hash (GnuTLS and Nettle both honour an override) they
+# take ~12 ms, which the clock always sees; the retries cover what is left.
+_PBKDF2_ENV = {"GNUTLS_CPUID_OVERRIDE": "0x1", "NETTLE_FAT_OVERRIDE": "none"}
+
+
+def qemu_img_pbkdf2(*args, attempts=10):
+    """``qemu-img ARGS`` for a command that derives a LUKS key (luks/encrypted create, amend, measure),
+    retried while qemu-img's PBKDF2 calibration gives up; asserts exit 0 and returns the process."""
+    env = dict(os.environ, **_PBKDF2_ENV)
+    for dummy in range(attempts):
+        proc = run("qemu-img", *args, check=False, env=env)
+        if b"Unable to get accurate CPU usage" not in proc.stderr:
+            break
+    assert proc.returncode == 0, _txt(proc.stderr)
+    return proc
+
+
 def qemu_io(fmt, path, *cmds, check=True):
     """Run qemu-io commands (each a string, e.g. ``"write -P 1 0 64k"``) on *path*.
 

@@ -48,12 +48,7 @@ def image_opts(path):
 
 def qemu_create(path, size, **opts):
     options = ",".join(["key-secret=sec0", "iter-time=10"] + ["%s=%s" % kv for kv in opts.items()])
-    for dummy in range(5):
-        proc = helpers.qemu_img("create", "-q", "-f", "luks", *OBJECT, "-o", options, path, size)
-        # qemu-img's PBKDF2 calibration gives up now and then on a loaded machine: try again
-        if proc.returncode == 0 or b"Unable to get accurate CPU usage" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr
+    helpers.qemu_img_pbkdf2("create", "-q", "-f", "luks", *OBJECT, "-o", options, path, size)
     return str(path)
 
 
@@ -277,22 +272,14 @@ def test_large_round_trip(tmp_path):
 
 
 def test_measure_as_qemu(tmp_path):
-    for dummy in range(5):      # qemu-img calibrates PBKDF2 here too, and may give up on a loaded machine
-        proc = helpers.qemu_img("measure", "--output=json", *OBJECT, "-O", "luks", "-o", "key-secret=sec0",
-                                "--size", "1G")
-        if b"Unable to get accurate CPU usage" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr
+    proc = helpers.qemu_img_pbkdf2("measure", "--output=json", *OBJECT, "-O", "luks", "-o", "key-secret=sec0",
+                                   "--size", "1G")
     assert DRIVER.measure(1 << 30, {}) == json.loads(proc.stdout)
 
 
 def qemu_amend(path, *objects_and_options):
-    for dummy in range(5):
-        proc = helpers.qemu_img("amend", *OBJECT, *objects_and_options[:-1], "--image-opts", image_opts(path),
-                                "-o", objects_and_options[-1])
-        if b"Unable to get accurate CPU usage" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr
+    helpers.qemu_img_pbkdf2("amend", *OBJECT, *objects_and_options[:-1], "--image-opts", image_opts(path),
+                            "-o", objects_and_options[-1])
 
 
 def test_key_slots_qemu_adds_and_erases(tmp_path):
