@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
-from .io import NamedDevice, named_device
+from .io import HostFile, NamedDevice, named_device
 from .units import parse_bool, parse_int, parse_size
 
 # extent kinds
@@ -154,6 +154,16 @@ class Policy:
     passphrase: Optional[bytes] = field(default=None, repr=False)
     # the file a driver is opening (set by ops.chain for the driver's open): see checked()
     opening: Optional[Any] = None       # a ResolvedPath, or the NamedDevice of the user's own image
+
+    def locks(self, writable: bool) -> bool:
+        """The one rule for locking an image's files: as QEMU locks them, unless ``-U`` (force_share)
+        asks for a read-only open without locks."""
+        return self.lock and not (self.force_share and not writable)
+
+    def open_host(self, path: str, writable: bool) -> HostFile:
+        """An image's own file: opened as checked (:meth:`checked`), locked by :meth:`locks`, and
+        flushed to stable storage unless the caller chose qemu-img's cache=unsafe (*sync*)."""
+        return HostFile(path, writable=writable, lock=self.locks(writable), sync=self.sync, checked=self.checked(path))
 
     def named_device(self, path: str) -> Optional[NamedDevice]:
         """The one rule for block devices: the grant to open *path* as a block device, or None.
@@ -315,6 +325,8 @@ class Image:
     # a newly created image reads as zeros where nothing was written (QEMU's bdrv_has_zero_init):
     # convert then skips the source's zeros; an encrypted payload decrypts to noise, so not there
     zero_init = True
+    # guest byte n is byte n of the file (raw): the default extents() then give host offsets
+    identity_mapped = True
 
     def __init__(self, path: str, writable: bool):
         self.path = path
@@ -378,10 +390,12 @@ class Image:
         raise UnsupportedFeature("Compression not supported for this file format", path=self.path, field="-c")
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        """Yield this layer's allocation status; default: everything is data."""
+        """Yield this layer's allocation status; default: everything is data, at the same offset
+        in the file when :attr:`identity_mapped`, else with no host offset (as qemu-img map shows a
+        format that has no block status of its own)."""
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
         if end > offset:
-            yield Extent(offset, end - offset, DATA, offset)
+            yield Extent(offset, end - offset, DATA, offset if self.identity_mapped else None)
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
@@ -446,8 +460,38 @@ class Image:
     def flush(self) -> None:
         pass
 
+    # -- the image's own file -------------------------------------------------------------
+    host: Optional[HostFile] = None
+
+    def _open_host(self, policy: "Policy") -> None:
+        """Open the image's file as *policy* allows (:meth:`Policy.open_host`) and parse it with
+        ``self._open()``; the file is closed again when parsing fails."""
+        self.host = policy.open_host(self.path, self.writable)
+        try:
+            self._open()
+        except BaseException:
+            self.host.close()
+            raise
+
+    def _open(self) -> None:
+        """Read and check the image's metadata from ``self.host`` (formats that use :meth:`_open_host`)."""
+
+    def _close_writes(self) -> None:
+        """What a clean close of a writable image writes, in the format's crash-safe order: at least
+        the flush of the data (formats add their header updates around it)."""
+        self.host.flush()
+
     def close(self) -> None:
-        pass
+        """Finish the writes of a clean close (:meth:`_close_writes`) and close the file; a second
+        close does nothing."""
+        host = self.host
+        if host is None or host.fd < 0:
+            return
+        try:
+            if self.writable:
+                self._close_writes()
+        finally:
+            host.close()
 
     def _check_writable(self) -> None:
         if not self.writable:
@@ -501,8 +545,14 @@ class Driver:
         overrides this; the others write the same image whatever it will be called."""
         self.create(path, size, options, sync)
 
+    # the class of this format's open images, built as ``image_class(driver, path, writable, policy)``
+    image_class: Optional[Callable[..., Image]] = None
+
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
-        raise NotImplementedError
+        """Open the image at *path* (read-only unless *writable*) as *policy* allows."""
+        if self.image_class is None:
+            raise NotImplementedError
+        return self.image_class(self, path, writable, policy or Policy())
 
     def measure(self, size: Optional[int], options: Dict[str, Any],
                 source: Optional[MeasureSource] = None) -> Dict[str, int]:

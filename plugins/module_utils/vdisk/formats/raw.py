@@ -28,9 +28,9 @@ class RawImage(Image):
     def __init__(self, driver: "RawDriver", path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
+        self._open_host(policy)
+
+    def _open(self) -> None:
         self.virtual_size = self.host.size()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -95,15 +95,10 @@ class RawImage(Image):
     def flush(self) -> None:
         self.host.flush()
 
-    def close(self) -> None:
-        if self.host.fd >= 0:
-            if self.writable:
-                self.host.flush()
-            self.host.close()
-
 
 class RawDriver(Driver):
     name = "raw"
+    image_class = RawImage
     extensions = (".img", ".raw", ".iso")
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
@@ -125,9 +120,6 @@ class RawDriver(Driver):
         except BaseException:
             out.abort()
             raise
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
-        return RawImage(self, path, writable, policy or Policy())
 
     def measure(self, size: Optional[int], options: Dict[str, Any],
                 source: Optional[MeasureSource] = None) -> Dict[str, int]:

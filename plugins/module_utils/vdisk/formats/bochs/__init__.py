@@ -11,14 +11,12 @@ from .image import BochsImage
 
 class BochsDriver(Driver):
     name = "bochs"
+    image_class = BochsImage
     extensions = (".bochs",)
     capabilities = frozenset()
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> BochsImage:
-        return BochsImage(self, path, writable, policy or Policy())
 
 
 DRIVER = BochsDriver()

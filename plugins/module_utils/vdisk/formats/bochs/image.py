@@ -7,28 +7,23 @@ layer returns them.
 """
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, Extent, Image, Policy
+from ...driver import Image, Policy
 from ...errors import ReadOnlyImage
-from ...io import HostFile
 from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
 
 
 class BochsImage(Image):
+    identity_mapped = False       # QEMU has no block status for bochs: all data, no host offset
+
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         if writable:
             raise ReadOnlyImage("format bochs is read-only: images can only be read", path=path)
         super().__init__(path, False)
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for bochs
-        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         h = hdr.parse_header(self.host.pread(hdr.HEADER_SIZE, 0), self.path)
@@ -81,22 +76,12 @@ class BochsImage(Image):
             parts.append(bytes(n) if host is None else self._pread(n, host))
         return b"".join(parts)
 
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        # QEMU has no block status for bochs: all data, no host offset (as qemu-img map shows it)
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
-        if end > offset:
-            yield Extent(offset, end - offset, DATA)
-
     def structures(self) -> List[Tuple[str, int, Record]]:
         """The header (``vdisk inspect --dump``)."""
         return [("header", 0, self.header)]
 
     def info(self) -> Dict[str, Any]:
         return {}
-
-    def close(self) -> None:
-        if self.host.fd >= 0:
-            self.host.close()
 
 
 def _bit_runs(bits: bytes, first: int, last: int) -> Iterator[Tuple[int, int, bool]]:

@@ -11,14 +11,12 @@ from .image import CloopImage
 
 class CloopDriver(Driver):
     name = "cloop"
+    image_class = CloopImage
     extensions = (".cloop",)
     capabilities = frozenset()
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> CloopImage:
-        return CloopImage(self, path, writable, policy or Policy())
 
 
 DRIVER = CloopDriver()

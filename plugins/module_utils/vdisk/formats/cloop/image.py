@@ -5,29 +5,24 @@ inflate (zlib stream) to exactly ``block_size`` bytes, or the read fails; the mo
 is kept, as sequential reads touch each block many times.
 """
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-from ...driver import DATA, Extent, Image, Policy
+from ...driver import Image, Policy
 from ...errors import CorruptImage, ReadOnlyImage
-from ...io import HostFile
 from ...structure import Record
 from . import header as hdr
 
 
 class CloopImage(Image):
+    identity_mapped = False       # QEMU has no block status for cloop: all data, no host offset
+
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         if writable:
             raise ReadOnlyImage("format cloop is read-only: images can only be read", path=path)
         super().__init__(path, False)
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for cloop
-        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         h = hdr.parse_header(self.host.pread(hdr.OFFSETS_START, 0), self.path)
@@ -76,19 +71,9 @@ class CloopImage(Image):
             offset += n
         return b"".join(parts)
 
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        # QEMU has no block status for cloop: all data, no host offset (as qemu-img map shows it)
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
-        if end > offset:
-            yield Extent(offset, end - offset, DATA)
-
     def structures(self) -> List[Tuple[str, int, Record]]:
         """The header (``vdisk inspect --dump``)."""
         return [("header", 0, self.header)]
 
     def info(self) -> Dict[str, Any]:
         return {}
-
-    def close(self) -> None:
-        if self.host.fd >= 0:
-            self.host.close()

@@ -14,6 +14,7 @@ from .image import DmgImage
 
 class DmgDriver(Driver):
     name = "dmg"
+    image_class = DmgImage
     extensions = (".dmg",)
     capabilities = frozenset()
 
@@ -36,9 +37,6 @@ class DmgDriver(Driver):
         finally:
             os.close(fd)
         return 90 if hdr.probe_trailer(tail, start, size) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> DmgImage:
-        return DmgImage(self, path, writable, policy or Policy())
 
 
 DRIVER = DmgDriver()

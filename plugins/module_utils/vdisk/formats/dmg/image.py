@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, ReadOnlyImage, UnsupportedFeature
-from ...io import HostFile
 from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
@@ -25,13 +24,7 @@ class DmgImage(Image):
         super().__init__(path, False)
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for dmg
-        self.host = HostFile(path, writable=False, lock=policy.lock and not policy.force_share, sync=False,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         size = self.host.size()
@@ -133,7 +126,3 @@ class DmgImage(Image):
 
     def info(self) -> Dict[str, Any]:
         return {}
-
-    def close(self) -> None:
-        if self.host.fd >= 0:
-            self.host.close()

@@ -47,6 +47,7 @@ class IsoImage(RawImage):
 
 class IsoDriver(Driver):
     name = "iso"
+    image_class = IsoImage
     raw_view = True
     extensions = (".iso",)
     capabilities = frozenset()
@@ -55,9 +56,6 @@ class IsoDriver(Driver):
         # below every format with a signature at offset 0: an ISO's first 32 KiB are free for a
         # boot sector, so an image of another format found there wins (or makes a polyglot error)
         return 50 if probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> IsoImage:
-        return IsoImage(self, path, writable, policy or Policy())
 
 
 DRIVER = IsoDriver()

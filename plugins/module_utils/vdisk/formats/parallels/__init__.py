@@ -16,6 +16,7 @@ PREALLOCATION_MODES = ("off", "falloc", "full")
 
 class ParallelsDriver(Driver):
     name = "parallels"
+    image_class = ParallelsImage
     extensions = (".hds", ".hdd")
     capabilities = frozenset({"create", "write", "check", "repair", "preallocation"})
     create_options = (
@@ -27,9 +28,6 @@ class ParallelsDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> ParallelsImage:
-        return ParallelsImage(self, path, writable, policy or Policy())
 
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
         cluster_size = options.get("cluster_size")

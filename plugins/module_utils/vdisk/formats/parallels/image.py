@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, CheckResult, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
-from ...io import HostFile
 from ...overlap import MetadataMap
 from ...structure import Record
 from . import header as hdr
@@ -26,17 +25,11 @@ class ParallelsImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         self.dirty = None          # qemu-img info shows no dirty flag for parallels
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
-        try:
-            self._open(policy)
-        except BaseException:
-            self.host.close()
-            raise
+        self.repairing = policy.repair      # a file left unclean opens only for check -r
+        self._open_host(policy)
 
     # -- open -------------------------------------------------------------------------
-    def _open(self, policy: Policy) -> None:
+    def _open(self) -> None:
         file_size = self.host.size()
         h = hdr.parse_header(self.host.pread(min(file_size, hdr.HEADER_SIZE), 0), self.path)
         self.header = h
@@ -70,7 +63,7 @@ class ParallelsImage(Image):
             self.bitmaps = hdr.parse_format_extension(self.host.pread(self.cs, ext), self.cs, h.virtual_sectors,
                                                       self.path)
         if self.writable:
-            if self.unclean and not policy.repair:
+            if self.unclean and not self.repairing:
                 raise CorruptImage("parallels: Image was not closed correctly; cannot be opened read/write",
                                    path=self.path, field="in_use")
             self._set_inuse(hdr.INUSE_MAGIC)
@@ -191,14 +184,8 @@ class ParallelsImage(Image):
         if self.writable:
             self.host.flush()
 
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-                if self.host.size() > self.data_end * SECTOR:
-                    self.host.truncate(self.data_end * SECTOR)
-                self._set_inuse(0)
-        finally:
-            self.host.close()
+    def _close_writes(self) -> None:
+        self.host.flush()
+        if self.host.size() > self.data_end * SECTOR:
+            self.host.truncate(self.data_end * SECTOR)
+        self._set_inuse(0)

@@ -17,6 +17,7 @@ PREALLOCATION_MODES = ("off", "falloc", "full")
 
 class QcowDriver(Driver):
     name = "qcow"
+    image_class = QcowImage
     extensions = (".qcow",)
     names_other_files = True
     capabilities = frozenset({"create", "write", "backing", "compression", "preallocation"})
@@ -36,9 +37,6 @@ class QcowDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> QcowImage:
-        return QcowImage(self, path, writable, policy or Policy())
 
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
         if options.get("encryption") or options.get("encrypt.format") or options.get("encrypt.key-secret"):

@@ -14,7 +14,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ...driver import DATA, UNALLOCATED, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError
-from ...io import HostFile
 from ...overlap import MetadataMap
 from ...structure import Record
 from . import header as hdr
@@ -57,14 +56,7 @@ class QcowImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         size = self.host.size()
@@ -411,12 +403,3 @@ class QcowImage(Image):
     def flush(self) -> None:
         if self.writable:
             self.host.flush()
-
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-        finally:
-            self.host.close()

@@ -16,6 +16,7 @@ PREALLOCATION_MODES = ("off", "falloc", "full")
 
 class QedDriver(Driver):
     name = "qed"
+    image_class = QedImage
     extensions = (".qed",)
     names_other_files = True
     capabilities = frozenset({"create", "write", "backing", "check", "repair", "preallocation"})
@@ -31,9 +32,6 @@ class QedDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> QedImage:
-        return QedImage(self, path, writable, policy or Policy())
 
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
         cs = options.get("cluster_size")

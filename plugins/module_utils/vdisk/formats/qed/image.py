@@ -15,7 +15,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage
-from ...io import HostFile
 from ...structure import Record
 from . import header as hdr
 from .check import check as check_image
@@ -28,16 +27,10 @@ class QedImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
-        try:
-            self._open(policy)
-        except BaseException:
-            self.host.close()
-            raise
+        self.repairing = policy.repair      # a file left unclean opens only for check -r
+        self._open_host(policy)
 
-    def _open(self, policy: Policy) -> None:
+    def _open(self) -> None:
         size = self.host.size()
         h = hdr.parse_header(self.host.pread(min(size, hdr.HEADER_SIZE), 0), self.path,
                              lambda off, n: self.host.pread(max(0, min(n, size - off)), off))
@@ -59,7 +52,7 @@ class QedImage(Image):
             if h.autoclear_features & ~hdr.AUTOCLEAR_FEATURE_MASK:
                 h.autoclear_features &= hdr.AUTOCLEAR_FEATURE_MASK
                 self.host.pwrite(*h.pack_fields("autoclear_features"))
-            if self.need_check and not policy.repair:
+            if self.need_check and not self.repairing:
                 # not closed cleanly: check and repair first, as QEMU does on a read-write open
                 result = check_image(self, "all")
                 if result.corruptions:
@@ -273,12 +266,6 @@ class QedImage(Image):
         if self.writable:
             self.host.flush()
 
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-                self._set_need_check(False)
-        finally:
-            self.host.close()
+    def _close_writes(self) -> None:
+        self.host.flush()                   # the data are stable before the header says so
+        self._set_need_check(False)

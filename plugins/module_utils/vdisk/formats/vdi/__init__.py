@@ -18,6 +18,7 @@ PREALLOCATION_MODES = ("off", "falloc", "full")
 
 class VdiDriver(Driver):
     name = "vdi"
+    image_class = VdiImage
     extensions = (".vdi",)
     capabilities = frozenset({"create", "write", "check", "preallocation"})
     create_options = (
@@ -31,9 +32,6 @@ class VdiDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if hdr.probe(header) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VdiImage:
-        return VdiImage(self, path, writable, policy or Policy())
 
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
         size = -(-size // hdr.SECTOR) * hdr.SECTOR          # qemu-img rounds up silently

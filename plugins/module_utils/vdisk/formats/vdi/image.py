@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterator, Optional
 
 from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
-from ...io import HostFile
 from ...overlap import MetadataMap
 from . import header as hdr
 from .header import SECTOR
@@ -22,14 +21,7 @@ class VdiImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         file_size = self.host.size()
@@ -199,12 +191,3 @@ class VdiImage(Image):
     def flush(self) -> None:
         if self.writable:
             self.host.flush()
-
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-        finally:
-            self.host.close()

@@ -34,6 +34,7 @@ def default_block_size(size: int) -> int:
 
 class VhdxDriver(Driver):
     name = "vhdx"
+    image_class = VhdxImage
     extensions = (".vhdx",)
     capabilities = frozenset({"create", "write", "check", "repair"})
     create_options = (
@@ -49,9 +50,6 @@ class VhdxDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if header.startswith(hdr.FILE_SIGNATURE) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VhdxImage:
-        return VhdxImage(self, path, writable, policy or Policy())
 
     def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The paths of a differencing image's parent locator, as (kind, stored path), read without

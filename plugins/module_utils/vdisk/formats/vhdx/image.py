@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
-from ...io import HostFile
 from ...structure import Record
 from . import header as hdr
 from .log import Log, replay_plan
@@ -37,9 +36,6 @@ class VhdxImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         self.policy = policy
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
         self.session_guid = uuid.uuid4().bytes
         self.first_visible_write = True
         self.log_replayed = False
@@ -47,11 +43,7 @@ class VhdxImage(Image):
         self.log_guid: Optional[bytes] = None    # set in the headers by this session's writes
         self.log_pos = 0                         # where the next entry goes inside the log
         self.log_pending = False                 # an entry is written but its BAT sectors are not
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     # -- open -----------------------------------------------------------------------------
     def _open(self) -> None:
@@ -398,14 +390,8 @@ class VhdxImage(Image):
         if self.writable:
             self.host.flush()
 
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                # an entry whose sectors were not all written stays in the log, for the next open to replay
-                if self.log_guid is not None and not self.log_pending:
-                    self._retire_log()
-                self.host.flush()
-        finally:
-            self.host.close()
+    def _close_writes(self) -> None:
+        # an entry whose sectors were not all written stays in the log, for the next open to replay
+        if self.log_guid is not None and not self.log_pending:
+            self._retire_log()
+        self.host.flush()

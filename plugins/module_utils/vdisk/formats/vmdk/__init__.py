@@ -23,6 +23,7 @@ DEFAULT_TOOLS_VERSION = "2147483647"
 
 class VmdkDriver(Driver):
     name = "vmdk"
+    image_class = VmdkImage
     extensions = (".vmdk",)
     names_other_files = True
     capabilities = frozenset({"create", "write", "backing", "compression", "check"})
@@ -50,9 +51,6 @@ class VmdkDriver(Driver):
                 continue
             return 100 if line in (b"version=1", b"version=2", b"version=3") else 0
         return 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VmdkImage:
-        return VmdkImage(self, path, writable, policy or Policy())
 
     def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The extent files and the parent a VMDK names, as (kind, stored name), read from its

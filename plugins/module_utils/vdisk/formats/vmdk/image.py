@@ -48,7 +48,7 @@ class VmdkImage(Image):
         super().__init__(path, writable)
         self.driver = driver
         self.policy = policy
-        self.lock = policy.lock and not (policy.force_share and not writable)
+        self.lock = policy.locks(writable)
         self.host = _DescriptorFile(path, writable=writable, lock=self.lock, sync=policy.sync,
                                     checked=policy.checked(path))
         self.exts: List[Tuple[int, Any]] = []       # (guest start, extent)

@@ -17,6 +17,7 @@ SUBFORMATS = ("dynamic", "fixed")
 
 class VpcDriver(Driver):
     name = "vpc"
+    image_class = VpcImage
     extensions = (".vhd", ".vpc")
     capabilities = frozenset({"create", "write", "preallocation"})
     create_options = (
@@ -35,9 +36,6 @@ class VpcDriver(Driver):
         # QEMU's rule: the footer copy at offset 0 (dynamic disks); a fixed disk, with its footer only at
         # the end, probes as raw
         return 100 if header.startswith(hdr.COOKIE) else 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> VpcImage:
-        return VpcImage(self, path, writable, policy or Policy())
 
     def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The parent locators of a differencing disk, as (kind, stored path), for ``vdisk inspect``.

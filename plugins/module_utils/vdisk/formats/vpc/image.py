@@ -14,7 +14,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, ZERO, Extent, Image, Policy, merge_runs, unit_pieces
 from ...errors import CorruptImage, FormatError, ImageError
-from ...io import HostFile
 from ...overlap import MetadataMap
 from ...structure import Record
 from . import header as hdr
@@ -25,14 +24,7 @@ class VpcImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
-        try:
-            self._open()
-        except BaseException:
-            self.host.close()
-            raise
+        self._open_host(policy)
 
     def _open(self) -> None:
         file_size = self.host.size()
@@ -242,12 +234,3 @@ class VpcImage(Image):
     def flush(self) -> None:
         if self.writable:
             self.host.flush()
-
-    def close(self) -> None:
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-        finally:
-            self.host.close()
