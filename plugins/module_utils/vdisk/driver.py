@@ -458,7 +458,9 @@ class Image:
         return []
 
     def flush(self) -> None:
-        pass
+        """Write what is buffered to the image's file (on stable storage unless cache=unsafe)."""
+        if self.writable and self.host is not None:
+            self.host.flush()
 
     # -- the image's own file -------------------------------------------------------------
     host: Optional[HostFile] = None

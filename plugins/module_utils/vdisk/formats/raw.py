@@ -24,6 +24,13 @@ def preallocate(host: HostFile, offset: int, length: int, mode: str) -> None:
         host.truncate(offset + length)
 
 
+def preallocation_option(help_text: str = "Preallocation mode (allowed values: off, falloc, full)") -> OptionSpec:
+    """qemu-img's ``preallocation`` of the file under an image: formats that do not preallocate
+    themselves accept it as qemu-img 7.2 does (it reaches the protocol layer, which writes the
+    file at size 0 before the image is written, so it changes nothing in the file)."""
+    return OptionSpec("preallocation", "enum", "off", help_text, PREALLOCATION_MODES)
+
+
 class RawImage(Image):
     def __init__(self, driver: "RawDriver", path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
@@ -92,9 +99,6 @@ class RawImage(Image):
             self.host.truncate(size)
         self.virtual_size = size
 
-    def flush(self) -> None:
-        self.host.flush()
-
 
 class RawDriver(Driver):
     name = "raw"
@@ -102,8 +106,7 @@ class RawDriver(Driver):
     extensions = (".img", ".raw", ".iso")
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
     capabilities = frozenset({"create", "write", "resize", "shrink", "preallocation"})
 

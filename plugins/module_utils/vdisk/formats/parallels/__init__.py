@@ -8,10 +8,9 @@ from typing import Any, Dict, Optional
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import InvalidOption
 from ...io import AtomicOutput, HostFile
+from ..raw import preallocation_option
 from . import header as hdr
 from .image import ParallelsImage
-
-PREALLOCATION_MODES = ("off", "falloc", "full")
 
 
 class ParallelsDriver(Driver):
@@ -22,8 +21,7 @@ class ParallelsDriver(Driver):
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
         OptionSpec("cluster_size", "size", hdr.DEFAULT_CLUSTER_SIZE, "Parallels image cluster size"),
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

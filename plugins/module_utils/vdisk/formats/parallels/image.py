@@ -180,10 +180,6 @@ class ParallelsImage(Image):
             self._check_writable()
         return check(self, repair)
 
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()
-
     def _close_writes(self) -> None:
         self.host.flush()
         if self.host.size() > self.data_end * SECTOR:

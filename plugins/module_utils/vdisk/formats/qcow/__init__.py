@@ -9,10 +9,9 @@ from typing import Any, Dict, Optional
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError, InvalidOption, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
+from ..raw import preallocation_option
 from . import header as hdr
 from .image import QcowImage
-
-PREALLOCATION_MODES = ("off", "falloc", "full")
 
 
 class QcowDriver(Driver):
@@ -29,10 +28,7 @@ class QcowDriver(Driver):
                    "encrypt.format=aes)"),
         OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes'"),
         OptionSpec("encrypt.key-secret", "str", None, "ID of the secret that provides the AES encryption key"),
-        # accepted as qemu-img 7.2 accepts it (the protocol layer's option, used before the image is
-        # written at size 0): it changes nothing in the file
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

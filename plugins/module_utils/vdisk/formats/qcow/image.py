@@ -399,7 +399,3 @@ class QcowImage(Image):
 
     def info(self) -> Dict[str, Any]:
         return {"cluster-size": self.cs}
-
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()

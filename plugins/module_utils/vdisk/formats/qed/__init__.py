@@ -8,10 +8,9 @@ from typing import Any, Dict, Optional
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import InvalidOption
 from ...io import AtomicOutput, HostFile
+from ..raw import preallocation_option
 from . import header as hdr
 from .image import QedImage
-
-PREALLOCATION_MODES = ("off", "falloc", "full")
 
 
 class QedDriver(Driver):
@@ -26,8 +25,7 @@ class QedDriver(Driver):
         OptionSpec("backing_fmt", "str", None, "Image format of the base image"),
         OptionSpec("cluster_size", "size", hdr.DEFAULT_CLUSTER_SIZE, "Cluster size (in bytes)"),
         OptionSpec("table_size", "size", hdr.DEFAULT_TABLE_SIZE, "L1/L2 table size (in clusters)"),
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -262,10 +262,6 @@ class QedImage(Image):
             self._check_writable()
         return check_image(self, repair)
 
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()
-
     def _close_writes(self) -> None:
         self.host.flush()                   # the data are stable before the header says so
         self._set_need_check(False)

@@ -10,10 +10,9 @@ from typing import Any, Dict, Optional
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
+from ..raw import preallocation_option
 from . import header as hdr
 from .image import VdiImage
-
-PREALLOCATION_MODES = ("off", "falloc", "full")
 
 
 class VdiDriver(Driver):
@@ -24,10 +23,7 @@ class VdiDriver(Driver):
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
         OptionSpec("static", "bool", False, "VDI static (pre-allocated) image"),
-        # accepted as qemu-img 7.2 accepts it: there it reaches the protocol layer before the image is
-        # written, at size 0, so it changes nothing in the file
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

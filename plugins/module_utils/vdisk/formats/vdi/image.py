@@ -10,14 +10,15 @@ import array
 import sys
 from typing import Any, Dict, Iterator, Optional
 
-from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
+from ...block_table import BlockTableImage
+from ...driver import DATA, ZERO, CheckResult, Extent, Policy
 from ...errors import CorruptImage, ImageError, UnsupportedFeature
 from ...overlap import MetadataMap
 from . import header as hdr
 from .header import SECTOR
 
 
-class VdiImage(Image):
+class VdiImage(BlockTableImage):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
@@ -53,16 +54,6 @@ class VdiImage(Image):
             return None
         return self.header.offset_data + entry * self.bs
 
-    def _runs(self, offset: int, length: int):
-        """``(offset, length, host offset or None)``, host-contiguous runs merged."""
-        return merge_runs(unit_pieces(offset, length, self.bs, self._block_host))
-
-    def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length)
-        parts = []
-        for dummy, n, host in self._runs(offset, length):
-            parts.append(bytes(n) if host is None else self.host.pread(n, host))
-        return b"".join(parts)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
@@ -187,7 +178,3 @@ class VdiImage(Image):
                                 % (count, h.blocks_allocated))
             res.corruptions += 1
         return res
-
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()

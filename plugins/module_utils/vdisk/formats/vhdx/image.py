@@ -22,7 +22,8 @@ import sys
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, ZERO, CheckResult, Extent, Image, Policy, merge_runs, unit_pieces
+from ...block_table import BlockTableImage
+from ...driver import CheckResult, Policy
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...structure import Record
 from . import header as hdr
@@ -31,7 +32,7 @@ from .log import Log, replay_plan
 MiB = hdr.MiB
 
 
-class VhdxImage(Image):
+class VhdxImage(BlockTableImage):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
@@ -187,35 +188,6 @@ class VhdxImage(Image):
         raise CorruptImage("payload block %d has state %d (%s), which needs a parent image" % (
             block, state, "PARTIALLY_PRESENT" if state == hdr.PAYLOAD_BLOCK_PARTIALLY_PRESENT else "invalid"),
             path=self.path, field="BAT")
-
-    def _runs(self, offset: int, length: int):
-        return merge_runs(unit_pieces(offset, length, self.bs, self._block_host))
-
-    def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length)
-        parts = []
-        for dummy, n, host in self._runs(offset, length):
-            parts.append(bytes(n) if host is None else self.host.pread(n, host))
-        return b"".join(parts)
-
-    def read_into(self, offset: int, view: memoryview) -> None:
-        """Read straight into the caller's buffer (convert's workers reuse theirs)."""
-        view = view.cast("B") if view.format != "B" else view
-        self._check_range(offset, len(view))
-        pos = 0
-        for dummy, n, host in self._runs(offset, len(view)):
-            if host is None:
-                view[pos:pos + n] = bytes(n)
-            else:
-                self.host.pread_into(view[pos:pos + n], host)
-            pos += n
-
-    def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
-        if end <= offset:
-            return
-        for start, n, host in self._runs(offset, end - offset):
-            yield Extent(start, n, ZERO) if host is None else Extent(start, n, DATA, host)
 
     # -- writes ------------------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
@@ -385,10 +357,6 @@ class VhdxImage(Image):
         result.corruptions = len(errors)
         result.messages.extend(errors)
         return result
-
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()
 
     def _close_writes(self) -> None:
         # an entry whose sectors were not all written stays in the log, for the next open to replay

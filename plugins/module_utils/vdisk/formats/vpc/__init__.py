@@ -8,10 +8,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError
 from ...io import AtomicOutput, HostFile
+from ..raw import preallocation_option
 from . import header as hdr
 from .image import VpcImage
 
-PREALLOCATION_MODES = ("off", "falloc", "full")
 SUBFORMATS = ("dynamic", "fixed")
 
 
@@ -26,10 +26,7 @@ class VpcDriver(Driver):
                    "{dynamic (default) | fixed} ", SUBFORMATS),
         OptionSpec("force_size", "bool", False, "Force disk size calculation to use the actual size specified, "
                    "rather than using the nearest CHS-based calculation"),
-        # accepted as qemu-img 7.2 accepts it: there it reaches the protocol layer before the image is
-        # written, at size 0, so it changes nothing in the file
-        OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
-                   PREALLOCATION_MODES),
+        preallocation_option(),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -12,7 +12,8 @@ import array
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, ZERO, Extent, Image, Policy, merge_runs, unit_pieces
+from ...block_table import BlockTableImage
+from ...driver import DATA, Extent, Policy
 from ...errors import CorruptImage, FormatError, ImageError
 from ...overlap import MetadataMap
 from ...structure import Record
@@ -20,7 +21,7 @@ from . import header as hdr
 from .header import SECTOR
 
 
-class VpcImage(Image):
+class VpcImage(BlockTableImage):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
@@ -100,14 +101,7 @@ class VpcImage(Image):
         """``(offset, length, host offset or None)``, host-contiguous runs merged."""
         if self.fixed:
             return iter([(offset, length, offset)])
-        return merge_runs(unit_pieces(offset, length, self.bs, self._block_host))
-
-    def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length)
-        parts = []
-        for dummy, n, host in self._runs(offset, length):
-            parts.append(bytes(n) if host is None else self.host.pread(n, host))
-        return b"".join(parts)
+        return super()._runs(offset, length)
 
     def host_range(self, offset: int, length: int):
         if self.fixed and offset + length <= min(self.virtual_size, self.data_end):
@@ -123,8 +117,7 @@ class VpcImage(Image):
             for start, n, is_data in self.host.data_extents(offset, end - offset):
                 yield Extent(start, n, DATA, start, reads_zero=not is_data)
             return
-        for start, n, host in self._runs(offset, end - offset):
-            yield Extent(start, n, ZERO) if host is None else Extent(start, n, DATA, host)
+        yield from super().extents(offset, end - offset)
 
     # -- writes ---------------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
@@ -230,7 +223,3 @@ class VpcImage(Image):
 
     def info(self) -> Dict[str, Any]:
         return {} if self.fixed else {"cluster-size": self.bs}
-
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()
