@@ -38,6 +38,6 @@ class BlockTableImage(Image):
             pos += n
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         for start, n, host in self._runs(offset, max(0, end - offset)):
             yield Extent(start, n, ZERO) if host is None else Extent(start, n, DATA, host)

@@ -393,7 +393,7 @@ class Image:
         """Yield this layer's allocation status; default: everything is data, at the same offset
         in the file when :attr:`identity_mapped`, else with no host offset (as qemu-img map shows a
         format that has no block status of its own)."""
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end > offset:
             yield Extent(offset, end - offset, DATA, offset if self.identity_mapped else None)
 
@@ -495,6 +495,18 @@ class Image:
         finally:
             host.close()
 
+    def _write_view(self, offset: int, data) -> memoryview:
+        """*data* as a byte view, after the checks every write makes: the image is open for
+        writing and the range lies inside the disk."""
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        return view
+
+    def _extent_end(self, offset: int, length: Optional[int]) -> int:
+        """Where an ``extents(offset, length)`` request ends: *length* None is to the end of the disk."""
+        return self.virtual_size if length is None else min(self.virtual_size, offset + length)
+
     def _check_writable(self) -> None:
         if not self.writable:
             raise ReadOnlyImage("image is opened read-only", path=self.path)
@@ -550,10 +562,15 @@ class Driver:
     # the class of this format's open images, built as ``image_class(driver, path, writable, policy)``
     image_class: Optional[Callable[..., Image]] = None
 
+    # why an image of a format without the "write" capability is refused for writing
+    read_only_reason = "format {name} is read-only: images can only be read"
+
     def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Image:
         """Open the image at *path* (read-only unless *writable*) as *policy* allows."""
         if self.image_class is None:
             raise NotImplementedError
+        if writable and "write" not in self.capabilities:
+            raise ReadOnlyImage(self.read_only_reason.format(name=self.name), path=path)
         return self.image_class(self, path, writable, policy or Policy())
 
     def measure(self, size: Optional[int], options: Dict[str, Any],

@@ -75,7 +75,7 @@ class RawImage(Image):
         self.host.punch_hole(offset, length)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         for start, n, is_data in self.host.data_extents(offset, end - offset):

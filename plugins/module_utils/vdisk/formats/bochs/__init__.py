@@ -2,9 +2,8 @@
 
 References: QEMU 7.2 block/bochs.c for the layout, limits and messages.
 """
-from typing import Optional
 
-from ...driver import Driver, Policy
+from ...driver import Driver
 from . import header as hdr
 from .image import BochsImage
 

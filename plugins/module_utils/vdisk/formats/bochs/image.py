@@ -8,7 +8,6 @@ layer returns them.
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import Image, Policy
-from ...errors import ReadOnlyImage
 from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
@@ -18,9 +17,7 @@ class BochsImage(Image):
     identity_mapped = False       # QEMU has no block status for bochs: all data, no host offset
 
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
-        if writable:
-            raise ReadOnlyImage("format bochs is read-only: images can only be read", path=path)
-        super().__init__(path, False)
+        super().__init__(path, writable)       # never writable: the driver has no "write" capability
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for bochs
         self._open_host(policy)

@@ -8,7 +8,7 @@ import zlib
 from typing import Any, Dict, List, Tuple
 
 from ...driver import Image, Policy
-from ...errors import CorruptImage, ReadOnlyImage
+from ...errors import CorruptImage
 from ...structure import Record
 from . import header as hdr
 
@@ -17,9 +17,7 @@ class CloopImage(Image):
     identity_mapped = False       # QEMU has no block status for cloop: all data, no host offset
 
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
-        if writable:
-            raise ReadOnlyImage("format cloop is read-only: images can only be read", path=path)
-        super().__init__(path, False)
+        super().__init__(path, writable)       # never writable: the driver has no "write" capability
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for cloop
         self._open_host(policy)

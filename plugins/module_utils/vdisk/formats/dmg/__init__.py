@@ -5,9 +5,8 @@ References: QEMU 7.2 block/dmg.c for the layout, limits and behaviour. QEMU prob
 """
 import os
 import stat
-from typing import Optional
 
-from ...driver import Driver, Policy
+from ...driver import Driver
 from . import header as hdr
 from .image import DmgImage
 

@@ -11,7 +11,7 @@ import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, Extent, Image, Policy
-from ...errors import CorruptImage, FormatError, ReadOnlyImage, UnsupportedFeature
+from ...errors import CorruptImage, FormatError, UnsupportedFeature
 from ...structure import Record
 from . import header as hdr
 from .header import SECTOR
@@ -19,9 +19,7 @@ from .header import SECTOR
 
 class DmgImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
-        if writable:
-            raise ReadOnlyImage("format dmg is read-only: images can only be read", path=path)
-        super().__init__(path, False)
+        super().__init__(path, writable)       # never writable: the driver has no "write" capability
         self.driver = driver
         self.dirty = None        # qemu-img shows no dirty flag for dmg
         self._open_host(policy)
@@ -111,7 +109,7 @@ class DmgImage(Image):
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
         # QEMU has no block status for dmg: all data, no host offset (as qemu-img map shows it)
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end > offset:
             yield Extent(offset, end - offset, DATA)
 

@@ -10,10 +10,9 @@ write them on a guess, so a probed installer image or config drive is never chan
 whether or not ``-f raw`` was given), and shows the file system and volume id as format-specific
 data of type iso.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ...driver import Driver, Policy
-from ...errors import ReadOnlyImage
+from ...driver import Driver
 from ..raw import RawImage
 
 DESCRIPTOR_OFFSET = 16 * 2048
@@ -30,11 +29,6 @@ def probe(header: bytes) -> bool:
 class IsoImage(RawImage):
     """A raw image that is never opened for writing."""
 
-    def __init__(self, driver: "IsoDriver", path: str, writable: bool, policy: Policy):
-        if writable:
-            raise ReadOnlyImage("format iso is read-only; open the file with -f raw to change it", path=path)
-        super().__init__(driver, path, False, policy)   # type: ignore[arg-type]
-
     def info(self) -> Dict[str, Any]:
         data: Dict[str, Any] = {"filesystem": "iso9660"}
         pvd = self.host.pread(2048, DESCRIPTOR_OFFSET)
@@ -49,6 +43,7 @@ class IsoDriver(Driver):
     name = "iso"
     image_class = IsoImage
     raw_view = True
+    read_only_reason = "format iso is read-only; open the file with -f raw to change it"
     extensions = (".iso",)
     capabilities = frozenset()
 

@@ -3,9 +3,9 @@
 References: QEMU docs/interop/parallels.txt. vdisk creates version-2 ("WithouFreSpacExt")
 images as qemu-img 7.2 does and reads version-1 ("WithoutFreeSpace") images too.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, OptionSpec
 from ...errors import InvalidOption
 from ...io import AtomicOutput, HostFile
 from ..raw import preallocation_option

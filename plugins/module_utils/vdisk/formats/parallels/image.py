@@ -109,7 +109,7 @@ class ParallelsImage(Image):
         return b"".join(parts)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         for start, n, host in self._runs(offset, end - offset):
@@ -117,9 +117,7 @@ class ParallelsImage(Image):
 
     # -- writes -----------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
-        view = memoryview(data).cast("B")
+        view = self._write_view(offset, data)
         end = offset + len(view)
         pos = offset
         while pos < end:

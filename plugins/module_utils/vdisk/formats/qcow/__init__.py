@@ -4,9 +4,9 @@ compressed clusters.
 References: QEMU 7.2 block/qcow.c for the layout qemu-img create writes, its options, limits and
 messages.  AES encryption (crypt_method 1) is refused: creating such images, and opening them.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, OptionSpec
 from ...errors import ImageError, InvalidOption, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
 from ..raw import preallocation_option

@@ -167,7 +167,7 @@ class QcowImage(Image):
         return b"".join(parts)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         for start, n, m in self._runs(offset, end - offset):
@@ -248,10 +248,8 @@ class QcowImage(Image):
 
     # -- writes ----------------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
+        view = self._write_view(offset, data)
         self._zcache = (-1, b"")
-        view = memoryview(data).cast("B")
         end = offset + len(view)
         pos = offset
         while pos < end:

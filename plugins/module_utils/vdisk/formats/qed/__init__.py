@@ -3,9 +3,9 @@
 References: the QED specification (QEMU wiki, Features/QED/Specification); QEMU block/qed.c for
 qemu-img's create options, limits and messages.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, OptionSpec
 from ...errors import InvalidOption
 from ...io import AtomicOutput, HostFile
 from ..raw import preallocation_option

@@ -142,7 +142,7 @@ class QedImage(Image):
         return b"".join(parts)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         for start, n, e in self._runs(offset, end - offset):
@@ -160,9 +160,7 @@ class QedImage(Image):
         return off
 
     def write(self, offset: int, data) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
-        view = memoryview(data).cast("B")
+        view = self._write_view(offset, data)
         end = offset + len(view)
         pos = offset
         while pos < end:

@@ -5,9 +5,9 @@ References: the VirtualBox VDI header layout; QEMU 7.2 block/vdi.c for qemu-img'
 """
 import array
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, OptionSpec
 from ...errors import ImageError, UnsupportedFeature
 from ...io import AtomicOutput, HostFile
 from ..raw import preallocation_option

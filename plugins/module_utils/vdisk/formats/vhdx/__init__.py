@@ -9,7 +9,7 @@ import struct
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...driver import Driver, OptionSpec, Policy
+from ...driver import Driver, OptionSpec
 from ...errors import CorruptImage, InvalidOption
 from ...io import AtomicOutput, HostFile
 from . import header as hdr

@@ -177,23 +177,21 @@ class VhdxImage(BlockTableImage):
                     yield i
 
     # -- mapping ------------------------------------------------------------------------------
-    def _block_host(self, block: int) -> Optional[int]:
-        """Host offset of payload block *block*, None when it reads as zeros."""
-        e = self.bat[hdr.bat_index(block, self.ratio)]
+    def _block_host(self, index: int) -> Optional[int]:
+        """Host offset of payload block *index*, None when it reads as zeros."""
+        e = self.bat[hdr.bat_index(index, self.ratio)]
         state = e & hdr.BAT_STATE_MASK
         if state == hdr.PAYLOAD_BLOCK_FULLY_PRESENT:
             return e & hdr.BAT_OFFSET_MASK
         if state in hdr.ZERO_STATES:
             return None
         raise CorruptImage("payload block %d has state %d (%s), which needs a parent image" % (
-            block, state, "PARTIALLY_PRESENT" if state == hdr.PAYLOAD_BLOCK_PARTIALLY_PRESENT else "invalid"),
+            index, state, "PARTIALLY_PRESENT" if state == hdr.PAYLOAD_BLOCK_PARTIALLY_PRESENT else "invalid"),
             path=self.path, field="BAT")
 
     # -- writes ------------------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
-        view = memoryview(data).cast("B")
+        view = self._write_view(offset, data)
         if not len(view):
             return
         self._user_visible_write()

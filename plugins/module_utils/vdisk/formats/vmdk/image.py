@@ -209,7 +209,7 @@ class VmdkImage(Image):
                 part[:] = self.read_backing(guest, n)
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         yield from self._merge(self._runs(offset, end - offset))

@@ -3,7 +3,7 @@
 References: Microsoft's "Virtual Hard Disk Image Format Specification"; QEMU 7.2 block/vpc.c for
 qemu-img's options (``subformat``, ``force_size``), CHS rounding, limits and messages.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError

@@ -109,7 +109,7 @@ class VpcImage(BlockTableImage):
         return None
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        end = self._extent_end(offset, length)
         if end <= offset:
             return
         if self.fixed:
@@ -121,9 +121,7 @@ class VpcImage(BlockTableImage):
 
     # -- writes ---------------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
-        self._check_writable()
-        self._check_range(offset, len(data))
-        view = memoryview(data).cast("B")
+        view = self._write_view(offset, data)
         if self.fixed:
             if offset + len(view) > self.data_end:
                 raise CorruptImage("the footer claims %d bytes but the file holds %d before its footer"
