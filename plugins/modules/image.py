@@ -85,6 +85,53 @@ options:
         (written beside it and renamed into place). Its content and snapshots are lost.
     type: bool
     default: false
+  encryption:
+    description:
+      - Encrypt the image with LUKS, as QEMU does (C(qemu-img create -f luks) or C(-f qcow2 -o encrypt.format=luks)).
+        The image must be O(format=luks) or O(format=qcow2); O(format=luks) needs this option.
+      - Encryption is fixed when an image is made. An existing plain image is not encrypted in place, nor an
+        encrypted one decrypted, and the cipher suboptions must match the image's; each mismatch fails unless
+        O(recreate=true) (then a new empty image replaces it).
+      - On an existing encrypted image the passphrase is checked before anything is planned (a wrong one fails,
+        in check mode too); growing or shrinking it needs the passphrase.
+      - The passphrase is never shown in results, diffs, action descriptions or messages. See C(docs/security.md).
+    type: dict
+    suboptions:
+      format:
+        description:
+          - Encryption format.
+        type: str
+        choices: [luks]
+        default: luks
+      passphrase:
+        description:
+          - The passphrase (QEMU's C(key-secret)), used as given (UTF-8).
+          - Exactly one of O(encryption.passphrase) and O(encryption.passphrase_file) is required.
+        type: str
+      passphrase_file:
+        description:
+          - A file on the managed host holding the passphrase, read when the module runs.
+          - One trailing newline (LF or CR LF) is removed, so C(echo secret > file) works; QEMU's
+            C(--object secret,file=) does not remove it (write the file with C(printf %s) for both).
+        type: path
+      cipher_alg:
+        description:
+          - Cipher algorithm of a new image (C(cipher-alg)); vdisk encrypts with V(aes-128) or V(aes-256).
+          - Default V(aes-256).
+        type: str
+      cipher_mode:
+        description:
+          - Cipher mode of a new image (C(cipher-mode)), V(xts) or V(cbc). Default V(xts).
+        type: str
+      hash_alg:
+        description:
+          - Hash algorithm of the key derivation of a new image (C(hash-alg)). Default V(sha256).
+        type: str
+      iter_time:
+        description:
+          - Milliseconds spent in PBKDF2 when the key slot of a new image is made (C(iter-time)). Default 2000.
+          - Not recorded in the image, so not compared with an existing one.
+        type: int
   allowed_paths:
     description:
       - Directories outside the image's own directory tree from which files the image names (backing
@@ -147,6 +194,25 @@ EXAMPLES = r"""
     format: raw
     recreate: true
 
+- name: A LUKS-encrypted disk, its passphrase in a file only root can read
+  vdisk.images.image:
+    path: /srv/images/secret.luks
+    format: luks
+    size: 20G
+    mode: "0600"
+    encryption:
+      passphrase_file: /etc/vdisk/secret.pass
+
+- name: A qcow2 disk encrypted with LUKS, the passphrase from Ansible Vault
+  vdisk.images.image:
+    path: /srv/images/vault.qcow2
+    size: 20G
+    encryption:
+      format: luks
+      passphrase: "{{ vault_disk_passphrase }}"
+      cipher_alg: aes-256
+      iter_time: 2000
+
 - name: Remove a disk
   vdisk.images.image:
     path: /srv/images/old.qcow2
@@ -188,7 +254,9 @@ actions:
       description: What the action does, in words.
       type: str
     before:
-      description: The properties the action changes, before it.
+      description:
+        - The properties the action changes, before it. An encrypted image shows C(encryption) (its format
+          and cipher, never the passphrase).
       type: dict
     after:
       description: The same properties after it.
@@ -212,7 +280,17 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image imp
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec import image_spec
 
 SPEC_FIELDS = ("path", "state", "format", "size", "preallocation", "backing_file", "backing_format", "options",
-               "allow_shrink", "recreate")
+               "allow_shrink", "recreate", "encryption")
+# the encryption option (state.encryption reads it; image_convert declares the same)
+ENCRYPTION_SPEC = dict(
+    format=dict(type="str", default="luks", choices=["luks"]),
+    passphrase=dict(type="str", no_log=True),
+    passphrase_file=dict(type="path", no_log=False),
+    cipher_alg=dict(type="str"),
+    cipher_mode=dict(type="str"),
+    hash_alg=dict(type="str"),
+    iter_time=dict(type="int"),
+)
 
 
 def module_policy(allowed_paths):
@@ -233,6 +311,8 @@ def main():
             options=dict(type="dict", default={}),
             allow_shrink=dict(type="bool", default=False),
             recreate=dict(type="bool", default=False),
+            encryption=dict(type="dict", options=ENCRYPTION_SPEC, mutually_exclusive=[("passphrase", "passphrase_file")],
+                            required_one_of=[("passphrase", "passphrase_file")]),
             allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
@@ -241,7 +321,7 @@ def main():
     params = module.params
     try:
         with signals_raise():      # killed (SIGTERM, SIGHUP): a new image's temporary file is removed
-            spec = image_spec({name: params[name] for name in SPEC_FIELDS})
+            spec = image_spec({name: params[name] for name in SPEC_FIELDS}, inline_secrets=True)
             result = apply_image(spec, module_policy(params["allowed_paths"]), check_mode=module.check_mode)
     except Terminated as exc:
         module.fail_json(msg="%s: %s" % (params["path"], exc))

@@ -75,6 +75,70 @@ options:
     type: str
     default: compare
     choices: [compare, skip, replace]
+  encryption:
+    description:
+      - Encrypt the destination with LUKS, as C(qemu-img convert -O luks) (or C(-O qcow2 -o encrypt.format=luks))
+        does. O(format) must be V(luks) or V(qcow2); V(luks) needs this option.
+      - With O(on_exists=compare), an existing destination that is not encrypted as asked (plain, or another
+        cipher) is rewritten; one that is opens with this passphrase to compare its content.
+      - The passphrase is never shown in results, diffs, action descriptions or messages. See C(docs/security.md).
+    type: dict
+    suboptions:
+      format:
+        description:
+          - Encryption format.
+        type: str
+        choices: [luks]
+        default: luks
+      passphrase:
+        description:
+          - The passphrase (QEMU's C(key-secret)), used as given (UTF-8).
+          - Exactly one of O(encryption.passphrase) and O(encryption.passphrase_file) is required.
+        type: str
+      passphrase_file:
+        description:
+          - A file on the managed host holding the passphrase, read when the module runs.
+          - One trailing newline (LF or CR LF) is removed, so C(echo secret > file) works; QEMU's
+            C(--object secret,file=) does not remove it (write the file with C(printf %s) for both).
+        type: path
+      cipher_alg:
+        description:
+          - Cipher algorithm (C(cipher-alg)); vdisk encrypts with V(aes-128) or V(aes-256). Default V(aes-256).
+        type: str
+      cipher_mode:
+        description:
+          - Cipher mode (C(cipher-mode)), V(xts) or V(cbc). Default V(xts).
+        type: str
+      hash_alg:
+        description:
+          - Hash algorithm of the key derivation (C(hash-alg)). Default V(sha256).
+        type: str
+      iter_time:
+        description:
+          - Milliseconds spent in PBKDF2 when the key slot is made (C(iter-time)). Default 2000.
+        type: int
+  source_encryption:
+    description:
+      - The passphrase of an encrypted O(src) (a luks image, or a qcow2 image with LUKS encryption), as
+        C(qemu-img convert --object secret,... --image-opts driver=luks,key-secret=...) takes it.
+      - Required when O(src) is encrypted; the source's own header tells how it is encrypted.
+    type: dict
+    suboptions:
+      format:
+        description:
+          - Encryption format of the source.
+        type: str
+        choices: [luks]
+        default: luks
+      passphrase:
+        description:
+          - The passphrase, used as given (UTF-8).
+          - Exactly one of O(source_encryption.passphrase) and O(source_encryption.passphrase_file) is required.
+        type: str
+      passphrase_file:
+        description:
+          - A file on the managed host holding the passphrase; one trailing newline (LF or CR LF) is removed.
+        type: path
   allowed_paths:
     description:
       - Directories outside the image's own directory tree from which files the source image names (its
@@ -121,6 +185,22 @@ EXAMPLES = r"""
     format: raw
     on_exists: skip
     mode: "0640"
+
+- name: A LUKS-encrypted copy of a golden image
+  vdisk.images.image_convert:
+    src: /srv/images/golden.qcow2
+    dest: /srv/images/secret.luks
+    format: luks
+    mode: "0600"
+    encryption:
+      passphrase_file: /etc/vdisk/secret.pass
+
+- name: A plain qcow2 copy of an encrypted image
+  vdisk.images.image_convert:
+    src: /srv/images/secret.luks
+    source_encryption:
+      passphrase: "{{ vault_disk_passphrase }}"
+    dest: /srv/export/plain.qcow2
 """
 
 RETURN = r"""
@@ -153,6 +233,7 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt impor
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.content import converted_content_matches
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.encryption import parse_encryption, reserved_options
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.observe import observe
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.plan import plan_convert, predict, properties
 
@@ -164,14 +245,29 @@ NOT_IN_OPTIONS = {"size": "the source's size", "backing_file": "the backing_file
 def typed_options(fmt, options, dest):
     """The destination format's create options, validated and typed (errors name the option)."""
     driver = get_driver(fmt)
+    own = dict(NOT_IN_OPTIONS, **{k: "the option %s" % v for k, v in reserved_options(fmt).items()})
     for name in options:
-        if name in NOT_IN_OPTIONS:
-            raise InvalidOption("'%s' is not taken in options: use %s" % (name, NOT_IN_OPTIONS[name]), path=dest,
-                                field=name)
+        if name in own:
+            raise InvalidOption("'%s' is not taken in options: use %s" % (name, own[name]), path=dest, field=name)
     try:
         return driver.parse_options({k: v for k, v in options.items() if v is not None})
     except ImageError as exc:
         raise InvalidOption("%s (format %s)" % (exc.message, fmt), path=dest, field=exc.field) from None
+
+
+# the encryption options (state.encryption reads them; the image module declares the same encryption)
+SOURCE_ENCRYPTION_SPEC = dict(
+    format=dict(type="str", default="luks", choices=["luks"]),
+    passphrase=dict(type="str", no_log=True),
+    passphrase_file=dict(type="path", no_log=False),
+)
+ENCRYPTION_SPEC = dict(
+    SOURCE_ENCRYPTION_SPEC,
+    cipher_alg=dict(type="str"),
+    cipher_mode=dict(type="str"),
+    hash_alg=dict(type="str"),
+    iter_time=dict(type="int"),
+)
 
 
 def module_policy(allowed_paths):
@@ -191,6 +287,11 @@ def main():
             snapshot=dict(type="str"),
             backing_file=dict(type="str"),
             on_exists=dict(type="str", default="compare", choices=["compare", "skip", "replace"]),
+            encryption=dict(type="dict", options=ENCRYPTION_SPEC, mutually_exclusive=[("passphrase", "passphrase_file")],
+                            required_one_of=[("passphrase", "passphrase_file")]),
+            source_encryption=dict(type="dict", options=SOURCE_ENCRYPTION_SPEC,
+                                   mutually_exclusive=[("passphrase", "passphrase_file")],
+                                   required_one_of=[("passphrase", "passphrase_file")]),
             allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,
@@ -202,6 +303,11 @@ def main():
     try:
         with signals_raise():      # killed (SIGTERM, SIGHUP): the temporary output is removed
             options = typed_options(fmt, p["options"] or {}, dest)
+            encryption = parse_encryption(p["encryption"], dest)
+            source_encryption = parse_encryption(p["source_encryption"], src, name="source_encryption", source=True)
+            if fmt == "luks" and encryption is None:
+                raise InvalidOption("format luks needs encryption (its passphrase or passphrase_file)", path=dest,
+                                    field="encryption")
             if p["src_format"]:
                 get_driver(p["src_format"])
             if p["compress"] and "compression" not in get_driver(fmt).capabilities:
@@ -213,7 +319,9 @@ def main():
             actions = plan_convert(
                 source, target, fmt, options, p["on_exists"], p["compress"], p["backing_file"], p["src_format"],
                 p["snapshot"],
-                same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"], policy))
+                same_content=lambda: converted_content_matches(src, dest, source.format, fmt, p["snapshot"], policy,
+                                                               source_encryption, encryption),
+                encryption=encryption, source_encryption=source_encryption)
             final = target
             if actions and not module.check_mode:
                 apply(actions, policy)

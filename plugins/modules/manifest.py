@@ -36,7 +36,11 @@ options:
       - The images, each a dict with the fields of a manifest's C(images) entry (C(path), C(state),
         C(format), C(size), C(preallocation), C(options), C(backing_file), C(backing_format),
         C(snapshots), C(prune_snapshots), C(source), C(source_checksum), C(source_format), C(compress),
-        C(allow_shrink), C(recreate), C(owner), C(group), C(mode)). See C(docs/manifest.md).
+        C(allow_shrink), C(recreate), C(encryption), C(owner), C(group), C(mode)). See C(docs/manifest.md).
+      - C(encryption) (C(format=luks), C(passphrase_file), C(cipher_alg), C(cipher_mode), C(hash_alg),
+        C(iter_time)) makes a new image LUKS-encrypted; the passphrase comes from C(passphrase_file) on the
+        managed host (relative to O(dir)), read when an action needs it. A passphrase written in the data is
+        refused (and masked in the results). See C(docs/security.md).
       - C(source) is a local image, or an C(http://) or C(https://) URL that the managed host downloads
         when the image is made, verified against C(source_checksum) (V(sha256:HEX) or V(sha512:HEX),
         required with a URL) before anything is converted. Planning (check mode included) never downloads.
@@ -206,6 +210,16 @@ def _action(entry, action):
     return {"image": entry.name, "path": action.path, "kind": action.kind, "description": action.description}
 
 
+def _masked(module):
+    """A passphrase written in the images' data by mistake (a manifest takes passphrase_file only, so it is
+    refused) is still kept out of the module's results (invocation): Ansible masks no_log values."""
+    params = module.params
+    for fields in list(params["images"] or []) + [params["defaults"] or {}]:
+        encryption = fields.get("encryption") if isinstance(fields, dict) else None
+        if isinstance(encryption, dict) and isinstance(encryption.get("passphrase"), str):
+            module.no_log_values.add(encryption["passphrase"])
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -222,6 +236,7 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
+    _masked(module)
     if params["src"]:
         if params["defaults"]:
             module.fail_json(msg="defaults are given in the manifest file, not with src")

@@ -130,7 +130,7 @@ def test_a_field_named_by_its_message_is_not_repeated():
     ("{size: 1M}", 3, "path", "path is required"),
     ("{path: a.qcow2, sise: 1M}", 3, "sise", "unknown field 'sise' (known: path, state, format, size, "
      "preallocation, options, backing_file, backing_format, snapshots, prune_snapshots, source, source_checksum, source_format, "
-     "compress, allow_shrink, recreate, owner, group, mode)"),
+     "compress, allow_shrink, recreate, encryption, owner, group, mode)"),
     ("5", 3, None, "expected a mapping, got 5"),
 ])
 def test_one_mistake_one_problem_worded_for_users(tmp_path, image, line, field, message):
@@ -154,7 +154,7 @@ def test_one_mistake_one_problem_worded_for_users(tmp_path, image, line, field, 
     ("version: true\nimages: []\n", 1, "version", "invalid value true: expected one of 1"),
     ("version: 1\nimages: []\ndefaults: {colour: red}\n", 3, "defaults.colour",
      "unknown field 'colour' (known: path, state, format, size, preallocation, options, backing_file, "
-     "backing_format, snapshots, prune_snapshots, source, source_checksum, source_format, compress, allow_shrink, recreate, owner, "
+     "backing_format, snapshots, prune_snapshots, source, source_checksum, source_format, compress, allow_shrink, recreate, encryption, owner, "
      "group, mode)"),
     ("images: []\n", 1, "version", "version is required"),
 ])

@@ -108,7 +108,7 @@ def test_every_problem_at_once_cli(tmp_path, capsys):
         "(suffixes k, M, G, T, P, E)" % path,
         "vdisk: validate: %s: line 7: images[1] (b.qcow2): colour: unknown field 'colour' (known: path, state, "
         "format, size, preallocation, options, backing_file, backing_format, snapshots, prune_snapshots, source, "
-        "source_checksum, source_format, compress, allow_shrink, recreate, owner, group, mode)" % path,
+        "source_checksum, source_format, compress, allow_shrink, recreate, encryption, owner, group, mode)" % path,
         unknown,
         "vdisk: validate: %s: line 13: images[3] (d.qcow2): cluster_sise: Invalid parameter 'cluster_sise' for "
         "format qcow2 (known: cluster_size, compat, compression_type, data_file, data_file_raw, encrypt.format, "

@@ -277,7 +277,10 @@ def _defaults(name: str, base: str, defaults: Any, problems: List[Problem]) -> O
                                 line=line_of(defaults, (exc.field,))))
         return None
     # options are only checked against a format the defaults name (images may each name theirs)
-    own = {k: fields[k] for k in ("format", "options", "preallocation") if k in fields and "format" in fields}
+    own = {k: fields[k] for k in ("format", "options", "preallocation", "encryption") if k in fields and "format" in fields}
+    if own.get("format") == "luks" and "encryption" not in own:
+        # a luks image needs encryption, which each image may give: the defaults' own fields are checked as if given
+        own["encryption"] = {"passphrase_file": "-"}
     try:
         image_spec(dict(own, path="defaults"), base_dir=base)
     except ImageError as exc:
@@ -322,10 +325,14 @@ def _entry(name: str, index: int, image: Dict[str, Any], base: str, settled: _Se
 
 def _field_line(mapping: Any, what: Optional[str]) -> Optional[int]:
     """The line of field *what* in an image (or the defaults): its key, else its key among the
-    image's options (image_spec names a create option by its own name), else the image's."""
+    image's options (image_spec names a create option by its own name), else the key of a dotted
+    field in its mapping (``encryption.cipher_alg``), else the image's."""
     if what and isinstance(mapping, dict) and what not in mapping and isinstance(mapping.get("options"), dict) \
             and what in mapping["options"]:
         return line_of(mapping, ("options", what))
+    head, dot, rest = (what or "").partition(".")
+    if dot and isinstance(mapping, dict) and isinstance(mapping.get(head), dict) and rest in mapping[head]:
+        return line_of(mapping, (head, rest))       # encryption.cipher_alg
     return line_of(mapping, (what,) if what else ())
 
 

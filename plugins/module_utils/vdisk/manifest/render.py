@@ -73,9 +73,11 @@ def action_text(action: Action, names: Dict[str, str]) -> str:
             what.append("compressed")
         if after.get("options"):
             what.append("options %s" % _value("options", after["options"]))
+        if after.get("encryption"):
+            what.append("encrypted (%s)" % _value("encryption", after["encryption"]))
         text = "%s: %s" % ("convert" if kind == CONVERT else kind, "; ".join(what))
         if kind == REPLACE:
-            changed = _changes(before, after, ("format", "virtual-size", "backing-filename"))
+            changed = _changes(before, after, ("format", "virtual-size", "backing-filename", "encryption"))
             changed += ["%s: %s -> %s" % (k, _value(k, before.get("options", {}).get(k)), _value(k, v))
                         for k, v in sorted(after.get("options", {}).items())
                         if before.get("options", {}).get(k) not in (None, v)]

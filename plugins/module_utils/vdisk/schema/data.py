@@ -189,6 +189,59 @@ SCHEMA = {
                     ),
                     'type': 'boolean',
                 },
+                'encryption': {
+                    'description': (
+                        'Encrypt the image (format luks, or qcow2 with LUKS encryption). '
+                        'Fixed when the image is made: a plain image is not encrypted in '
+                        'place (nor the reverse). The passphrase is read from '
+                        'passphrase_file when an action needs it; secrets are never '
+                        'written in a manifest.'
+                    ),
+                    'type': 'object',
+                    'additionalProperties': False,
+                    'properties': {
+                        'format': {
+                            'description': 'Encryption format.',
+                            'type': 'string',
+                            'enum': ['luks'],
+                        },
+                        'passphrase_file': {
+                            'description': (
+                                "File holding the passphrase (relative to the manifest's "
+                                'directory); one trailing newline is removed. Keep it mode '
+                                '0600, out of git.'
+                            ),
+                            'type': 'string',
+                            'minLength': 1,
+                        },
+                        'cipher_alg': {
+                            'description': (
+                                "Cipher algorithm of a new image (qemu-img's cipher-alg; "
+                                'default aes-256).'
+                            ),
+                            'type': 'string',
+                        },
+                        'cipher_mode': {
+                            'description': 'Cipher mode of a new image (cipher-mode; default xts).',
+                            'type': 'string',
+                        },
+                        'hash_alg': {
+                            'description': (
+                                'Hash of the key derivation of a new image (hash-alg; default '
+                                'sha256).'
+                            ),
+                            'type': 'string',
+                        },
+                        'iter_time': {
+                            'description': (
+                                'Milliseconds of PBKDF2 when the image is made (iter-time; '
+                                'default 2000).'
+                            ),
+                            'type': 'integer',
+                            'minimum': 1,
+                        },
+                    },
+                },
                 'owner': {
                     'description': 'Owner of the image file (name or uid).',
                     'type': ['string', 'integer'],

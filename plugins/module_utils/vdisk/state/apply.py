@@ -14,6 +14,7 @@ from ..io import remove_file
 from ..ops.chain import close_chain, open_image
 from . import download
 from . import plan as p
+from .encryption import create_options, unlocking
 
 
 def apply(actions: Iterable[p.Action], policy: Optional[Policy] = None,
@@ -45,7 +46,7 @@ def _create(action: p.Action, policy: Optional[Policy], downloads: Optional[down
     if params.get("source"):
         _convert(action, policy, downloads)
         return
-    options = _raw_options(params)
+    options = _raw_options(params, action.path)
     create(action.path, params["format"], params.get("size"), options, params.get("backing_file"),
            params.get("backing_format"), policy)
 
@@ -72,17 +73,22 @@ def _convert_from(action: p.Action, source: str, policy: Optional[Policy]) -> No
     from ..ops.convert import ConvertOptions, convert
     params = action.params
     backing = params.get("backing_file")
-    opts = ConvertOptions(src_fmt=params.get("source_format"), out_fmt=params["format"], options=_raw_options(params),
+    opts = ConvertOptions(src_fmt=params.get("source_format"), out_fmt=params["format"],
+                          options=_raw_options(params, action.path),
                           compress=bool(params.get("compress")), snapshot=params.get("snapshot"),
                           backing=backing or None,
                           backing_fmt=(params.get("backing_format") or None) if backing else None)
-    convert([source], action.path, opts, policy=policy)
+    # the source opens with its own passphrase (image_convert's source_encryption); the new image with the
+    # passphrase its create options carry
+    convert([source], action.path, opts, policy=unlocking(policy, params.get("source_encryption"), source))
 
 
-def _raw_options(params: Dict[str, Any]) -> Dict[str, Any]:
+def _raw_options(params: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """The create options of a new image: the typed options, preallocation, encryption (its passphrase read now)."""
     options = dict(params.get("options") or {})
     if params.get("preallocation"):
         options["preallocation"] = params["preallocation"]
+    options.update(create_options(params["format"], params.get("encryption"), path))
     return options
 
 
@@ -94,7 +100,8 @@ def _delete(action: p.Action, policy: Optional[Policy]) -> None:
 def _resize(action: p.Action, policy: Optional[Policy]) -> None:
     params = action.params
     # the backing chain is opened: growing a qcow2 must hide what a longer backing file holds past the old end
-    image = open_image(action.path, params["format"], writable=True, policy=policy)
+    image = open_image(action.path, params["format"], writable=True,
+                       policy=unlocking(policy, params.get("encryption"), action.path))
     try:
         image.resize(params["size"], shrink=action.kind == p.SHRINK, preallocation=params.get("preallocation") or "off")
         image.flush()
@@ -104,7 +111,8 @@ def _resize(action: p.Action, policy: Optional[Policy]) -> None:
 
 def _in_place(action: p.Action, policy: Optional[Policy]) -> None:
     params = action.params
-    image = open_image(action.path, params.get("format"), writable=True, policy=policy, backing=False)
+    image = open_image(action.path, params.get("format"), writable=True,
+                       policy=unlocking(policy, params.get("encryption"), action.path), backing=False)
     try:
         if action.kind == p.AMEND:
             image.amend(dict(params["options"]))

@@ -143,7 +143,8 @@ def _dependency(path: str, fmt: Optional[str], earlier: List[ImagePlan], policy:
             return ObservedImage(path=path, exists=after.get("state") == "present", format=after.get("format"),
                                  virtual_size=after.get("virtual-size"), options=dict(after.get("options") or {}),
                                  backing_file=after.get("backing-filename"),
-                                 backing_format=after.get("backing-filename-format"))
+                                 backing_format=after.get("backing-filename-format"),
+                                 encryption=after.get("encryption"))
     return observe(path, fmt, policy)
 
 

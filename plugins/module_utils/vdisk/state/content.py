@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..driver import DATA, UNALLOCATED, Image, Policy
 from ..ops.chain import close_chain, open_image
+from .encryption import Encryption, unlocking
 
 WINDOW = 8 * 1024 * 1024
 
@@ -68,18 +69,22 @@ def snapshot_matches_active(path: str, name: str, fmt: Optional[str] = None,
 
 
 def converted_content_matches(source: str, dest: str, src_format: Optional[str], dest_format: str,
-                              snapshot: Optional[str] = None, policy: Optional[Policy] = None) -> bool:
+                              snapshot: Optional[str] = None, policy: Optional[Policy] = None,
+                              source_encryption: Optional[Encryption] = None,
+                              encryption: Optional[Encryption] = None) -> bool:
     """True when *dest* (format *dest_format*) holds the guest content of *source* (or of its
-    internal *snapshot*, qemu-img's ``-l`` syntax)."""
-    if snapshot is None:
+    internal *snapshot*, qemu-img's ``-l`` syntax).  An encrypted source or destination opens with
+    the passphrase of *source_encryption* or *encryption* (each its own)."""
+    if snapshot is None and source_encryption is None and encryption is None:
         from ..ops.compare import compare
         return compare(source, dest, src_format, dest_format, strict=False, policy=policy,
                        say=lambda line: None) == 0
     from ..ops.convert import parse_snapshot_param
-    src = open_image(source, src_format, writable=False, policy=policy)
+    src = open_image(source, src_format, writable=False, policy=unlocking(policy, source_encryption, source))
     try:
-        src.select_snapshot(*parse_snapshot_param(snapshot))
-        out = open_image(dest, dest_format, writable=False, policy=policy)
+        if snapshot is not None:
+            src.select_snapshot(*parse_snapshot_param(snapshot))
+        out = open_image(dest, dest_format, writable=False, policy=unlocking(policy, encryption, dest))
         try:
             return same_content(src, out)
         finally:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..driver import Policy
 from .apply import apply
 from .download import observe_download
+from .encryption import check_passphrase, mismatch
 from .observe import ObservedImage, observe
 from .plan import Action, plan, predict, properties
 from .spec import ImageSpec
@@ -69,6 +70,9 @@ def plan_one(spec: ImageSpec, policy: Policy, dependency: Optional[Dependency] =
     made earlier in its run; default: observe the file).  *policy* is already :func:`policy_for` the spec."""
     dependency = dependency or observe
     observed = observe(spec.path, None, policy)
+    if spec.state == "present" and spec.encryption is not None and observed.encryption is not None \
+            and observed.format == spec.format and mismatch(spec.encryption, observed.encryption) is None:
+        check_passphrase(spec.path, observed.format, spec.encryption, policy)    # a wrong one: an error now
     source = backing = None
     made = spec.state == "present" and (not observed.exists or spec.recreate)
     if made and spec.source:

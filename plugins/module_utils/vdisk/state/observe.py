@@ -12,6 +12,7 @@ from ..errors import ImageError
 from ..ops.chain import close_chain, open_image
 from ..ops.info import image_info
 from ..registry import get_driver, probe_file
+from .encryption import observed_encryption
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ObservedImage:
     backing_format: Optional[str] = None
     snapshots: List[Dict[str, Any]] = field(default_factory=list)   # qemu-img's SnapshotInfo dicts
     info: Dict[str, Any] = field(default_factory=dict)              # `vdisk info --output=json`
+    encryption: Optional[Dict[str, Any]] = None     # state.encryption.observed_encryption: None when plain
 
     @property
     def snapshot_names(self) -> List[str]:
@@ -60,7 +62,8 @@ def from_info(path: str, info: Dict[str, Any], cluster_size: Optional[int] = Non
                          options=observed_options(fmt, info, cluster_size),
                          backing_file=info.get("backing-filename"),
                          backing_format=info.get("backing-filename-format"),
-                         snapshots=list(info.get("snapshots") or []), info=info)
+                         snapshots=list(info.get("snapshots") or []), info=info,
+                         encryption=observed_encryption(info))
 
 
 def observed_options(fmt: str, info: Dict[str, Any], cluster_size: Optional[int] = None) -> Dict[str, Any]:

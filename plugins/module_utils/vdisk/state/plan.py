@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ..errors import ImageError, InvalidOption
 from ..registry import get_driver
 from ..units import format_size, round_up
+from . import encryption as enc
 from .observe import ObservedImage, normalize_option
 from .spec import ImageSpec, check_snapshot_name
 
@@ -49,6 +50,8 @@ def properties(observed: ObservedImage) -> Dict[str, Any]:
             props["backing-filename-format"] = observed.backing_format
     if observed.snapshots:
         props["snapshots"] = observed.snapshot_names
+    if observed.encryption is not None:
+        props["encryption"] = enc.shown(observed.encryption)
     return props
 
 
@@ -138,7 +141,9 @@ def _make(spec: ImageSpec, observed: ObservedImage, source: Optional[ObservedIma
                              "options": dict(spec.options)}
     params: Dict[str, Any] = {"format": spec.format, "options": dict(spec.options),
                               "preallocation": spec.preallocation, "backing_file": spec.backing_file,
-                              "backing_format": spec.backing_format}
+                              "backing_format": spec.backing_format, "encryption": spec.encryption}
+    if spec.encryption is not None:
+        after["encryption"] = enc.summary(spec.encryption)
     from_source = bool(spec.source or spec.source_url)
     if spec.backing_file:
         after["backing-filename"] = spec.backing_file
@@ -186,6 +191,10 @@ def _convert_source(made: _Made, source: Optional[ObservedImage]) -> List[Action
         raise ImageError("source image %s does not exist" % spec.source, path=spec.path, field="source")
     else:
         params["source"] = spec.source
+    if source is not None and source.encryption is not None:
+        raise InvalidOption("the source %s is encrypted (%s): a manifest converts only plain sources (the "
+                            "image_convert module takes source_encryption)" % (source.path, source.encryption["format"]),
+                            path=spec.path, field="source")
     size = None if source is None or source.virtual_size is None else round_up(source.virtual_size, 512)
     source_format = spec.source_format or (source.format if source is not None else None)
     params.update(source_format=source_format, compress=spec.compress)
@@ -248,6 +257,9 @@ def _mismatch(spec: ImageSpec, observed: ObservedImage) -> Optional[tuple]:
         if not (driver.option(name).amendable and "amend" in driver.capabilities):
             return name, "%s is %s, not %s, and is fixed when an image is made" % (name, _show(have),
                                                                                    _show(wanted))
+    why = enc.mismatch(spec.encryption, observed.encryption)
+    if why:
+        return "encryption", why
     return None
 
 
@@ -277,7 +289,7 @@ def _amend(spec: ImageSpec, observed: ObservedImage) -> Optional[Action]:
         return None
     changes = ", ".join("%s %s -> %s" % (k, _show(before[k]), _show(after[k])) for k in sorted(after))
     return Action(AMEND, spec.path, "amend %s: %s" % (spec.path, changes), before, after,
-                  {"options": options, "format": spec.format})
+                  {"options": options, "format": spec.format, "encryption": spec.encryption})
 
 
 def _resize(spec: ImageSpec, current: int, wanted: Optional[int], of_backing: bool = False) -> Optional[Action]:
@@ -287,7 +299,8 @@ def _resize(spec: ImageSpec, current: int, wanted: Optional[int], of_backing: bo
         return None
     before, after = {"virtual-size": current}, {"virtual-size": wanted}
     change = "%s -> %s" % (format_size(current), format_size(wanted))
-    params = {"size": wanted, "format": spec.format, "preallocation": spec.preallocation or "off"}
+    params = {"size": wanted, "format": spec.format, "preallocation": spec.preallocation or "off",
+              "encryption": spec.encryption}
     if wanted > current:
         what = "grow %s: %s%s" % (spec.path, change, " (the size of its backing file)" if of_backing else "")
         return Action(GROW, spec.path, what, before, after, params)
@@ -304,7 +317,7 @@ def _resize(spec: ImageSpec, current: int, wanted: Optional[int], of_backing: bo
 
 def _snapshot_creates(spec: ImageSpec, existing: List[str]) -> List[Action]:
     return [Action(SNAPSHOT_CREATE, spec.path, "create snapshot '%s' of %s" % (name, spec.path), {},
-                   {"snapshot": name}, {"name": name, "format": spec.format})
+                   {"snapshot": name}, {"name": name, "format": spec.format, "encryption": spec.encryption})
             for name in spec.snapshots if name not in existing]
 
 
@@ -363,12 +376,15 @@ ON_EXISTS = ("compare", "skip", "replace")
 def plan_convert(source: ObservedImage, dest: ObservedImage, fmt: str, options: Dict[str, Any],
                  on_exists: str = "compare", compress: bool = False, backing_file: Optional[str] = None,
                  src_format: Optional[str] = None, snapshot: Optional[str] = None,
-                 same_content: Optional[Callable[[], bool]] = None) -> List[Action]:
+                 same_content: Optional[Callable[[], bool]] = None, encryption: Optional[enc.Encryption] = None,
+                 source_encryption: Optional[enc.Encryption] = None) -> List[Action]:
     """Actions that make *dest* a conversion of *source* into *fmt* with typed create *options*.
 
     ``on_exists``: ``skip`` keeps any existing file; ``replace`` always rewrites it; ``compare``
     rewrites it unless it already is *fmt* with *options* and the backing file asked for, has the
-    source's size, and *same_content()* says its guest content equals the source's.
+    source's size, is encrypted as *encryption* declares (state.encryption; plain when None),
+    and *same_content()* says its guest content equals the source's.  *source_encryption* unlocks
+    an encrypted source.
     """
     path = dest.path
     if not source.exists:
@@ -378,22 +394,31 @@ def plan_convert(source: ObservedImage, dest: ObservedImage, fmt: str, options: 
         raise InvalidOption("invalid on_exists %r: expected one of %s" % (on_exists, ", ".join(ON_EXISTS)),
                             path=path, field="on_exists")
     size = round_up(source.virtual_size or 0, 512)
+    if encryption is not None:
+        enc.engine_prefix(fmt, path)
+    if dest.exists and on_exists == "skip":
+        return []
+    if source.encryption is not None and source_encryption is None:
+        raise InvalidOption("the source is encrypted (%s): give source_encryption with its passphrase"
+                            % source.encryption["format"], path=source.path, field="source_encryption")
     if dest.exists:
-        if on_exists == "skip":
-            return []
         if on_exists == "compare" and _convert_matches(dest, fmt, options, backing_file, size) \
+                and enc.mismatch(encryption, dest.encryption) is None \
                 and (same_content is None or same_content()):
             return []
     after: Dict[str, Any] = {"path": path, "state": "present", "format": fmt, "virtual-size": size,
                              "options": {k: normalize_option(fmt, k, v) for k, v in options.items()}}
     if backing_file:
         after["backing-filename"] = backing_file
+    if encryption is not None:
+        after["encryption"] = enc.summary(encryption)
     what = "convert %s%s (%s) into %s image %s%s" % (source.path, " snapshot '%s'" % snapshot if snapshot else "",
                                                      source.format, fmt, path, ", compressed" if compress else "")
     if dest.exists:
         what = "rewrite %s: %s" % (path, what)
     params = {"source": source.path, "source_format": src_format or source.format, "format": fmt,
-              "options": dict(options), "compress": compress, "backing_file": backing_file, "snapshot": snapshot}
+              "options": dict(options), "compress": compress, "backing_file": backing_file, "snapshot": snapshot,
+              "encryption": encryption, "source_encryption": source_encryption}
     return [Action(CONVERT, path, what, properties(dest), after, params)]
 
 

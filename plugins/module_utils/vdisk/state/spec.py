@@ -12,10 +12,11 @@ from ..errors import ImageError, InvalidOption
 from ..registry import get_driver
 from ..units import parse_bool, parse_size, round_up
 from .download import check_url, is_url, parse_checksum
+from .encryption import Encryption, engine_prefix, parse_encryption, reserved_options
 
 FIELDS = ("path", "state", "format", "size", "preallocation", "options", "backing_file", "backing_format",
           "snapshots", "prune_snapshots", "source", "source_checksum", "source_format", "compress", "allow_shrink",
-          "recreate")
+          "recreate", "encryption")
 STATES = ("present", "absent")
 DEFAULT_FORMAT = "qcow2"
 # create options that have their own field: accepting them in `options` too would give two answers
@@ -43,16 +44,19 @@ class ImageSpec:
     compress: bool = False                     # compressed clusters when converting from a source
     allow_shrink: bool = False
     recreate: bool = False
+    encryption: Optional[Encryption] = None    # state.encryption: how a new image is encrypted, how it opens
 
 
 def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
-               defaults: Optional[Mapping[str, Any]] = None) -> ImageSpec:
+               defaults: Optional[Mapping[str, Any]] = None, inline_secrets: bool = False) -> ImageSpec:
     """Validate one image's fields (*defaults* under them) and return its :class:`ImageSpec`.
 
     Relative ``path`` and ``source`` are taken relative to *base_dir* (the manifest's directory;
     default: the current directory); ``backing_file`` is kept as given, since the image stores it
     relative to its own directory.  A ``source`` that is an http(s) URL becomes ``source_url`` (with
     its required ``source_checksum``), so that path checks never see it.  ``None`` values count as not given.
+    ``encryption`` takes ``passphrase`` only with *inline_secrets* (the modules' no_log option; a
+    manifest names a ``passphrase_file``, relative to *base_dir*).
     """
     raw: Dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
     for name, value in fields.items():
@@ -86,6 +90,12 @@ def image_spec(fields: Mapping[str, Any], base_dir: Optional[str] = None,
     if "size" in raw:
         spec.size = round_up(_wrap(lambda: parse_size(raw["size"], "size"), path), 512)
     spec.options = _options(driver, raw.get("options"), path)
+    spec.encryption = parse_encryption(raw.get("encryption"), path, base_dir=base_dir, inline=inline_secrets)
+    if spec.encryption is not None:
+        engine_prefix(spec.format, path)
+    elif spec.format == "luks":
+        raise InvalidOption("format luks needs encryption (its format and passphrase_file)", path=path,
+                            field="encryption")
     if "preallocation" in raw:
         spec.preallocation = _preallocation(driver, raw["preallocation"], path)
     spec.backing_file = _file_name(raw, "backing_file", path)
@@ -181,8 +191,9 @@ def _options(driver, options: Any, path: str) -> Dict[str, Any]:
     typed: Dict[str, Any] = {}
     for name, value in options.items():
         name = str(name)
-        if name in OWN_FIELDS:
-            raise InvalidOption("'%s' is not taken in options: use the field %s" % (name, OWN_FIELDS[name]),
+        own = dict(OWN_FIELDS, **reserved_options(driver.name))
+        if name in own:
+            raise InvalidOption("'%s' is not taken in options: use the field %s" % (name, own[name]),
                                 path=path, field=name)
         try:
             spec = driver.option(name)
