@@ -69,6 +69,10 @@ def test_first_line():
 def test_expand():
     argv = bench.expand(["convert", "{in:big.raw}", "{out}"], {"big.raw": "/c/big.raw"}, "/s/out.qcow2")
     assert argv == ["convert", "/c/big.raw", "/s/out.qcow2"]
+    # inside QEMU's image options too
+    argv = bench.expand(["driver=raw,file.filename={in:big.raw}", "driver=luks,file.filename={out}"],
+                        {"big.raw": "/c/big.raw"}, "/s/out.luks")
+    assert argv == ["driver=raw,file.filename=/c/big.raw", "driver=luks,file.filename=/s/out.luks"]
 
 
 def test_cells_are_consistent():
@@ -76,11 +80,11 @@ def test_cells_are_consistent():
     thresholds = {c.name: c.threshold for c in bench.CELLS}
     assert thresholds == {"raw-qcow2": 1.2, "compressed": 0.6, "qcow2-raw": 1.2, "backing": None,
                           "raw-vdi": 1.2, "raw-vpc": 1.2, "raw-vhdx": 1.2, "vmdk-stream": 0.6,
-                          "compare": 1.2, "check": 1.5}
+                          "compare": 1.2, "check": 1.5, "raw-luks": 1.2, "raw-qcow2-luks": 1.2}
     for cell in bench.CELLS:
-        used = {a[4:-1] for a in cell.args if a.startswith("{in:")}
+        used = {m.group(1) for a in cell.args for m in bench.PLACEHOLDER.finditer(a) if m.group(1)}
         assert used <= set(cell.inputs) <= names, cell.name
-        assert ("{out}" in cell.args) == (cell.output is not None), cell.name
+        assert any("{out}" in a for a in cell.args) == (cell.output is not None), cell.name
         for fixture, _ in cell.links:
             assert fixture in cell.inputs
 

@@ -15,24 +15,28 @@ may be shorter: key material whose length is not a multiple of 512); IEEE 1619 f
 The ciphers come from the ``cryptography`` package, imported on first use (:func:`backend`), so
 that the engine and every unencrypted image work without it.
 
-Speed: creating a cipher context costs more than encrypting 512 bytes, so the work per sector is
-kept to one context (XTS, and CBC encryption, which is sequential within a sector); CBC decryption
-takes one context for a whole run of sectors and then corrects the first block of each sector
-(its chaining value is the sector's IV, not the previous ciphertext block); ESSIV IVs for a run are
-made with one ECB call.
+Speed: creating a cipher context costs more than encrypting 512 bytes, so runs of sectors are done
+with a few contexts, not one a sector. XTS (IEEE 1619: C = E_K1(P xor T) xor T, the tweak of block
+j of a sector being E_K2(IV) times alpha^j in GF(2^128)) takes one ECB call for the sectors' first
+tweaks, the other 31 tweaks of every sector computed at once on a big integer holding one 128-bit
+lane per sector, and one ECB call for the data; the XORs are done on big integers too. CBC
+encryption, sequential within a sector, takes one context a sector; CBC decryption takes one
+context for a whole run and then corrects the first block of each sector (its chaining value is
+the sector's IV, not the previous ciphertext block); ESSIV IVs for a run are made with one ECB call.
 """
 import hashlib
 import importlib
 import sys
 from array import array
 from types import SimpleNamespace
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from ...errors import MissingPackage
 
 PACKAGE = "cryptography"
 IV_SIZE = 16                    # the AES block
 UNIT = 512                      # one IV per 512 bytes
+XTS_BATCH = 8                   # units from which XTS is done a run at a time (below: a context a unit)
 
 _backend: Optional[SimpleNamespace] = None
 
@@ -71,6 +75,41 @@ def _le64_ivs(first: int, count: int, mask: int) -> bytes:
     return words.tobytes()
 
 
+BLOCKS = UNIT // IV_SIZE        # AES blocks a unit
+_LANE_MASKS: Dict[int, Tuple[int, int]] = {}
+
+
+def _lane_masks(count: int) -> Tuple[int, int]:
+    """For *count* 128-bit little-endian lanes in one integer: every bit but each lane's top bit,
+    and each lane's bit 0 (kept for the last few counts: a convert asks for the same ones)."""
+    masks = _LANE_MASKS.get(count)
+    if masks is None:
+        top = int.from_bytes((bytes(IV_SIZE - 1) + b"\x80") * count, "little")
+        low = int.from_bytes((b"\x01" + bytes(IV_SIZE - 1)) * count, "little")
+        masks = (((1 << (128 * count)) - 1) ^ top, low)
+        if len(_LANE_MASKS) >= 8:
+            _LANE_MASKS.clear()
+        _LANE_MASKS[count] = masks
+    return masks
+
+
+def xts_tweaks(first_tweaks: bytes) -> bytearray:
+    """The tweak of every block of every unit, in place order (unit by unit, block by block), from
+    each unit's first tweak: block j's is the first times alpha^j in GF(2^128) (IEEE 1619: a
+    128-bit little-endian value shifted left by one, 0x87 folded in when a bit falls off)."""
+    count = len(first_tweaks) // IV_SIZE
+    keep, low = _lane_masks(count)
+    lanes = int.from_bytes(first_tweaks, "little")
+    out = bytearray(count * UNIT)
+    words = memoryview(out).cast("Q")
+    for j in range(BLOCKS):
+        block = memoryview(lanes.to_bytes(count * IV_SIZE, "little")).cast("Q")
+        words[2 * j::2 * BLOCKS] = block[0::2]       # each lane's two words to block j of its unit
+        words[2 * j + 1::2 * BLOCKS] = block[1::2]
+        lanes = ((lanes & keep) << 1) ^ (((lanes >> 127) & low) * 0x87)
+    return out
+
+
 class SectorCipher:
     """Encrypts and decrypts runs of 512-byte units numbered from a given sector, with one key."""
 
@@ -81,6 +120,11 @@ class SectorCipher:
         self.mode = cipher_mode
         self.ivgen = ivgen_alg
         self._alg = b.algorithms.AES(bytes(key))
+        if cipher_mode == "xts":
+            # the halves of an XTS key: the data key K1, then the tweak key K2
+            half = len(key) // 2
+            self._xts_data = b.Cipher(b.algorithms.AES(bytes(key[:half])), b.modes.ECB())
+            self._xts_tweak = b.Cipher(b.algorithms.AES(bytes(key[half:])), b.modes.ECB())
         self._essiv = None
         if ivgen_alg == "essiv":
             essiv_key = hashlib.new(ivgen_hash_alg or "sha256", bytes(key)).digest()
@@ -119,6 +163,8 @@ class SectorCipher:
         b = self._b
         if self.mode == "cbc" and decrypt:
             return self._cbc_decrypt(view, units, ivs)
+        if self.mode == "xts" and len(units) >= XTS_BATCH:
+            return self._xts(view, ivs, decrypt)
         out = bytearray(length)
         out_view = memoryview(out)
         xts = self.mode == "xts"
@@ -132,6 +178,13 @@ class SectorCipher:
             else:
                 out[start:end] = ctx.update(view[start:end])
         return out
+
+    def _xts(self, view: memoryview, ivs: bytes, decrypt: bool) -> bytearray:
+        length = len(view)
+        tweaks = int.from_bytes(memoryview(xts_tweaks(self._xts_tweak.encryptor().update(ivs)))[:length], "little")
+        whitened = (int.from_bytes(view, "little") ^ tweaks).to_bytes(length, "little")
+        ctx = self._xts_data.decryptor() if decrypt else self._xts_data.encryptor()
+        return bytearray((int.from_bytes(ctx.update(whitened), "little") ^ tweaks).to_bytes(length, "little"))
 
     def _cbc_decrypt(self, view: memoryview, units, ivs: bytes) -> bytearray:
         b = self._b
