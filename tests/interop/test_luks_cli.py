@@ -102,3 +102,56 @@ def test_create_refusals_as_qemu_img(tmp_path):
     proc = vdisk("create", "-f", "luks", "--object", "secret,id=sec0", "-o", "key-secret=sec0", path, "1M")
     assert proc.returncode == 1 and "Either 'file' or 'data' must be provided" in proc.stderr
     assert not path.exists()
+
+
+def test_convert_into_an_existing_encrypted_target(tmp_path):
+    """``-n --target-image-opts``: the existing target (made by qemu-img) is unlocked with its own
+    key-secret, a different secret from the source's; qemu-img then reads the source's bytes in it."""
+    raw = tmp_path / "src.raw"
+    helpers.make_raw(raw, 4 * MiB, [(0, 4096), (MiB + 512, 70000)])
+    target = tmp_path / "t.luks"
+    qemu_luks(target)
+    proc = vdisk("convert", "-n", "--object", OBJECT, "--target-image-opts", "-f", "raw", raw, opts(target))
+    assert proc.returncode == 0, proc.stderr
+    compare = helpers.qemu_img("compare", "--object", OBJECT, "--image-opts", opts(target),
+                               "driver=raw,file.filename=%s" % raw)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    plain = raw.read_bytes()[MiB + 512:MiB + 512 + 4096]       # the fill pattern, in clear in the source
+    assert plain in raw.read_bytes()
+    assert plain not in target.read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-image-opts"], "--target-image-opts requires use of -n flag"),
+    (["-n", "--target-image-opts", "-O", "luks"], "--image-opts and --format are mutually exclusive"),
+])
+def test_target_image_opts_refusals_as_qemu_img(tmp_path, args, message):
+    raw = tmp_path / "src.raw"
+    helpers.make_raw(raw, MiB, [(0, 4096)])
+    target = tmp_path / "t.luks"
+    qemu_luks(target, "1M")
+    before = target.read_bytes()
+    argv = ["convert", "--object", OBJECT] + args + ["-f", "raw", str(raw), opts(target)]
+    theirs = helpers.qemu_img(*argv)
+    mine = vdisk(*argv)
+    assert theirs.returncode != 0
+    assert mine.returncode != 0
+    assert message in theirs.stderr.decode()
+    assert message in mine.stderr
+    assert target.read_bytes() == before
+
+
+def test_existing_encrypted_target_needs_its_secret(tmp_path):
+    """-n without --target-image-opts opens the target with no secret: refused as by qemu-img, nothing written."""
+    raw = tmp_path / "src.raw"
+    helpers.make_raw(raw, MiB, [(0, 4096)])
+    target = tmp_path / "t.luks"
+    qemu_luks(target, "1M")
+    before = target.read_bytes()
+    theirs = helpers.qemu_img("convert", "-n", "-f", "raw", "-O", "luks", raw, target)
+    mine = vdisk("convert", "-n", "-f", "raw", "-O", "luks", raw, target)
+    assert theirs.returncode != 0
+    assert mine.returncode != 0
+    assert "Parameter 'key-secret' is required for cipher" in theirs.stderr.decode()
+    assert "Parameter 'key-secret' is required for cipher" in mine.stderr
+    assert target.read_bytes() == before

@@ -260,7 +260,7 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("-c", action="store_true", dest="compress",
                    help="write compressed clusters (qcow2, qcow, vmdk streamOptimized)")
     p.add_argument("-f", dest="fmt", help="format of the sources (detected when not given)")
-    p.add_argument("-O", dest="out_fmt", default="raw", metavar="OUTPUT_FMT", help="format of DST (default: raw)")
+    p.add_argument("-O", dest="out_fmt", metavar="OUTPUT_FMT", help="format of DST (default: raw)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="format options of DST, NAME=VALUE[,...] (repeatable); -o help lists them")
     p.add_argument("-B", dest="backing", metavar="BACKING",
@@ -287,6 +287,8 @@ def cmd_convert(argv: List[str]) -> int:
     p.add_argument("--skip-broken-bitmaps", action="store_true",
                    help="with --bitmaps: skip inconsistent bitmaps with a warning instead of failing")
     _add_secret_options(p)
+    p.add_argument("--target-image-opts", action="store_true",
+                   help="DST (with -n) is QEMU's image options: driver=FMT[,key-secret=ID],file.filename=PATH")
     _add_allow_path(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="the source images, then DST, the new image")
     args = p.parse_intermixed_args(argv)     # options may follow the files, as qemu-img's getopt allows
@@ -295,12 +297,14 @@ def cmd_convert(argv: List[str]) -> int:
     from ..ops.convert import ConvertOptions, convert
     options = merge_option_strings(args.options)
     if "help" in options:
-        _out(get_driver(args.out_fmt).options_help())
+        _out(get_driver(args.out_fmt or "raw").options_help())
         return 0
     if args.backing_fmt and not args.backing:
         raise UsageError("-F (backing format) needs -B")
     if args.target_is_zero and not args.existing:
         raise UsageError("--target-is-zero requires use of -n flag")
+    if args.target_image_opts and not args.existing:
+        raise UsageError("--target-image-opts requires use of -n flag")
     if args.copy_offload and args.sparse is not None:
         raise UsageError("Cannot enable copy offloading when -S is used")
     if args.coroutines is not None and not 1 <= args.coroutines <= 16:
@@ -314,13 +318,22 @@ def cmd_convert(argv: List[str]) -> int:
             raise UsageError("vdisk converts several --image-opts sources only with the same driver and key-secret")
         sources = [o.filename for o in parsed]
         args.fmt, args.key_secret = parsed[0].driver, parsed[0].key_secret
-    options = _resolve_key_secret(args, options, args.files[-1])
-    opts = ConvertOptions(src_fmt=args.fmt, out_fmt=args.out_fmt, options=options, compress=args.compress,
+    dest, target_passphrase = args.files[-1], None
+    if args.target_image_opts:
+        if args.out_fmt:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        target = secrets.parse_image_opts(dest)
+        dest, args.out_fmt = target.filename, target.driver
+        if target.key_secret is not None:
+            target_passphrase = secrets.lookup(_secrets(args), target.key_secret, dest)
+    options = _resolve_key_secret(args, options, dest)
+    opts = ConvertOptions(src_fmt=args.fmt, out_fmt=args.out_fmt or "raw", options=options, compress=args.compress,
                           sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
                           target_is_zero=args.target_is_zero, snapshot=args.snapshot, backing=args.backing,
                           backing_fmt=args.backing_fmt, cache=args.cache, copy_offload=args.copy_offload,
-                          bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps)
-    convert(sources, args.files[-1], opts, policy=_policy(args),
+                          bitmaps=args.bitmaps, skip_broken_bitmaps=args.skip_broken_bitmaps,
+                          target_passphrase=target_passphrase)
+    convert(sources, dest, opts, policy=_policy(args),
             progress=_progress(args.progress and not args.quiet), warn=lambda text: _warn("convert", text))
     return 0
 

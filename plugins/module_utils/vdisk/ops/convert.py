@@ -92,6 +92,8 @@ class ConvertOptions:
     copy_offload: bool = False             # -C: raw to raw inside the kernel, without zero detection
     bitmaps: bool = False                  # --bitmaps: copy the persistent bitmaps after the data
     skip_broken_bitmaps: bool = False      # --skip-broken-bitmaps: skip inconsistent ones with a warning
+    # with -n: the passphrase of the existing encrypted destination (--target-image-opts' key-secret)
+    target_passphrase: Optional[bytes] = field(default=None, repr=False)
 
 
 def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = None, policy: Optional[Policy] = None,
@@ -147,8 +149,8 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
         size = source.virtual_size
         if opts.existing or onto_device:
             # written in place (the locks a VM holds refuse it); a device "created" has its old content replaced
-            out = open_image(dest, opts.out_fmt, writable=True, policy=replace(policy or Policy(), sync=sync),
-                             backing=False, replacing=onto_device)
+            out = open_image(dest, opts.out_fmt, writable=True, backing=False, replacing=onto_device,
+                             policy=replace(policy or Policy(), sync=sync, passphrase=opts.target_passphrase))
             try:
                 if out.virtual_size < size:
                     raise ImageError("error while converting raw: Cannot grow device files" if onto_device
