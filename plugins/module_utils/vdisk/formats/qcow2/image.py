@@ -53,25 +53,24 @@ class Qcow2Image(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync,
-                             checked=policy.checked(path))
+        self.host = policy.open_host(path, writable)
         self.data_file: Optional[ResolvedPath] = None    # the external data file, as the policy resolved it
         self.data_raw = False                             # data_file_raw: the data file is a raw image too
         self._data_host: Optional[HostFile] = None        # opened on first use (see _data)
         # a writer always locks the data file: it is a named file, not the temporary output a caller
         # may have locked itself (convert and create open their new image with lock=False)
-        self._data_lock = lock or writable
+        self._data_lock = policy.locks(writable) or writable
         self._data_sync = policy.sync
         self._data_mark = 0                               # OFLAG_COPIED with a data file (see _mapped)
         try:
-            self._open(policy)
+            self._open_layer(policy)
         except BaseException:
             self._close_files()
             raise
 
     # -- open -------------------------------------------------------------------------
-    def _open(self, policy: Policy) -> None:
+    def _open_layer(self, policy: Policy) -> None:
+        """Read and check the header and tables; *policy* rules the data file and repair opens."""
         file_size = self.host.size()
         first = self.host.pread(min(max(file_size, hdr.HEADER_V2_LENGTH), 1 << hdr.MAX_CLUSTER_BITS), 0)
         if file_size < hdr.HEADER_V2_LENGTH:
