@@ -12,8 +12,12 @@ ANSIBLE_PINS := "ansible-core>=2.19,<2.20" "molecule>=26,<27"
 ASTAMP   := $(VENV)/.ansible-2.19-molecule-26
 PYTHONS   = $(CURDIR)/$(VENV)/pythons
 # python3.9 ... python3.13 (pyenv's, where there is one) on PATH, so sanity compiles and imports the
-# engine and the modules on every Python they support; ansible-test's own venvs cache under ~/.ansible
-AENV      = PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" ANSIBLE_NOCOLOR=1 NO_COLOR=1
+# engine and the modules on every Python they support. The Ansible tools get a home of their own in the
+# working tree (tests/output/home): ansible-test's venvs and caches, molecule's collection install and
+# ansible's tmp go there, so ~/.ansible is left as it was and no installed copy shadows this tree
+AHOME     = $(CURDIR)/tests/output/home
+AENV      = HOME="$(AHOME)" ANSIBLE_HOME="$(AHOME)/.ansible" PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" \
+            ANSIBLE_NOCOLOR=1 NO_COLOR=1
 SANITY_ARGS ?=
 INTEGRATION_ARGS ?=
 
@@ -57,13 +61,13 @@ $(ASTAMP): $(STAMP)
 # cannot reach unless a copy is cached: tests/ansible/get_pip.py stands in for it (ensurepip, then pip
 # install); a real cached copy is kept
 ansible-env: venv $(ASTAMP)
-	@mkdir -p $(PYTHONS) $(CURDIR)/tests/output
+	@mkdir -p $(PYTHONS) $(CURDIR)/tests/output $(AHOME)
 	@for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.*/bin/python3.*; do \
 	  case "$${p##*/}" in python3.9|python3.1[0-9]) [ -x "$$p" ] && ln -sfn "$$p" $(PYTHONS)/ ;; esac; done; true
 	@v=$$($(PY) -c 'import ansible_test, os, re; \
 	  s = open(os.path.join(os.path.dirname(ansible_test.__file__), "_internal", "python_requirements.py")).read(); \
 	  print(re.search(r"pip=.([0-9.]+).", s).group(1).replace(".", "_"))'); \
-	  f=$$HOME/.ansible/test/cache/get_pip_$$v.py; mkdir -p $${f%/*}; \
+	  f=$(AHOME)/.ansible/test/cache/get_pip_$$v.py; mkdir -p $${f%/*}; \
 	  if [ ! -e $$f ] || grep -q 'vdisk get-pip stand-in' $$f; then cp tests/ansible/get_pip.py $$f.$$$$ && mv $$f.$$$$ $$f; fi
 
 # ... and the collection at .../ansible_collections/vdisk/images: each run works in a fresh copy of its
