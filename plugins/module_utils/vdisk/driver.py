@@ -447,7 +447,9 @@ class Image:
     def set_backing(self, path: Optional[str], fmt: Optional[str]) -> None:
         raise UnsupportedFeature("format %s does not support backing files" % self.driver.name, path=self.path)
 
-    def amend(self, options: Dict[str, Any]) -> None:
+    def amend(self, options: Dict[str, Any], force: bool = False) -> None:
+        """qemu-img amend: change format options in place; *force* (``--force``) allows what a
+        format otherwise refuses as unsafe (luks: overwriting an active key slot, erasing the last)."""
         raise UnsupportedFeature("Format driver '%s' does not support option amendment" % self.driver.name,
                                  path=self.path)
 

@@ -8,7 +8,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, FrozenSet, List, Optional
 
 from .. import __version__
 from ..driver import Policy, merge_option_strings
@@ -102,13 +102,23 @@ def _image_opts(args, name: str = "filename", fmt: str = "fmt") -> None:
     args.key_secret = opts.key_secret
 
 
-def _resolve_key_secret(args, options: Dict[str, str], path: str) -> Dict[str, object]:
-    """``-o key-secret=ID`` of a new encrypted image: the secret's bytes instead of its id."""
-    _secrets(args)
+def _secret_option_names(specs=None) -> FrozenSet[str]:
+    """The options whose value is the id of a ``--object secret``: every option of type "secret" in
+    *specs* or, without them, in any format's create or amend options (one rule for all of them)."""
+    if specs is None:
+        specs = [spec for driver in DRIVERS.values()
+                 for spec in tuple(driver.create_options) + tuple(getattr(driver, "amend_options", None) or ())]
+    return frozenset(spec.name for spec in specs if spec.type == "secret")
+
+
+def _resolve_key_secret(args, options: Dict[str, str], path: str, specs=None) -> Dict[str, object]:
+    """``-o NAME=ID`` for every option of type "secret" (``key-secret`` of a new encrypted image, amend's
+    ``new-secret``, ``old-secret``...): the secret's bytes instead of its id (see _secret_option_names)."""
+    table = _secrets(args)
     resolved: Dict[str, object] = dict(options)
-    for name in ("key-secret", "encrypt.key-secret"):
+    for name in _secret_option_names(specs):
         if name in resolved:
-            resolved[name] = secrets.lookup(_secrets(args), str(resolved[name]), path)
+            resolved[name] = secrets.lookup(table, str(resolved[name]), path, field=name)
     return resolved
 
 
@@ -535,32 +545,51 @@ def cmd_amend(argv: List[str]) -> int:
     p.add_argument("-f", dest="fmt", help=_HELP_FMT)
     p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
                    help="the options to change, NAME=VALUE[,...] (repeatable); -o help lists them")
-    p.add_argument("--force", action="store_true", help="allow unsafe changes (accepted for compatibility)")
+    p.add_argument("--force", action="store_true",
+                   help="allow unsafe changes: overwrite an active key slot, erase the last ones (luks)")
     _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
     _image_opts(args)
     options = merge_option_strings(args.options)
+    if "help" in options and args.fmt:
+        amend_specs = getattr(get_driver(args.fmt), "amend_options", None)
+        if amend_specs is not None:      # qemu-img lists them without opening the image
+            _out(_amend_help(args.fmt, amend_specs))
+            return 0
     image = open_image(args.filename, args.fmt, writable=True, policy=_policy(args))
     try:
+        amend_specs = getattr(image.driver, "amend_options", None)
         if "help" in options:
-            _out(image.driver.options_help())
+            _out(_amend_help(image.driver.name, amend_specs) if amend_specs is not None else image.driver.options_help())
             return 0
-        typed = {}
-        for name, value in options.items():
-            spec = None
-            try:
-                spec = image.driver.option(name)
-                typed[name] = spec.parse(value)
-            except ImageError:
-                if spec is not None and spec.amendable and spec.type in ("int", "size"):
-                    raise       # a number it takes is checked first, as qemu's option parser does
-                typed[name] = value   # the driver's amend names what it refuses
-        image.amend(typed)
+        # the secrets (options of type "secret") are resolved here: their ids never reach the driver
+        resolved = _resolve_key_secret(args, options, args.filename,
+                                       amend_specs if amend_specs is not None else image.driver.create_options)
+        if amend_specs is not None:
+            # a driver with its own amend options (luks' key slots) parses them with QEMU's messages
+            typed = resolved
+        else:
+            typed = {}
+            for name, value in resolved.items():
+                spec = None
+                try:
+                    spec = image.driver.option(name)
+                    typed[name] = spec.parse(value)
+                except ImageError:
+                    if spec is not None and spec.amendable and spec.type in ("int", "size"):
+                        raise       # a number it takes is checked first, as qemu's option parser does
+                    typed[name] = value   # the driver's amend names what it refuses
+        image.amend(typed, force=args.force)
     finally:
         close_chain(image)
     return 0
+
+
+def _amend_help(fmt: str, specs) -> str:
+    """qemu-img amend's ``-o help`` for a driver that declares its amend options."""
+    return "\n".join(["Amend options for '%s':" % fmt] + [spec.help_line() for spec in sorted(specs, key=lambda s: s.name)])
 
 
 # -- bitmap --------------------------------------------------------------------------------

@@ -105,12 +105,13 @@ def _secret_bytes(fields: Dict[str, str]) -> bytes:
     raise InvalidOption("Parameter 'format' does not accept value '%s'" % fmt, field="--object")
 
 
-def lookup(secrets: Dict[str, bytes], ident: str, path: Optional[str] = None) -> bytes:
-    """The bytes of secret *ident* (qemu-img's "No secret with id" when there is none)."""
+def lookup(secrets: Dict[str, bytes], ident: str, path: Optional[str] = None, field: str = "key-secret") -> bytes:
+    """The bytes of secret *ident* (qemu-img's "No secret with id" when there is none); *field* names
+    the option that gave the id."""
     try:
         return secrets[ident]
     except KeyError:
-        raise ImageError("No secret with id '%s'" % ident, path=path, field="key-secret") from None
+        raise ImageError("No secret with id '%s'" % ident, path=path, field=field) from None
 
 
 def parse_image_opts(text: str) -> ImageOpts:

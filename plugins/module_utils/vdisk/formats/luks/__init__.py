@@ -23,7 +23,7 @@ from ...errors import ImageError, InvalidOption
 from ...io import AtomicOutput, HostFile
 from ..raw import PREALLOCATION_MODES, preallocate
 from . import header as hdr
-from . import keys
+from . import keys, keyslots
 from .image import KEY_REQUIRED, LuksImage
 
 DEFAULTS = {"cipher-alg": "aes-256", "cipher-mode": "xts", "ivgen-alg": "plain64", "hash-alg": "sha256",
@@ -32,7 +32,7 @@ DEFAULTS = {"cipher-alg": "aes-256", "cipher-mode": "xts", "ivgen-alg": "plain64
 
 class LuksDriver(Driver):
     name = "luks"
-    capabilities = frozenset({"create", "write", "resize", "shrink", "preallocation"})
+    capabilities = frozenset({"create", "write", "resize", "shrink", "preallocation", "amend"})
     create_options = (
         OptionSpec("size", "size", None, "Virtual disk size"),
         OptionSpec("key-secret", "secret", None, "ID of the secret that provides the keyslot passphrase"),
@@ -45,6 +45,18 @@ class LuksDriver(Driver):
         # qemu-img 7.2 takes it for the file under the image (not in its -o help for luks)
         OptionSpec("preallocation", "enum", "off", "Preallocation mode (allowed values: off, falloc, full)",
                    PREALLOCATION_MODES),
+    )
+
+    # qemu-img 7.2's amend options for luks (block/crypto.c, qapi QCryptoBlockAmendOptionsLUKS): key
+    # slots only, none of the create options; the same names with "encrypt." for qcow2
+    amend_options = (
+        OptionSpec("state", "enum", None, "Select new state of affected keyslots (active/inactive)",
+                   keyslots.STATES, amendable=True),
+        OptionSpec("keyslot", "int", None, "Select a single keyslot to modify explicitly", amendable=True),
+        OptionSpec("old-secret", "secret", None, "Select all keyslots that match this password", amendable=True),
+        OptionSpec("new-secret", "secret", None,
+                   "New secret to set in the matching keyslots. Empty string to erase", amendable=True),
+        OptionSpec("iter-time", "int", None, "Time to spend in PBKDF in milliseconds", amendable=True),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

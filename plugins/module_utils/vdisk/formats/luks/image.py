@@ -21,7 +21,7 @@ from ...errors import CorruptImage, ImageError, InvalidOption
 from ...io import HostFile
 from ..raw import preallocate
 from . import header as hdr
-from . import keys
+from . import keys, keyslots
 from .cipher import SectorCipher
 from .header import SECTOR
 
@@ -37,6 +37,7 @@ class LuksImage(Image):
         self.driver = driver
         self.encrypted = True
         self._cipher: Optional[SectorCipher] = None
+        self._master_key: Optional[bytes] = None        # kept to add key slots (amend); never shown
         lock = policy.lock and not (policy.force_share and not writable)
         self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync, checked=policy.checked(path))
         try:
@@ -71,6 +72,7 @@ class LuksImage(Image):
         active slot opens with it."""
         self.spec.check_supported(self.path)
         master = keys.unlock(self.spec, self.header, keys.passphrase_bytes(passphrase), self.host.pread, self.path)
+        self._master_key = master
         self._cipher = SectorCipher(self.spec.cipher_mode, self.spec.ivgen_alg, self.spec.ivgen_hash_alg, master,
                                     self.path)
 
@@ -139,6 +141,21 @@ class LuksImage(Image):
         else:
             self.host.truncate(new)
         self.virtual_size = -(-new // SECTOR) * SECTOR - self.payload
+
+    # -- key slots -----------------------------------------------------------------------------
+    def amend(self, options: Dict[str, Any], force: bool = False) -> None:
+        """Add or erase key slots as ``qemu-img amend -o state=...`` does (:mod:`.keyslots`). The image
+        must be unlocked, even to erase: qemu-img opens it with its key-secret first."""
+        self._check_writable()
+        if not self.unlocked:
+            raise InvalidOption(KEY_REQUIRED, path=self.path, field="key-secret")
+        for name in options:
+            if name not in keyslots.OPTION_NAMES:
+                raise InvalidOption("Invalid parameter '%s'" % name, path=self.path, field=name)
+        request = keyslots.request_from_options(options, force=force, path=self.path)
+        keyslots.amend_keyslots(self.spec, self.header, request, self.host.pread, self.host.pwrite,
+                                self._master_key, self.path)
+        self.host.flush()
 
     # -- metadata -----------------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:

@@ -100,13 +100,24 @@ def unlock(spec: CipherSpec, h: Header, passphrase: bytes, read: Callable[[int, 
            path: Optional[str] = None) -> bytes:
     """The master key from the first active slot that *passphrase* opens (in slot order, as QEMU);
     *read(length, offset)* reads the image file."""
-    for slot in h.slots[:NUM_SLOTS]:
-        if not slot.is_active:
-            continue
-        slot_key = pbkdf2(spec.hash_alg, passphrase, slot.salt, slot.iterations, spec.key_bytes)
-        material = read(spec.key_bytes * slot.stripes, slot.key_material_offset * SECTOR)
-        cipher = SectorCipher(spec.cipher_mode, spec.ivgen_alg, spec.ivgen_hash_alg, slot_key, path)
-        candidate = afsplit.merge(bytes(cipher.decrypt(0, material)), spec.key_bytes, slot.stripes, spec.hash_alg)
-        if hmac.compare_digest(master_key_digest(spec, candidate, h), h.mk_digest):
+    for index in range(NUM_SLOTS):
+        candidate = open_slot(spec, h, index, passphrase, read, path)
+        if candidate is not None:
             return candidate
     raise InvalidPassword("Invalid password, cannot unlock any keyslot", path=path, field="key-secret")
+
+
+def open_slot(spec: CipherSpec, h: Header, index: int, passphrase: bytes, read: Callable[[int, int], bytes],
+              path: Optional[str] = None) -> Optional[bytes]:
+    """The master key from key slot *index* when it is active and *passphrase* opens it, else None
+    (QEMU's ``qcrypto_block_luks_load_key``); *read(length, offset)* reads from the LUKS header's start."""
+    slot = h.slots[index]
+    if not slot.is_active:
+        return None
+    slot_key = pbkdf2(spec.hash_alg, passphrase, slot.salt, slot.iterations, spec.key_bytes)
+    material = read(spec.key_bytes * slot.stripes, slot.key_material_offset * SECTOR)
+    cipher = SectorCipher(spec.cipher_mode, spec.ivgen_alg, spec.ivgen_hash_alg, slot_key, path)
+    candidate = afsplit.merge(bytes(cipher.decrypt(0, material)), spec.key_bytes, slot.stripes, spec.hash_alg)
+    if hmac.compare_digest(master_key_digest(spec, candidate, h), h.mk_digest):
+        return candidate
+    return None

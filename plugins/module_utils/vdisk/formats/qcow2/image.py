@@ -1080,7 +1080,7 @@ class Qcow2Image(Image):
         self.host.flush()
         self.backing_filename, self.backing_format = h.backing_file, h.backing_format
 
-    def amend(self, options: Dict[str, Any]) -> None:
+    def amend(self, options: Dict[str, Any], force: bool = False) -> None:
         self._check_writable()
         amend_options(self, options)
 
