@@ -16,9 +16,8 @@ the passphrase (qemu-img info never checks it).
 """
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ...driver import DATA, Extent, Image, Policy
+from ...driver import Extent, Image, Policy
 from ...errors import CorruptImage, ImageError, InvalidOption
-from ...io import HostFile
 from ..raw import preallocate
 from . import header as hdr
 from . import keys, keyslots
@@ -31,6 +30,7 @@ KEY_REQUIRED = "Parameter 'key-secret' is required for cipher"
 
 class LuksImage(Image):
     zero_init = False           # unwritten payload decrypts to noise: zeros must be written
+    identity_mapped = False     # QEMU's crypto driver has no block status: all data, no host offset
 
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
@@ -38,15 +38,13 @@ class LuksImage(Image):
         self.encrypted = True
         self._cipher: Optional[SectorCipher] = None
         self._master_key: Optional[bytes] = None        # kept to add key slots (amend); never shown
-        lock = policy.lock and not (policy.force_share and not writable)
-        self.host = HostFile(path, writable=writable, lock=lock, sync=policy.sync, checked=policy.checked(path))
-        try:
-            self._open()
-            if policy.passphrase is not None:
+        self._open_host(policy)
+        if policy.passphrase is not None:
+            try:
                 self.unlock(policy.passphrase)
-        except BaseException:
-            self.host.close()
-            raise
+            except BaseException:
+                self.host.close()
+                raise
 
     def __repr__(self) -> str:          # never the key
         return "<LuksImage %r %s>" % (self.path, "unlocked" if self._cipher else "locked")
@@ -122,11 +120,9 @@ class LuksImage(Image):
             pos = stop
 
     def extents(self, offset: int = 0, length: Optional[int] = None) -> Iterator[Extent]:
-        """Everything is data, with no host offset: QEMU's crypto driver has no block status of its own."""
+        """Everything is data, with no host offset; qemu-img map needs the key for it too."""
         self._key()
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
-        if end > offset:
-            yield Extent(offset, end - offset, DATA)
+        yield from super().extents(offset, length)
 
     def resize(self, size: int, shrink: bool = False, preallocation: str = "off") -> None:
         """The file ends at payload offset + *size* (not rounded, as qemu-img leaves it)."""
@@ -184,16 +180,7 @@ class LuksImage(Image):
             out.append(("key slot %d" % i, hdr.slot_offset(i), slot))
         return out
 
-    def flush(self) -> None:
-        if self.writable:
-            self.host.flush()
-
     def close(self) -> None:
         self._cipher = None
-        if self.host.fd < 0:
-            return
-        try:
-            if self.writable:
-                self.host.flush()
-        finally:
-            self.host.close()
+        self._master_key = None
+        super().close()
