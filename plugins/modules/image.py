@@ -85,53 +85,6 @@ options:
         (written beside it and renamed into place). Its content and snapshots are lost.
     type: bool
     default: false
-  encryption:
-    description:
-      - Encrypt the image with LUKS, as QEMU does (C(qemu-img create -f luks) or C(-f qcow2 -o encrypt.format=luks)).
-        The image must be O(format=luks) or O(format=qcow2); O(format=luks) needs this option.
-      - Encryption is fixed when an image is made. An existing plain image is not encrypted in place, nor an
-        encrypted one decrypted, and the cipher suboptions must match the image's; each mismatch fails unless
-        O(recreate=true) (then a new empty image replaces it).
-      - On an existing encrypted image the passphrase is checked before anything is planned (a wrong one fails,
-        in check mode too); growing or shrinking it needs the passphrase.
-      - The passphrase is never shown in results, diffs, action descriptions or messages. See C(docs/security.md).
-    type: dict
-    suboptions:
-      format:
-        description:
-          - Encryption format.
-        type: str
-        choices: [luks]
-        default: luks
-      passphrase:
-        description:
-          - The passphrase (QEMU's C(key-secret)), used as given (UTF-8).
-          - Exactly one of O(encryption.passphrase) and O(encryption.passphrase_file) is required.
-        type: str
-      passphrase_file:
-        description:
-          - A file on the managed host holding the passphrase, read when the module runs.
-          - One trailing newline (LF or CR LF) is removed, so C(echo secret > file) works; QEMU's
-            C(--object secret,file=) does not remove it (write the file with C(printf %s) for both).
-        type: path
-      cipher_alg:
-        description:
-          - Cipher algorithm of a new image (C(cipher-alg)); vdisk encrypts with V(aes-128) or V(aes-256).
-          - Default V(aes-256).
-        type: str
-      cipher_mode:
-        description:
-          - Cipher mode of a new image (C(cipher-mode)), V(xts) or V(cbc). Default V(xts).
-        type: str
-      hash_alg:
-        description:
-          - Hash algorithm of the key derivation of a new image (C(hash-alg)). Default V(sha256).
-        type: str
-      iter_time:
-        description:
-          - Milliseconds spent in PBKDF2 when the key slot of a new image is made (C(iter-time)). Default 2000.
-          - Not recorded in the image, so not compared with an existing one.
-        type: int
   allowed_paths:
     description:
       - Directories outside the image's own directory tree from which files the image names (backing
@@ -141,8 +94,15 @@ options:
     type: list
     elements: path
     default: []
+notes:
+  - O(encryption) is fixed when an image is made. An existing plain image is not encrypted in place, nor an
+    encrypted one decrypted, and the cipher suboptions must match the image's; each mismatch fails unless
+    O(recreate=true) (then a new empty image replaces it).
+  - On an existing encrypted image the passphrase is checked before anything is planned (a wrong one fails,
+    in check mode too); growing or shrinking it needs the passphrase.
 extends_documentation_fragment:
   - ansible.builtin.files
+  - vdisk.images.encryption
 attributes:
   check_mode:
     support: full
@@ -269,11 +229,9 @@ actions:
       after: {virtual-size: 42949672960}
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
+from ansible_collections.vdisk.images.plugins.module_utils.module_args import ENCRYPTION_SPEC, encryption_argument, module_policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt import Terminated, signals_raise
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.image import apply_image
@@ -281,21 +239,6 @@ from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.spec impo
 
 SPEC_FIELDS = ("path", "state", "format", "size", "preallocation", "backing_file", "backing_format", "options",
                "allow_shrink", "recreate", "encryption")
-# the encryption option (state.encryption reads it; image_convert declares the same)
-ENCRYPTION_SPEC = dict(
-    format=dict(type="str", default="luks", choices=["luks"]),
-    passphrase=dict(type="str", no_log=True),
-    passphrase_file=dict(type="path", no_log=False),
-    cipher_alg=dict(type="str"),
-    cipher_mode=dict(type="str"),
-    hash_alg=dict(type="str"),
-    iter_time=dict(type="int"),
-)
-
-
-def module_policy(allowed_paths):
-    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
-    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
 
 
 def main():
@@ -311,8 +254,7 @@ def main():
             options=dict(type="dict", default={}),
             allow_shrink=dict(type="bool", default=False),
             recreate=dict(type="bool", default=False),
-            encryption=dict(type="dict", options=ENCRYPTION_SPEC, mutually_exclusive=[("passphrase", "passphrase_file")],
-                            required_one_of=[("passphrase", "passphrase_file")]),
+            encryption=encryption_argument(ENCRYPTION_SPEC),
             allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,

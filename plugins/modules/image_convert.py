@@ -75,48 +75,6 @@ options:
     type: str
     default: compare
     choices: [compare, skip, replace]
-  encryption:
-    description:
-      - Encrypt the destination with LUKS, as C(qemu-img convert -O luks) (or C(-O qcow2 -o encrypt.format=luks))
-        does. O(format) must be V(luks) or V(qcow2); V(luks) needs this option.
-      - With O(on_exists=compare), an existing destination that is not encrypted as asked (plain, or another
-        cipher) is rewritten; one that is opens with this passphrase to compare its content.
-      - The passphrase is never shown in results, diffs, action descriptions or messages. See C(docs/security.md).
-    type: dict
-    suboptions:
-      format:
-        description:
-          - Encryption format.
-        type: str
-        choices: [luks]
-        default: luks
-      passphrase:
-        description:
-          - The passphrase (QEMU's C(key-secret)), used as given (UTF-8).
-          - Exactly one of O(encryption.passphrase) and O(encryption.passphrase_file) is required.
-        type: str
-      passphrase_file:
-        description:
-          - A file on the managed host holding the passphrase, read when the module runs.
-          - One trailing newline (LF or CR LF) is removed, so C(echo secret > file) works; QEMU's
-            C(--object secret,file=) does not remove it (write the file with C(printf %s) for both).
-        type: path
-      cipher_alg:
-        description:
-          - Cipher algorithm (C(cipher-alg)); vdisk encrypts with V(aes-128) or V(aes-256). Default V(aes-256).
-        type: str
-      cipher_mode:
-        description:
-          - Cipher mode (C(cipher-mode)), V(xts) or V(cbc). Default V(xts).
-        type: str
-      hash_alg:
-        description:
-          - Hash algorithm of the key derivation (C(hash-alg)). Default V(sha256).
-        type: str
-      iter_time:
-        description:
-          - Milliseconds spent in PBKDF2 when the key slot is made (C(iter-time)). Default 2000.
-        type: int
   source_encryption:
     description:
       - The passphrase of an encrypted O(src) (a luks image, or a qcow2 image with LUKS encryption), as
@@ -148,8 +106,12 @@ options:
     type: list
     elements: path
     default: []
+notes:
+  - With O(on_exists=compare), an existing destination that is not encrypted as O(encryption) asks (plain,
+    or another cipher) is rewritten; one that is opens with that passphrase to compare its content.
 extends_documentation_fragment:
   - ansible.builtin.files
+  - vdisk.images.encryption
 attributes:
   check_mode:
     support: full
@@ -223,11 +185,9 @@ actions:
   elements: dict
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
+from ansible_collections.vdisk.images.plugins.module_utils.module_args import ENCRYPTION_SPEC, SOURCE_ENCRYPTION_SPEC, encryption_argument, module_policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError, InvalidOption
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.interrupt import Terminated, signals_raise
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.registry import get_driver
@@ -255,26 +215,6 @@ def typed_options(fmt, options, dest):
         raise InvalidOption("%s (format %s)" % (exc.message, fmt), path=dest, field=exc.field) from None
 
 
-# the encryption options (state.encryption reads them; the image module declares the same encryption)
-SOURCE_ENCRYPTION_SPEC = dict(
-    format=dict(type="str", default="luks", choices=["luks"]),
-    passphrase=dict(type="str", no_log=True),
-    passphrase_file=dict(type="path", no_log=False),
-)
-ENCRYPTION_SPEC = dict(
-    SOURCE_ENCRYPTION_SPEC,
-    cipher_alg=dict(type="str"),
-    cipher_mode=dict(type="str"),
-    hash_alg=dict(type="str"),
-    iter_time=dict(type="int"),
-)
-
-
-def module_policy(allowed_paths):
-    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
-    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -287,11 +227,8 @@ def main():
             snapshot=dict(type="str"),
             backing_file=dict(type="str"),
             on_exists=dict(type="str", default="compare", choices=["compare", "skip", "replace"]),
-            encryption=dict(type="dict", options=ENCRYPTION_SPEC, mutually_exclusive=[("passphrase", "passphrase_file")],
-                            required_one_of=[("passphrase", "passphrase_file")]),
-            source_encryption=dict(type="dict", options=SOURCE_ENCRYPTION_SPEC,
-                                   mutually_exclusive=[("passphrase", "passphrase_file")],
-                                   required_one_of=[("passphrase", "passphrase_file")]),
+            encryption=encryption_argument(ENCRYPTION_SPEC),
+            source_encryption=encryption_argument(SOURCE_ENCRYPTION_SPEC),
             allowed_paths=dict(type="list", elements="path", default=[]),
         ),
         supports_check_mode=True,

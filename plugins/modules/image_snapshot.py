@@ -104,21 +104,14 @@ actions:
   elements: dict
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
+from ansible_collections.vdisk.images.plugins.module_utils.module_args import module_policy
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.errors import ImageError
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.apply import apply
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.content import snapshot_matches_active
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.observe import observe
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.state.plan import plan_snapshot
-
-
-def module_policy(allowed_paths):
-    """The engine's safety policy widened by O(allowed_paths) (real paths, as the CLI's --allow-path)."""
-    return Policy(allowed_dirs=tuple(os.path.realpath(d) for d in allowed_paths or ()))
 
 
 def main():
