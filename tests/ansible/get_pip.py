@@ -2,7 +2,8 @@
 
 ansible-test bootstraps pip into each virtual environment it creates (sanity tests, --venv) by
 running ``get-pip.py``, which it downloads from a host these machines cannot reach unless a copy
-is cached at ``$HOME/.ansible/test/cache/get_pip_<version>.py`` (``make`` gives the Ansible tools ``HOME=tests/output/home``). ``make test`` copies this file there
+is cached at ``$HOME/.ansible/test/cache/get_pip_<version>.py`` (``make`` gives the Ansible tools
+``HOME=tests/output/home``). ``make test`` copies this file there
 (see the Makefile's ``ansible-env`` target). It bootstraps pip with ``ensurepip`` and then runs
 ``pip install`` with the arguments ansible-test gave (``pip==<version>`` and pip options), so the
 virtual environment ends up with the pip version ansible-test asked for when the package index

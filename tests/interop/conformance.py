@@ -838,9 +838,10 @@ class Vmdk(Format):
 class Qcow2(Format):
     name = ext = "qcow2"
     help_names = frozenset({"backing_file", "backing_fmt", "cluster_size", "compat", "compression_type", "data_file",
-                            "data_file_raw", "encrypt.format", "encryption", "extended_l2", "lazy_refcounts",
-                            "preallocation", "refcount_bits", "size"})
-    help_own_text = ("encrypt.format", "encryption")         # "(not supported)"
+                            "data_file_raw", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.format",
+                            "encrypt.hash-alg", "encrypt.iter-time", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+                            "encrypt.key-secret", "encryption", "extended_l2", "lazy_refcounts", "preallocation",
+                            "refcount_bits", "size"})
 
 
 class Raw(Format):

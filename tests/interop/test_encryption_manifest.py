@@ -247,3 +247,36 @@ def test_validate_refuses_an_inline_passphrase(tmp_path):
     assert proc.returncode == 1 and "encryption" in proc.stderr and "passphrase" in proc.stderr
     run.never_show(SECRET)
     assert not os.path.exists(str(tmp_path / "i.luks"))
+
+
+def test_manifest_apply_makes_an_encrypted_qcow2_qemu_opens(tmp_path):
+    """format qcow2 with encryption: a qcow2 with LUKS inside (encrypt.format=luks), its data from a raw
+    source; qemu-img compares it with the source using the same secret file; a second apply does nothing."""
+    run = Outputs()
+    data = helpers.make_raw(str(tmp_path / "data.raw"), 4 * M, [(0, M), (3 * M, 512 * 1024)])
+    passfile = secret_file(tmp_path)
+    manifest = write(tmp_path, "m.yml", """
+        version: 1
+        images:
+          - path: secret.qcow2
+            format: qcow2
+            source: data.raw
+            source_format: raw
+            encryption: {passphrase_file: disk.pass, iter_time: 10}
+        """)
+    applied = run.vdisk("apply", manifest)
+    assert applied.returncode == 0, applied.stderr
+    image = str(tmp_path / "secret.qcow2")
+    compare = helpers.qemu_img("compare", "--object", "secret,id=s,file=%s" % passfile, "--image-opts",
+                               "driver=qcow2,encrypt.key-secret=s,file.filename=%s" % image,
+                               "driver=raw,file.filename=%s" % data)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    info = helpers.qemu_info(image)
+    assert info["encrypted"] is True
+    assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+    again = run.vdisk("plan", manifest)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "No changes" in again.stdout
+    run.never_show(SECRET)
+    with open(image, "rb") as f:
+        assert SECRET.encode() not in f.read()

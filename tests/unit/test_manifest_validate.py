@@ -111,8 +111,9 @@ def test_every_problem_at_once_cli(tmp_path, capsys):
         "source_checksum, source_format, compress, allow_shrink, recreate, encryption, owner, group, mode)" % path,
         unknown,
         "vdisk: validate: %s: line 13: images[3] (d.qcow2): cluster_sise: Invalid parameter 'cluster_sise' for "
-        "format qcow2 (known: cluster_size, compat, compression_type, data_file, data_file_raw, encrypt.format, "
-        "encryption, extended_l2, lazy_refcounts, refcount_bits)" % path,
+        "format qcow2 (known: cluster_size, compat, compression_type, data_file, data_file_raw, encrypt.cipher-alg, "
+        "encrypt.cipher-mode, encrypt.format, encrypt.hash-alg, encrypt.iter-time, encrypt.ivgen-alg, "
+        "encrypt.ivgen-hash-alg, encrypt.key-secret, encryption, extended_l2, lazy_refcounts, refcount_bits)" % path,
         "vdisk: validate: %s: line 17: images[4] (e.raw): cluster_size: Invalid parameter 'cluster_size' for "
         "format raw (known: none)" % path,
         "vdisk: validate: %s: line 18: images[5]: path is required" % path,

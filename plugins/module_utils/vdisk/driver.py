@@ -600,6 +600,15 @@ class Driver:
                 return spec
         raise InvalidOption("Invalid parameter '%s'" % name, field=name)
 
+    def create_passphrase(self, options: Dict[str, Any]) -> Optional[bytes]:
+        """The passphrase a set of create options carries for the new image: the value of its create
+        option of type "secret" (luks's ``key-secret``, qcow2's ``encrypt.key-secret``), as bytes."""
+        for spec in self.create_options:
+            if spec.type == "secret" and options.get(spec.name) is not None:
+                value = options[spec.name]
+                return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        return None
+
     def parse_options(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         """Validate and type a dict of option values; unknown names are errors."""
         return {name: self.option(name).parse(value) for name, value in raw.items()}

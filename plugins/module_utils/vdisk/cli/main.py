@@ -565,8 +565,9 @@ def cmd_amend(argv: List[str]) -> int:
             _out(_amend_help(image.driver.name, amend_specs) if amend_specs is not None else image.driver.options_help())
             return 0
         # the secrets (options of type "secret") are resolved here: their ids never reach the driver
-        resolved = _resolve_key_secret(args, options, args.filename,
-                                       amend_specs if amend_specs is not None else image.driver.create_options)
+        resolved = _resolve_key_secret(args, options, args.filename, amend_specs if amend_specs is not None else
+                                       tuple(image.driver.create_options)
+                                       + tuple(getattr(image.driver, "amend_extra_options", ())))
         if amend_specs is not None:
             # a driver with its own amend options (luks' key slots) parses them with QEMU's messages
             typed = resolved
@@ -714,6 +715,7 @@ def cmd_measure(argv: List[str]) -> int:
     p.add_argument("--output", default="human", help="human (default) or json (keys required, fully-allocated, "
                    "bitmaps)")
     p.add_argument("-U", "--force-share", action="store_true", help=_HELP_SHARE)
+    _add_secret_options(p, image_opts=False)
     _add_allow_path(p)
     p.add_argument("files", nargs="*", metavar="FILE", help="the image to be converted")
     args = p.parse_args(argv)
@@ -732,7 +734,10 @@ def cmd_measure(argv: List[str]) -> int:
                              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
     if len(args.files) > 1:
         raise UsageError("At most one filename argument is allowed.")
-    result = measure(args.out_fmt, merge_option_strings(args.options), size,
+    # an encrypted target's key-secret (qemu-img needs it even to measure): the secret, not its id
+    options = _resolve_key_secret(args, merge_option_strings(args.options), args.files[0] if args.files else "",
+                                  get_driver(args.out_fmt).create_options)
+    result = measure(args.out_fmt, options, size,
                      args.files[0] if args.files else None, args.fmt, args.snapshot, _policy(args))
     _out(render_json(result) if args.output == "json" else render_human(result))
     return 0

@@ -177,7 +177,7 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
             # the caller's policy rooted at the destination: files the output names (a qcow2 data file) follow it
             out = driver.open(tmp.tmp_path, writable=True,
                               policy=replace(policy or Policy(), lock=False, sync=sync,
-                                             passphrase=typed.get("key-secret")).with_root(dest))
+                                             passphrase=driver.create_passphrase(typed)).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 if source_bitmaps is not None:

@@ -156,23 +156,7 @@ class LuksImage(Image):
     # -- metadata -----------------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
         """qemu-img info's ``format-specific`` block for luks (no key needed)."""
-        h, spec = self.header, self.spec
-        slots: List[Dict[str, Any]] = []
-        for slot in h.slots:
-            entry: Dict[str, Any] = {"active": slot.is_active}
-            if slot.is_active:
-                entry["iters"] = slot.iterations
-            entry["key-offset"] = slot.key_material_offset * SECTOR
-            if slot.is_active:
-                entry["stripes"] = slot.stripes
-            slots.append(entry)
-        data: Dict[str, Any] = {"ivgen-alg": spec.ivgen_alg, "hash-alg": spec.hash_alg, "cipher-alg": spec.cipher_alg,
-                                "uuid": hdr.text(h.uuid)}
-        if spec.ivgen_alg == "essiv":
-            data["ivgen-hash-alg"] = spec.ivgen_hash_alg
-        data.update({"cipher-mode": spec.cipher_mode, "slots": slots, "payload-offset": self.payload,
-                     "master-key-iters": h.mk_digest_iter})
-        return {"format-specific": {"type": "luks", "data": data}}
+        return {"format-specific": {"type": "luks", "data": header_info(self.header, self.spec)}}
 
     def structures(self) -> List[Tuple[str, int, Any]]:
         out: List[Tuple[str, int, Any]] = [("header", 0, self.header)]
@@ -184,3 +168,26 @@ class LuksImage(Image):
         self._cipher = None
         self._master_key = None
         super().close()
+
+
+def header_info(h: hdr.Header, spec: hdr.CipherSpec, fmt: Optional[str] = None) -> Dict[str, Any]:
+    """qemu-img info's LUKS block (QAPI QCryptoBlockInfoLUKS, in its order) from a header, no key
+    needed: the luks format's ``data``, and with *fmt* ("luks") the ``encrypt`` block of qcow2."""
+    slots: List[Dict[str, Any]] = []
+    for slot in h.slots:
+        entry: Dict[str, Any] = {"active": slot.is_active}
+        if slot.is_active:
+            entry["iters"] = slot.iterations
+        entry["key-offset"] = slot.key_material_offset * SECTOR
+        if slot.is_active:
+            entry["stripes"] = slot.stripes
+        slots.append(entry)
+    data: Dict[str, Any] = {"ivgen-alg": spec.ivgen_alg, "hash-alg": spec.hash_alg, "cipher-alg": spec.cipher_alg,
+                            "uuid": hdr.text(h.uuid)}
+    if spec.ivgen_alg == "essiv":
+        data["ivgen-hash-alg"] = spec.ivgen_hash_alg
+    if fmt is not None:
+        data["format"] = fmt
+    data.update({"cipher-mode": spec.cipher_mode, "slots": slots, "payload-offset": h.payload_bytes,
+                 "master-key-iters": h.mk_digest_iter})
+    return data

@@ -15,8 +15,21 @@ CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type
 U64 = struct.Struct(">Q")
 
 
-def amend(img, options: Dict[str, Any]) -> None:
+KEYSLOT_OPTIONS = tuple("encrypt." + name for name in ("state", "keyslot", "old-secret", "new-secret", "iter-time"))
+
+
+def amend(img, options: Dict[str, Any], force: bool = False) -> None:
     """Apply amendable options to an image opened read-write."""
+    keyslot_options = {k: v for k, v in options.items() if k in KEYSLOT_OPTIONS}
+    if keyslot_options:
+        if img.crypto is None:
+            raise InvalidOption("Invalid parameter 'encrypt.%s': the image is not encrypted"
+                                % sorted(keyslot_options)[0][len("encrypt."):], path=img.path,
+                                field=sorted(keyslot_options)[0])
+        img.crypto.amend_keyslots(keyslot_options, force)
+        options = {k: v for k, v in options.items() if k not in KEYSLOT_OPTIONS}
+        if not options:
+            return
     for name in options:
         if name in CREATE_ONLY:
             raise InvalidOption("Invalid parameter '%s': this option is only supported for image creation" % name,

@@ -3,9 +3,10 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import Driver, Image, MeasureSource, OptionSpec, Policy
-from ...errors import InvalidOption, UnsupportedFeature
+from ...errors import InvalidOption
 from ...io import AtomicOutput, HostFile
 from . import header as hdr
+from . import crypto
 from . import measure as sizing
 from .compress import zstd_module
 from .image import Qcow2Image
@@ -38,9 +39,25 @@ class Qcow2Driver(Driver):
                    "Compression method used for image cluster compression", ("zlib", "zstd")),
         OptionSpec("data_file", "str", None, "File name of an external data file"),
         OptionSpec("data_file_raw", "bool", False, "The external data file must stay valid as a raw image"),
-        OptionSpec("encryption", "bool", False, "Encrypt the image (not supported)"),
-        OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks' "
-                                                  "(not supported)"),
+        OptionSpec("encryption", "bool", False,
+                   "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
+        OptionSpec("encrypt.format", "str", None, "Encrypt the image, format choices: 'aes', 'luks'"),
+        OptionSpec("encrypt.key-secret", "secret", None, "ID of secret providing qcow AES key or LUKS passphrase"),
+        OptionSpec("encrypt.cipher-alg", "str", None, "Name of encryption cipher algorithm"),
+        OptionSpec("encrypt.cipher-mode", "str", None, "Name of encryption cipher mode"),
+        OptionSpec("encrypt.ivgen-alg", "str", None, "Name of IV generator algorithm"),
+        OptionSpec("encrypt.ivgen-hash-alg", "str", None, "Name of IV generator hash algorithm"),
+        OptionSpec("encrypt.hash-alg", "str", None, "Name of encryption hash algorithm"),
+        OptionSpec("encrypt.iter-time", "int", None, "Time to spend in PBKDF in milliseconds"),
+    )
+    # amend only (qemu-img amend -o encrypt.state=...): the key slots of the LUKS header inside
+    # the image, as the luks format's amend options with "encrypt."; the secrets come from --object
+    amend_extra_options = (
+        OptionSpec("encrypt.state", "str", None, "Select new state of affected keyslots (active/inactive)"),
+        OptionSpec("encrypt.keyslot", "str", None, "Select a single keyslot to modify explicitly"),
+        OptionSpec("encrypt.old-secret", "secret", None, "Select all keyslots that match this password"),
+        OptionSpec("encrypt.new-secret", "secret", None, "New secret to set in the matching keyslots. "
+                   "Empty string to erase"),
     )
 
     def probe(self, header: bytes, filename: str) -> int:
@@ -78,10 +95,7 @@ class Qcow2Driver(Driver):
         """Validate create options the way qemu-img does and return the new image's header."""
         opts = {spec.name: spec.default for spec in self.create_options}
         opts.update({k: v for k, v in options.items() if v is not None})
-        if opts.get("encrypt.format"):
-            raise UnsupportedFeature("option encrypt.format is not supported yet", field="encrypt.format")
-        if opts.get("encryption"):
-            raise UnsupportedFeature("encrypted qcow2 images are not supported", field="encryption")
+        crypto.check_create_options(opts)
         version = COMPAT_VALUES[str(opts["compat"])]
         cluster_size = int(opts["cluster_size"])
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
@@ -151,6 +165,9 @@ class Qcow2Driver(Driver):
                     prealloc = "metadata"       # a raw data file needs every cluster mapped (as qemu-img)
             with HostFile(out.tmp_path, writable=True) as host:
                 write_empty_image(host, h)
+            if crypto.wanted(options):
+                crypto.set_up(self, out.tmp_path, options, policy)
+                policy = Policy(lock=False, allowed_dirs=policy.allowed_dirs, passphrase=crypto.secret(options))
             if prealloc != "off":
                 image = Qcow2Image(self, out.tmp_path, True, policy)
                 try:

@@ -43,6 +43,11 @@ FEATURE_NAMES: List[Tuple[int, int, str]] = [   # (type 0 incompat/1 compat/2 au
     (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"), (2, 0, "bitmaps"), (2, 1, "raw external data"),
 ]
 
+# crypt_method values (qcow2.txt): the legacy AES-CBC method and LUKS (formats/qcow2/crypto.py)
+CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
+
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -282,8 +287,11 @@ def _check_features(data: bytes, h: Header, path: str) -> None:
     elif h.compression_type != COMPRESSION_ZLIB:
         raise FormatError("compression_type %d set but the compression type feature bit is not"
                           % h.compression_type, path=path, field="compression_type")
-    if h.crypt_method:
-        raise UnsupportedFeature("encrypted images are not supported", path=path, field="crypt_method")
+    if h.crypt_method == CRYPT_AES:
+        raise UnsupportedFeature("legacy AES-CBC encrypted qcow2 images (crypt_method 1) are not supported",
+                                 path=path, field="crypt_method")
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_LUKS):
+        raise UnsupportedFeature("Unsupported encryption method: %d" % h.crypt_method, path=path, field="crypt_method")
     if h.extended_l2 and h.cluster_bits < 14:
         raise FormatError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
                           path=path, field="cluster_bits")

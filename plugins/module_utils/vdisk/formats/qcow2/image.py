@@ -27,6 +27,7 @@ from .compress import decompress_cluster
 from . import bitmaps, compressed_write, snapshots
 from .amend import amend as amend_options
 from . import metadata
+from .crypto import Encryption
 from .measure import bitmap_info
 from .preallocation import preallocate
 from .refcount import Refcounts
@@ -99,6 +100,15 @@ class Qcow2Image(Image):
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
                                    field="corrupt bit")
+        self.crypto: Optional[Encryption] = None
+        if h.crypt_method == hdr.CRYPT_LUKS:
+            # the header is read now (info needs no key); the key is unlocked only with a passphrase, and
+            # without one the first data access fails with QEMU's message
+            self.crypto = Encryption(self.host, h, self.path)
+            self.encrypted = True
+            self.zero_init = False
+            if policy.passphrase is not None:
+                self.crypto.unlock(policy.passphrase)
         raw = self.host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         self.l1: List[int] = [U64.unpack_from(raw, i)[0] for i in range(0, len(raw), 8)]
         self._l2_cache: "OrderedDict[int, bytearray]" = OrderedDict()
@@ -410,13 +420,26 @@ class Qcow2Image(Image):
         self._compressed_cache = (entry, data)
         return data
 
+    def _data_pread(self, length: int, host: int) -> bytes:
+        """Guest data at *host*: decrypted when the image is encrypted (units numbered by host offset)."""
+        if self.crypto is not None:
+            return self.crypto.pread(self._data(), length, host)
+        return self._data().pread(length, host)
+
+    def _data_pwrite(self, data, host: int) -> None:
+        """Write guest data at *host*, encrypted when the image is."""
+        if self.crypto is not None:
+            self.crypto.pwrite(self._data(), data, host)
+        else:
+            self._data().pwrite(data, host)
+
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         out = bytearray(length)
         for g, n, kind, host, entry in self._segments(offset, length):
             o = g - offset
             if kind == K_DATA:
-                out[o:o + n] = self._data().pread(n, host)
+                out[o:o + n] = self._data_pread(n, host)
             elif kind == K_UNALLOC:
                 if self.backing is not None:
                     out[o:o + n] = self.read_backing(g, n)
@@ -432,7 +455,10 @@ class Qcow2Image(Image):
         for g, n, kind, host, entry in self._segments(offset, length):
             o = g - offset
             if kind == K_DATA:
-                self._data().pread_into(view[o:o + n], host)
+                if self.crypto is not None:
+                    view[o:o + n] = self._data_pread(n, host)
+                else:
+                    self._data().pread_into(view[o:o + n], host)
             elif kind == K_UNALLOC and self.backing is not None:
                 view[o:o + n] = self.read_backing(g, n)
             elif kind == K_COMPRESSED:
@@ -449,7 +475,11 @@ class Qcow2Image(Image):
         self._data()        # as qemu-img map: a missing data file is an error even where nothing is mapped
         look_into_data_file = self.data_file is None or self._metadata_preallocated()
         for g, n, kind, host, _entry in self._segments(offset, end - offset):
-            if kind == K_DATA and not look_into_data_file:
+            if self.crypto is not None and kind in (K_DATA, K_ZERO):
+                # QEMU's block status gives no host offset with encryption (the host bytes are ciphertext),
+                # and never looks into the file: a hole there decrypts to noise, not zeros
+                yield Extent(g, n, DATA if kind == K_DATA else ZERO, None)
+            elif kind == K_DATA and not look_into_data_file:
                 yield Extent(g, n, DATA, host)
             elif kind == K_DATA:
                 # a data cluster over a hole of the host file reads as zeros (QEMU reports zero:true)
@@ -608,9 +638,8 @@ class Qcow2Image(Image):
                 plan[k] = (ci_k, new_host, (new_host | hdr.OFLAG_COPIED), new_bitmap)
             if run:
                 segments.append((run[0], data[run[1]:run[2]]))
-            target = self._data()
             for seg_host, seg in segments:
-                target.pwrite(seg, seg_host)
+                self._data_pwrite(seg, seg_host)
             for k in range(i, j):
                 ci_k, new_host, new_entry, new_bitmap = plan[k]
                 self._set_entry(table, ci_k % l2e, new_entry, new_bitmap)
@@ -644,7 +673,6 @@ class Qcow2Image(Image):
     def _write_cluster_in_place(self, table, ci, host, entry, bitmap, offset, end, data) -> None:
         cs, cb, l2e = self.cs, self.cb, self.l2e
         cstart = ci << cb
-        target = self._data()
         a = max(offset, cstart)
         b = min(end, cstart + cs)
         if not self.ext:
@@ -652,10 +680,10 @@ class Qcow2Image(Image):
                 # a preallocated zero cluster: the rest of it must become real zeros
                 content = bytearray(cs)
                 content[a - cstart:b - cstart] = data[a - offset:b - offset]
-                target.pwrite(content, host)
+                self._data_pwrite(content, host)
                 self._set_entry(table, ci % l2e, host | hdr.OFLAG_COPIED)
             else:
-                target.pwrite(data[a - offset:b - offset], host + a - cstart)
+                self._data_pwrite(data[a - offset:b - offset], host + a - cstart)
             return
         sc = self.sc
         alloc = bitmap & ALL_ALLOC
@@ -665,14 +693,14 @@ class Qcow2Image(Image):
             s0 = cstart + s * sc
             sa, sb = max(a, s0), min(b, s0 + sc)
             if alloc & bit:
-                target.pwrite(data[sa - offset:sb - offset], host + sa - cstart)
+                self._data_pwrite(data[sa - offset:sb - offset], host + sa - cstart)
                 continue
             if sa == s0 and sb == s0 + sc:
                 content = bytearray(data[sa - offset:sb - offset])
             else:
                 content = bytearray(sc) if zero & bit else bytearray(self._read_sub_old(s0, sc))
                 content[sa - s0:sb - s0] = data[sa - offset:sb - offset]
-            target.pwrite(content, host + s * sc)
+            self._data_pwrite(content, host + s * sc)
             alloc |= bit
             zero &= ~bit
         self._set_entry(table, ci % l2e, entry, (alloc & ALL_ALLOC) | (zero << 32))
@@ -689,10 +717,19 @@ class Qcow2Image(Image):
         self.host.pwrite(bytes(table[first * es:(last + 1) * es]), l2_off + first * es)
 
     # -- compressed clusters ------------------------------------------------------------
+    def _refuse_compressed_encryption(self) -> None:
+        if self.crypto is not None:
+            # qemu-img convert -c refuses an encrypted qcow2 output with this message (compressed clusters
+            # would hold plaintext)
+            raise UnsupportedFeature("Compression and encryption not supported at the same time", path=self.path,
+                                     field="encrypt.format")
+
     def compress_block(self, data: bytes) -> Optional[bytes]:
+        self._refuse_compressed_encryption()
         return compressed_write.compress_for_cluster(data, self.cs, self.header.compression_type)
 
     def write_compressed(self, offset: int, blocks) -> None:
+        self._refuse_compressed_encryption()
         if self.data_file is not None:
             # qcow2.txt: an image with an external data file has no compressed clusters (qemu-img: ENOTSUP)
             raise UnsupportedFeature("Operation not supported: compressed clusters are not allowed with an "
@@ -904,6 +941,8 @@ class Qcow2Image(Image):
             if listed:
                 data["bitmaps"] = listed
         data["refcount-bits"] = h.refcount_bits
+        if self.crypto is not None:
+            data["encrypt"] = self.crypto.info()
         if h.data_file:
             data["data-file"] = h.data_file
             data["data-file-raw"] = bool(h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
@@ -1082,7 +1121,7 @@ class Qcow2Image(Image):
 
     def amend(self, options: Dict[str, Any], force: bool = False) -> None:
         self._check_writable()
-        amend_options(self, options)
+        amend_options(self, options, force)
 
     def make_empty(self) -> None:
         """Unmap every cluster of the active layer so it reads from its backing file (commit)."""

@@ -12,8 +12,9 @@ counted, so it overestimates a little, as QEMU does.
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...driver import MeasureSource
-from ...errors import InvalidOption, UnsupportedFeature
+from ...errors import InvalidOption
 from . import bitmaps as bm
+from . import crypto
 from . import header as hdr
 
 DEFAULT_CLUSTER_SIZE = 65536
@@ -102,9 +103,9 @@ def measure(size: Optional[int], options: Dict[str, Any], source: Optional[Measu
     if prealloc not in PREALLOCATION_MODES:
         raise InvalidOption("invalid parameter value: %s" % prealloc, field="preallocation")
     has_backing = options.get("backing_file") is not None
-    if options.get("encrypt.format") == "luks":
-        # the LUKS header size depends on key-slot parameters given as secrets
-        raise UnsupportedFeature("Parameter 'encrypt.key-secret' is required for cipher", field="encrypt.format")
+    # the LUKS header's clusters (QEMU's qcow2_measure: the header and key material size for the cipher
+    # asked, rounded up to a cluster, added to both numbers); qemu-img asks for the key even here
+    luks_size = _round_up(crypto.header_length(options), cluster_size) if crypto.wanted(options) else 0
 
     virtual = _round_up(size or 0, cluster_size)
     l2_entry = 16 if extended_l2 else 8
@@ -122,6 +123,7 @@ def measure(size: Optional[int], options: Dict[str, Any], source: Optional[Measu
     result: Dict[str, int] = {}
     if version >= 3 and source is not None and source.bitmaps is not None:
         result["bitmaps"] = bitmaps_size(source.bitmaps, source.virtual_size, cluster_size)
+    full += luks_size
     result["required"] = full - virtual + required
     result["fully-allocated"] = full
     return result
