@@ -128,6 +128,15 @@ def pattern(offset, length):
     return bytes(out)
 
 
+def marked_pattern(size, mark):
+    """Recognizable guest data: the fill pattern with *mark* in every sector (an encrypted output must
+    hold it nowhere)."""
+    data = bytearray(pattern(0, size))
+    for pos in range(0, size - len(mark), 512):
+        data[pos + 37:pos + 37 + len(mark)] = mark
+    return bytes(data)
+
+
 def make_raw(path, size, extents=()):
     """A sparse raw file of *size* bytes holding the fill pattern at each ``(offset, length)`` of *extents*."""
     with open(path, "wb") as f:

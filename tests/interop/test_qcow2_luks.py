@@ -94,10 +94,7 @@ def vdisk_read_all(path):
 
 
 def guest_data(size):
-    data = bytearray(helpers.pattern(0, size))
-    for pos in range(0, size - len(MARK), 512):
-        data[pos + 37:pos + 37 + len(MARK)] = MARK
-    return bytes(data)
+    return helpers.marked_pattern(size, MARK)
 
 
 def sha(path):
