@@ -16,7 +16,7 @@ for open, bytes or str (str is encoded as UTF-8); qemu-img's secret objects are 
 """
 import os
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ...driver import Driver, MeasureSource, OptionSpec, Policy
 from ...errors import ImageError, InvalidOption
@@ -24,7 +24,7 @@ from ...io import AtomicOutput, HostFile
 from ..raw import PREALLOCATION_MODES, preallocate
 from . import header as hdr
 from . import keys, keyslots
-from .image import KEY_REQUIRED, LuksImage
+from .image import LuksImage
 
 DEFAULTS = {"cipher-alg": "aes-256", "cipher-mode": "xts", "ivgen-alg": "plain64", "hash-alg": "sha256",
             "iter-time": 2000}
@@ -98,18 +98,21 @@ class LuksDriver(Driver):
             slot.key_material_offset = offset
         return h
 
-    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
+    def new_header(self, options: Dict[str, Any], path: Optional[str] = None,
+                   prefix: str = "") -> Tuple[hdr.Header, bytes]:
+        """A new LUKS header as qemu-img creates it for *options* (the luks format's names): the
+        master key's digest set and slot 0 made from ``key-secret``; returned with slot 0's key
+        material, nothing written. *prefix* names the options in messages (qcow2's ``encrypt.``)."""
         secret = options.get("key-secret")
         if secret is None:
-            raise InvalidOption(KEY_REQUIRED, path=path, field="key-secret")
+            raise InvalidOption("Parameter '%skey-secret' is required for cipher" % prefix, path=path,
+                                field=prefix + "key-secret")
         iter_time = options.get("iter-time")
         iter_time = DEFAULTS["iter-time"] if iter_time is None else int(iter_time)
         if iter_time < 0:
-            raise InvalidOption("iter-time must not be negative (got %d)" % iter_time, path=path, field="iter-time")
+            raise InvalidOption("iter-time must not be negative (got %d)" % iter_time, path=path,
+                                field=prefix + "iter-time")
         spec = self.spec(options, path)
-        mode = options.get("preallocation") or "off"
-        if mode not in PREALLOCATION_MODES:
-            raise InvalidOption("invalid parameter value: %s" % mode, path=path, field="preallocation")
         h = self.build_header(spec)
         master = os.urandom(spec.key_bytes)
         try:
@@ -118,6 +121,13 @@ class LuksDriver(Driver):
         except ImageError as exc:
             exc.path = path
             raise
+        return h, material
+
+    def create(self, path: str, size: int, options: Dict[str, Any], sync: bool = True) -> None:
+        mode = options.get("preallocation") or "off"
+        if mode not in PREALLOCATION_MODES:
+            raise InvalidOption("invalid parameter value: %s" % mode, path=path, field="preallocation")
+        h, material = self.new_header(options, path)
         out = AtomicOutput(path)
         try:
             with HostFile(out.tmp_path, writable=True) as host:

@@ -15,19 +15,27 @@ CREATE_ONLY = ("cluster_size", "preallocation", "extended_l2", "compression_type
 U64 = struct.Struct(">Q")
 
 
-KEYSLOT_OPTIONS = tuple("encrypt." + name for name in ("state", "keyslot", "old-secret", "new-secret", "iter-time"))
+def _keyslot_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that amend the key slots of the LUKS header inside the image: the luks format's
+    key-slot options (luks/keyslots.py, imported only when an ``encrypt.`` option is given) with
+    the ``encrypt.`` prefix."""
+    if not any(name.startswith("encrypt.") for name in options):
+        return {}
+    from ..luks.keyslots import OPTION_NAMES  # pylint: disable=import-outside-toplevel
+    names = {"encrypt." + name for name in OPTION_NAMES}
+    return {k: v for k, v in options.items() if k in names}
 
 
 def amend(img, options: Dict[str, Any], force: bool = False) -> None:
     """Apply amendable options to an image opened read-write."""
-    keyslot_options = {k: v for k, v in options.items() if k in KEYSLOT_OPTIONS}
+    keyslot_options = _keyslot_options(options)
     if keyslot_options:
         if img.crypto is None:
             raise InvalidOption("Invalid parameter 'encrypt.%s': the image is not encrypted"
                                 % sorted(keyslot_options)[0][len("encrypt."):], path=img.path,
                                 field=sorted(keyslot_options)[0])
         img.crypto.amend_keyslots(keyslot_options, force)
-        options = {k: v for k, v in options.items() if k not in KEYSLOT_OPTIONS}
+        options = {k: v for k, v in options.items() if k not in keyslot_options}
         if not options:
             return
     for name in options:

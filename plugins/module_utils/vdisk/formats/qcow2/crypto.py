@@ -9,7 +9,6 @@ LUKS header's payload offset in bytes, which QEMU writes into the embedded heade
 
 The LUKS records, key handling and sector ciphers are the luks format's (formats/luks).
 """
-import os
 from typing import Any, Dict, Optional
 
 from ...errors import CorruptImage, InvalidOption, UnsupportedFeature
@@ -115,7 +114,7 @@ class Encryption:
             buf = bytearray(self.pread(target, (stop - first) * SECTOR, first * SECTOR))
             buf[host - first * SECTOR:end - first * SECTOR] = data
             data = memoryview(buf)
-        target.pwrite(bytes(cipher.encrypt(first, data)), first * SECTOR)
+        target.pwrite(cipher.encrypt(first, data), first * SECTOR)
 
 
 # -- create ---------------------------------------------------------------------------------------
@@ -133,12 +132,6 @@ def encrypt_format(options: Dict[str, Any]) -> Optional[str]:
 
 def wanted(options: Dict[str, Any]) -> bool:
     return encrypt_format(options) == "luks"
-
-
-def secret(options: Dict[str, Any]) -> Optional[bytes]:
-    """The passphrase a set of qcow2 create options carries (``encrypt.key-secret``), as bytes."""
-    value = options.get(ENCRYPT_PREFIX + "key-secret")
-    return None if value is None else _luks()[1].passphrase_bytes(value)
 
 
 def luks_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -173,18 +166,7 @@ def set_up(driver, path: str, options: Dict[str, Any], policy) -> None:
     (qcow2_set_up_encryption): clusters allocated after the L1 table, zeroed, the LUKS header and
     slot 0's key material written there, then crypt_method 2 and the pointer extension."""
     from .image import Qcow2Image  # pylint: disable=import-outside-toplevel  # image imports this module
-    luks = _luks_driver()
-    dummy, keys, dummy_cipher = _luks()
-    opts = luks_options(options)
-    spec = luks.spec(opts, path)
-    iter_time = opts.get("iter-time")
-    iter_time = 2000 if iter_time is None else int(iter_time)
-    if iter_time < 0:
-        raise InvalidOption("iter-time must not be negative (got %d)" % iter_time, path=path, field="encrypt.iter-time")
-    h = luks.build_header(spec)
-    master = os.urandom(spec.key_bytes)
-    keys.set_master_key(spec, h, master, iter_time)
-    material = keys.make_slot_material(spec, h, 0, master, secret(options), iter_time)
+    h, material = _luks_driver().new_header(luks_options(options), path, ENCRYPT_PREFIX)
     # the embedded header keeps the luks layout: payload offset = the header and key material's size,
     # which is also the length the extension records (QEMU's qcow2_crypto_hdr_init_func)
     length = h.payload_bytes

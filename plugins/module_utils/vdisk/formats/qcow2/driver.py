@@ -1,4 +1,5 @@
 """The qcow2 driver: create options, probing, create and open."""
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ DEFAULT_CLUSTER_SIZE = 65536
 
 class Qcow2Driver(Driver):
     name = "qcow2"
+    image_class = Qcow2Image
     extensions = (".qcow2", ".qcow", ".img")
     names_other_files = True
     capabilities = frozenset({"create", "write", "backing", "compression", "preallocation", "check", "repair",
@@ -64,9 +66,6 @@ class Qcow2Driver(Driver):
         if len(header) >= 8 and header[:4] == hdr.MAGIC and int.from_bytes(header[4:8], "big") in (2, 3):
             return 100
         return 0
-
-    def open(self, path: str, writable: bool = False, policy: Optional[Policy] = None) -> Qcow2Image:
-        return Qcow2Image(self, path, writable, policy or Policy())
 
     def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The files the header of *path* names, as (kind, stored name), read without opening them:
@@ -167,7 +166,7 @@ class Qcow2Driver(Driver):
                 write_empty_image(host, h)
             if crypto.wanted(options):
                 crypto.set_up(self, out.tmp_path, options, policy)
-                policy = Policy(lock=False, allowed_dirs=policy.allowed_dirs, passphrase=crypto.secret(options))
+                policy = dataclasses.replace(policy, passphrase=self.create_passphrase(options))
             if prealloc != "off":
                 image = Qcow2Image(self, out.tmp_path, True, policy)
                 try:
