@@ -9,11 +9,24 @@ import pytest
 
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk import errors
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.driver import Policy
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.luks import DRIVER, keys
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.luks import DRIVER, cipher, keys
 from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.luks.cipher import SectorCipher
 
 ciphers = pytest.importorskip("cryptography.hazmat.primitives.ciphers")
 PKG = "ansible_collections.vdisk.images.plugins.module_utils.vdisk"
+
+
+@pytest.fixture(params=["words", "ints"])
+def xts_path(request, monkeypatch):
+    """XTS both ways: on numpy word arrays (the pip package's dependency) and on big integers (an
+    Ansible target without numpy); both must give the package's XTS unit by unit."""
+    if request.param == "words":
+        pytest.importorskip("numpy")
+        monkeypatch.setattr(cipher, "_numpy", None)     # looked for again
+    else:
+        monkeypatch.setattr(cipher, "_numpy", False)    # as if not installed
+    yield request.param
+    assert (cipher.numpy_module() is not None) == (request.param == "words")
 
 
 def reference(mode, key, iv, data, decrypt):
@@ -50,7 +63,7 @@ def test_essiv_of_aes_128_uses_aes_256():
     ("xts", "plain64", 64), ("xts", "plain64", 32), ("xts", "essiv", 64), ("cbc", "essiv", 32),
     ("cbc", "plain64", 16), ("cbc", "plain", 32),
 ])
-def test_runs_equal_sector_by_sector(mode, ivgen, key_bytes):
+def test_runs_equal_sector_by_sector(mode, ivgen, key_bytes, xts_path):
     key = os.urandom(key_bytes)
     sc = SectorCipher(mode, ivgen, "sha256" if ivgen == "essiv" else None, key)
     first, data = 1000, os.urandom(512 * 9 + 256)        # a short last unit, as key material can have
@@ -65,7 +78,7 @@ def test_runs_equal_sector_by_sector(mode, ivgen, key_bytes):
 
 
 @pytest.mark.parametrize("length", [16, 512 * 7 + 496, 512 * 8, 512 * 300 + 32])
-def test_xts_runs_at_either_side_of_the_batch_size(length):
+def test_xts_runs_at_either_side_of_the_batch_size(length, xts_path):
     """Runs shorter than XTS_BATCH units take a context a unit, longer ones the batched tweaks:
     both equal the package's XTS unit by unit (lanes wrapping the GF(2^128) reduction included)."""
     key = os.urandom(64)
@@ -77,6 +90,9 @@ def test_xts_runs_at_either_side_of_the_batch_size(length):
                         for i, a in enumerate(range(0, length, 512)))
     assert bytes(sc.encrypt(first, data)) == expected
     assert bytes(sc.decrypt(first, expected)) == data
+    # any buffer: a bytearray, a memoryview starting at an odd address
+    odd = memoryview(b"x" + expected)[1:]
+    assert sc.decrypt(first, odd) == bytearray(data) and type(sc.encrypt(first, bytearray(data))) is bytearray
 
 
 def test_sector_numbers_change_the_ciphertext():

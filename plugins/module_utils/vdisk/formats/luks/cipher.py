@@ -19,7 +19,9 @@ Speed: creating a cipher context costs more than encrypting 512 bytes, so runs o
 with a few contexts, not one a sector. XTS (IEEE 1619: C = E_K1(P xor T) xor T, the tweak of block
 j of a sector being E_K2(IV) times alpha^j in GF(2^128)) takes one ECB call for the sectors' first
 tweaks, the other 31 tweaks of every sector computed at once on a big integer holding one 128-bit
-lane per sector, and one ECB call for the data; the XORs are done on big integers too. CBC
+lane per sector, and one ECB call for the data; the XORs are done on big integers too, or, where
+``numpy`` is installed (a dependency of the pip package, not needed on Ansible targets), the tweaks
+and XORs on 64-bit word arrays, about eight times faster (the ECB calls then dominate). CBC
 encryption, sequential within a sector, takes one context a sector; CBC decryption takes one
 context for a whole run and then corrects the first block of each sector (its chaining value is
 the sector's IV, not the previous ciphertext block); ESSIV IVs for a run are made with one ECB call.
@@ -29,7 +31,7 @@ import importlib
 import sys
 from array import array
 from types import SimpleNamespace
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ...errors import MissingPackage
 
@@ -39,6 +41,7 @@ UNIT = 512                      # one IV per 512 bytes
 XTS_BATCH = 8                   # units from which XTS is done a run at a time (below: a context a unit)
 
 _backend: Optional[SimpleNamespace] = None
+_numpy: Any = None              # the numpy module, False when it is not installed, None before the first look
 
 
 def backend(path: Optional[str] = None) -> SimpleNamespace:
@@ -52,6 +55,17 @@ def backend(path: Optional[str] = None) -> SimpleNamespace:
             raise MissingPackage("LUKS encryption", PACKAGE, path=path, field="encryption") from None
         _backend = SimpleNamespace(Cipher=ciphers.Cipher, algorithms=ciphers.algorithms, modes=ciphers.modes)
     return _backend
+
+
+def numpy_module() -> Any:
+    """numpy when it can be imported (the fast XTS path), else None; looked for once."""
+    global _numpy  # pylint: disable=global-statement
+    if _numpy is None:
+        try:
+            _numpy = importlib.import_module("numpy")
+        except ImportError:
+            _numpy = False
+    return _numpy or None
 
 
 def available() -> bool:
@@ -180,11 +194,38 @@ class SectorCipher:
         return out
 
     def _xts(self, view: memoryview, ivs: bytes, decrypt: bool) -> bytearray:
+        np = numpy_module()
+        if np is not None:
+            return self._xts_words(np, view, ivs, decrypt)
         length = len(view)
         tweaks = int.from_bytes(memoryview(xts_tweaks(self._xts_tweak.encryptor().update(ivs)))[:length], "little")
         whitened = (int.from_bytes(view, "little") ^ tweaks).to_bytes(length, "little")
         ctx = self._xts_data.decryptor() if decrypt else self._xts_data.encryptor()
         return bytearray((int.from_bytes(ctx.update(whitened), "little") ^ tweaks).to_bytes(length, "little"))
+
+    def _xts_words(self, np: Any, view: memoryview, ivs: bytes, decrypt: bool) -> bytearray:
+        """XTS with numpy: the tweaks made on two arrays of 64-bit words (each unit's low and high
+        halves, all units at once), the XORs in place on the output buffer."""
+        length = len(view)
+        first = np.frombuffer(self._xts_tweak.encryptor().update(ivs), dtype="<u8")
+        low, high = first[0::2], first[1::2]
+        tweaks = np.empty((len(low), BLOCKS, 2), dtype="<u8")
+        for j in range(BLOCKS):
+            tweaks[:, j, 0] = low
+            tweaks[:, j, 1] = high
+            carry = high >> 63             # alpha: shift the 128-bit value left, fold 0x87 into the low byte
+            high = (high << 1) | (low >> 63)
+            low = (low << 1) ^ (carry * 0x87)
+        tweaks = tweaks.reshape(-1)[:length // 8]
+        out = bytearray(length + IV_SIZE)         # update_into wants a block of room to spare
+        words = np.frombuffer(out, dtype="<u8", count=length // 8)
+        np.bitwise_xor(np.frombuffer(view, dtype="<u8"), tweaks, out=words)
+        ctx = self._xts_data.decryptor() if decrypt else self._xts_data.encryptor()
+        ctx.update_into(memoryview(out)[:length], out)      # in place (OpenSSL allows in == out)
+        np.bitwise_xor(words, tweaks, out=words)
+        del words
+        del out[length:]
+        return out
 
     def _cbc_decrypt(self, view: memoryview, units, ivs: bytes) -> bytearray:
         b = self._b
