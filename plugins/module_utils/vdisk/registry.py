@@ -4,6 +4,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 from .driver import Driver
 from .errors import FormatError
+from .formats.signatures import may_be
 from .io import HostFile
 
 _LOADERS: Dict[str, Callable[[], Driver]] = {}
@@ -137,8 +138,9 @@ def get_driver(name: str) -> Driver:
 
 
 def probe_scores(header: bytes, filename: str) -> List[Tuple[int, str]]:
-    """Every driver's score for *header*, best first."""
-    scores = [(d.probe(header, filename), d.name) for d in DRIVERS.values()]
+    """Every driver's score for *header*, best first; only the drivers whose signature *header*
+    holds are imported and asked (formats/signatures.py), raw among them."""
+    scores = [(DRIVERS[name].probe(header, filename), name) for name in DRIVERS if may_be(name, header)]
     return sorted((s for s in scores if s[0] > 0), reverse=True)
 
 

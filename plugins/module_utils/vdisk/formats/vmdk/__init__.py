@@ -13,6 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from ...driver import Driver, OptionSpec, Policy
 from ...errors import ImageError, InvalidOption
 from ...io import AtomicOutput, HostFile
+from ..signatures import vmdk_text_descriptor
 from . import header as hdr
 from .extent import _pack32
 from .image import VmdkImage
@@ -44,13 +45,7 @@ class VmdkDriver(Driver):
     def probe(self, header: bytes, filename: str) -> int:
         if hdr.magic_of(header) in (hdr.MAGIC, hdr.VMDK3_MAGIC):
             return 100
-        # a text descriptor: comment lines, then "version=N" (QEMU's vmdk_probe)
-        for line in header.split(b"\n"):
-            line = line.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            return 100 if line in (b"version=1", b"version=2", b"version=3") else 0
-        return 0
+        return 100 if vmdk_text_descriptor(header) else 0
 
     def references(self, path: str, checked=None) -> List[Tuple[str, str]]:
         """The extent files and the parent a VMDK names, as (kind, stored name), read from its

@@ -15,7 +15,7 @@ from ...structure import Record, disk, record
 
 SECTOR = 512
 MAGIC = 0x564D444B                      # "KDMV"
-VMDK3_MAGIC = 0x434F5744                # "COWD": the ESX 2 / GSX sparse format
+VMDK3_MAGIC = 0x44574F43                # b"COWD" in the file (QEMU reads it big-endian): the ESX 2 / GSX sparse format
 FLAG_NL_DETECT = 1 << 0                 # the four line-end characters below are valid
 FLAG_RGD = 1 << 1                       # a redundant grain directory is kept
 FLAG_ZERO_GRAIN = 1 << 2                # grain table entry 1 means "reads as zeros"
