@@ -458,7 +458,6 @@ class Qcow(Format):
         bad("crypt-method", "invalid encryption method in qcow header", (36, struct.pack(">I", 2))),
         bad("size-max", "Image too large", (24, struct.pack(">Q", (1 << 64) - 1))),
         bad("backing-name-long", "Backing file name too long", (8, struct.pack(">QI", 48, 2000))),
-        bad("aes", "AES-encrypted", (36, struct.pack(">I", 1)), qemu=None),
         bad("l1-offset", "L1 table offset 0x7ffffffffffffffc is invalid", (40, struct.pack(">Q", (1 << 63) - 4)),
             qemu=None),
         bad("backing-offset", "Invalid backing file offset", (8, struct.pack(">QI", (1 << 63) - 4, 8)), qemu=None),

@@ -7,6 +7,7 @@ QEMU's message and nothing written; no guest pattern is left in clear in the fil
 these pin down: data units are numbered by their HOST offset (crypt_physical_offset), the LUKS
 header sits in clusters after the L1 table with the extension's length = its payload offset.
 """
+import contextlib
 import hashlib
 import json
 
@@ -385,3 +386,79 @@ def test_measure_cli_takes_the_secret_as_qemu_img(target):
     mine = helpers.vdisk_cli(*args)
     assert mine.returncode == 0, mine.stderr
     assert json.loads(mine.stdout) == json.loads(theirs.stdout)
+
+
+# -- with an external data file (-o data_file=...) --------------------------------------------------
+@contextlib.contextmanager
+def opened(path, writable=True):
+    """The image through ops.chain (whose policy allows the data file beside it), unlocked."""
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.ops.chain import open_image, close_chain
+    img = open_image(str(path), "qcow2", writable=writable, policy=Policy(passphrase=SECRET.encode()))
+    try:
+        yield img
+    finally:
+        close_chain(img)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
+def test_external_data_file_both_ways(tmp_path, raw):
+    """LUKS with the guest clusters in an external data file: vdisk's image opens in qemu-img (compare,
+    check, info); qemu-img's, written by qemu-io, reads identically in vdisk, and what vdisk writes into
+    it qemu-img reads back. The data file holds ciphertext only. With data_file_raw every cluster is
+    mapped to the data file from the start (QEMU preallocates the metadata), whose zeros decrypt to noise:
+    qemu-img reads that noise where nothing was written, and so does vdisk."""
+    size = 3 * MiB
+    # vdisk creates and writes, qemu-img reads
+    vpath = tmp_path / "v.qcow2"
+    vdata = tmp_path / "v.data"
+    options = {"encrypt.format": "luks", "encrypt.key-secret": SECRET.encode(), "encrypt.iter-time": 10,
+               "data_file": str(vdata), "data_file_raw": raw}
+    DRIVER.create(str(vpath), size, options)
+    content = bytearray(size)
+    content[4096:4096 + 200000] = guest_data(200000)
+    content[2 * MiB + 100:2 * MiB + 1100] = b"\x42" * 1000
+    with opened(vpath) as img:
+        img.write(4096, bytes(content[4096:4096 + 200000]))
+        img.write(2 * MiB + 100, b"\x42" * 1000)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(bytes(content))
+    assert MARK not in vdata.read_bytes() and MARK not in vpath.read_bytes()
+    theirs = qemu_raw(vpath, tmp_path)
+    with opened(vpath, writable=False) as img:
+        assert img.read(0, size) == theirs
+    assert theirs[4096:4096 + 200000] == content[4096:4096 + 200000]
+    assert theirs[2 * MiB + 100:2 * MiB + 1100] == b"\x42" * 1000
+    assert qemu_compare_raw(vpath, expected) is not raw
+    assert qemu_check(vpath)["rc"] == 0
+    q = qemu_info(vpath)
+    v = json.loads(helpers.vdisk_cli("info", "--output=json", vpath, check=True).stdout)
+    assert v == q and q["format-specific"]["data"]["data-file"] == str(vdata)
+    assert helpers.vdisk_cli("info", vpath, check=True).stdout == helpers.qemu_img("info", vpath).stdout.decode()
+    # qemu-img creates, qemu-io writes, vdisk reads; vdisk writes, qemu-img reads
+    qpath = qemu_create(tmp_path / "q.qcow2", size, "-o", "data_file=%s" % (tmp_path / "q.data"), *(
+        ["-o", "data_file_raw=on"] if raw else []))
+    qemu_io(str(qpath), "write -P 0x5a 0 64k", "write -P 0xa5 1000 70000", "write -z 1M 128k",
+            "write -P 0x22 2M 1024")
+    with opened(qpath, writable=False) as img:
+        assert img.read(0, size) == qemu_raw(qpath, tmp_path)
+    with opened(qpath) as img:
+        img.write(300, b"\x77" * 700)
+        img.write(MiB + 4096, b"\x66" * 8192)
+    qemu_io(str(qpath), "read -P 0x77 300 700", "read -P 0x66 1052672 8192", "read -P 0x22 2M 1024")
+    assert qemu_check(qpath)["rc"] == 0
+    with opened(qpath, writable=False) as img:
+        assert img.read(0, size) == qemu_raw(qpath, tmp_path)
+
+
+# -- amend -o help ------------------------------------------------------------------------------------
+def test_amend_help_lists_qemu_img_options(tmp_path):
+    """vdisk amend -f qcow2 -o help: qemu-img 7.2's list (its amendable options and the encrypt.* key-slot
+    ones), without opening the image; with an image (no -f), the same list."""
+    theirs = helpers.qemu_img("amend", "-f", "qcow2", "-o", "help", tmp_path / "none.qcow2")
+    mine = helpers.vdisk_cli("amend", "-f", "qcow2", "-o", "help", tmp_path / "none.qcow2")
+    assert mine.returncode == theirs.returncode == 0, mine.stderr
+    assert mine.stdout == theirs.stdout.decode()
+    assert "encrypt.new-secret=<str>" in mine.stdout and "encrypt.keyslot=<num>" in mine.stdout
+    path = vdisk_create(tmp_path / "a.qcow2", MiB)
+    mine = helpers.vdisk_cli("amend", "-o", "help", path)
+    assert mine.returncode == 0 and mine.stdout == theirs.stdout.decode()

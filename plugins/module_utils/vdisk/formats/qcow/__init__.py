@@ -2,7 +2,9 @@
 compressed clusters.
 
 References: QEMU 7.2 block/qcow.c for the layout qemu-img create writes, its options, limits and
-messages.  AES encryption (crypt_method 1) is refused: creating such images, and opening them.
+messages.  Legacy AES encryption (crypt_method 1) is read only (formats/qcow2/crypto.py, ``LegacyAes``):
+images qemu-img made that way are read with their secret so their data can be converted out; creating
+them, and writing into them, is refused (the method is insecure).
 """
 from typing import Any, Dict
 
@@ -36,8 +38,9 @@ class QcowDriver(Driver):
 
     def build_header(self, size: int, options: Dict[str, Any]) -> hdr.Header:
         if options.get("encryption") or options.get("encrypt.format") or options.get("encrypt.key-secret"):
-            raise UnsupportedFeature("qcow AES encryption is not supported (it is insecure and QEMU refuses it for "
-                                     "VMs); use an unencrypted image or LUKS", field="encryption")
+            raise UnsupportedFeature("legacy AES-CBC encryption is not supported for new qcow images (encrypt.format=aes): "
+                                     "the method is insecure (vdisk only reads such images); use an unencrypted image "
+                                     "or LUKS", field="encryption")
         if size == 0:
             raise InvalidOption("Image size is too small, cannot be zero length", field="size")
         backing = options.get("backing_file") or None

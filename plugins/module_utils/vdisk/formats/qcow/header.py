@@ -6,7 +6,9 @@ and, at ``l1_table_offset``, the L1 table of 64-bit L2 table offsets.  An L2 tab
 ``2**l2_bits`` 64-bit entries: 0 is unallocated (read the backing file), bit 63 marks a
 compressed cluster whose byte length sits in the ``cluster_bits`` bits below it and whose host
 offset (QEMU puts it at a sector boundary; raw deflate with a 4 KiB window) in the bits below those; any other value
-is the host offset of a whole cluster.
+is the host offset of a whole cluster.  With ``crypt_method`` 1 (legacy AES-CBC, read only: see
+formats/qcow2/crypto.py) the sectors of uncompressed clusters are encrypted, numbered by guest offset;
+compressed clusters are stored in clear.
 """
 from typing import Callable, Optional
 
@@ -102,10 +104,7 @@ def parse_header(buf: bytes, path: str, read: Callable[[int, int], bytes]) -> He
         raise FormatError("Cluster size must be between 512 and 64k", path=path, field="cluster_bits")
     if not MIN_L2_BITS <= h.l2_bits <= MAX_L2_BITS:
         raise FormatError("L2 table size must be between 512 and 64k", path=path, field="l2_bits")
-    if h.crypt_method == CRYPT_AES:
-        raise UnsupportedFeature("AES-encrypted qcow images are not supported; convert the image with qemu-img "
-                                 "to an unencrypted format first", path=path, field="crypt_method")
-    if h.crypt_method != CRYPT_NONE:
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES):
         raise FormatError("invalid encryption method in qcow header", path=path, field="crypt_method")
     if h.size > U64 - (1 << (h.cluster_bits + h.l2_bits)) or h.l1_size > MAX_L1_ENTRIES:
         raise FormatError("Image too large", path=path, field="size")

@@ -5,6 +5,10 @@ New space is taken at the end of the file, as QEMU takes it: a new L2 table at t
 up to a cluster, a data cluster likewise, a compressed cluster at the end rounded up to a sector.
 vdisk lays clusters out where QEMU would, but writes in the safe order: data first, then the
 L2 table or entries, then the L1 entry, so an interruption leaves at most unreferenced space.
+
+Legacy AES encryption (crypt_method 1) is read only, as in qcow2 (formats/qcow2/crypto.py,
+``LegacyAes``): block/qcow.c decrypts an uncompressed cluster's sectors numbered by their guest
+offset, reads compressed clusters in clear, and gives no host offset in its block status.
 """
 import array
 import sys
@@ -56,6 +60,8 @@ class QcowImage(Image):
     def __init__(self, driver, path: str, writable: bool, policy: Policy):
         super().__init__(path, writable)
         self.driver = driver
+        self.crypto: Any = None              # qcow2's LegacyAes for an AES-encrypted image
+        self._passphrase = policy.passphrase
         self._open_host(policy)
 
     def _open(self) -> None:
@@ -63,6 +69,8 @@ class QcowImage(Image):
         h = hdr.parse_header(self.host.pread(min(size, hdr.HEADER_SIZE), 0), self.path,
                              lambda off, n: self.host.pread(n, off))
         self.header = h
+        if h.crypt_method == hdr.CRYPT_AES:
+            self._open_crypto()
         self.cb = h.cluster_bits
         self.cs = h.cluster_size
         self.cluster_size = self.cs
@@ -81,6 +89,19 @@ class QcowImage(Image):
         self._zcache: Tuple[int, bytes] = (-1, b"")
         self._metadata: Optional[MetadataMap] = None      # built on the first write in place
         self.compression_unit = self.cs
+
+    def _open_crypto(self) -> None:
+        """The legacy AES method: read only; unlocked when a secret was given, else the first data
+        read fails with QEMU's message (info needs no key)."""
+        from ..qcow2.crypto import LegacyAes  # pylint: disable=import-outside-toplevel  # only for AES images
+        self.crypto = LegacyAes(self.path, "qcow")
+        if self.writable:
+            self.crypto.refuse_writing()
+        self.encrypted = True
+        self.zero_init = False
+        if self._passphrase is not None:
+            self.crypto.unlock(self._passphrase)
+        self._passphrase = None
 
     # -- tables ----------------------------------------------------------------------------
     def _l1_entry(self, l1i: int) -> int:
@@ -162,6 +183,8 @@ class QcowImage(Image):
             elif isinstance(m, _Compressed):
                 within = start % self.cs
                 parts.append(self._decompress(m[0])[within:within + n])
+            elif self.crypto is not None:
+                parts.append(self.crypto.pread(self.host, n, m, start))
             else:
                 parts.append(self.host.pread(n, m))
         return b"".join(parts)
@@ -175,6 +198,8 @@ class QcowImage(Image):
                 yield Extent(start, n, UNALLOCATED)
             elif isinstance(m, _Compressed):
                 yield Extent(start, n, DATA, None, compressed=True)
+            elif self.crypto is not None:
+                yield Extent(start, n, DATA, None)          # ciphertext: no host offset (qcow_co_block_status)
             else:
                 yield Extent(start, n, DATA, m)
 

@@ -26,8 +26,30 @@ def _keyslot_options(options: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in options.items() if k in names}
 
 
+def _typed(img, options: Dict[str, Any]) -> Dict[str, Any]:
+    """Values given as text (qemu-img's ``-o`` strings) typed by the create option of their name, as
+    qemu's option parser does before amend: a bad number is refused first, other bad values and
+    unknown names are left for amend to name; the ``encrypt.`` key-slot values are the luks code's."""
+    typed: Dict[str, Any] = {}
+    for name, value in options.items():
+        typed[name] = value
+        if not isinstance(value, str) or name.startswith("encrypt."):
+            continue
+        try:
+            spec = img.driver.option(name)
+        except ImageError:
+            continue
+        try:
+            typed[name] = spec.parse(value)
+        except ImageError:
+            if spec.amendable and spec.type in ("int", "size"):
+                raise
+    return typed
+
+
 def amend(img, options: Dict[str, Any], force: bool = False) -> None:
-    """Apply amendable options to an image opened read-write."""
+    """Apply amendable options to an image opened read-write (values typed or as text)."""
+    options = _typed(img, options)
     keyslot_options = _keyslot_options(options)
     if keyslot_options:
         if img.crypto is None:

@@ -8,10 +8,19 @@ points to; qemu-img 7.2 puts it at the cluster after the L1 table, the extension
 LUKS header's payload offset in bytes, which QEMU writes into the embedded header as usual).
 
 The LUKS records, key handling and sector ciphers are the luks format's (formats/luks).
+
+The legacy AES method (crypt_method 1, :class:`LegacyAes`) is read only: QEMU 7.2's
+crypto/block-qcow.c takes the secret (a C string: cut at its first NUL) zero-padded or truncated
+to 16 bytes as the AES-128 key, no header, no key derivation; each 512-byte unit is AES-128-CBC
+with the plain64 IV of its number, and qcow2_do_open sets ``crypt_physical_offset`` false for it,
+so units are numbered by their GUEST offset (a unit's ciphertext depends on where the guest sees
+it, not where it is stored). The method is insecure (a fixed, unsalted key, predictable IVs, the
+password is the key): vdisk reads such images so their data can be converted out, and writes,
+creates and amends none (:data:`AES_READ_ONLY`).
 """
 from typing import Any, Dict, Optional
 
-from ...errors import CorruptImage, InvalidOption, UnsupportedFeature
+from ...errors import CorruptImage, InvalidOption, MissingPackage, UnsupportedFeature
 from . import header as hdr
 
 # the luks format's modules are imported on first use: naming the qcow2 format imports no other driver
@@ -28,9 +37,72 @@ def _luks():
 
 
 KEY_REQUIRED = "Parameter 'encrypt.key-secret' is required for cipher"
+AES_KEY_BYTES = 16              # block-qcow.c: the secret zero-padded or truncated to an AES-128 key
+AES_READ_ONLY = ("legacy AES-CBC encrypted %s images (encrypt.format=aes) are read-only in vdisk: the method is "
+                 "insecure; convert the image to an unencrypted or LUKS-encrypted one")
 
 
-class Encryption:
+class _SectorData:
+    """Reads of guest data through a sector cipher, in 512-byte units numbered by the host offset
+    (``physical``: LUKS) or by the guest offset (the legacy AES method)."""
+
+    path: str
+    physical = True
+    _cipher = None
+
+    def cipher(self):
+        """The unlocked sector cipher; QEMU's message when the image was opened without a key."""
+        if self._cipher is None:
+            raise InvalidOption(KEY_REQUIRED, path=self.path, field="encrypt.key-secret")
+        return self._cipher
+
+    def pread(self, target, length: int, host: int, guest: Optional[int] = None) -> bytes:
+        """*length* plaintext bytes stored at *host* of *target* (a HostFile) for the guest at *guest*,
+        whole units read and decrypted (*host* and *guest* lie at the same place in a unit)."""
+        cipher = self.cipher()
+        base = host if self.physical or guest is None else guest
+        first = host // SECTOR
+        stop = -(-(host + length) // SECTOR)
+        raw = target.pread((stop - first) * SECTOR, first * SECTOR)
+        skip = host - first * SECTOR
+        return bytes(cipher.decrypt(base // SECTOR, raw)[skip:skip + length])
+
+
+class LegacyAes(_SectorData):
+    """The legacy AES-CBC method of qcow and qcow2 (crypt_method 1): read only (see the module's
+    docstring). *fmt* names the format in messages."""
+
+    physical = False
+
+    def __init__(self, path: str, fmt: str = "qcow2"):
+        self.path = path
+        self.fmt = fmt
+
+    def __repr__(self) -> str:          # never the key
+        return "<%s legacy AES %s>" % (self.fmt, "unlocked" if self._cipher else "locked")
+
+    def unlock(self, passphrase) -> None:
+        """The key: the secret's bytes up to its first NUL, zero-padded or cut to 16 (qcrypto_block_qcow_init)."""
+        dummy, keys, cipher = _luks()
+        key = keys.passphrase_bytes(passphrase)[:AES_KEY_BYTES].ljust(AES_KEY_BYTES, b"\0")
+        try:
+            self._cipher = cipher.SectorCipher("cbc", "plain64", None, key, self.path)
+        except MissingPackage as exc:       # named for what needs it: not LUKS here
+            raise MissingPackage("legacy AES encryption", exc.package, path=self.path, field="encryption") from None
+
+    def refuse_writing(self) -> None:
+        raise UnsupportedFeature(AES_READ_ONLY % self.fmt, path=self.path, field="crypt_method")
+
+    def pwrite(self, target, data, host: int) -> None:  # pylint: disable=unused-argument
+        self.refuse_writing()
+
+    @staticmethod
+    def info() -> Dict[str, Any]:
+        """qemu-img info's ``encrypt`` block: the method has nothing else to show."""
+        return {"format": "aes"}
+
+
+class Encryption(_SectorData):
     """The LUKS header of an encrypted qcow2 image, and its sector cipher once unlocked."""
 
     def __init__(self, host, h: hdr.Header, path: str):
@@ -82,27 +154,12 @@ class Encryption:
         keyslots.amend_keyslots(self.spec, self.header, request, pread, pwrite, self._master_key, self.path)
         self._host.flush()
 
-    def cipher(self):
-        """The unlocked sector cipher; QEMU's message when the image was opened without a key."""
-        if self._cipher is None:
-            raise InvalidOption(KEY_REQUIRED, path=self.path, field="encrypt.key-secret")
-        return self._cipher
-
     def info(self) -> Dict[str, Any]:
         """qemu-img info's ``encrypt`` block (no key needed), the luks format's fields with ``format``."""
         from ..luks.image import header_info  # pylint: disable=import-outside-toplevel
         return header_info(self.header, self.spec, "luks")
 
     # -- data: *host* is the offset in the image file, the IV sector base (crypt_physical_offset) --
-    def pread(self, target, length: int, host: int) -> bytes:
-        """*length* plaintext bytes at *host* of *target* (a HostFile), whole units read and decrypted."""
-        cipher = self.cipher()
-        first = host // SECTOR
-        stop = -(-(host + length) // SECTOR)
-        raw = target.pread((stop - first) * SECTOR, first * SECTOR)
-        skip = host - first * SECTOR
-        return bytes(cipher.decrypt(first, raw)[skip:skip + length])
-
     def pwrite(self, target, data, host: int) -> None:
         """Encrypt *data* for *host* and write it; partial units at the edges are read and patched."""
         cipher = self.cipher()
@@ -148,8 +205,9 @@ def check_create_options(options: Dict[str, Any], path: Optional[str] = None) ->
     if fmt not in ("aes", "luks"):
         raise InvalidOption("Parameter 'format' does not accept value '%s'" % fmt, path=path, field="encrypt.format")
     if fmt == "aes":
-        raise UnsupportedFeature("creating legacy AES-CBC encrypted qcow2 images (encrypt.format=aes) is not "
-                                 "supported", path=path, field="encrypt.format")
+        raise UnsupportedFeature("legacy AES-CBC encryption is not supported for new qcow2 images (encrypt.format=aes): "
+                                 "the method is insecure (vdisk only reads such images); use encrypt.format=luks",
+                                 path=path, field="encrypt.format")
     if options.get(ENCRYPT_PREFIX + "key-secret") is None:
         raise InvalidOption(KEY_REQUIRED, path=path, field="encrypt.key-secret")
     _luks_driver().spec(luks_options(options), path)

@@ -52,14 +52,20 @@ class Qcow2Driver(Driver):
         OptionSpec("encrypt.hash-alg", "str", None, "Name of encryption hash algorithm"),
         OptionSpec("encrypt.iter-time", "int", None, "Time to spend in PBKDF in milliseconds"),
     )
-    # amend only (qemu-img amend -o encrypt.state=...): the key slots of the LUKS header inside
-    # the image, as the luks format's amend options with "encrypt."; the secrets come from --object
-    amend_extra_options = (
-        OptionSpec("encrypt.state", "str", None, "Select new state of affected keyslots (active/inactive)"),
-        OptionSpec("encrypt.keyslot", "str", None, "Select a single keyslot to modify explicitly"),
-        OptionSpec("encrypt.old-secret", "secret", None, "Select all keyslots that match this password"),
+    # qemu-img 7.2's amend options for qcow2 (qcow2_amend_opts: its create options that can change,
+    # and the key slots of the LUKS header inside the image as the luks format's amend options with
+    # "encrypt."; the secrets come from --object): `vdisk amend -f qcow2 -o help` lists them, and the
+    # values reach Qcow2Image.amend as given (amend.py types them)
+    amend_options = tuple(spec for spec in create_options
+                          if spec.name in ("backing_file", "backing_fmt", "compat", "data_file", "data_file_raw",
+                                           "lazy_refcounts", "refcount_bits", "size", "encrypt.iter-time")) + (
+        OptionSpec("encrypt.state", "str", None, "Select new state of affected keyslots (active/inactive)",
+                   amendable=True),
+        OptionSpec("encrypt.keyslot", "int", None, "Select a single keyslot to modify explicitly", amendable=True),
+        OptionSpec("encrypt.old-secret", "secret", None, "Select all keyslots that match this password",
+                   amendable=True),
         OptionSpec("encrypt.new-secret", "secret", None, "New secret to set in the matching keyslots. "
-                   "Empty string to erase"),
+                   "Empty string to erase", amendable=True),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -287,10 +287,7 @@ def _check_features(data: bytes, h: Header, path: str) -> None:
     elif h.compression_type != COMPRESSION_ZLIB:
         raise FormatError("compression_type %d set but the compression type feature bit is not"
                           % h.compression_type, path=path, field="compression_type")
-    if h.crypt_method == CRYPT_AES:
-        raise UnsupportedFeature("legacy AES-CBC encrypted qcow2 images (crypt_method 1) are not supported",
-                                 path=path, field="crypt_method")
-    if h.crypt_method not in (CRYPT_NONE, CRYPT_LUKS):
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
         raise UnsupportedFeature("Unsupported encryption method: %d" % h.crypt_method, path=path, field="crypt_method")
     if h.extended_l2 and h.cluster_bits < 14:
         raise FormatError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",

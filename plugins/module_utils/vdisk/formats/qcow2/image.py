@@ -15,7 +15,7 @@ zeroing and discarding zero the data file too, so both views always read the sam
 """
 import struct
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, ResolvedPath
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
@@ -27,7 +27,7 @@ from .compress import decompress_cluster
 from . import bitmaps, compressed_write, snapshots
 from .amend import amend as amend_options
 from . import metadata
-from .crypto import Encryption
+from .crypto import Encryption, LegacyAes
 from .measure import bitmap_info
 from .preallocation import preallocate
 from .refcount import Refcounts
@@ -100,11 +100,19 @@ class Qcow2Image(Image):
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
                                    field="corrupt bit")
-        self.crypto: Optional[Encryption] = None
+        self.crypto: Optional[Union[Encryption, LegacyAes]] = None
         if h.crypt_method == hdr.CRYPT_LUKS:
             # the header is read now (info needs no key); the key is unlocked only with a passphrase, and
             # without one the first data access fails with QEMU's message
             self.crypto = Encryption(self.host, h, self.path)
+        elif h.crypt_method == hdr.CRYPT_AES:
+            if h.crypto_extension is not None:
+                raise FormatError("CRYPTO header extension only expected with LUKS encryption method",
+                                  path=self.path, field="crypto header extension")
+            self.crypto = LegacyAes(self.path)
+            if self.writable:
+                self.crypto.refuse_writing()     # read only: no write, amend, resize, snapshot, repair
+        if self.crypto is not None:
             self.encrypted = True
             self.zero_init = False
             if policy.passphrase is not None:
@@ -420,10 +428,11 @@ class Qcow2Image(Image):
         self._compressed_cache = (entry, data)
         return data
 
-    def _data_pread(self, length: int, host: int) -> bytes:
-        """Guest data at *host*: decrypted when the image is encrypted (units numbered by host offset)."""
+    def _data_pread(self, length: int, host: int, guest: int) -> bytes:
+        """Guest data for *guest* stored at *host*: decrypted when the image is encrypted (units
+        numbered by host offset with LUKS, by guest offset with the legacy AES method)."""
         if self.crypto is not None:
-            return self.crypto.pread(self._data(), length, host)
+            return self.crypto.pread(self._data(), length, host, guest)
         return self._data().pread(length, host)
 
     def _data_pwrite(self, data, host: int) -> None:
@@ -439,7 +448,7 @@ class Qcow2Image(Image):
         for g, n, kind, host, entry in self._segments(offset, length):
             o = g - offset
             if kind == K_DATA:
-                out[o:o + n] = self._data_pread(n, host)
+                out[o:o + n] = self._data_pread(n, host, g)
             elif kind == K_UNALLOC:
                 if self.backing is not None:
                     out[o:o + n] = self.read_backing(g, n)
@@ -456,7 +465,7 @@ class Qcow2Image(Image):
             o = g - offset
             if kind == K_DATA:
                 if self.crypto is not None:
-                    view[o:o + n] = self._data_pread(n, host)
+                    view[o:o + n] = self._data_pread(n, host, g)
                 else:
                     self._data().pread_into(view[o:o + n], host)
             elif kind == K_UNALLOC and self.backing is not None:
@@ -941,10 +950,12 @@ class Qcow2Image(Image):
             if listed:
                 data["bitmaps"] = listed
         data["refcount-bits"] = h.refcount_bits
+        # qemu-img 7.2's text shows its dict in this order: the data file's name, the encrypt block, then data-file-raw
+        if h.data_file:
+            data["data-file"] = h.data_file
         if self.crypto is not None:
             data["encrypt"] = self.crypto.info()
         if h.data_file:
-            data["data-file"] = h.data_file
             data["data-file-raw"] = bool(h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
         if h.version >= 3:
             data["corrupt"] = self.corrupt
