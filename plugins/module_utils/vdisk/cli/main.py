@@ -12,7 +12,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional
 
 from .. import __version__
 from ..driver import Policy, merge_option_strings
-from ..errors import ImageError
+from ..errors import ImageError, InvalidOption
 from ..interrupt import Terminated, signals_raise
 from ..ops.chain import close_chain, open_image
 from ..registry import DRIVERS, get_driver
@@ -52,7 +52,7 @@ _CACHE_MODES = "none, writeback, writethrough, directsync or unsafe"
 
 def _warn(command_name: str, text: str) -> None:
     """A warning on stderr, one line, as qemu-img's ``qemu-img: warning: ...``."""
-    print("vdisk: %s: warning: %s" % (command_name, text), file=sys.stderr)
+    sys.stderr.write("vdisk: %s: warning: %s\n" % (command_name, text))
 
 
 def command(name: str):
@@ -674,6 +674,7 @@ def cmd_compare(argv: List[str]) -> int:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="human (default, qemu-img's messages) or json: identical, first-difference, "
                         "size-mismatch, block-status-mismatch")
+    _add_secret_options(p)
     _add_allow_path(p)
     p.add_argument("a", metavar="A", help="the first image")
     p.add_argument("b", metavar="B", help="the second image")
@@ -681,9 +682,16 @@ def cmd_compare(argv: List[str]) -> int:
     from ..ops.compare import compare_images
     as_json = args.output == "json"
     try:
-        verdict = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, _policy(args),
+        # --image-opts: both A and B are option strings, each with its own key-secret (as qemu-img)
+        if args.image_opts and (args.fmt_a or args.fmt_b):
+            raise InvalidOption("--image-opts and --format are mutually exclusive", field="--image-opts")
+        _image_opts(args, "a", "fmt_a")
+        policy_a = _policy(args)
+        args.key_secret = None
+        _image_opts(args, "b", "fmt_b")
+        verdict = compare_images(args.a, args.b, args.fmt_a, args.fmt_b, args.strict, policy_a,
                                  lambda line: _out(line, args.quiet or as_json),
-                                 _progress(args.progress and not args.quiet and not as_json))
+                                 _progress(args.progress and not args.quiet and not as_json), policy_b=_policy(args))
     except (ImageError, OSError) as exc:
         # qemu-img compare: 0 identical, 1 different, 2 (and up) an error
         if isinstance(exc, ImageError):
@@ -851,4 +859,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

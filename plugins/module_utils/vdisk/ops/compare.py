@@ -86,12 +86,14 @@ def compare(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Option
 
 def compare_images(path_a: str, path_b: str, fmt_a: Optional[str] = None, fmt_b: Optional[str] = None,
                    strict: bool = False, policy: Optional[Policy] = None, say: Callable[[str], None] = print,
-                   progress: Optional[Callable[[int, int], None]] = None) -> Verdict:
-    """:func:`compare`, returning what it found."""
+                   progress: Optional[Callable[[int, int], None]] = None, policy_b: Optional[Policy] = None
+                   ) -> Verdict:
+    """:func:`compare`, returning what it found; *policy_b* opens B when it differs from A's
+    (its own passphrase)."""
     verdict = Verdict(say)
     a = open_image(path_a, fmt_a, policy=policy)
     try:
-        b = open_image(path_b, fmt_b, policy=policy)
+        b = open_image(path_b, fmt_b, policy=policy if policy_b is None else policy_b)
         try:
             _compare(a, b, strict, verdict, progress or (lambda done, total: None))
         finally:
