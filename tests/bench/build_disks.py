@@ -15,12 +15,21 @@ so an interrupted build is redone and a finished one is reused.
                    order until the file data reaches BIG_DATA_BYTES) on an 8 GiB sparse raw image
   small.qcow2, modified.qcow2, big.qcow2, big-4k.qcow2
                    made once by qemu-img convert (big-4k: -o cluster_size=4096)
+  os-overlay.qcow2 a qcow2 overlay over big.qcow2 (backing name "big.qcow2") holding a guest's
+                   changes: OVERLAY_CHANGE_BYTES written with qemu-io at spread offsets inside
+                   big.qcow2's data, in pieces of 4 KiB to 1 MiB
+  startup.qcow2    a small qcow2 (64 MiB, 1 MiB of data) for the start-up cell
+  plan-1000/       manifest.yml declaring 1,000 qcow2 images of 1 MiB, and those images, as
+                   declared (a plan of it has nothing to do)
+  sparse-1t.raw    a 1 TiB sparse raw image holding 1 GiB of data in 1 MiB pieces, one in each
+                   GiB of the range (pseudo-random bytes, fixed seeds)
 
 Run alone to build everything:  python3 tests/bench/build_disks.py [--cache DIR]
 """
 import argparse
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -39,6 +48,12 @@ HOST_SOURCE = "/usr"
 MODIFY_ADD_BYTES = 48 << 20              # new files written into modified.raw
 MODIFY_REPLACE = 40                      # existing files replaced by other content
 MODIFY_REMOVE = 40                       # existing files removed
+OVERLAY_CHANGE_BYTES = 48 << 20          # guest writes in os-overlay.qcow2
+OVERLAY_WRITE_SIZES = (4 << 10, 64 << 10, 16 << 10, 1 << 20, 4 << 10, 256 << 10, 128 << 10, 512 << 10)
+PLAN_IMAGES = 1000                       # images of plan-1000/manifest.yml
+SPARSE_SIZE = 1 << 40                    # sparse-1t.raw: 1 TiB virtual ...
+SPARSE_PIECE = 1 << 20                   # ... of which SPARSE_PIECES pieces of 1 MiB hold data
+SPARSE_PIECES = 1024
 
 # what each fixture is made from
 DEPENDS = {
@@ -50,6 +65,10 @@ DEPENDS = {
     "modified.qcow2": ("modified.raw",),
     "big.qcow2": ("big.raw",),
     "big-4k.qcow2": ("big.raw",),
+    "os-overlay.qcow2": ("big.qcow2",),
+    "startup.qcow2": (),
+    "plan-1000": (),
+    "sparse-1t.raw": (),
 }
 
 
@@ -249,6 +268,97 @@ class Fixtures:
 
     def _build_big_4k_qcow2(self, tmp):
         self._qcow2("big.raw", tmp, "-o", "cluster_size=4096")
+
+    def _build_os_overlay_qcow2(self, tmp):
+        qemu_io = need_tool("qemu-io", "qemu-utils")
+        # the backing name as a guest's overlay stores it: relative, in the same directory
+        run([self.qemu_img, "create", "-q", "-f", "qcow2", "-b", "big.qcow2", "-F", "qcow2", tmp])
+        out = subprocess.run([self.qemu_img, "map", "--output=json", "-f", "qcow2", self.path("big.qcow2")],
+                             check=True, capture_output=True, text=True).stdout
+        extents = [(e["start"], e["length"]) for e in json.loads(out) if e.get("data")]
+        writes = overlay_writes(extents, OVERLAY_CHANGE_BYTES)
+        cmds = []
+        for offset, length, pattern in writes:
+            cmds += ["-c", "write -q -P %d %d %d" % (pattern, offset, length)]
+        log("writing %d pieces (%.1f MB) into the overlay" % (len(writes), sum(w[1] for w in writes) / 1e6))
+        subprocess.run([qemu_io, "-f", "qcow2"] + cmds + [tmp], check=True, stdout=subprocess.DEVNULL)
+        self.manifest["os-overlay.qcow2"] = {"written_bytes": sum(w[1] for w in writes), "writes": len(writes)}
+
+    def _build_startup_qcow2(self, tmp):
+        qemu_io = need_tool("qemu-io", "qemu-utils")
+        run([self.qemu_img, "create", "-q", "-f", "qcow2", tmp, "64M"])
+        run([qemu_io, "-f", "qcow2", "-c", "write -q -P 90 0 1M", tmp], stdout=subprocess.DEVNULL)
+
+    def _build_plan_1000(self, tmp):
+        os.makedirs(tmp)
+        first = os.path.join(tmp, plan_image_name(0))
+        run([self.qemu_img, "create", "-q", "-f", "qcow2", first, "1M"])
+        for i in range(1, PLAN_IMAGES):
+            shutil.copyfile(first, os.path.join(tmp, plan_image_name(i)))
+        with open(os.path.join(tmp, "manifest.yml"), "w") as f:
+            f.write(plan_manifest(PLAN_IMAGES))
+
+    def _build_sparse_1t_raw(self, tmp):
+        pieces = sparse_pieces(SPARSE_SIZE, SPARSE_PIECE, SPARSE_PIECES)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, SPARSE_SIZE)
+            for i, offset in enumerate(pieces):
+                os.pwrite(fd, random.Random(i).randbytes(SPARSE_PIECE), offset)
+        finally:
+            os.close(fd)
+        # the cache must hold the data, not the terabyte: a file system without holes is refused
+        data = len(pieces) * SPARSE_PIECE
+        used = allocated(tmp)
+        if used > 2 * data:
+            rmtree(tmp)
+            raise SystemExit("build_disks: sparse-1t.raw is not sparse on this file system (%d bytes "
+                             "allocated for %d of data)" % (used, data))
+        log("sparse-1t.raw: %d bytes allocated of %d" % (allocated(tmp), SPARSE_SIZE))
+        self.manifest["sparse-1t.raw"] = {"data_bytes": data}
+
+
+def overlay_writes(extents, total, sizes=OVERLAY_WRITE_SIZES, align=4096):
+    """Guest writes of *total* bytes spread evenly over the data *extents* [(start, length)] of the
+    base: [(offset, length, pattern byte)], in pieces of *sizes* (cycled), *align*-aligned, each
+    inside one extent where the extent is long enough.  Deterministic."""
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(sizes[len(lengths) % len(sizes)])
+    data = sum(length for _, length in extents)
+    if not data:
+        raise ValueError("no data extents to write over")
+    writes = []
+    for k, length in enumerate(lengths):
+        pos = data * k // len(lengths)           # position in the data, as if the extents were one
+        for start, ext in extents:
+            if pos < ext:
+                break
+            pos -= ext
+        offset = (start + pos) // align * align
+        if offset + length > start + ext and ext >= length:
+            offset = (start + ext - length) // align * align
+        writes.append((offset, length, 1 + k % 255))
+    return writes
+
+
+def plan_image_name(i):
+    return "img-%04d.qcow2" % i
+
+
+def plan_manifest(count):
+    """A manifest of *count* qcow2 images of 1 MiB, as plan-1000 holds them."""
+    lines = ["# vdisk bench: %d images, all in their declared state" % count, "version: 1", "images:"]
+    lines += ["  - {path: %s, format: qcow2, size: 1M}" % plan_image_name(i) for i in range(count)]
+    return "\n".join(lines) + "\n"
+
+
+def sparse_pieces(size, piece, count):
+    """Offsets of *count* pieces of *piece* bytes, one in each 1/count of *size*, at a 4 KiB-aligned
+    place that moves from slice to slice (fixed: the same file on every machine)."""
+    stride = size // count
+    room = (stride - piece) // 4096
+    return [i * stride + (i * 2654435761 % (room + 1)) * 4096 for i in range(count)]
 
 
 def host_files(top, skip):
