@@ -102,16 +102,13 @@ def _image_opts(args, name: str = "filename", fmt: str = "fmt") -> None:
     args.key_secret = opts.key_secret
 
 
-def _secret_option_names(specs=None) -> FrozenSet[str]:
+def _secret_option_names(specs) -> FrozenSet[str]:
     """The options whose value is the id of a ``--object secret``: every option of type "secret" in
-    *specs* or, without them, in any format's create or amend options (one rule for all of them)."""
-    if specs is None:
-        specs = [spec for driver in DRIVERS.values()
-                 for spec in tuple(driver.create_options) + tuple(getattr(driver, "amend_options", None) or ())]
+    *specs*, the options of the format at hand (one rule for all of them)."""
     return frozenset(spec.name for spec in specs if spec.type == "secret")
 
 
-def _resolve_key_secret(args, options: Dict[str, str], path: str, specs=None) -> Dict[str, object]:
+def _resolve_key_secret(args, options: Dict[str, str], path: str, specs) -> Dict[str, object]:
     """``-o NAME=ID`` for every option of type "secret" (``key-secret`` of a new encrypted image, amend's
     ``new-secret``, ``old-secret``...): the secret's bytes instead of its id (see _secret_option_names)."""
     table = _secrets(args)
@@ -187,7 +184,7 @@ def cmd_create(argv: List[str]) -> int:
         raise UsageError("Expecting image file name")
     size = parse_size(args.size, "size") if args.size is not None else None
     given = options
-    options = _resolve_key_secret(args, options, args.filename)
+    options = _resolve_key_secret(args, options, args.filename, driver.create_options)
     notes: List[str] = []
     # FILE may be the user's block device (raw only); the -b file never is one
     used = create(args.filename, args.fmt, size, options, args.backing, args.backing_fmt, _policy(args),
@@ -336,7 +333,7 @@ def cmd_convert(argv: List[str]) -> int:
         dest, args.out_fmt = target.filename, target.driver
         if target.key_secret is not None:
             target_passphrase = secrets.lookup(_secrets(args), target.key_secret, dest)
-    options = _resolve_key_secret(args, options, dest)
+    options = _resolve_key_secret(args, options, dest, get_driver(args.out_fmt or "raw").create_options)
     opts = ConvertOptions(src_fmt=args.fmt, out_fmt=args.out_fmt or "raw", options=options, compress=args.compress,
                           sparse_size=parse_size(args.sparse or "4k", "-S"), existing=args.existing,
                           target_is_zero=args.target_is_zero, snapshot=args.snapshot, backing=args.backing,

@@ -13,6 +13,7 @@ offset *or* COPIED (QEMU's rule: every data-file cluster has refcount one, so CO
 With data_file_raw (autoclear bit 1) the data file is also a valid raw image of the disk:
 zeroing and discarding zero the data file too, so both views always read the same.
 """
+import re
 import struct
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -46,6 +47,9 @@ ALL_ALLOC = 0xFFFFFFFF
 ALL_ZERO = 0xFFFFFFFF << 32
 L2_CACHE_BYTES = 32 * 1024 * 1024
 DUMPED_SNAPSHOTS = 8                  # snapshot table entries ``vdisk inspect --dump`` shows
+
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class Qcow2Image(Image):
@@ -338,7 +342,24 @@ class Qcow2Image(Image):
         runs = []
         cur = None                      # [guest start, length, kind, host, entry] being extended
         g = first_ci << self.cb
-        for i, e in enumerate(entries):
+        i, count = 0, len(entries)
+        while i < count:
+            e = entries[i]
+            if not e:
+                # unallocated entries up to the next nonzero byte, found at C speed: an overlay's
+                # tables are mostly zeros, and a Python step per entry was most of a -B convert
+                found = _NONZERO.search(table, (base + i) * 8, (base + count) * 8)
+                j = count if found is None else found.start() // 8 - base
+                if cur and cur[2] == K_UNALLOC and cur[3] is None:
+                    cur[1] += (j - i) * cs
+                else:
+                    if cur:
+                        runs.append(tuple(cur))
+                    cur = [g, (j - i) * cs, K_UNALLOC, None, 0]
+                g += (j - i) * cs
+                i = j
+                continue
+            i += 1
             if e & hdr.OFLAG_COMPRESSED:
                 if cur:
                     runs.append(tuple(cur))
@@ -349,7 +370,7 @@ class Qcow2Image(Image):
             off = e & hdr.OFFSET_MASK
             if off % cs:
                 raise CorruptImage("Cluster allocation offset 0x%x unaligned (L2 offset: 0x%x, L2 index: 0x%x)"
-                                   % (off, l2_off, base + i), path=self.path, field="L2 table")
+                                   % (off, l2_off, base + i - 1), path=self.path, field="L2 table")
             kind = K_ZERO if e & hdr.OFLAG_ZERO else K_DATA if off or e & self._data_mark else K_UNALLOC
             host = off if kind == K_DATA else off or None
             if cur and cur[2] == kind and (cur[3] is None if host is None else
