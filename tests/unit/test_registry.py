@@ -29,7 +29,7 @@ def test_signatures_are_the_header_modules_constants():
     driver; it must say what the header modules say."""
     import struct  # pylint: disable=import-outside-toplevel
     from importlib import import_module  # pylint: disable=import-outside-toplevel
-    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.signatures import SIGNATURES
+    from ansible_collections.vdisk.images.plugins.module_utils.vdisk.formats.signatures import SIGNATURES, TRAILERS
 
     def hdr(name):
         return import_module("%s.formats.%s.header" % (PKG, name))
@@ -49,7 +49,11 @@ def test_signatures_are_the_header_modules_constants():
                  (hdr("vmdk").SparseHeader.offset("magic_number"), struct.pack("<I", hdr("vmdk").VMDK3_MAGIC))),
     }
     assert SIGNATURES == expected
-    assert set(DRIVERS) - set(SIGNATURES) == {"raw", "dmg"}      # no fixed signature: always asked
+    assert set(DRIVERS) - set(SIGNATURES) == {"raw", "dmg"}      # raw: always asked; dmg: its trailer
+    dmg = hdr("dmg")
+    assert TRAILERS == {"dmg": (TRAILERS["dmg"][0], dmg.KOLY_MAGIC)}
+    for size in (1024, 5000, 1 << 30):
+        assert size - dmg.tail_window(size) == TRAILERS["dmg"][0]
 
 
 def test_detecting_a_format_imports_only_the_drivers_whose_signature_matches(tmp_path):
@@ -57,7 +61,7 @@ def test_detecting_a_format_imports_only_the_drivers_whose_signature_matches(tmp
     get_driver("qcow2").create(str(qcow2), 1 << 20, {})
     plain = tmp_path / "a.raw"
     plain.write_bytes(bytes(1 << 16))
-    for path, drivers in ((qcow2, "['dmg', 'qcow2', 'raw']"), (plain, "['dmg', 'raw']")):
+    for path, drivers in ((qcow2, "['qcow2', 'raw']"), (plain, "['raw']")):
         code = ("import sys; from %s.registry import probe_file; print(probe_file(%r), end=' '); "
                 "print(sorted(m.split('.')[-1] for m in sys.modules if m.startswith('%s.formats.') "
                 "and m.count('.') == %d and not m.endswith('signatures')))"

@@ -140,7 +140,7 @@ def get_driver(name: str) -> Driver:
 def probe_scores(header: bytes, filename: str) -> List[Tuple[int, str]]:
     """Every driver's score for *header*, best first; only the drivers whose signature *header*
     holds are imported and asked (formats/signatures.py), raw among them."""
-    scores = [(DRIVERS[name].probe(header, filename), name) for name in DRIVERS if may_be(name, header)]
+    scores = [(DRIVERS[name].probe(header, filename), name) for name in DRIVERS if may_be(name, header, filename)]
     return sorted((s for s in scores if s[0] > 0), reverse=True)
 
 

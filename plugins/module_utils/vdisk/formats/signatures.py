@@ -6,11 +6,14 @@ that is not told the format.
 A signature is a necessary condition, not the rule: the driver's ``probe`` then decides (version,
 sizes, ...) as QEMU's probe does.  The values are the header modules' constants at their fields'
 offsets, kept beside them by a test (tests/unit/test_registry.py).  A format without a fixed
-signature (dmg's trailer is at the end of the file; raw matches anything) is always asked.
-vmdk has two binary magics and text descriptors, whose rule (QEMU's vmdk_probe) lives here in
-full so that it costs no import: :func:`vmdk_text_descriptor`.
+signature (raw matches anything) is always asked.  dmg's signature is in its trailer, at the end
+of the file: :data:`TRAILERS`, read with :func:`file_tail` (which dmg's probe uses too).  vmdk has
+two binary magics and text descriptors, whose rule (QEMU's vmdk_probe) lives here in full so that
+it costs no import: :func:`vmdk_text_descriptor`.
 """
-from typing import Dict, Tuple
+import os
+import stat
+from typing import Dict, Optional, Tuple
 
 QCOW_MAGIC = b"QFI\xfb"                   # qcow and qcow2, told apart by the version that follows
 
@@ -28,6 +31,11 @@ SIGNATURES: Dict[str, Tuple[Tuple[int, bytes], ...]] = {
     "iso": ((16 * 2048 + 1, b"CD001"),),                      # the first volume descriptor's identifier
     "vmdk": ((0, b"KDMV"), (0, b"COWD")),                     # and text descriptors: see below
 }
+# the magic somewhere in the last N bytes of a regular file: dmg's "koly" where QEMU looks for it
+# (the last 511 bytes of the second-last sector and the last sector)
+TRAILERS: Dict[str, Tuple[int, bytes]] = {
+    "dmg": (511 + 512, b"koly"),
+}
 VMDK_VERSIONS = (b"version=1", b"version=2", b"version=3")
 
 
@@ -41,9 +49,33 @@ def vmdk_text_descriptor(header: bytes) -> bool:
     return False
 
 
-def may_be(name: str, header: bytes) -> bool:
-    """Whether *header* (a file's first bytes) can be format *name*: its signature is there, or the
-    format has none (its driver decides)."""
+def file_tail(filename: str, length: int) -> Optional[Tuple[bytes, int, int]]:
+    """``(bytes, offset, file size)`` of the last *length* bytes of the regular file *filename*
+    (all of it when shorter), or None: not a regular file, or unreadable. Opened without blocking:
+    a FIFO is never waited on."""
+    try:
+        fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        start = max(0, st.st_size - length)
+        return os.pread(fd, st.st_size - start, start), start, st.st_size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def may_be(name: str, header: bytes, filename: Optional[str] = None) -> bool:
+    """Whether the file *filename* whose first bytes are *header* can be format *name*: its
+    signature is there, or the format has none (its driver decides)."""
+    trailer = TRAILERS.get(name)
+    if trailer is not None:
+        tail = file_tail(filename, trailer[0]) if filename else None
+        return tail is not None and trailer[1] in tail[0]
     signatures = SIGNATURES.get(name)
     if signatures is None:
         return True

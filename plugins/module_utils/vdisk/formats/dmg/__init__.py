@@ -3,10 +3,8 @@
 References: QEMU 7.2 block/dmg.c for the layout, limits and behaviour. QEMU probes dmg by the
 ``.dmg`` file name only; vdisk probes the trailer itself, so a renamed image is still found.
 """
-import os
-import stat
-
 from ...driver import Driver
+from ..signatures import TRAILERS, file_tail
 from . import header as hdr
 from .image import DmgImage
 
@@ -19,22 +17,11 @@ class DmgDriver(Driver):
 
     def probe(self, header: bytes, filename: str) -> int:
         # the signature is at the end of the file, beyond the header the registry reads; only a
-        # regular file has an end to look at (a FIFO is never waited on)
-        try:
-            fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
-        except (OSError, ValueError):
+        # regular file has an end to look at
+        found = file_tail(filename, TRAILERS["dmg"][0]) if filename else None
+        if found is None or found[2] < hdr.KOLY_SIZE:
             return 0
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size < hdr.KOLY_SIZE:
-                return 0
-            size = st.st_size
-            start = hdr.tail_window(size)
-            tail = os.pread(fd, hdr.KOLY_SEARCH + hdr.KOLY_SIZE, start)
-        except OSError:
-            return 0
-        finally:
-            os.close(fd)
+        tail, start, size = found
         return 90 if hdr.probe_trailer(tail, start, size) else 0
 
 
