@@ -74,8 +74,11 @@ def may_be(name: str, header: bytes, filename: Optional[str] = None) -> bool:
     signature is there, or the format has none (its driver decides)."""
     trailer = TRAILERS.get(name)
     if trailer is not None:
-        tail = file_tail(filename, trailer[0]) if filename else None
-        return tail is not None and trailer[1] in tail[0]
+        found = file_tail(filename, trailer[0]) if filename else None
+        if found is None:
+            return False
+        tail, dummy, dummy = found
+        return trailer[1] in tail
     signatures = SIGNATURES.get(name)
     if signatures is None:
         return True
