@@ -13,7 +13,7 @@ it costs no import: :func:`vmdk_text_descriptor`.
 """
 import os
 import stat
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 QCOW_MAGIC = b"QFI\xfb"                   # qcow and qcow2, told apart by the version that follows
 
@@ -49,10 +49,16 @@ def vmdk_text_descriptor(header: bytes) -> bool:
     return False
 
 
-def file_tail(filename: str, length: int) -> Optional[Tuple[bytes, int, int]]:
-    """``(bytes, offset, file size)`` of the last *length* bytes of the regular file *filename*
-    (all of it when shorter), or None: not a regular file, or unreadable. Opened without blocking:
-    a FIFO is never waited on."""
+class Tail(NamedTuple):
+    """The last bytes of a file: ``data``, read from ``offset``, of a file of ``size`` bytes."""
+    data: bytes
+    offset: int
+    size: int
+
+
+def file_tail(filename: str, length: int) -> Optional[Tail]:
+    """The last *length* bytes of the regular file *filename* (all of it when shorter), or None:
+    not a regular file, or unreadable. Opened without blocking: a FIFO is never waited on."""
     try:
         fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
     except (OSError, ValueError, TypeError):
@@ -62,7 +68,7 @@ def file_tail(filename: str, length: int) -> Optional[Tuple[bytes, int, int]]:
         if not stat.S_ISREG(st.st_mode):
             return None
         start = max(0, st.st_size - length)
-        return os.pread(fd, st.st_size - start, start), start, st.st_size
+        return Tail(os.pread(fd, st.st_size - start, start), start, st.st_size)
     except OSError:
         return None
     finally:
@@ -75,10 +81,7 @@ def may_be(name: str, header: bytes, filename: Optional[str] = None) -> bool:
     trailer = TRAILERS.get(name)
     if trailer is not None:
         found = file_tail(filename, trailer[0]) if filename else None
-        if found is None:
-            return False
-        tail, dummy, dummy = found
-        return trailer[1] in tail
+        return found is not None and trailer[1] in found.data
     signatures = SIGNATURES.get(name)
     if signatures is None:
         return True

@@ -19,10 +19,9 @@ class DmgDriver(Driver):
         # the signature is at the end of the file, beyond the header the registry reads; only a
         # regular file has an end to look at
         found = file_tail(filename, TRAILERS["dmg"][0]) if filename else None
-        if found is None or found[2] < hdr.KOLY_SIZE:
+        if found is None or found.size < hdr.KOLY_SIZE:
             return 0
-        tail, start, size = found
-        return 90 if hdr.probe_trailer(tail, start, size) else 0
+        return 90 if hdr.probe_trailer(found.data, found.offset, found.size) else 0
 
 
 DRIVER = DmgDriver()
