@@ -78,6 +78,25 @@ def test_map_is_qemus(chain, name):
         assert mine.stdout == theirs.stdout
 
 
+def test_map_human_stops_at_compressed_data_as_qemu_img(tmp_path):
+    """qemu-img map prints no host offset for compressed (or encrypted) data: its human output ends
+    there with an error, exit 1, after the lines printed before it."""
+    raw = tmp_path / "r.raw"
+    qemu("qemu-img", "create", "-f", "raw", raw, "4M")
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x61 2M 1M", raw)
+    plain, packed = tmp_path / "p.qcow2", tmp_path / "c.qcow2"
+    qemu("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, plain)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -c -P 0x62 3M 64k", plain)     # one compressed cluster
+    qemu("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, packed)
+    for image in (plain, packed):
+        mine = vdisk("map", image)
+        theirs = qemu("qemu-img", "map", image, check=False)
+        assert (mine.returncode, mine.stdout.replace(str(image), "F")) == (theirs.returncode, theirs.stdout.replace(str(image), "F"))
+        assert mine.returncode == 1 and mine.stdout.count("\n") == (2 if image == plain else 1)
+        assert mine.stderr == "vdisk: map: File contains external, encrypted or compressed clusters.\n"
+        assert vdisk("map", "--output=json", image).returncode == 0
+
+
 def test_snapshot_list_is_qemus(chain):
     mine = vdisk("snapshot", "-l", "ov.qcow2", cwd=chain)
     assert mine.stdout == qemu("qemu-img", "snapshot", "-l", "ov.qcow2", cwd=chain).stdout

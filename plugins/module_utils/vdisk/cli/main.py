@@ -236,14 +236,18 @@ def cmd_map(argv: List[str]) -> int:
     _add_allow_path(p)
     p.add_argument("filename", help="the image")
     args = p.parse_args(argv)
-    from ..ops.map import map_entries, render_human, render_json
+    from ..ops.map import HiddenData, map_entries, render_human, render_json
     _image_opts(args)
     image = open_image(args.filename, args.fmt, policy=_policy(args))
     try:
         entries = map_entries(image)
     finally:
         close_chain(image)
-    _out(render_json(entries) if args.output == "json" else render_human(entries))
+    try:
+        _out(render_json(entries) if args.output == "json" else render_human(entries))
+    except HiddenData as exc:
+        _out(exc.printed)        # what qemu-img prints before its error
+        raise
     return 0
 
 

@@ -3,6 +3,7 @@ import json
 from typing import Any, Dict, Iterator, List
 
 from ..driver import UNALLOCATED, ZERO, Image
+from ..errors import ImageError
 
 
 def map_entries(image: Image) -> List[Dict[str, Any]]:
@@ -65,14 +66,30 @@ def render_json(entries: List[Dict[str, Any]]) -> str:
     return "[" + ",\n".join(lines) + "]"
 
 
+HIDDEN_DATA = "File contains external, encrypted or compressed clusters."
+
+
 def render_human(entries: List[Dict[str, Any]]) -> str:
-    """Only ranges with data at a known host offset, as qemu-img prints them."""
+    """Only ranges with data at a known host offset, as qemu-img prints them; data without one
+    (compressed or encrypted clusters) is qemu-img's error, raised with the lines printed before
+    it (:class:`HiddenData`)."""
     lines = ["%-16s%-16s%-16s%s" % ("Offset", "Length", "Mapped to", "File")]
     for e in entries:
-        if e["data"] and "offset" in e:
+        if e["data"] and "offset" not in e:
+            raise HiddenData(HIDDEN_DATA, "\n".join(lines))
+        if e["data"]:
             lines.append("%-16s%-16s%-16s%s" % ("%#x" % e["start"] if e["start"] else "0", "%#x" % e["length"],
                                                 "%#x" % e["offset"] if e["offset"] else "0", e["_file"]))
     return "\n".join(lines)
+
+
+class HiddenData(ImageError):
+    """qemu-img map's human output stops at data it cannot show a host offset for; ``printed``
+    holds what it printed before."""
+
+    def __init__(self, message: str, printed: str):
+        super().__init__(message)
+        self.printed = printed
 
 
 def public(entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
