@@ -17,12 +17,12 @@ PYTHONS   = $(CURDIR)/$(VENV)/pythons
 # ansible's tmp go there, so ~/.ansible is left as it was and no installed copy shadows this tree
 AHOME     = $(CURDIR)/tests/output/home
 AENV      = HOME="$(AHOME)" ANSIBLE_HOME="$(AHOME)/.ansible" PATH="$(PYTHONS):$(CURDIR)/$(VENV)/bin:$$PATH" \
-            ANSIBLE_NOCOLOR=1 NO_COLOR=1
+            ANSIBLE_NOCOLOR=1 NO_COLOR=1 ANSIBLE_REMOTE_TMP="$(AHOME)/.ansible/tmp"
 SANITY_ARGS ?=
 INTEGRATION_ARGS ?=
 
 .PHONY: all venv demo test test-slow qemu clean bench fuzz ansible-env sanity units integration molecule \
-        test-ansible bench-ansible
+        test-ansible bench-ansible docs collection-test lint
 
 all: test
 
@@ -56,6 +56,21 @@ qemu:
 $(ASTAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(ANSIBLE_PINS)
 	touch $(ASTAMP)
+
+# the docs site's tools (make docs): antsibull-docs 2 (Sphinx comes with it) and the theme its sites use
+DOCS_PINS := "antsibull-docs>=2.28,<3" "sphinx-ansible-theme>=0.9"
+DSTAMP    := $(VENV)/.antsibull-docs-2
+$(DSTAMP): $(ASTAMP)
+	$(PY) -m pip install --quiet $(DOCS_PINS)
+	touch $(DSTAMP)
+
+# the release checks' tools (make lint): antsibull-changelog, ansible-lint 26, ansible-builder 3 (for
+# meta/execution-environment.yml), installed with the Ansible pins so ansible-core stays 2.19
+LINT_PINS := "antsibull-changelog>=0.36" "ansible-lint>=26,<27" "ansible-builder>=3.2,<4"
+LSTAMP    := $(VENV)/.ansible-lint-26
+$(LSTAMP): $(ASTAMP)
+	$(PY) -m pip install --quiet $(ANSIBLE_PINS) $(LINT_PINS)
+	touch $(LSTAMP)
 
 # ansible-test needs: the Pythons, and pip's bootstrap script, which it downloads from a host these machines
 # cannot reach unless a copy is cached: tests/ansible/get_pip.py stands in for it (ensurepip, then pip
@@ -103,12 +118,65 @@ molecule: ansible-env qemu
 
 test-ansible: sanity units integration molecule
 
+# the collection as a user gets it: the tarball (ansible-galaxy collection build: this tree less build_ignore)
+# installed into an empty collections path, tests/output/collection-test/collections; the integration targets
+# run there (ansible-test in the installed copy; what it writes into the copy, its results in tests/output and
+# tests/integration/inventory, is moved to tests/output/collection-test/integration-output), then the shipped
+# demo playbook twice by its name (vdisk.images.demo; its images in its default directory, under TMPDIR).
+# `ansible-galaxy collection verify --offline` after the install, after the targets and after the demo: nothing
+# may be written into the installed collection. The git repository made at the collections path keeps
+# ansible-test from taking this repository (where tests/output is ignored) for the collection's
+CTEST = $(CURDIR)/tests/output/collection-test
+CTEST_ENV = $(AENV) ANSIBLE_COLLECTIONS_PATH=$(CTEST)/collections ANSIBLE_COLLECTIONS_SCAN_SYS_PATH=0
+collection-test: ansible-env qemu
+	@rm -rf $(CTEST) && mkdir -p $(CTEST)/dist $(CTEST)/collections $(CTEST)/tmp && \
+	$(AENV) ansible-galaxy collection build --output-path $(CTEST)/dist . && \
+	tarball=$$(ls $(CTEST)/dist/vdisk-images-*.tar.gz) && \
+	$(CTEST_ENV) ansible-galaxy collection install -p $(CTEST)/collections $$tarball && \
+	coll=$(CTEST)/collections/ansible_collections/vdisk/images && \
+	verify() { printf '\n\033[1m$$ ansible-galaxy collection verify --offline (%s)\033[0m\n' "$$1"; \
+	  $(CTEST_ENV) ansible-galaxy collection verify --offline -p $(CTEST)/collections vdisk.images; } && \
+	verify "installed" && git init -q $(CTEST)/collections && \
+	targets=$$(for t in $$coll/tests/integration/targets/*/; do t=$${t%/}; t=$${t##*/}; \
+	  [ -f $$coll/plugins/modules/$$t.py ] && echo $$t; done; true) && \
+	( cd $$coll && $(AENV) ansible-test integration --local --python 3.11 $(INTEGRATION_ARGS) $$targets ) && \
+	mv $$coll/tests/output $(CTEST)/integration-output && \
+	mv $$coll/tests/integration/inventory $(CTEST)/integration-output/ && verify "after the integration targets" && \
+	for run in first second; do \
+	  printf '\n\033[1m$$ ansible-playbook vdisk.images.demo   (the installed copy, %s run)\033[0m\n' $$run; \
+	  $(CTEST_ENV) TMPDIR=$(CTEST)/tmp ansible-playbook vdisk.images.demo >$(CTEST)/demo-$$run.log 2>&1 || { cat $(CTEST)/demo-$$run.log; exit 1; }; \
+	  sed -n '/^PLAY RECAP/,$$p' $(CTEST)/demo-$$run.log; done && \
+	{ grep -q 'changed=0 ' $(CTEST)/demo-second.log || { echo "collection-test: the second demo run changed something" >&2; exit 1; }; } && \
+	{ [ -f $(CTEST)/tmp/vdisk-demo/db.qcow2 ] || { echo "collection-test: the demo made no images in TMPDIR/vdisk-demo" >&2; exit 1; }; } && \
+	verify "after the demo playbook"
+
 # a no-change playbook run over 60 images (the images role) against a stat loop over the same files (docs/performance.md)
 bench-ansible: ansible-env
 	@$(IN_COLL) $(CURDIR)/$(PY) $(CURDIR)/tests/bench/ansible_noop.py --collections-path $$root $(BENCH_ARGS) $(END_COLL)
 
+# the docs site: antsibull-docs makes a Sphinx site of the collection's module and role docs (what ansible-doc
+# shows), from a copy of this tree laid out as a collection (tests/ansible/collection_tree.py), and Sphinx
+# builds it into tests/output/docs/html (index.html); the Ansible tools' home is tests/output/home (AENV).
+# DOCS_ARGS=--fail-on-error (the default) fails on a doc that does not parse; DOCS_ARGS= makes an error page
+# for it instead. Offline, Sphinx warns that it cannot fetch the intersphinx inventories (Python's and
+# Ansible's docs) and leaves the links into them unresolved
+DOCS_OUT  = $(CURDIR)/tests/output/docs
+DOCS_ARGS ?= --fail-on-error
+docs: venv $(DSTAMP)
+	@rm -rf $(DOCS_OUT) && mkdir -p $(DOCS_OUT)/site/rst $(AHOME) && chmod 755 $(DOCS_OUT)/site $(DOCS_OUT)/site/rst && \
+	$(PY) tests/ansible/collection_tree.py $(DOCS_OUT)/collections >/dev/null && cd $(DOCS_OUT)/site && \
+	export $(AENV) ANSIBLE_COLLECTIONS_PATH=$(DOCS_OUT)/collections ANSIBLE_COLLECTIONS_SCAN_SYS_PATH=0 && \
+	antsibull-docs sphinx-init --use-current --dest-dir . --index-rst-source $(CURDIR)/tests/ansible/docs_index.rst \
+	  --project vdisk.images --copyright "vdisk developers" --title "vdisk.images" --html-short-title "vdisk.images" \
+	  vdisk.images >/dev/null && \
+	antsibull-docs --config-file antsibull-docs.cfg collection --cleanup everything --use-current --dest-dir rst \
+	  $(DOCS_ARGS) vdisk.images && \
+	sphinx-build -q -b html -c . -d $(DOCS_OUT)/site/doctrees rst $(DOCS_OUT)/html && \
+	rm -rf $(DOCS_OUT)/collections && echo "docs: $(DOCS_OUT)/html/index.html"
+
 # today's demo, then playbooks/demo.yml with --check --diff on an empty directory (writes nothing), then twice
-# (the images role on localhost; the second run changes nothing); the collection from this tree
+# (the images role on localhost; the second run changes nothing) with its images in demo/ansible (the playbook's
+# own default is $TMPDIR/vdisk-demo, outside the collection); the collection from this tree
 demo: venv $(ASTAMP)
 	VDISK="$(CURDIR)/$(VENV)/bin/vdisk" PYTHON="$(CURDIR)/$(PY)" bash scripts/demo.sh
 	@rm -rf demo/manifest && mkdir -p demo/manifest && cp docs/examples/manifest.yml demo/manifest/
@@ -122,16 +190,26 @@ demo: venv $(ASTAMP)
 	  $(AENV) ansible-playbook playbooks/demo.yml --check --diff -e vdisk_demo_dir=$(CURDIR)/demo/ansible-check \
 	    >demo/ansible-check.log 2>&1; rc=$$?; cat demo/ansible-check.log; [ $$rc = 0 ] || exit $$rc; \
 	  [ -z "$$(ls -A demo/ansible-check)" ] || { echo "demo: --check wrote into demo/ansible-check" >&2; exit 1; }; \
-	  for run in first second; do printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml (%s run)\033[0m\n' $$run; \
-	    $(AENV) ansible-playbook playbooks/demo.yml >demo/ansible-$$run.log 2>&1; rc=$$?; \
+	  for run in first second; do printf '\n\033[1m$$ ansible-playbook playbooks/demo.yml -e vdisk_demo_dir=demo/ansible   (%s run)\033[0m\n' $$run; \
+	    $(AENV) ansible-playbook playbooks/demo.yml -e vdisk_demo_dir=$(CURDIR)/demo/ansible \
+	      >demo/ansible-$$run.log 2>&1; rc=$$?; \
 	    cat demo/ansible-$$run.log; [ $$rc = 0 ] || exit $$rc; done; \
 	  rm -rf $$root; \
 	  grep -q 'changed=0 ' demo/ansible-second.log || { echo "demo: the second run changed something" >&2; exit 1; }; \
 	else echo "demo: plugins/modules/image.py does not exist yet: playbooks/demo.yml skipped"; fi
 
 test: venv qemu
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-ansible
+	$(MAKE) --no-print-directory collection-test
+
+# the changelog fragments (antsibull-changelog lint) and ansible-lint's production profile on the repository
+# (.ansible-lint excludes only what is not Ansible content); the Ansible tools' home is tests/output/home
+lint: venv $(LSTAMP)
+	@mkdir -p $(AHOME)
+	$(AENV) antsibull-changelog lint
+	$(AENV) ansible-lint --profile production
 
 test-slow: venv qemu
 	$(PY) -m pytest $(PYTEST_ARGS)

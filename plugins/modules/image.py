@@ -21,6 +21,10 @@ description:
     O(recreate) is set.
   - The decision what to change is the same as for the vdisk manifest (C(vdisk plan)), so a second run with
     the same arguments changes nothing.
+requirements:
+  - python >= 3.9
+  - cryptography, only for O(encryption) and for an existing encrypted image (luks, or qcow2 with LUKS encryption).
+  - backports.zstd on Python < 3.14, only for a qcow2 image with C(compression_type=zstd) (Python 3.14 has C(compression.zstd)).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -85,15 +89,6 @@ options:
         (written beside it and renamed into place). Its content and snapshots are lost.
     type: bool
     default: false
-  allowed_paths:
-    description:
-      - Directories outside the image's own directory tree from which files the image names (backing
-        files) may be opened. By default only the image's own directory tree is allowed; a name
-        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
-        are refused whatever this says. See C(docs/security.md).
-    type: list
-    elements: path
-    default: []
 notes:
   - O(encryption) is fixed when an image is made. An existing plain image is not encrypted in place, nor an
     encrypted one decrypted, and the cipher suboptions must match the image's; each mismatch fails unless
@@ -103,17 +98,15 @@ notes:
 extends_documentation_fragment:
   - ansible.builtin.files
   - vdisk.images.encryption
+  - vdisk.images.allowed_paths
+  - vdisk.images.attributes
 attributes:
   check_mode:
     support: full
-    description: Predicts every change; nothing is written.
+    details: Predicts every change; nothing is written.
   diff_mode:
     support: full
-    description: Shows the image's properties (format, virtual size, options, backing file, snapshots) before and after.
-  platform:
-    support: full
-    platforms: posix
-    description: Runs on POSIX hosts.
+    details: Shows the image's properties (format, virtual size, options, backing file, snapshots) before and after.
 seealso:
   - module: vdisk.images.image_info
   - module: vdisk.images.image_convert

@@ -20,6 +20,11 @@ description:
     O(options) and the backing file asked for, has the source's size and holds the source's content is
     left alone (V(changed=false)); otherwise it is rewritten.
   - Runs on the managed host with the bundled vdisk engine; qemu-img is not needed.
+requirements:
+  - python >= 3.9
+  - cryptography, only for an encrypted source or destination (O(source_encryption), O(encryption)).
+  - backports.zstd on Python < 3.14, only for zstd-compressed qcow2 clusters (reading them, or writing with
+    C(compression_type=zstd)); Python 3.14 has C(compression.zstd).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -97,32 +102,21 @@ options:
         description:
           - A file on the managed host holding the passphrase; one trailing newline (LF or CR LF) is removed.
         type: path
-  allowed_paths:
-    description:
-      - Directories outside the image's own directory tree from which files the source image names (its
-        backing files) may be opened. By default only the image's own directory tree is allowed; a name
-        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
-        are refused whatever this says. See C(docs/security.md).
-    type: list
-    elements: path
-    default: []
 notes:
   - With O(on_exists=compare), an existing destination that is not encrypted as O(encryption) asks (plain,
     or another cipher) is rewritten; one that is opens with that passphrase to compare its content.
 extends_documentation_fragment:
   - ansible.builtin.files
   - vdisk.images.encryption
+  - vdisk.images.allowed_paths
+  - vdisk.images.attributes
 attributes:
   check_mode:
     support: full
-    description: Predicts the conversion (the comparison still reads both images); nothing is written.
+    details: Predicts the conversion (the comparison still reads both images); nothing is written.
   diff_mode:
     support: full
-    description: Shows the destination's properties (format, virtual size, options, backing file) before and after.
-  platform:
-    support: full
-    platforms: posix
-    description: Runs on POSIX hosts.
+    details: Shows the destination's properties (format, virtual size, options, backing file) before and after.
 seealso:
   - module: vdisk.images.image
   - module: vdisk.images.image_info

@@ -16,6 +16,9 @@ description:
     cluster size, backing file, snapshots, format-specific data), with the same keys.
   - With O(backing_chain=true), returns every image of the backing chain.
   - Opens images read-only and never changes anything; qemu-img is not needed on the host.
+requirements:
+  - python >= 3.9 (reading an image's properties needs no other package, encrypted and
+    zstd-compressed images included).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -31,18 +34,10 @@ options:
   backing_chain:
     description:
       - Return the whole backing chain, top image first, in RV(images).
-      - Backing files are opened only inside the image's directory tree.
+      - Backing files are opened only inside the image's own directory tree and the directories of
+        O(allowed_paths).
     type: bool
     default: false
-  allowed_paths:
-    description:
-      - Directories outside the image's own directory tree from which its backing files may be opened.
-        By default only the image's own directory tree is allowed; a name with a protocol prefix or a
-        C(json:) specification, and a file that is not a regular file, are refused whatever this says.
-        See C(docs/security.md).
-    type: list
-    elements: path
-    default: []
   safety_check:
     description:
       - Inspect the image as C(vdisk inspect) does before reading it and return the report in RV(safety), with
@@ -53,17 +48,16 @@ options:
         a header beyond the format's limits, a device or FIFO).
     type: bool
     default: false
+extends_documentation_fragment:
+  - vdisk.images.allowed_paths
+  - vdisk.images.attributes
 attributes:
   check_mode:
     support: full
-    description: Reads only; the result is the same in check mode.
+    details: Reads only; the result is the same in check mode.
   diff_mode:
     support: none
-    description: Changes nothing, so there is no diff.
-  platform:
-    support: full
-    platforms: posix
-    description: Runs on POSIX hosts.
+    details: Changes nothing, so there is no diff.
 seealso:
   - module: vdisk.images.image
 """

@@ -17,6 +17,10 @@ description:
   - V(applied) reverts the image's active layer to the snapshot, and changes nothing when the active layer
     already holds the snapshot's content (compared with the engine; unchanged clusters are not even read).
   - Never use it on the disk of a running virtual machine; QEMU's image locks make it fail then.
+requirements:
+  - python >= 3.9
+  - backports.zstd on Python < 3.14, only for O(state=applied) on a qcow2 image with zstd-compressed clusters
+    (Python 3.14 has C(compression.zstd)).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -38,26 +42,16 @@ options:
     type: str
     default: present
     choices: [present, absent, applied]
-  allowed_paths:
-    description:
-      - Directories outside the image's own directory tree from which files the image names (backing
-        files) may be opened. By default only the image's own directory tree is allowed; a name
-        with a protocol prefix or a C(json:) specification, and a file that is not a regular file,
-        are refused whatever this says. See C(docs/security.md).
-    type: list
-    elements: path
-    default: []
+extends_documentation_fragment:
+  - vdisk.images.allowed_paths
+  - vdisk.images.attributes
 attributes:
   check_mode:
     support: full
-    description: Predicts the change; nothing is written.
+    details: Predicts the change; nothing is written.
   diff_mode:
     support: full
-    description: Shows the image's snapshot names (and, for V(applied), the active layer's relation to the snapshot) before and after.
-  platform:
-    support: full
-    platforms: posix
-    description: Runs on POSIX hosts.
+    details: Shows the image's snapshot names (and, for V(applied), the active layer's relation to the snapshot) before and after.
 seealso:
   - module: vdisk.images.image
 """

@@ -27,7 +27,11 @@ description:
     O(src) also needs the Python packages PyYAML and jsonschema there (to read and check the file); without
     them the module fails with one line naming the package.
 requirements:
-  - PyYAML and jsonschema on the managed host, only with O(src).
+  - python >= 3.9
+  - PyYAML and jsonschema, only with O(src) (to read and check the manifest file).
+  - cryptography, only for images with C(encryption).
+  - backports.zstd on Python < 3.14, only for zstd-compressed qcow2 images (made with C(compression_type=zstd),
+    or a C(source) with zstd-compressed clusters); Python 3.14 has C(compression.zstd).
 author:
   - vdisk contributors (@vdisk)
 options:
@@ -62,9 +66,6 @@ options:
     description:
       - Directories outside O(dir) (or the directory of O(src)) where images, sources and backing files may
         be, as C(vdisk apply --allow-path).
-    type: list
-    elements: path
-    default: []
   src:
     description:
       - Path of a manifest file on the managed host, used instead of O(images) and O(defaults).
@@ -79,17 +80,16 @@ options:
         in the cache that size is unknown (V(null)) until it is downloaded.
       - Without it, each download goes to a hidden temporary file beside the image, removed once converted.
     type: path
+extends_documentation_fragment:
+  - vdisk.images.allowed_paths
+  - vdisk.images.attributes
 attributes:
   check_mode:
     support: full
-    description: Plans every image, predicting the images the run makes before it; nothing is written.
+    details: Plans every image, predicting the images the run makes before it; nothing is written.
   diff_mode:
     support: full
-    description: Shows each changed image's properties (format, virtual size, options, backing file, snapshots) before and after.
-  platform:
-    support: full
-    platforms: posix
-    description: Runs on POSIX hosts.
+    details: Shows each changed image's properties (format, virtual size, options, backing file, snapshots) before and after.
 seealso:
   - module: vdisk.images.image
   - module: vdisk.images.image_snapshot

@@ -62,6 +62,11 @@ def main(argv):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(os.path.join(root, name), target)
     subprocess.run(['git', 'init', '-q', dest], check=True)
+    # ansible-test's own output stays out of the files it tests: the copy, like the tarball, has no
+    # .gitignore (build_ignore), so git is told to ignore tests/output/ here
+    os.makedirs(os.path.join(dest, '.git', 'info'), exist_ok=True)
+    with open(os.path.join(dest, '.git', 'info', 'exclude'), 'a', encoding='utf-8') as f:
+        f.write('/tests/output/\n')
     print(dest)
     return 0
 

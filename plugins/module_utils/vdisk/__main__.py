@@ -1,7 +1,5 @@
 """``python -m ansible_collections.vdisk.images.plugins.module_utils.vdisk``: the vdisk command."""
-import sys
-
 from .cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

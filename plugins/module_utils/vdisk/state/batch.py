@@ -50,7 +50,8 @@ class Entry(Protocol):
     name: str
 
     @property
-    def label(self) -> str: ...
+    def label(self) -> str:
+        ...
 
 
 @dataclass
