@@ -128,7 +128,7 @@ test-ansible: sanity units integration molecule
 # ansible-test from taking this repository (where tests/output is ignored) for the collection's
 CTEST = $(CURDIR)/tests/output/collection-test
 CTEST_ENV = $(AENV) ANSIBLE_COLLECTIONS_PATH=$(CTEST)/collections ANSIBLE_COLLECTIONS_SCAN_SYS_PATH=0
-collection-test: ansible-env qemu
+collection-test: ansible-env qemu $(LSTAMP)
 	@rm -rf $(CTEST) && mkdir -p $(CTEST)/dist $(CTEST)/collections $(CTEST)/tmp && \
 	$(AENV) ansible-galaxy collection build --output-path $(CTEST)/dist . && \
 	tarball=$$(ls $(CTEST)/dist/vdisk-images-*.tar.gz) && \
@@ -136,7 +136,13 @@ collection-test: ansible-env qemu
 	coll=$(CTEST)/collections/ansible_collections/vdisk/images && \
 	verify() { printf '\n\033[1m$$ ansible-galaxy collection verify --offline (%s)\033[0m\n' "$$1"; \
 	  $(CTEST_ENV) ansible-galaxy collection verify --offline -p $(CTEST)/collections vdisk.images; } && \
-	verify "installed" && git init -q $(CTEST)/collections && \
+	verify "installed" && \
+	printf '\n\033[1m$$ ansible-builder introspect; ansible-builder create   (meta/execution-environment.yml)\033[0m\n' && \
+	$(CTEST_ENV) ansible-builder introspect --sanitize $(CTEST)/collections | tee $(CTEST)/introspect.txt && \
+	grep -q "cryptography.*from collection vdisk.images" $(CTEST)/introspect.txt && \
+	mkdir -p $(CTEST)/ee && sed "s|TARBALL|$$tarball|" tests/ansible/ee-definition.yml >$(CTEST)/ee/execution-environment.yml && \
+	( cd $(CTEST)/ee && $(AENV) ansible-builder create -f execution-environment.yml --context $(CTEST)/ee/context ) && \
+	git init -q $(CTEST)/collections && \
 	targets=$$(for t in $$coll/tests/integration/targets/*/; do t=$${t%/}; t=$${t##*/}; \
 	  [ -f $$coll/plugins/modules/$$t.py ] && echo $$t; done; true) && \
 	( cd $$coll && $(AENV) ansible-test integration --local --python 3.11 $(INTEGRATION_ARGS) $$targets ) && \
