@@ -178,10 +178,13 @@ def run_process(module_name, args, tmp_path):
     """The module as Ansible runs it: its own process, arguments from a file, the JSON result on stdout."""
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    # the child finds the collection and ansible where this process does (ansible-test puts them on sys.path,
+    # not in the environment)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(entry for entry in sys.path if entry))
     proc = subprocess.run([sys.executable, "-m", "ansible_collections.vdisk.images.plugins.modules." + module_name,
-                           str(path)], capture_output=True, text=True, env=dict(os.environ), cwd=str(tmp_path),
-                          check=False)
+                           str(path)], capture_output=True, text=True, env=env, cwd=str(tmp_path), check=False)
     assert SECRET not in proc.stderr
+    assert proc.stdout, proc.stderr[-2000:]
     return json.loads(proc.stdout), proc.stdout
 
 
