@@ -15,6 +15,7 @@ so an interrupted build is redone and a finished one is reused.
                    order until the file data reaches BIG_DATA_BYTES) on an 8 GiB sparse raw image
   small.qcow2, modified.qcow2, big.qcow2, big-4k.qcow2
                    made once by qemu-img convert (big-4k: -o cluster_size=4096)
+  small-c.qcow2    small.raw compressed: qemu-img convert -c
   os-overlay.qcow2 a qcow2 overlay over big.qcow2 (backing name "big.qcow2") holding a guest's
                    changes: OVERLAY_CHANGE_BYTES written with qemu-io at spread offsets inside
                    big.qcow2's data, in pieces of 4 KiB to 1 MiB
@@ -65,6 +66,7 @@ DEPENDS = {
     "modified.qcow2": ("modified.raw",),
     "big.qcow2": ("big.raw",),
     "big-4k.qcow2": ("big.raw",),
+    "small-c.qcow2": ("small.raw",),
     "os-overlay.qcow2": ("big.qcow2",),
     "startup.qcow2": (),
     "plan-1000": (),
@@ -268,6 +270,9 @@ class Fixtures:
 
     def _build_big_4k_qcow2(self, tmp):
         self._qcow2("big.raw", tmp, "-o", "cluster_size=4096")
+
+    def _build_small_c_qcow2(self, tmp):
+        self._qcow2("small.raw", tmp, "-c")
 
     def _build_os_overlay_qcow2(self, tmp):
         qemu_io = need_tool("qemu-io", "qemu-utils")

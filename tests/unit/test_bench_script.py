@@ -95,7 +95,8 @@ def test_cells_are_consistent():
     # issue 21's targets
     targets = {c.name: (c.threshold, c.target) for c in bench.CELLS}
     r = bench.RATIO
-    assert targets == {"raw-qcow2": (1.0, r), "compressed": (0.3, r), "qcow2-raw": (1.0, r), "backing": (None, r),
+    assert targets == {"raw-qcow2": (1.0, r), "compressed": (0.3, r), "compressed-raw": (1.0, r),
+                       "qcow2-raw": (1.0, r), "backing": (None, r),
                        "raw-vdi": (1.0, r), "raw-vpc": (1.0, r), "raw-vhdx": (1.0, r), "vmdk-stream": (0.3, r),
                        "compare": (1.0, r), "check": (0.8, r), "backing-os": (1.0, r), "startup": (2.0, r),
                        "plan-1000": (2.0, bench.SECONDS), "sparse-1t": (100, bench.RSS_MB),

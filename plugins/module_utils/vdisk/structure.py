@@ -81,9 +81,13 @@ def record(byte_order: str):
     """Class decorator: make the class a dataclass and derive its :class:`Layout` from the fields
     declared with :func:`disk` (in declaration order, which must be the on-disk order)."""
     def decorate(cls: Type[R]) -> Type[R]:
-        cls = dataclasses.dataclass(cls)
-        table = [(f.name, f.metadata[CODE], f.metadata.get(SHOWN, "")) for f in dataclasses.fields(cls)
-                 if CODE in f.metadata]
+        # eq and repr come from Record: each method dataclasses generates is compiled anew for
+        # every class, and start-up pays for all the structures a command imports
+        cls = dataclasses.dataclass(cls, eq=False, repr=False)
+        fields = dataclasses.fields(cls)
+        table = [(f.name, f.metadata[CODE], f.metadata.get(SHOWN, "")) for f in fields if CODE in f.metadata]
+        cls.EQ_FIELDS = tuple(f.name for f in fields if f.compare)
+        cls.REPR_FIELDS = tuple(f.name for f in fields if f.repr)
         cls.LAYOUT = Layout(byte_order, table)
         cls.SIZE = cls.LAYOUT.struct.size
         return cls
@@ -94,6 +98,19 @@ class Record:
     """Base of a declared structure: pack, unpack, offsets, checks and dump from its ``LAYOUT``."""
     LAYOUT: ClassVar[Layout]
     SIZE: ClassVar[int]
+    EQ_FIELDS: ClassVar[Tuple[str, ...]]     # the fields == compares (a dataclass's compare=True)
+    REPR_FIELDS: ClassVar[Tuple[str, ...]]  # the fields repr() shows
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.EQ_FIELDS)
+
+    __hash__ = None     # mutable, as a dataclass with eq: not hashable
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__qualname__,
+                           ", ".join("%s=%r" % (name, getattr(self, name)) for name in self.REPR_FIELDS))
 
     @classmethod
     def unpack(cls: Type[R], buf: bytes, offset: int = 0, **extra: Any) -> R:

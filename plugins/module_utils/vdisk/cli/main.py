@@ -30,9 +30,36 @@ class HelpShown(Exception):
     """``COMMAND --help`` has printed the command's help: it is done (exit 0)."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, sized to the terminal without shutil: argparse makes a formatter for
+    every argument added (to check its metavar), and shutil's import costs each command's start-up."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None):
+        super().__init__(prog, indent_increment, max_help_position, _help_width() if width is None else width)
+
+
+def _help_width() -> int:
+    """What shutil.get_terminal_size gives argparse: $COLUMNS, else the terminal's width, else 80; less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with qemu-img's exits: a usage error is one line on stderr and exit 1; ``-h`` and
     ``--help`` print the command's options on stdout and exit 0."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(message)

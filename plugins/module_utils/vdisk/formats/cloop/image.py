@@ -4,9 +4,9 @@ References: QEMU 7.2 block/cloop.c for behaviour: the table is validated on open
 inflate (zlib stream) to exactly ``block_size`` bytes, or the read fails; the most recent block
 is kept, as sequential reads touch each block many times.
 """
-import zlib
 from typing import Any, Dict, List, Tuple
 
+from ... import deflate
 from ...driver import Image, Policy
 from ...errors import CorruptImage
 from ...structure import Record
@@ -46,10 +46,10 @@ class CloopImage(Image):
                 raise CorruptImage("block %d lies beyond the largest file offset (0x%x)" % (index, start),
                                    path=self.path)
             data = self.host.pread(end - start, start)
-            d = zlib.decompressobj()
+            d = deflate.decompressobj()
             try:
                 out = d.decompress(data, self.block_size)
-            except zlib.error as exc:
+            except deflate.errors() as exc:
                 raise CorruptImage("block %d at offset 0x%x could not be decompressed: %s" % (index, start, exc),
                                    path=self.path) from None
             if not d.eof or len(out) != self.block_size:

@@ -16,21 +16,16 @@ zeroing and discarding zero the data file too, so both views always read the sam
 import re
 import struct
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ...driver import DATA, UNALLOCATED, ZERO, Extent, Image, Policy, ResolvedPath
 from ...errors import CorruptImage, FormatError, ImageError, UnsupportedFeature
 from ...io import HostFile
 from ...overlap import MetadataMap, MetadataOverlap
 from . import header as hdr
-from .check import check as check_image
 from .compress import decompress_cluster
-from . import bitmaps, compressed_write, snapshots
-from .amend import amend as amend_options
+from . import bitmaps
 from . import metadata
-from .crypto import Encryption, LegacyAes
-from .measure import bitmap_info
-from .preallocation import preallocate
 from .refcount import Refcounts
 from .snapshot_table import MAX_TABLE_SIZE, Snapshot, parse_snapshot_table
 
@@ -104,15 +99,17 @@ class Qcow2Image(Image):
             if self.corrupt:
                 raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write", path=self.path,
                                    field="corrupt bit")
-        self.crypto: Optional[Union[Encryption, LegacyAes]] = None
+        self.crypto: Optional[Any] = None       # crypto.Encryption or crypto.LegacyAes
         if h.crypt_method == hdr.CRYPT_LUKS:
             # the header is read now (info needs no key); the key is unlocked only with a passphrase, and
             # without one the first data access fails with QEMU's message
+            from .crypto import Encryption      # pylint: disable=import-outside-toplevel
             self.crypto = Encryption(self.host, h, self.path)
         elif h.crypt_method == hdr.CRYPT_AES:
             if h.crypto_extension is not None:
                 raise FormatError("CRYPTO header extension only expected with LUKS encryption method",
                                   path=self.path, field="crypto header extension")
+            from .crypto import LegacyAes       # pylint: disable=import-outside-toplevel
             self.crypto = LegacyAes(self.path)
             if self.writable:
                 self.crypto.refuse_writing()     # read only: no write, amend, resize, snapshot, repair
@@ -134,6 +131,7 @@ class Qcow2Image(Image):
         if self.writable and self.dirty and not policy.repair:
             # not closed cleanly (lazy refcounts, or an interrupted metadata update): repair first, as QEMU
             # does on a read-write open
+            from .check import check as check_image  # pylint: disable=import-outside-toplevel
             result = check_image(self, "all")
             if result.corruptions:
                 raise CorruptImage("image was not closed cleanly and could not be repaired (%d corruptions "
@@ -756,6 +754,7 @@ class Qcow2Image(Image):
 
     def compress_block(self, data: bytes) -> Optional[bytes]:
         self._refuse_compressed_encryption()
+        from . import compressed_write  # pylint: disable=import-outside-toplevel
         return compressed_write.compress_for_cluster(data, self.cs, self.header.compression_type)
 
     def write_compressed(self, offset: int, blocks) -> None:
@@ -764,6 +763,7 @@ class Qcow2Image(Image):
             # qcow2.txt: an image with an external data file has no compressed clusters (qemu-img: ENOTSUP)
             raise UnsupportedFeature("Operation not supported: compressed clusters are not allowed with an "
                                      "external data file", path=self.path, field="data_file")
+        from . import compressed_write  # pylint: disable=import-outside-toplevel
         compressed_write.write_compressed(self, offset, blocks)
 
     # -- zeroing and discarding -------------------------------------------------------
@@ -967,6 +967,7 @@ class Qcow2Image(Image):
                                 "compression-type": hdr.COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+            from .measure import bitmap_info  # pylint: disable=import-outside-toplevel
             listed = bitmap_info(self)
             if listed:
                 data["bitmaps"] = listed
@@ -1015,10 +1016,12 @@ class Qcow2Image(Image):
                                      "file (Operation not supported)" % name, path=self.path, field="snapshot")
 
     def create_snapshot(self, name: str) -> None:
+        from . import snapshots  # pylint: disable=import-outside-toplevel
         self._check_snapshots_possible(name)
         snapshots.create_snapshot(self, name)
 
     def apply_snapshot(self, name: str) -> None:
+        from . import snapshots  # pylint: disable=import-outside-toplevel
         self._check_snapshots_possible(name)
         if bitmaps.present(self):
             # QEMU's bdrv_snapshot_goto: the bitmaps would no longer describe the disk
@@ -1026,10 +1029,12 @@ class Qcow2Image(Image):
         snapshots.apply_snapshot(self, name)
 
     def delete_snapshot(self, name: str) -> None:
+        from . import snapshots  # pylint: disable=import-outside-toplevel
         self._check_snapshots_possible(name)
         snapshots.delete_snapshot(self, name)
 
     def select_snapshot(self, ident: Optional[str] = None, name: Optional[str] = None) -> None:
+        from . import snapshots  # pylint: disable=import-outside-toplevel
         if self.writable:
             raise ImageError("a snapshot is shown only on a read-only image", path=self.path, field="snapshot")
         if name is None and ident is not None:
@@ -1126,6 +1131,7 @@ class Qcow2Image(Image):
             if self.data_raw and preallocation == "off":
                 preallocation = "metadata"      # a raw data file maps every cluster, the new ones too
             if preallocation != "off":
+                from .preallocation import preallocate  # pylint: disable=import-outside-toplevel
                 preallocate(self, old, size - old, preallocation)
         else:
             # drop every whole cluster past the new end (the snapshots keep their own references)
@@ -1153,6 +1159,7 @@ class Qcow2Image(Image):
 
     def amend(self, options: Dict[str, Any], force: bool = False) -> None:
         self._check_writable()
+        from .amend import amend as amend_options  # pylint: disable=import-outside-toplevel
         amend_options(self, options, force)
 
     def make_empty(self) -> None:
@@ -1168,6 +1175,7 @@ class Qcow2Image(Image):
         self.open_data_file()       # qemu-img check opens it too: a missing data file is an error
         if repair:
             self._check_writable()
+        from .check import check as check_image  # pylint: disable=import-outside-toplevel
         result = check_image(self, repair)
         if repair:
             self.refcounts = Refcounts(self)   # the refcount structure may have been rebuilt

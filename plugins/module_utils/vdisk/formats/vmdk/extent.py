@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from ... import deflate
 from ...driver import DATA, UNALLOCATED, ZERO
 from ...errors import CorruptImage, ImageError
 from ...interrupt import main_thread_only
@@ -274,12 +275,12 @@ class SparseExtent:
         else:
             data = self.host.pread(avail, host_off)
         try:
-            d = zlib.decompressobj()
+            d = deflate.decompressobj()
             grain = d.decompress(data, self.gb)
             # a stream that inflates past one grain fails as it does in QEMU (uncompress() into a
             # grain-sized buffer); one more byte is all that is inflated to find out
             over = not d.eof and d.decompress(d.unconsumed_tail, 1)
-        except zlib.error as exc:
+        except deflate.errors() as exc:
             raise CorruptImage("compressed grain at sector %d cannot be inflated: %s" % (host_off // SECTOR, exc),
                                path=self.path, field="grain") from None
         if over:
