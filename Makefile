@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml setup.py
 	  $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet setuptools wheel "PyYAML>=5.1" "jsonschema>=3.2" "pytest>=7" "hypothesis>=6" \
-		"backports.zstd; python_version < '3.14'" "cryptography>=3.4" "numpy>=1.21" "zlib-ng>=0.4"
+		"backports.zstd; python_version < '3.14'" "cryptography>=3.4" "numpy>=1.21" "zlib-ng>=0.4" "deflate>=0.7"
 	touch $(STAMP)
 
 # the venv sees the working tree: the package is installed from it on every run (cheap, no network)

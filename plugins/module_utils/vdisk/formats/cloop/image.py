@@ -6,7 +6,7 @@ is kept, as sequential reads touch each block many times.
 """
 from typing import Any, Dict, List, Tuple
 
-from ... import deflate
+from ... import deflate_codecs
 from ...driver import Image, Policy
 from ...errors import CorruptImage
 from ...structure import Record
@@ -46,10 +46,10 @@ class CloopImage(Image):
                 raise CorruptImage("block %d lies beyond the largest file offset (0x%x)" % (index, start),
                                    path=self.path)
             data = self.host.pread(end - start, start)
-            d = deflate.decompressobj()
+            d = deflate_codecs.decompressobj()
             try:
                 out = d.decompress(data, self.block_size)
-            except deflate.errors() as exc:
+            except deflate_codecs.errors() as exc:
                 raise CorruptImage("block %d at offset 0x%x could not be decompressed: %s" % (index, start, exc),
                                    path=self.path) from None
             if not d.eof or len(out) != self.block_size:

@@ -9,7 +9,7 @@ import bisect
 import bz2
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ... import deflate
+from ... import deflate_codecs
 from ...driver import DATA, Extent, Image, Policy
 from ...errors import CorruptImage, FormatError, UnsupportedFeature
 from ...structure import Record
@@ -75,10 +75,10 @@ class DmgImage(Image):
             data = self.host.pread(min(c.length, want), c.offset).ljust(want, b"\0")
         elif c.type in (hdr.UDZO, hdr.UDBZ):
             raw = self.host.pread(c.length, c.offset)
-            d = deflate.decompressobj() if c.type == hdr.UDZO else bz2.BZ2Decompressor()
+            d = deflate_codecs.decompressobj() if c.type == hdr.UDZO else bz2.BZ2Decompressor()
             try:
                 data = d.decompress(raw, want)
-            except deflate.errors() + (OSError, EOFError, ValueError) as exc:
+            except deflate_codecs.errors() + (OSError, EOFError, ValueError) as exc:
                 raise CorruptImage("%s chunk at offset 0x%x could not be decompressed: %s"
                                    % (hdr.TYPE_NAMES[c.type], c.offset, exc), path=self.path) from None
             if not d.eof or len(data) != want:

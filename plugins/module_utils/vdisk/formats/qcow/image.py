@@ -16,7 +16,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ... import deflate
+from ... import deflate_codecs
 from ...driver import DATA, UNALLOCATED, Extent, Image, Policy, merge_runs
 from ...errors import CorruptImage, ImageError
 from ...overlap import MetadataMap
@@ -165,8 +165,8 @@ class QcowImage(Image):
             raise CorruptImage("compressed cluster at 0x%x (%d bytes) lies beyond the end of the file"
                                % (host, csize), path=self.path, field="L2 table")
         try:
-            out = deflate.decompressobj(-12).decompress(raw, self.cs)
-        except deflate.errors() as exc:
+            out = deflate_codecs.decompressobj(-12).decompress(raw, self.cs)
+        except deflate_codecs.errors() as exc:
             raise CorruptImage("compressed cluster at 0x%x cannot be inflated: %s" % (host, exc), path=self.path,
                                field="compressed cluster") from None
         if len(out) != self.cs:

@@ -19,7 +19,7 @@ import zlib
 from types import ModuleType
 from typing import Optional
 
-from ... import deflate
+from ... import deflate_codecs
 from ...errors import CorruptImage, MissingPackage, UnsupportedFeature
 from .header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -67,9 +67,9 @@ def decompress_cluster(data: bytes, cluster_size: int, ctype: int, path: str, wh
     """Inflate one compressed cluster; the result is exactly *cluster_size* bytes."""
     if ctype == COMPRESSION_ZLIB:
         try:
-            d = deflate.decompressobj(DEFLATE_WINDOW_BITS)
+            d = deflate_codecs.decompressobj(DEFLATE_WINDOW_BITS)
             out = d.decompress(data, cluster_size)
-        except deflate.errors() as exc:
+        except deflate_codecs.errors() as exc:
             raise CorruptImage("compressed cluster at %s cannot be inflated: %s" % (where, exc), path=path,
                                field="compressed cluster") from None
     elif ctype == COMPRESSION_ZSTD:

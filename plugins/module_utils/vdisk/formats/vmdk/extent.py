@@ -12,12 +12,11 @@ them, the directory, the footer and the end-of-stream marker on close.
 import array
 import sys
 import threading
-import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from ... import deflate
+from ... import deflate_codecs
 from ...driver import DATA, UNALLOCATED, ZERO
 from ...errors import CorruptImage, ImageError
 from ...interrupt import main_thread_only
@@ -47,10 +46,10 @@ def _pack32(t) -> bytes:
 
 def compress_grain(data: bytes, grain_bytes: int) -> bytes:
     """A grain as stream-optimized extents store it: a zlib stream of the whole grain (QEMU's
-    ``compress()``); a short last grain is padded with zeros."""
+    ``compress()``, level 6); a short last grain is padded with zeros."""
     if len(data) < grain_bytes:
         data = bytes(data) + bytes(grain_bytes - len(data))
-    return zlib.compress(data)
+    return deflate_codecs.zlib_compress(bytes(data), 6)
 
 
 class FlatExtent:
@@ -275,12 +274,12 @@ class SparseExtent:
         else:
             data = self.host.pread(avail, host_off)
         try:
-            d = deflate.decompressobj()
+            d = deflate_codecs.decompressobj()
             grain = d.decompress(data, self.gb)
             # a stream that inflates past one grain fails as it does in QEMU (uncompress() into a
             # grain-sized buffer); one more byte is all that is inflated to find out
             over = not d.eof and d.decompress(d.unconsumed_tail, 1)
-        except deflate.errors() as exc:
+        except deflate_codecs.errors() as exc:
             raise CorruptImage("compressed grain at sector %d cannot be inflated: %s" % (host_off // SECTOR, exc),
                                path=self.path, field="grain") from None
         if over:

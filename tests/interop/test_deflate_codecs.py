@@ -2,7 +2,7 @@
 library's zlib (an Ansible target without it): both give qemu-img's guest bytes, for every format
 whose data is deflated (qcow2 and qcow clusters, streamOptimized VMDK grains), and both refuse a
 damaged stream with the same one-line error.  The inflater in use is switched by resetting
-``deflate._module``; ``sys.modules["zlib_ng"] = None`` makes zlib-ng unimportable.
+``deflate_codecs._inflate_module``; ``sys.modules["zlib_ng"] = None`` makes zlib-ng unimportable.
 """
 import os
 import random
@@ -15,7 +15,7 @@ import pytest
 import helpers
 import imgfmt_util as u
 from helpers import MiB
-from ansible_collections.vdisk.images.plugins.module_utils.vdisk import deflate, errors
+from ansible_collections.vdisk.images.plugins.module_utils.vdisk import deflate_codecs, errors
 
 
 @pytest.fixture(params=["zlib-ng", "zlib"])
@@ -25,11 +25,11 @@ def inflater(request, monkeypatch):
         pytest.importorskip("zlib_ng")
     else:
         monkeypatch.setitem(sys.modules, "zlib_ng", None)
-    monkeypatch.setattr(deflate, "_module", None)      # looked for again on first use
-    monkeypatch.setattr(deflate, "ERRORS", (zlib.error,))
+    monkeypatch.setattr(deflate_codecs, "_inflate_module", None)      # looked for again on first use
+    monkeypatch.setattr(deflate_codecs, "ERRORS", (zlib.error,))
     yield request.param
     expected = "zlib_ng" if request.param == "zlib-ng" else "zlib"
-    assert deflate._module is not None and deflate._module.__name__.rsplit(".", 1)[-1] == expected
+    assert deflate_codecs._inflate_module is not None and deflate_codecs._inflate_module.__name__.rsplit(".", 1)[-1] == expected
 
 
 def _compressible(size, seed):
@@ -91,3 +91,41 @@ def _first_compressed_offset(path):
         if entry & (1 << 62):
             return entry & ((1 << (62 - (cluster_bits - 8))) - 1)
     raise AssertionError("no compressed cluster")
+
+
+@pytest.fixture(params=["libdeflate", "zlib"])
+def compressor(request, monkeypatch):
+    """The zlib-stream compressor the engine uses: libdeflate (the deflate package), or zlib as if it
+    were not installed."""
+    if request.param == "libdeflate":
+        pytest.importorskip("deflate")
+    else:
+        monkeypatch.setitem(sys.modules, "deflate", None)
+    monkeypatch.setattr(deflate_codecs, "_zlib_compress", None)
+    yield request.param
+    expected = zlib.compress if request.param == "zlib" else sys.modules["deflate"].zlib_compress
+    assert deflate_codecs._zlib_compress is expected
+
+
+def test_zlib_compress_is_a_zlib_stream(compressor):
+    data = _compressible(256 * 1024, 3)
+    out = deflate_codecs.zlib_compress(data, 6)
+    assert zlib.decompress(out) == data
+    assert len(out) < len(data) // 2
+
+
+def test_stream_optimized_vmdk_written_with_either_passes_qemu(tmp_path, compressor):
+    src = _source(tmp_path)
+    out = str(tmp_path / "v.vmdk")
+    u.vdisk("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", src, out, check=True)
+    assert helpers.qemu_check(out, "vmdk")["rc"] == 0
+    assert helpers.qemu_compare(src, out, "raw", "vmdk")
+
+
+def test_libdeflate_grains_no_larger_than_zlib(tmp_path, monkeypatch):
+    """The faster compressor is taken only because its output is not larger (qemu-img's is zlib's)."""
+    pytest.importorskip("deflate")
+    grains = [_compressible(64 * 1024, seed) for seed in range(8)] + [os.urandom(64 * 1024)]
+    monkeypatch.setattr(deflate_codecs, "_zlib_compress", None)
+    fast = sum(len(deflate_codecs.zlib_compress(g, 6)) for g in grains)
+    assert fast <= sum(len(zlib.compress(g, 6)) for g in grains)
