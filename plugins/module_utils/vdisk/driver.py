@@ -5,10 +5,8 @@ open).  An :class:`Image` is one open layer.  An operation a format does not hav
 raises :class:`UnsupportedFeature` from the base class, so ``ops/`` can be written
 once against this interface.
 """
-import dataclasses
 import os
 import stat
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ImageError, InvalidOption, PolicyError, ReadOnlyImage, UnsupportedFeature
@@ -43,8 +41,7 @@ class Extent(NamedTuple):
     reads_zero: bool = False
 
 
-@dataclass(frozen=True)
-class OptionSpec:
+class OptionSpec(NamedTuple):
     """One create option: the single source for ``-o help``, validation, docs and the manifest schema."""
     name: str
     type: str            # size | bool | str | int | enum | secret
@@ -88,8 +85,7 @@ class OptionSpec:
         return "  %-22s - %s" % ("%s=%s" % (self.name, kind), self.help)
 
 
-@dataclass(frozen=True)
-class ResolvedPath:
+class ResolvedPath(NamedTuple):
     """A file an image names, resolved once by :meth:`Policy.resolve`: the path that is checked is
     the path that is opened.
 
@@ -131,29 +127,52 @@ class ResolvedPath:
 _BESIDE_THE_IMAGE = {"extent": "descriptor"}
 
 
-@dataclass
 class Policy:
     """What an open may follow and touch.
 
     Files named by an image (backing files, data files, extents) are opened only
     inside *allowed_dirs* plus the directory tree of the image the user named.
+
+    A plain class, not a dataclass: the CLI's start-up would import dataclasses (and inspect) for it.
     """
-    allowed_dirs: Tuple[str, ...] = ()
-    follow_backing: bool = True
-    probe: bool = True
-    max_chain_depth: int = 16
-    force_share: bool = False   # -U: open without taking image locks (read-only opens only)
-    lock: bool = True
-    repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
-    check: bool = False         # opening for check: damage check reports is not refused at open
-    sync: bool = True           # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
-    # the image the caller names may be a block device: set by the CLI only, whose arguments the user
-    # typed (named_device); never extends to the files an image names
-    block_devices: bool = False
-    # the passphrase that unlocks an encrypted image (qemu-img's key-secret): never shown (repr, logs)
-    passphrase: Optional[bytes] = field(default=None, repr=False)
-    # the file a driver is opening (set by ops.chain for the driver's open): see checked()
-    opening: Optional[Any] = None       # a ResolvedPath, or the NamedDevice of the user's own image
+
+    def __init__(self, allowed_dirs: Tuple[str, ...] = (), follow_backing: bool = True, probe: bool = True,
+                 max_chain_depth: int = 16, force_share: bool = False, lock: bool = True, repair: bool = False,
+                 check: bool = False, sync: bool = True, block_devices: bool = False,
+                 passphrase: Optional[bytes] = None, opening: Optional[Any] = None):
+        self.allowed_dirs = allowed_dirs
+        self.follow_backing = follow_backing
+        self.probe = probe
+        self.max_chain_depth = max_chain_depth
+        self.force_share = force_share    # -U: open without taking image locks (read-only opens only)
+        self.lock = lock
+        self.repair = repair              # opening for check -r: a dirty or corrupt image may be opened read-write
+        self.check = check                # opening for check: damage check reports is not refused at open
+        self.sync = sync                  # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
+        # the image the caller names may be a block device: set by the CLI only, whose arguments the user
+        # typed (named_device); never extends to the files an image names
+        self.block_devices = block_devices
+        # the passphrase that unlocks an encrypted image (qemu-img's key-secret): never shown (repr, logs)
+        self.passphrase = passphrase
+        # the file a driver is opening (set by ops.chain for the driver's open): see checked()
+        self.opening = opening            # a ResolvedPath, or the NamedDevice of the user's own image
+
+    def replace(self, **changes: Any) -> "Policy":
+        """A copy with *changes* (as ``dataclasses.replace``)."""
+        values = dict(vars(self))
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError("Policy has no field %s" % ", ".join(sorted(unknown)))
+        values.update(changes)
+        return Policy(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return vars(self) == vars(other) if isinstance(other, Policy) else NotImplemented
+
+    __hash__ = None     # mutable and compared by value
+
+    def __repr__(self) -> str:
+        return "Policy(%s)" % ", ".join("%s=%r" % kv for kv in vars(self).items() if kv[0] != "passphrase")
 
     def locks(self, writable: bool) -> bool:
         """The one rule for locking an image's files: as QEMU locks them, unless ``-U`` (force_share)
@@ -180,7 +199,7 @@ class Policy:
         """The policy for a chain opened at *image_path*: its directory tree becomes allowed."""
         root = os.path.dirname(os.path.realpath(image_path))
         dirs = tuple(self.allowed_dirs) + (root,)
-        return dataclasses.replace(self, allowed_dirs=dirs)
+        return self.replace(allowed_dirs=dirs)
 
     def resolve(self, name: str, image_path: str, what: str = "backing file") -> ResolvedPath:
         """Resolve the file name *name* stored in the image at *image_path* once, as the kernel will,
@@ -520,8 +539,7 @@ class Image:
         self.close()
 
 
-@dataclass(frozen=True)
-class MeasureSource:
+class MeasureSource(NamedTuple):
     """The image ``measure`` sizes a conversion of (``qemu-img measure FILE``).
 
     ``virtual_size`` is in whole sectors, as QEMU reports it; ``allocated(n)`` is the number of

@@ -20,8 +20,7 @@ import os
 import stat
 import struct
 import sys
-from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 from .errors import HostIOError, ImageError, ImageInUse, PolicyError, UnsupportedFeature
 
@@ -76,8 +75,7 @@ ZEROOUT_PIECE = 256 * 1024 * 1024
 NOT_NAMED_DEVICE = "is a block device; vdisk opens a block device only as the image named on its command line"
 
 
-@dataclass(frozen=True)
-class NamedDevice:
+class NamedDevice(NamedTuple):
     """Permission to open one block device: the image the user named on the command line.
 
     ``HostFile`` opens a block device only when given one of these as *checked*, and only

@@ -8,16 +8,14 @@ id, never its data.
 """
 import base64
 import binascii
-from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, NamedTuple, Optional
 
 from ..errors import ImageError, InvalidOption
 
 SECRET_KEYS = ("qom-type", "id", "data", "file", "format", "keyid", "iv", "loaded")
 
 
-@dataclass(frozen=True)
-class ImageOpts:
+class ImageOpts(NamedTuple):
     """An image named with ``--image-opts``: its file, its driver (format) and its secret's id."""
     filename: str
     driver: Optional[str] = None

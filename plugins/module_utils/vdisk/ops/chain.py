@@ -6,7 +6,6 @@ read-only, inside the allowed directories, with loop detection and a depth cap.
 The image the command line names may be a block device (``Policy.named_device``); the
 files an image names never are.
 """
-import dataclasses
 import os
 from typing import List, Optional
 
@@ -56,7 +55,7 @@ def _open_one(path: str, fmt: Optional[str], writable: bool, policy: Policy, dev
             # the format drivers grow their files as they allocate; a device has a fixed size
             raise UnsupportedFeature("image format %s cannot be written on a block device; vdisk writes only "
                                      "raw data onto a block device" % fmt, path=path, field="format")
-        policy = dataclasses.replace(policy, opening=device)    # the drivers' HostFile(checked=) gets the grant
+        policy = policy.replace(opening=device)    # the drivers' HostFile(checked=) gets the grant
     return get_driver(fmt).open(path, writable=writable, policy=policy)
 
 
@@ -123,7 +122,7 @@ def attach_backing_chain(image: Image, policy: Policy) -> None:
 def open_reference(ref: ResolvedPath, fmt: str, writable: bool, policy: Policy) -> Image:
     """Open the file an image names, resolved as *ref*, as *fmt*: the driver opens ``ref.display``
     (the name qemu-img shows), its HostFile the checked real path, verified (``Policy.checked``)."""
-    opened = get_driver(fmt).open(ref.display, writable=writable, policy=dataclasses.replace(policy, opening=ref))
+    opened = get_driver(fmt).open(ref.display, writable=writable, policy=policy.replace(opening=ref))
     if getattr(getattr(opened, "host", None), "checked", None) is not ref:
         opened.close()
         raise PolicyError("format %s did not open %s %r as it was checked; refused" % (fmt, ref.what, ref.name),

@@ -16,7 +16,7 @@ is written onto it.
 """
 import os
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -150,7 +150,7 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
         if opts.existing or onto_device:
             # written in place (the locks a VM holds refuse it); a device "created" has its old content replaced
             out = open_image(dest, opts.out_fmt, writable=True, backing=False, replacing=onto_device,
-                             policy=replace(policy or Policy(), sync=sync, passphrase=opts.target_passphrase))
+                             policy=(policy or Policy()).replace(sync=sync, passphrase=opts.target_passphrase))
             try:
                 if out.virtual_size < size:
                     raise ImageError("error while converting raw: Cannot grow device files" if onto_device
@@ -176,7 +176,7 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
             driver.create_staged(tmp.tmp_path, dest, size, typed, sync=sync)
             # the caller's policy rooted at the destination: files the output names (a qcow2 data file) follow it
             out = driver.open(tmp.tmp_path, writable=True,
-                              policy=replace(policy or Policy(), lock=False, sync=sync,
+                              policy=(policy or Policy()).replace(lock=False, sync=sync,
                                              passphrase=driver.create_passphrase(typed)).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:

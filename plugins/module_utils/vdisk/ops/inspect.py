@@ -5,7 +5,6 @@ file is valid as (a polyglot is refused), every file the image refers to with th
 verdict on it, and named checks that pass or fail.  Nothing named by the image is opened
 unless the policy allows it, and nothing is ever written.
 """
-import dataclasses
 import json
 import os
 import re
@@ -130,7 +129,7 @@ def _collect_references(report: Report, path: str, fmt: str, policy: Policy, che
     except ImageError:
         named = []      # an unreadable header fails the "header" check
     if not refs:
-        bare = dataclasses.replace(policy, allowed_dirs=())
+        bare = policy.replace(allowed_dirs=())
         try:
             image = (open_image(path, fmt, writable=False, policy=bare, backing=False) if checked is None
                      else open_reference(checked, fmt, False, bare))

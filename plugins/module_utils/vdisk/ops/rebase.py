@@ -1,5 +1,4 @@
 """qemu-img rebase: change an image's backing file, keeping the guest's view (safe) or not (-u)."""
-import dataclasses
 import os
 from typing import Callable, Optional
 
@@ -38,7 +37,7 @@ def rebase(path: str, backing: str, backing_fmt: Optional[str] = None, fmt: Opti
                 new_fmt = probe_file(full)   # the user named it; recorded below so it is never probed again
             if not unsafe:
                 # the user named this file: allow its directory, then open it with its own chain
-                allowed = dataclasses.replace(policy, allowed_dirs=tuple(policy.allowed_dirs) +
+                allowed = policy.replace(allowed_dirs=tuple(policy.allowed_dirs) +
                                               (os.path.dirname(os.path.realpath(full)),))
                 new_image = get_driver(new_fmt).open(full, writable=False, policy=allowed)
                 try:

@@ -16,7 +16,6 @@ is validated; it is kept out of every ``repr``, diff, plan, result and message. 
 ``passphrase_file`` loses one trailing newline (``\\n`` or ``\\r\\n``), so that ``echo secret >
 file`` works; QEMU's ``--object secret,file=`` takes the file's bytes as they are (docs/security.md).
 """
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
@@ -180,7 +179,7 @@ def unlocking(policy: Optional[Policy], encryption: Optional[Encryption], path: 
     policy = policy or Policy()
     if encryption is None:
         return policy
-    return dataclasses.replace(policy, passphrase=encryption.secret(path))
+    return policy.replace(passphrase=encryption.secret(path))
 
 
 def observed_encryption(info: Mapping[str, Any]) -> Optional[Dict[str, Any]]:

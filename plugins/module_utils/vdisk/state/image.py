@@ -4,7 +4,7 @@ The entry points the ``image`` module and the manifest applier call; everything 
 comes from :mod:`.plan`.
 """
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..driver import Policy
@@ -50,7 +50,7 @@ def widen(policy: Optional[Policy], allowed_dirs: Sequence[str] = ()) -> Policy:
     """*policy* (default: the engine's) with *allowed_dirs* (real paths) allowed as well; every other
     setting is kept, but not the file an open was in the middle of (``opening``)."""
     policy = policy or Policy()
-    return replace(policy, allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs), opening=None)
+    return policy.replace(allowed_dirs=tuple(policy.allowed_dirs) + tuple(allowed_dirs), opening=None)
 
 
 # how a planner observes the source or backing file of an image it must make: (path, format, policy)
@@ -84,7 +84,7 @@ def plan_one(spec: ImageSpec, policy: Policy, dependency: Optional[Dependency] =
     from_source = spec.source or spec.source_url
     if spec.state == "present" and spec.backing_file and not from_source and (made or spec.size is None):
         # its size, and that it exists; read without image locks, as qemu-img create opens it
-        backing = dependency(backing_path(spec) or "", spec.backing_format, replace(policy, force_share=True))
+        backing = dependency(backing_path(spec) or "", spec.backing_format, policy.replace(force_share=True))
     return observed, plan(spec, observed, source, backing)
 
 

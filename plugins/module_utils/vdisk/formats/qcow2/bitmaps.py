@@ -28,7 +28,6 @@ Parsing works on bytes (``parse_directory``, ``parse_table``); ``Tracker`` and `
 I/O.
 """
 import struct
-from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ...errors import CorruptImage, ImageError, InvalidOption, UnsupportedFeature
@@ -441,7 +440,7 @@ def write_in_place(img, entries: List[DirectoryEntry], dir_offset: int) -> None:
 
 def _write_autoclear(img, value: int) -> None:
     """Store *value* as the autoclear bits (the header in memory keeps its own)."""
-    img.host.pwrite(*replace(img.header, autoclear_features=value).pack_fields("autoclear_features"))
+    img.host.pwrite(*img.header.replace(autoclear_features=value).pack_fields("autoclear_features"))
     img.host.flush()
 
 
@@ -493,7 +492,7 @@ class Tracker:
         for i, bits in self.bits.items():
             e = self.entries[i]
             old_clusters.extend(stored_clusters(img, e))
-            new_entries[i] = replace(e, bitmap_table_offset=write_bits(img, bits, e.bitmap_table_size),
+            new_entries[i] = e.replace(bitmap_table_offset=write_bits(img, bits, e.bitmap_table_size),
                                      flags=e.flags & ~FLAG_IN_USE)
         dir_offset, dir_size = switch_directory(img, new_entries, old_clusters)
         self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, dir_size
@@ -556,13 +555,14 @@ def merge_bits(dst: bytearray, dst_bits: int, src: bytes, src_bits: int, virtual
         set_bits(dst, dst_bits, offset, length)
 
 
-@dataclass
 class EditedBitmap:
     """One bitmap while ``qemu-img bitmap`` changes it: its directory entry, new bits when they
     change (None: the stored ones stay) and whether it is stored on disk yet."""
-    entry: DirectoryEntry
-    bits: Optional[bytearray] = None
-    stored: bool = True
+
+    def __init__(self, entry: DirectoryEntry, bits: Optional[bytearray] = None, stored: bool = True):
+        self.entry = entry
+        self.bits = bits
+        self.stored = stored
 
 
 class Editor:
@@ -642,7 +642,7 @@ class Editor:
         bm = self.usable(name)
         flags = bm.entry.flags | FLAG_AUTO if enabled else bm.entry.flags & ~FLAG_AUTO
         if flags != bm.entry.flags:
-            bm.entry = replace(bm.entry, flags=flags)
+            bm.entry = bm.entry.replace(flags=flags)
             self.changed = True
 
     def merge(self, name: str, source: "Editor", source_name: str) -> None:
@@ -675,7 +675,7 @@ class Editor:
                 continue
             if bm.stored:
                 old.extend(stored_clusters(img, bm.entry))
-            bm.entry = replace(bm.entry, bitmap_table_offset=write_bits(img, bm.bits, bm.entry.bitmap_table_size),
+            bm.entry = bm.entry.replace(bitmap_table_offset=write_bits(img, bm.bits, bm.entry.bitmap_table_size),
                                flags=bm.entry.flags & ~FLAG_IN_USE)
             bm.bits, bm.stored = None, True
         entries = [bm.entry for bm in self.bitmaps]
@@ -722,7 +722,7 @@ class Editor:
             bm.bits = bytearray(self.bits(bm))
         if self.bitmaps and self.dir_size:
             for bm in self.bitmaps:
-                bm.entry = replace(bm.entry, flags=bm.entry.flags | FLAG_IN_USE)
+                bm.entry = bm.entry.replace(flags=bm.entry.flags | FLAG_IN_USE)
             write_in_place(self.img, [bm.entry for bm in self.bitmaps], self.dir_offset)
 
     def end_resize(self, size: int) -> None:
@@ -740,6 +740,6 @@ class Editor:
             if granules % 8:
                 bits[-1] &= (1 << (granules % 8)) - 1
             bm.bits = bits
-            bm.entry = replace(bm.entry, bitmap_table_size=table_size(size, g, cs))
+            bm.entry = bm.entry.replace(bitmap_table_size=table_size(size, g, cs))
             self.changed = True
         self.commit()

@@ -1,5 +1,4 @@
 """The qcow2 driver: create options, probing, create and open."""
-import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -172,7 +171,7 @@ class Qcow2Driver(Driver):
                 write_empty_image(host, h)
             if crypto.wanted(options):
                 crypto.set_up(self, out.tmp_path, options, policy)
-                policy = dataclasses.replace(policy, passphrase=self.create_passphrase(options))
+                policy = policy.replace(passphrase=self.create_passphrase(options))
             if prealloc != "off":
                 image = Qcow2Image(self, out.tmp_path, True, policy)
                 try:

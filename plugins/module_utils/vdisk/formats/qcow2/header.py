@@ -6,7 +6,6 @@ Entries").  Every on-disk structure is a declared record (structure.py): its fie
 packing, the offsets of partial header writes and the ``vdisk inspect --dump`` lines.  Parsing
 works on bytes; I/O is elsewhere.
 """
-import dataclasses
 import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 
@@ -81,7 +80,7 @@ def unpack_present(cls: Type[R], buf: bytes, length: int, **absent: Any) -> R:
     declared default.  qcow2 stores its additional header fields and a snapshot's extra data so."""
     raw = bytes(buf[:min(length, cls.SIZE)]).ljust(cls.SIZE, b"\0")
     rec = cls.unpack(raw)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = cls.defaults()
     for name in cls.LAYOUT.names:
         if cls.offset(name) + cls.LAYOUT.structs[name].size > length:
             setattr(rec, name, absent.get(name, defaults[name]))

@@ -194,12 +194,6 @@ class Refcounts:
             bi = cluster // epb
             block = self._block(bi)
             block_end = (bi + 1) * epb
-            if block is None:
-                values = None
-            elif self.bits >= 8:
-                values = decode_refblock(bytes(block), self.bits)
-            else:
-                values = [self._get_entry(block, i) for i in range(epb)]
             base = bi * epb
             # fast path: the rest of this block is free (no refcounts, nothing reserved there)
             if not any(cluster <= c < block_end for c in reserved):
@@ -212,6 +206,13 @@ class Refcounts:
                         return start
                     cluster = block_end
                     continue
+            # decoded only when the block is searched entry by entry
+            if block is None:
+                values = None
+            elif self.bits >= 8:
+                values = decode_refblock(bytes(block), self.bits)
+            else:
+                values = [self._get_entry(block, i) for i in range(epb)]
             while cluster < block_end:
                 used = (values is not None and values[cluster - base]) or (reserved and cluster in reserved)
                 if used:

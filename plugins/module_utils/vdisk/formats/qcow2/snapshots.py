@@ -10,7 +10,6 @@ refcount structure -- past the end of the file, and switches to it with a single
 write of the header fields that point to them.  Interrupted before that write, the
 image is the old one (the new clusters are not even counted); after it, the new one.
 """
-import dataclasses
 import re
 import struct
 import time
@@ -174,7 +173,7 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
         img.host.pwrite(data, where)
     img.host.flush()
     # the switch: size, L1 table, refcount table and snapshot table in one write of the header
-    new = dataclasses.replace(h, size=size, l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
+    new = h.replace(size=size, l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
                               refcount_table_clusters=rt_clusters, nb_snapshots=len(snaps),
                               snapshots_offset=snap_offset)
     img.host.pwrite(*new.pack_fields(*SWITCHED_FIELDS))

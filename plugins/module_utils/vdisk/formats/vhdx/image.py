@@ -17,7 +17,6 @@ unreferenced block at the end of the file) or a log whose replay (by vdisk or qe
 the new one. The first guest-visible write sets a new DataWriteGuid, as the specification asks.
 """
 import array
-import dataclasses
 import sys
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -297,7 +296,7 @@ class VhdxImage(BlockTableImage):
         for dummy in range(2):
             idx = 1 - self.cur
             active = self.header
-            new = dataclasses.replace(active, sequence_number=(active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF,
+            new = active.replace(sequence_number=(active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF,
                                       file_write_guid=self.session_guid)
             if new_data_guid:
                 new.data_write_guid = uuid.uuid4().bytes

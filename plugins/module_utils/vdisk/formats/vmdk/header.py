@@ -7,7 +7,7 @@ Everything is little-endian; offsets and sizes in the header count 512-byte sect
 """
 import re
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ...errors import CorruptImage, FormatError, UnsupportedFeature
@@ -101,7 +101,7 @@ class SparseHeader(Record):
     def footer(self, gd_offset: int) -> "SparseHeader":
         """The copy a stream-optimized extent ends with: this header, with the directory where it
         was written and a zero pad."""
-        return replace(self, gd_offset=gd_offset, pad=bytes(len(self.pad)))
+        return self.replace(gd_offset=gd_offset, pad=bytes(len(self.pad)))
 
 
 @record("<")
