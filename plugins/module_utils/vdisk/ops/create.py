@@ -106,8 +106,7 @@ def _open_backing(path: str, backing: str, fmt: Optional[str], policy: Optional[
     display = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
     try:
         # never a device: only the image the command creates may be one
-        return open_image(display, fmt, policy=(policy or Policy()).replace(force_share=True,
-                                                                   block_devices=False))
+        return open_image(display, fmt, policy=(policy or Policy()).replace(force_share=True, block_devices=False))
     except ImageError as exc:
         # qemu-img: "v.qcow2: Could not open 'nope.qcow2': No such file or directory"
         why = exc.message if exc.path is None or (exc.path == display and display in exc.message) else str(exc)

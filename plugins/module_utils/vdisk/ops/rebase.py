@@ -38,7 +38,7 @@ def rebase(path: str, backing: str, backing_fmt: Optional[str] = None, fmt: Opti
             if not unsafe:
                 # the user named this file: allow its directory, then open it with its own chain
                 allowed = policy.replace(allowed_dirs=tuple(policy.allowed_dirs) +
-                                              (os.path.dirname(os.path.realpath(full)),))
+                                         (os.path.dirname(os.path.realpath(full)),))
                 new_image = get_driver(new_fmt).open(full, writable=False, policy=allowed)
                 try:
                     attach_backing_chain(new_image, allowed.with_root(full))

@@ -493,7 +493,7 @@ class Tracker:
             e = self.entries[i]
             old_clusters.extend(stored_clusters(img, e))
             new_entries[i] = e.replace(bitmap_table_offset=write_bits(img, bits, e.bitmap_table_size),
-                                     flags=e.flags & ~FLAG_IN_USE)
+                                       flags=e.flags & ~FLAG_IN_USE)
         dir_offset, dir_size = switch_directory(img, new_entries, old_clusters)
         self.entries, self.dir_offset, self.dir_size = new_entries, dir_offset, dir_size
         self.active = False
@@ -676,7 +676,7 @@ class Editor:
             if bm.stored:
                 old.extend(stored_clusters(img, bm.entry))
             bm.entry = bm.entry.replace(bitmap_table_offset=write_bits(img, bm.bits, bm.entry.bitmap_table_size),
-                               flags=bm.entry.flags & ~FLAG_IN_USE)
+                                        flags=bm.entry.flags & ~FLAG_IN_USE)
             bm.bits, bm.stored = None, True
         entries = [bm.entry for bm in self.bitmaps]
         self.dir_offset, self.dir_size = switch_directory(img, entries, old)

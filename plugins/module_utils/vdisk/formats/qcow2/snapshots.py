@@ -174,8 +174,7 @@ def switch_state(img, snaps: List[Snapshot], active_l1: List[int], size: int) ->
     img.host.flush()
     # the switch: size, L1 table, refcount table and snapshot table in one write of the header
     new = h.replace(size=size, l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=rt_offset,
-                              refcount_table_clusters=rt_clusters, nb_snapshots=len(snaps),
-                              snapshots_offset=snap_offset)
+                    refcount_table_clusters=rt_clusters, nb_snapshots=len(snaps), snapshots_offset=snap_offset)
     img.host.pwrite(*new.pack_fields(*SWITCHED_FIELDS))
     img.host.flush()
     for name in SWITCHED_FIELDS:

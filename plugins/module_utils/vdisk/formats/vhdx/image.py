@@ -297,7 +297,7 @@ class VhdxImage(BlockTableImage):
             idx = 1 - self.cur
             active = self.header
             new = active.replace(sequence_number=(active.sequence_number + 1) & 0xFFFFFFFFFFFFFFFF,
-                                      file_write_guid=self.session_guid)
+                                 file_write_guid=self.session_guid)
             if new_data_guid:
                 new.data_write_guid = uuid.uuid4().bytes
             if log_guid is not None:
