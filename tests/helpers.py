@@ -65,7 +65,17 @@ def qemu_io(fmt, path, *cmds, check=True):
     With *check*, fails when qemu-io exits non-zero or prints an error (qemu-io often exits 0
     after a failed command). Returns the combined output as text.
     """
-    args = ["qemu-io", "-f", fmt]
+    return _qemu_io(["-f", fmt], path, cmds, check)
+
+
+def qemu_io_opts(objects, image_opts, *cmds, check=True):
+    """:func:`qemu_io` on an image named with ``--image-opts`` (an encrypted one: *objects* are the
+    ``--object`` arguments that hold its secret)."""
+    return _qemu_io(list(objects) + ["--image-opts"], image_opts, cmds, check)
+
+
+def _qemu_io(options, path, cmds, check):
+    args = ["qemu-io"] + options
     for c in cmds:
         args += ["-c", c]
     proc = run(*args, path, check=check)

@@ -51,6 +51,13 @@ class Outputs:
                 assert secret not in text, text
 
 
+def source_and_secret(tmp_path):
+    """The raw source the encrypted images are made from (data at 0 and at 3 MiB of 4 MiB) and the
+    secret file holding SECRET."""
+    data = helpers.make_raw(str(tmp_path / "data.raw"), 4 * M, [(0, M), (3 * M, 512 * 1024)])
+    return data, secret_file(tmp_path)
+
+
 def opts(path, secret_id="s"):
     return "driver=luks,key-secret=%s,file.filename=%s" % (secret_id, path)
 
@@ -64,8 +71,7 @@ def qemu_convert_raw(image, passfile, out):
 
 def test_manifest_apply_makes_a_luks_image_qemu_opens(tmp_path):
     run = Outputs()
-    data = helpers.make_raw(str(tmp_path / "data.raw"), 4 * M, [(0, M), (3 * M, 512 * 1024)])
-    passfile = secret_file(tmp_path)
+    data, passfile = source_and_secret(tmp_path)
     manifest = write(tmp_path, "m.yml", """
         version: 1
         images:
@@ -253,8 +259,7 @@ def test_manifest_apply_makes_an_encrypted_qcow2_qemu_opens(tmp_path):
     """format qcow2 with encryption: a qcow2 with LUKS inside (encrypt.format=luks), its data from a raw
     source; qemu-img compares it with the source using the same secret file; a second apply does nothing."""
     run = Outputs()
-    data = helpers.make_raw(str(tmp_path / "data.raw"), 4 * M, [(0, M), (3 * M, 512 * 1024)])
-    passfile = secret_file(tmp_path)
+    data, passfile = source_and_secret(tmp_path)
     manifest = write(tmp_path, "m.yml", """
         version: 1
         images:

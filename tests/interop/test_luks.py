@@ -69,12 +69,7 @@ def qemu_raw(path, tmp_path, obj=OBJECT):
 
 
 def qemu_io(path, *cmds):
-    args = ["qemu-io", *OBJECT, "--image-opts", image_opts(path)]
-    for c in cmds:
-        args += ["-c", c]
-    out = helpers.run(*args).stdout.decode()
-    assert "error" not in out.lower() and "failed" not in out.lower(), out
-    return out
+    return helpers.qemu_io_opts(OBJECT, image_opts(path), *cmds)
 
 
 def qemu_info(path, *extra):
