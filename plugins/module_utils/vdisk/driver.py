@@ -127,52 +127,38 @@ class ResolvedPath(NamedTuple):
 _BESIDE_THE_IMAGE = {"extent": "descriptor"}
 
 
-class Policy:
+class Policy(NamedTuple):
     """What an open may follow and touch.
 
     Files named by an image (backing files, data files, extents) are opened only
     inside *allowed_dirs* plus the directory tree of the image the user named.
 
-    A plain class, not a dataclass: the CLI's start-up would import dataclasses (and inspect) for it.
+    A NamedTuple, not a dataclass: the CLI's start-up would import dataclasses (and inspect) for it.
     """
-
-    def __init__(self, allowed_dirs: Tuple[str, ...] = (), follow_backing: bool = True, probe: bool = True,
-                 max_chain_depth: int = 16, force_share: bool = False, lock: bool = True, repair: bool = False,
-                 check: bool = False, sync: bool = True, block_devices: bool = False,
-                 passphrase: Optional[bytes] = None, opening: Optional[Any] = None):
-        self.allowed_dirs = allowed_dirs
-        self.follow_backing = follow_backing
-        self.probe = probe
-        self.max_chain_depth = max_chain_depth
-        self.force_share = force_share    # -U: open without taking image locks (read-only opens only)
-        self.lock = lock
-        self.repair = repair              # opening for check -r: a dirty or corrupt image may be opened read-write
-        self.check = check                # opening for check: damage check reports is not refused at open
-        self.sync = sync                  # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
-        # the image the caller names may be a block device: set by the CLI only, whose arguments the user
-        # typed (named_device); never extends to the files an image names
-        self.block_devices = block_devices
-        # the passphrase that unlocks an encrypted image (qemu-img's key-secret): never shown (repr, logs)
-        self.passphrase = passphrase
-        # the file a driver is opening (set by ops.chain for the driver's open): see checked()
-        self.opening = opening            # a ResolvedPath, or the NamedDevice of the user's own image
+    allowed_dirs: Tuple[str, ...] = ()
+    follow_backing: bool = True
+    probe: bool = True
+    max_chain_depth: int = 16
+    force_share: bool = False   # -U: open without taking image locks (read-only opens only)
+    lock: bool = True
+    repair: bool = False        # opening for check -r: a dirty or corrupt image may be opened read-write
+    check: bool = False         # opening for check: damage check reports is not refused at open
+    sync: bool = True           # flush to stable storage on flush/close; False is qemu-img's cache=unsafe
+    # the image the caller names may be a block device: set by the CLI only, whose arguments the user
+    # typed (named_device); never extends to the files an image names
+    block_devices: bool = False
+    # the passphrase that unlocks an encrypted image (qemu-img's key-secret): never shown (repr, logs)
+    passphrase: Optional[bytes] = None
+    # the file a driver is opening (set by ops.chain for the driver's open): see checked()
+    opening: Optional[Any] = None       # a ResolvedPath, or the NamedDevice of the user's own image
 
     def replace(self, **changes: Any) -> "Policy":
-        """A copy with *changes* (as ``dataclasses.replace``)."""
-        values = dict(vars(self))
-        unknown = set(changes) - set(values)
-        if unknown:
-            raise TypeError("Policy has no field %s" % ", ".join(sorted(unknown)))
-        values.update(changes)
-        return Policy(**values)
-
-    def __eq__(self, other: object) -> bool:
-        return vars(self) == vars(other) if isinstance(other, Policy) else NotImplemented
-
-    __hash__ = None     # mutable and compared by value
+        """A copy with *changes*."""
+        return self._replace(**changes)
 
     def __repr__(self) -> str:
-        return "Policy(%s)" % ", ".join("%s=%r" % kv for kv in vars(self).items() if kv[0] != "passphrase")
+        return "Policy(%s)" % ", ".join("%s=%r" % (name, getattr(self, name)) for name in self._fields
+                                        if name != "passphrase")
 
     def locks(self, writable: bool) -> bool:
         """The one rule for locking an image's files: as QEMU locks them, unless ``-U`` (force_share)
